@@ -1,0 +1,233 @@
+"""Experiment YAML -> typed config.
+
+Every key is checked before any work starts: an unknown key, a value of the wrong type or a path
+that does not exist is a ``ConfigError`` naming the key and the YAML file. ``key=value`` overrides
+from the command line use the same dotted names (``optim.lr=1e-3``) and the same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import braceexpand
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    student: str = ""                         # open_clip name, ds_configs/models/<name>, or local-dir:PATH
+    student_pretrained: Optional[str] = None  # open_clip tag or checkpoint file
+    teacher: Optional[str] = None             # only needed for online teacher / extraction
+    teacher_pretrained: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""                # brace pattern or glob of webdataset tars
+    features: Optional[str] = None        # teacher feature cache dir (data_tools.extract); None = no teacher
+    missing_features: str = "error"       # error | skip: a sample whose key has no cached features
+    batch_size: int = 64                  # per rank
+    workers: int = 1
+    augment: bool = True                  # random resized crop; False = the eval view
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class LossConfig:
+    clip: float = 1.0       # student image-text contrastive
+    instance: float = 0.0   # student image vs teacher text, student text vs teacher image
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    steps: int = 1000
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10                     # steps between scalar reads (each read syncs the device)
+    tensorboard_dir: Optional[str] = None  # default: <output_dir>/tensorboard
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+    resume: str = "auto"                # auto | none | path to a checkpoint dir
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=list)  # clip_benchmark wds/ layout folders
+    batch_size: int = 256
+    at_end: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    deepspeed_config: str = "ds_configs/zero2.json"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.missing_features": ("error", "skip"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, coerced value). ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return True, None
+        return _type_ok(value, args[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for v in value:
+            ok, cv = _type_ok(v, item_tp)
+            if not ok:
+                return False, value
+            out.append(cv)
+        return True, out
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _fill(obj: Any, values: dict, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key '{dotted}' must be a mapping, got {type(value).__name__}")
+            _fill(getattr(obj, key), value, dotted + ".", source)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(
+                f"{source}: key '{dotted}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        if dotted in CHOICES and coerced not in CHOICES[dotted]:
+            raise ConfigError(f"{source}: key '{dotted}' must be one of {CHOICES[dotted]}, got {coerced!r}")
+        setattr(obj, key, coerced)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace patterns ('{00000..00041}.tar') and globs, in sorted order, duplicates removed."""
+    paths: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        paths.extend(matches)
+    return list(dict.fromkeys(paths))
+
+
+def _check_paths(cfg: Config, source: str) -> None:
+    def must_exist(key: str, path: Optional[str], kind: str = "file") -> None:
+        if path is None:
+            return
+        exists = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
+        if not exists:
+            raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}")
+
+    must_exist("deepspeed_config", cfg.deepspeed_config)
+    if not cfg.data.train_shards:
+        raise ConfigError(f"{source}: key 'data.train_shards' is required")
+    shards = expand_shards(cfg.data.train_shards)
+    missing = [p for p in shards if not os.path.isfile(p)]
+    if not shards or missing:
+        raise ConfigError(f"{source}: key 'data.train_shards': no such shard: {missing[0] if missing else cfg.data.train_shards}")
+    if cfg.data.features is not None:
+        must_exist("data.features", os.path.join(cfg.data.features, "manifest.json"))
+    for i, path in enumerate(cfg.eval.sets):
+        must_exist(f"eval.sets[{i}]", path, "dir")
+    if not cfg.model.student:
+        raise ConfigError(f"{source}: key 'model.student' is required")
+    if cfg.loss.instance > 0 and cfg.data.features is None:
+        raise ConfigError(f"{source}: key 'loss.instance' > 0 needs 'data.features' (a teacher feature cache)")
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        must_exist("checkpoint.resume", cfg.checkpoint.resume, "dir")
+
+
+def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Load an experiment YAML, apply ``key=value`` overrides (values parsed as YAML), validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    cfg = Config()
+    _fill(cfg, tree, "", path)
+    if check_paths:
+        _check_paths(cfg, path)
+    return cfg

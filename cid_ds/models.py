@@ -1,0 +1,102 @@
+"""open_clip student and teacher construction.
+
+A model spec is one of
+  * an open_clip built-in name (``ViT-B-32``) with an optional ``pretrained`` tag or checkpoint file,
+  * ``local-dir:PATH``: a folder with ``open_clip_config.json`` (+ weights, as ``cid_ds.export`` writes),
+  * a bare name of a folder under ``ds_configs/models/`` (small custom architectures; random init).
+Nothing is downloaded: a pretrained tag whose weights are not in the local open_clip cache fails there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Optional
+
+import open_clip
+import torch
+from torch import nn
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CONFIG_DIR = os.path.join(REPO_ROOT, "ds_configs", "models")
+
+
+def resolve_spec(spec: str) -> str:
+    """Map a bare ds_configs/models/<name> to its ``local-dir:`` form; leave anything else alone."""
+    local = os.path.join(MODEL_CONFIG_DIR, spec)
+    if not spec.startswith("local-dir:") and os.path.isfile(os.path.join(local, "open_clip_config.json")):
+        return f"local-dir:{local}"
+    return spec
+
+
+def create_model(spec: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, Callable, Callable, Callable]:
+    """Return ``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip spec."""
+    resolved = resolve_spec(spec)
+    if resolved.startswith("local-dir:"):
+        path = resolved[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
+            raise FileNotFoundError(f"model '{spec}': no open_clip_config.json in {path}")
+        pretrained = None
+    elif pretrained is not None and not os.path.isfile(pretrained) \
+            and pretrained not in open_clip.list_pretrained_tags_by_model(resolved):
+        raise FileNotFoundError(f"model '{spec}': pretrained '{pretrained}' is neither a file nor a known tag")
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        resolved, pretrained=pretrained, device=device)
+    tokenizer = open_clip.get_tokenizer(resolved)
+    return model, preprocess_train, preprocess_val, tokenizer
+
+
+def model_config(spec: str) -> dict:
+    """The open_clip ``model_cfg`` dict of a spec (what ``cid_ds.export`` writes back out)."""
+    resolved = resolve_spec(spec)
+    if resolved.startswith("local-dir:"):
+        import json
+        with open(os.path.join(resolved[len("local-dir:"):], "open_clip_config.json")) as f:
+            return json.load(f)["model_cfg"]
+    cfg = open_clip.get_model_config(resolved)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model '{spec}'")
+    return cfg
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.text_projection.shape[1]) if isinstance(model.text_projection, nn.Parameter) \
+        else int(model.text_projection.out_features)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, bytes): identifies a teacher in manifests."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class DistillStudent(nn.Module):
+    """The open_clip student plus linear heads into the teacher's embedding space.
+
+    The heads exist only when the dimensions differ; they are trained with the student (one DeepSpeed
+    engine) and dropped at export, so the exported folder is a plain open_clip model.
+    """
+
+    def __init__(self, clip: nn.Module, teacher_dim: Optional[int] = None):
+        super().__init__()
+        self.clip = clip
+        dim = embed_dim(clip)
+        needs_head = teacher_dim is not None and teacher_dim != dim
+        self.proj_image = nn.Linear(dim, teacher_dim, bias=False) if needs_head else nn.Identity()
+        self.proj_text = nn.Linear(dim, teacher_dim, bias=False) if needs_head else nn.Identity()
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_features = self.clip.encode_image(image)
+        text_features = self.clip.encode_text(tokens)
+        return {
+            "image": nn.functional.normalize(image_features, dim=-1),
+            "text": nn.functional.normalize(text_features, dim=-1),
+            "image_in_teacher": nn.functional.normalize(self.proj_image(image_features), dim=-1),
+            "text_in_teacher": nn.functional.normalize(self.proj_text(text_features), dim=-1),
+            "logit_scale": self.clip.logit_scale.exp().clamp(max=100),  # open_clip clamps at 100
+        }

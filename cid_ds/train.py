@@ -1,0 +1,316 @@
+"""The training loop: ``deepspeed.initialize``, steps, logging, checkpoints, resume, export, eval.
+
+Run it with the DeepSpeed launcher (``deepspeed --num_gpus N launch/train.py --config X.yaml``) or
+as a single process (``python -m cid_ds.train --config X.yaml``). Overrides: ``key=value`` after the
+options, e.g. ``optim.lr=1e-3 data.batch_size=64``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from typing import Any, Iterator, Optional
+
+import psutil
+import torch
+import yaml
+
+from cid_ds.config import Config, ConfigError, expand_shards, load_config
+from cid_ds.io import read_json, write_json
+
+DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                         "gradient_clipping", "optimizer", "scheduler")
+
+
+def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
+    """The DeepSpeed JSON named by the YAML, with the batch and clipping the YAML owns filled in.
+
+    The JSON says *how* to train (ZeRO stage, precision, communication); the YAML says *what* (batch,
+    optimizer, schedule), so each fact lives in one file: a JSON that sets a YAML-owned key is an error.
+    """
+    path = cfg.deepspeed_config
+    ds = read_json(path)
+    for key in DS_KEYS_OWNED_BY_YAML:
+        if key in ds:
+            raise ConfigError(f"{path}: key '{key}' is set by the experiment YAML, remove it from the DeepSpeed JSON")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    if not on_gpu:  # bf16/fp16 matmuls on CPU are slower than fp32 and DeepSpeed's CPU path is fp32-tested
+        for precision in ("bf16", "fp16"):
+            ds.setdefault(precision, {})["enabled"] = False
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, embeddings of rank < 2 and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def init_distributed() -> None:
+    """Let a plain ``python -m cid_ds.train`` run as a 1-rank job; the launcher sets these itself."""
+    import deepspeed
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+
+
+class DataPosition:
+    """Where this rank is in the data: epoch and batches consumed in it. Saved per rank beside each
+    checkpoint so a resume continues the same batch sequence (the loader's order is a function of
+    seed, epoch, rank and worker count)."""
+
+    def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+
+def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
+            rank: int, world_size: int) -> Iterator[dict]:
+    """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes."""
+    from cid_ds.data.wds_loader import build_train_loader
+    while True:
+        loader = build_train_loader(
+            shards, preprocess, tokenizer, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
+            features_dir=cfg.data.features, missing_features=cfg.data.missing_features,
+            epoch=position.epoch, seed=cfg.seed, rank=rank, world_size=world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch)
+        produced = False
+        for batch in loader:
+            produced = True
+            position.batch_in_epoch += 1
+            yield batch
+        if not produced and position.batch_in_epoch == 0:
+            raise RuntimeError(f"rank {rank}: an epoch of {cfg.data.train_shards} gave no full batch of "
+                               f"{cfg.data.batch_size}; use fewer ranks/workers or a smaller batch")
+        position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def compute_losses(cfg: Config, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    from cid_ds.losses.clip import clip_loss
+    from cid_ds.losses.instance import instance_loss
+    scale = out["logit_scale"].float()
+    losses = {}
+    if cfg.loss.clip > 0:
+        losses["clip"] = clip_loss(out["image"].float(), out["text"].float(), scale)
+    if cfg.loss.instance > 0:
+        losses["instance"] = instance_loss(out["image_in_teacher"].float(), out["text_in_teacher"].float(),
+                                           batch["t_img"].float(), batch["t_txt"].float(), scale)
+    return losses
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    return os.path.join(cfg.output_dir, "checkpoints")
+
+
+def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int) -> None:
+    import torch.distributed as dist
+    tag = f"step{step:08d}"
+    root = checkpoint_dir(cfg)
+    write_json(os.path.join(root, tag, f"data_position_rank{rank}.json"), position.state())
+    engine.save_checkpoint(root, tag=tag, client_state={"step": step})
+    dist.barrier()
+    if rank == 0:
+        tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
+        for old in tags[:-cfg.checkpoint.keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def resume(engine, cfg: Config, rank: int) -> tuple[int, DataPosition]:
+    """Load the newest checkpoint if asked to; return (next step, data position)."""
+    if cfg.checkpoint.resume == "none":
+        return 0, DataPosition()
+    root = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else checkpoint_dir(cfg)
+    tag = None
+    if cfg.checkpoint.resume != "auto" and os.path.basename(os.path.normpath(root)).startswith("step"):
+        root, tag = os.path.split(os.path.normpath(root))
+    if not os.path.isfile(os.path.join(root, "latest")) and tag is None:
+        return 0, DataPosition()
+    path, client = engine.load_checkpoint(root, tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint.resume: could not load a checkpoint from {root}")
+    position_file = os.path.join(path, f"data_position_rank{rank}.json")
+    position = DataPosition(**read_json(position_file)) if os.path.isfile(position_file) else DataPosition()
+    return int(client["step"]), position
+
+
+def memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from cid_ds.data.features import FeatureCache
+    from cid_ds.models import DistillStudent, create_model
+
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    on_gpu = get_accelerator().device_name() == "cuda"
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
+        cfg.model.student, cfg.model.student_pretrained)
+    teacher_dim = None
+    if cfg.data.features is not None:
+        teacher_dim = FeatureCache(cfg.data.features).embed_dim
+    student = DistillStudent(clip_model, teacher_dim)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps))
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, on_gpu))
+    device = engine.device
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+    step, position = resume(engine, cfg, rank)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        writer = SummaryWriter(cfg.logging.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard"))
+        writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", step)
+        print(f"[cid_ds] {cfg.name}: world {world_size}, device {device}, dtype {dtype}, "
+              f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
+
+    shards = expand_shards(cfg.data.train_shards)
+    data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
+                   position, rank, world_size)
+    weights = {"clip": cfg.loss.clip, "instance": cfg.loss.instance}
+    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0}
+    last_losses: dict[str, float] = {}
+    engine.train()
+    while step < cfg.optim.steps:
+        t_wait = time.perf_counter()
+        batch = next(data)
+        window["data_wait"] += time.perf_counter() - t_wait
+        window["skipped"] += int(batch.get("n_skipped", 0))
+        image = batch["image"].to(device, dtype=dtype, non_blocking=True)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        for k in ("t_img", "t_txt"):
+            if k in batch:
+                batch[k] = batch[k].to(device, non_blocking=True)
+        out = engine(image, tokens)
+        losses = compute_losses(cfg, out, batch)
+        total = sum(weights[k] * v for k, v in losses.items())
+        engine.backward(total)
+        engine.step()
+        step += 1
+        window["steps"] += 1
+
+        if step % cfg.logging.every == 0 or step == cfg.optim.steps:
+            last_losses = log_window(writer, engine, losses, total, out, window, step, device, cfg, world_size)
+        if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps:
+            save_checkpoint(engine, cfg, step, position, rank)
+
+    results: dict[str, Any] = {"step": step, "losses": last_losses}
+    dist.barrier()
+    if rank == 0:
+        results.update(export_and_evaluate(cfg))
+        write_json(os.path.join(cfg.output_dir, "results.json"), results)
+        if writer is not None:
+            for set_name, metrics in results.get("eval", {}).items():
+                for metric, value in metrics.items():
+                    if isinstance(value, (int, float)) and metric != "samples":
+                        writer.add_scalar(f"eval/{set_name}/{metric}", value, step)
+            writer.close()
+    dist.barrier()
+    return results
+
+
+def log_window(writer, engine, losses: dict, total: torch.Tensor, out: dict, window: dict, step: int,
+               device: torch.device, cfg: Config, world_size: int) -> dict[str, float]:
+    """Read scalars once per logging window (each read is a device sync), average losses over ranks."""
+    import torch.distributed as dist
+    elapsed = time.perf_counter() - window["t0"]
+    names = sorted(losses)
+    values = torch.stack([losses[k].detach().float() for k in names] + [total.detach().float()])
+    dist.all_reduce(values)
+    values = (values / world_size).tolist()
+    rank_rate = torch.tensor([window["steps"] * cfg.data.batch_size / elapsed], device=device)
+    rates = [torch.zeros_like(rank_rate) for _ in range(world_size)]
+    dist.all_gather(rates, rank_rate)
+    scalars = {f"loss/{k}": v for k, v in zip(names, values[:-1])}
+    scalars.update({
+        "loss/total": values[-1],
+        "train/lr": engine.get_lr()[0],
+        "train/logit_scale": float(out["logit_scale"].detach()),
+        "perf/samples_per_s": float(sum(r.item() for r in rates)),
+        "perf/data_wait_fraction": window["data_wait"] / elapsed,
+        "perf/memory_gib": memory_bytes(device) / 2**30,
+        "data/skipped_samples": window["skipped"],
+    })
+    scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
+    if writer is not None:
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, step)
+        writer.flush()
+        shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/"))
+        print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
+              f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
+              flush=True)
+    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0)
+    return {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
+
+
+def export_and_evaluate(cfg: Config) -> dict[str, Any]:
+    """Export the final checkpoint as an open_clip folder and evaluate that folder: what users get."""
+    from cid_ds.evaluate import evaluate
+    from cid_ds.export import export_checkpoint
+    from cid_ds.models import create_model
+    export_dir = os.path.join(cfg.output_dir, "export")
+    export_checkpoint(checkpoint_dir(cfg), cfg.model.student, export_dir)
+    results: dict[str, Any] = {"export": export_dir}
+    if cfg.eval.at_end and cfg.eval.sets:
+        model, _, preprocess_val, tokenizer = create_model(f"local-dir:{export_dir}")
+        results["eval"] = evaluate(model, preprocess_val, tokenizer, cfg.eval.sets, batch_size=cfg.eval.batch_size)
+        print(f"[cid_ds] eval: {json.dumps(results['eval'])}", flush=True)
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
