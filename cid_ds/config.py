@@ -124,7 +124,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
             return False, value
         if isinstance(value, (int, float)):
             return True, float(value)
-        return False, value
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+            return True, float(value)
+        except (TypeError, ValueError):
+            return False, value
     if tp is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
     if tp is bool:
