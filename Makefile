@@ -1,0 +1,28 @@
+# `make demo` and `make test` set everything up themselves (a .venv from requirements.txt) on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_BUILD_OPS ?= 0
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m launch.demo
+
+test: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	DS_ACCELERATOR=cpu $(PY) bench/step_overhead.py
+
+clean:
+	rm -rf runs/demo

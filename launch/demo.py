@@ -1,0 +1,112 @@
+"""The demo, end to end on generated data: data -> teacher -> feature cache -> students -> table.
+
+    python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0]
+
+Every stage is a real command a user would run (the trainer through the ``deepspeed`` launcher), and
+every stage resumes: re-running skips what is finished. ``--scale`` shrinks data and steps (the test
+suite runs the demo at a tiny scale).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from cid_ds.io import read_json, write_json
+
+EXPERIMENTS = "ds_configs/experiments"
+ROWS = (("teacher", "demo_teacher"), ("student baseline", "demo_baseline"), ("student distilled", "demo_distill"))
+
+
+def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) -> dict:
+    """Run one experiment through the DeepSpeed launcher unless its results already exist."""
+    from cid_ds.config import load_config
+    cfg = load_config(os.path.join(EXPERIMENTS, f"{yaml_name}.yaml"), check_paths=False)
+    run_dir = os.path.join(out, cfg.output_dir.split("/")[-1])
+    results_file = os.path.join(run_dir, "results.json")
+    if os.path.isfile(results_file):
+        return read_json(results_file)
+    steps = max(2, round(cfg.optim.steps * scale))
+    overrides = [
+        f"output_dir={run_dir}",
+        f"data.train_shards={cfg.data.train_shards.replace('runs/demo', out)}",
+        f"eval.sets={json.dumps([s.replace('runs/demo', out) for s in cfg.eval.sets])}",
+        f"optim.steps={steps}",
+        f"optim.warmup_steps={max(1, round(cfg.optim.warmup_steps * scale))}",
+        f"checkpoint.every={steps}",
+        f"logging.every={max(1, min(cfg.logging.every, steps // 4))}",
+    ] + extra
+    if cfg.data.features is not None:
+        overrides.append(f"data.features={cfg.data.features.replace('runs/demo', out)}")
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+           "launch/train.py", "--config", os.path.join(EXPERIMENTS, f"{yaml_name}.yaml"), *overrides]
+    print(f"\n[demo] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    return read_json(results_file)
+
+
+def headline(ev: dict) -> dict[str, float]:
+    """The table's numbers: zero-shot top-1 per classification set, R@1 both ways for retrieval."""
+    return {"shapes top-1": ev["shapes"]["top1"], "colored_shapes top-1": ev["colored_shapes"]["top1"],
+            "retrieval i2t R@1": ev["retrieval"]["image_to_text_R@1"],
+            "retrieval t2i R@1": ev["retrieval"]["text_to_image_R@1"]}
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    header = ["model", *next(iter(rows.values()))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, numbers in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in numbers.values()) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--ranks", type=int, default=1, help="processes per node (CPU ranks or GPUs)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo's data and steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from data_tools.extract import extract
+    from data_tools.make_demo_data import generate
+
+    t0 = time.time()
+    timings = {}
+    data = os.path.join(args.out, "data")
+    generate(data, train_samples=max(256, round(50000 * args.scale)), shards=16, seed=args.seed,
+             eval_scale=min(1.0, max(0.1, args.scale)))
+    timings["data"] = time.time() - t0
+
+    results = {}
+    t = time.time()
+    results["teacher"] = train("demo_teacher", args.out, args.ranks, args.scale, [f"seed={args.seed}"])
+    timings["teacher"] = time.time() - t
+
+    t = time.time()
+    from cid_ds.config import expand_shards
+    extract(expand_shards(os.path.join(data, "train", "*.tar")), f"local-dir:{results['teacher']['export']}",
+            None, os.path.join(args.out, "feats"))
+    timings["extract"] = time.time() - t
+
+    for label, name in ROWS[1:]:
+        t = time.time()
+        results[label] = train(name, args.out, args.ranks, args.scale, [f"seed={args.seed}"])
+        timings[name] = time.time() - t
+
+    rows = {label: headline(res["eval"]) for label, res in results.items()}
+    distilled, baseline = rows["student distilled"], rows["student baseline"]
+    summary = {"table": rows, "eval": {label: res["eval"] for label, res in results.items()},
+               "distilled_beats_baseline": {k: distilled[k] > baseline[k] for k in distilled},
+               "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t0, 1)}}
+    write_json(os.path.join(args.out, "results.json"), summary)
+    print("\n" + table(rows))
+    print(f"\n[demo] {summary['seconds']}  -> {os.path.join(args.out, 'results.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
