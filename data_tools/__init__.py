@@ -1,0 +1,1 @@
+"""Offline data stages (extract, cluster, balance, pack) and the demo data generator."""
