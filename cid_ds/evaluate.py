@@ -1,0 +1,284 @@
+"""Zero-shot evaluation of an open_clip model on clip_benchmark ``wds/`` folders.
+
+A set folder holds ``test/0.tar .. test/{N-1}.tar`` and ``test/nshards.txt`` (N).
+
+* Classification sets: samples are an image (jpg/jpeg/png/webp) + ``.cls`` (class index as text), with
+  ``classnames.txt`` (one name per line, in index order) and ``zeroshot_classification_templates.txt``
+  (one template per line, ``{c}`` is replaced by the class name) beside ``test/``.
+* Retrieval sets: ``dataset_type.txt`` says ``retrieval``; samples are an image + ``.txt`` holding one
+  caption per line (clip_benchmark splits the ``.txt`` with ``str.splitlines``).
+
+Metrics follow clip_benchmark: a class embedding is the re-normalised mean of its normalised template
+embeddings; retrieval Recall@k counts a query as found when any of its positives is in the top k.
+clip_benchmark's ``image_retrieval_recall@k`` is ``text_to_image_R@k`` here, ``text_retrieval_recall@k``
+is ``image_to_text_R@k``.
+
+    python -m cid_ds.evaluate --model local-dir:runs/x/export --sets data/eval/shapes data/eval/captions
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cid_ds.io import write_json
+from cid_ds.models import create_model
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+RECALL_KS = (1, 5, 10)
+TOP_K = 5
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+DATASET_TYPE = "dataset_type.txt"
+
+
+@dataclass
+class EvalSet:
+    name: str
+    path: str
+    kind: str                     # "zeroshot_classification" | "retrieval"
+    shards: list[str]
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+
+
+def read_lines(path: str) -> list[str]:
+    """Stripped lines of a text file; blank lines are an error (they would shift class indices)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file missing")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}: empty")
+    for number, line in enumerate(lines, 1):
+        if not line:
+            raise ValueError(f"{path}: line {number} is blank")
+    return lines
+
+
+def read_set(path: str) -> EvalSet:
+    """Check a set folder's layout and read its metadata (no image is read)."""
+    name = os.path.basename(os.path.normpath(path))
+    nshards_path = os.path.join(path, "test", "nshards.txt")
+    if not os.path.isfile(nshards_path):
+        raise ValueError(f"{nshards_path}: file missing ({path} is not a clip_benchmark wds/ set folder)")
+    with open(nshards_path) as f:
+        text = f.read().strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{nshards_path}: expected a positive integer, got {text!r}")
+    shards = [os.path.join(path, "test", f"{i}.tar") for i in range(int(text))]
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise ValueError(f"{shard}: file missing ({nshards_path} says {text} shards)")
+
+    type_path = os.path.join(path, DATASET_TYPE)
+    declared = read_lines(type_path)[0].lower() if os.path.isfile(type_path) else "classification"
+    if declared == "retrieval":
+        return EvalSet(name, path, "retrieval", shards)
+    if declared != "classification":
+        raise ValueError(f"{type_path}: unsupported dataset type {declared!r} (expected retrieval or classification)")
+
+    classnames = read_lines(os.path.join(path, CLASSNAMES))
+    templates_path = os.path.join(path, TEMPLATES)
+    templates = read_lines(templates_path)
+    for number, template in enumerate(templates, 1):
+        if "{c}" not in template:
+            raise ValueError(f"{templates_path}: line {number} {template!r} has no {{c}} placeholder")
+    return EvalSet(name, path, "zeroshot_classification", shards, classnames, templates)
+
+
+def _decode(sample: dict, preprocess: Callable, label_ext: str, num_classes: int) -> tuple:
+    where = f"{sample['__url__']}: {sample['__key__']}"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image_ext is None:
+        raise ValueError(f"{where} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
+    if label_ext not in sample:
+        raise ValueError(f"{where} has no .{label_ext}")
+    try:
+        with Image.open(io.BytesIO(sample[image_ext])) as image:
+            pixels = preprocess(image.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}.{image_ext}: cannot decode image: {e}") from None
+
+    text = sample[label_ext].decode("utf-8", errors="replace")
+    if label_ext == "txt":
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+        if not captions:
+            raise ValueError(f"{where}.txt: no caption")
+        return pixels, captions
+    if not text.strip().lstrip("-").isdigit():
+        raise ValueError(f"{where}.cls: expected an integer class index, got {text.strip()!r}")
+    label = int(text)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{where}.cls: class index {label} is out of range for {num_classes} classes")
+    return pixels, label
+
+
+def _collate(samples: list[tuple]) -> tuple[torch.Tensor, list]:
+    return torch.stack([pixels for pixels, _ in samples]), [label for _, label in samples]
+
+
+def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: int
+             ) -> Iterator[tuple[torch.Tensor, list]]:
+    """Preprocessed ``(images, labels)`` batches; labels are class indices or lists of captions.
+
+    With workers the shards are split between them, so sample order changes but pairs stay together.
+    """
+    label_ext = "txt" if eval_set.kind == "retrieval" else "cls"
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(eval_set.shards),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(functools.partial(_decode, preprocess=preprocess, label_ext=label_ext,
+                                  num_classes=len(eval_set.classnames))),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+    return iter(DataLoader(pipeline, batch_size=None, num_workers=workers))
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def encode_images(model: nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    features = model.encode_image(images.to(device, _model_dtype(model)))
+    return F.normalize(features.float(), dim=-1)
+
+
+def encode_texts(model: nn.Module, tokenizer: Callable, texts: list[str], device: str | torch.device,
+                 batch_size: int) -> torch.Tensor:
+    features = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device))
+                for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(features).float(), dim=-1)
+
+
+def zeroshot_classifier(model: nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str],
+                        device: str | torch.device, batch_size: int) -> torch.Tensor:
+    """``[C, D]`` class embeddings: mean of the normalised template embeddings, normalised again."""
+    texts = [template.replace("{c}", name) for name in classnames for template in templates]
+    per_template = encode_texts(model, tokenizer, texts, device, batch_size)
+    return F.normalize(per_template.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def _classification(model: nn.Module, preprocess: Callable, tokenizer: Callable, eval_set: EvalSet,
+                    batch_size: int, device: str | torch.device, workers: int) -> dict:
+    classifier = zeroshot_classifier(model, tokenizer, eval_set.classnames, eval_set.templates, device,
+                                     batch_size)
+    k = min(TOP_K, len(eval_set.classnames))
+    hits_top1 = hits_topk = samples = 0
+    for images, labels in _batches(eval_set, preprocess, batch_size, workers):
+        top = (encode_images(model, images, device) @ classifier.T).topk(k, dim=1).indices
+        hits = top == torch.tensor(labels, device=top.device)[:, None]
+        hits_top1 += int(hits[:, 0].sum())
+        hits_topk += int(hits.any(dim=1).sum())
+        samples += len(labels)
+    if samples == 0:
+        raise ValueError(f"{os.path.join(eval_set.path, 'test')}: the shards hold no samples")
+    result = {"type": "zeroshot_classification", "top1": hits_top1 / samples}
+    if k > 1:  # with fewer than 5 classes this is top-C, and named so
+        result[f"top{k}"] = hits_topk / samples
+    return {**result, "samples": samples, "classes": len(eval_set.classnames)}
+
+
+def _top_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """``[Q, k]`` indices of the k most similar keys per query, a chunk of queries at a time."""
+    return torch.cat([(queries[i:i + chunk] @ keys.T).topk(k, dim=1).indices
+                      for i in range(0, len(queries), chunk)])
+
+
+def _retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callable, eval_set: EvalSet,
+               batch_size: int, device: str | torch.device, workers: int) -> dict:
+    image_features, text_features, text_owner = [], [], []
+    for images, captions in _batches(eval_set, preprocess, batch_size, workers):
+        first = sum(len(f) for f in image_features)
+        image_features.append(encode_images(model, images, device))
+        text_features.append(encode_texts(model, tokenizer, [c for cs in captions for c in cs], device,
+                                          batch_size))
+        text_owner += [first + i for i, cs in enumerate(captions) for _ in cs]
+    if not image_features:
+        raise ValueError(f"{os.path.join(eval_set.path, 'test')}: the shards hold no samples")
+    images, texts = torch.cat(image_features), torch.cat(text_features)
+    owner = torch.tensor(text_owner, device=images.device)
+
+    max_k = max(RECALL_KS)
+    image_hits = _top_indices(texts, images, min(max_k, len(images))) == owner[:, None]
+    caption_hits = owner[_top_indices(images, texts, min(max_k, len(texts)))] \
+        == torch.arange(len(images), device=images.device)[:, None]
+    result = {"type": "retrieval"}
+    for k in RECALL_KS:
+        result[f"image_to_text_R@{k}"] = int(caption_hits[:, :k].any(dim=1).sum()) / len(images)
+    for k in RECALL_KS:
+        result[f"text_to_image_R@{k}"] = int(image_hits[:, :k].any(dim=1).sum()) / len(texts)
+    return {**result, "images": len(images), "texts": len(texts)}
+
+
+def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, sets: list[str],
+             batch_size: int = 256, device: str | torch.device = "cpu", workers: int = 0) -> dict:
+    """Zero-shot metrics of an open_clip model (already on ``device``) for each set folder, keyed by the
+    folder name. Every folder's layout is checked before the model runs; the model's train/eval mode is
+    restored afterwards."""
+    eval_sets = [read_set(path) for path in sets]
+    names = [s.name for s in eval_sets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"several eval sets are named {duplicates}: results are keyed by folder name")
+
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        with torch.inference_mode():
+            for eval_set in eval_sets:
+                run = _retrieval if eval_set.kind == "retrieval" else _classification
+                results[eval_set.name] = run(model, preprocess, tokenizer, eval_set, batch_size, device, workers)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("set", "metric", "value")]
+    for name, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric != "type":
+                rows.append((name, metric, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m cid_ds.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="open_clip name, local-dir:PATH (e.g. an export) or ds_configs/models/<name>")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
+    parser.add_argument("--sets", nargs="+", required=True, help="clip_benchmark wds/ set folders")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    for path in args.sets:  # a layout error should not wait for the model to load
+        read_set(path)
+    model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=args.device)
+    results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers)
+    print(format_table(results))
+    if args.out:
+        write_json(args.out, {"model": args.model, "pretrained": args.pretrained, "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
