@@ -1,0 +1,207 @@
+"""The teacher feature cache: what ``data_tools.extract`` writes and the loaders read.
+
+A cache is a folder with one ``<shard_stem>.npz`` per input shard (``np.savez``, uncompressed):
+
+  keys             [N] str    sample keys, in shard order
+  image, text      [N, D] fp16  teacher embeddings of the eval view and of the caption,
+                              L2-normalised before the cast
+  corrupt_image    [M] str    keys skipped because the image did not decode
+  missing_caption  [K] str    keys skipped because the caption was missing or empty
+  samples          0-d int    N
+  teacher_sha256   0-d str    the weights that produced the rows
+
+and ``manifest.json``, which names the teacher and is derived from the shard files alone, so that any
+process can (re)write it. ``complete`` is true once every input shard has its file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import open_clip
+from torch import nn
+
+import cid_ds
+from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.models import embed_dim, weights_fingerprint
+
+MANIFEST = "manifest.json"
+VIEW = "center"
+DTYPE = "float16"
+# The teacher fields that decide what the embeddings are; spec and pretrained only record provenance.
+FINGERPRINT_FIELDS = ("weights_sha256", "embed_dim", "image_size", "preprocess", "context_length")
+
+
+class DataError(ValueError):
+    """Bad input data: a shard, a sample key or a cache file; the message names it."""
+
+
+def shard_stem(path: str) -> str:
+    """``/data/00012.tar`` -> ``00012``: the name a shard's features are stored under."""
+    name = os.path.basename(path.rstrip("/"))
+    return name[:-len(".tar")] if name.endswith(".tar") else os.path.splitext(name)[0]
+
+
+def stems_by_shard(shards: list[str]) -> dict[str, str]:
+    """``{stem: path}`` for a shard list; two shards with the same stem would share a cache file."""
+    stems: dict[str, str] = {}
+    for path in shards:
+        stem = shard_stem(path)
+        if stem in stems and stems[stem] != path:
+            raise ValueError(f"shards {stems[stem]} and {path} have the same name '{stem}'; "
+                             "the feature cache stores one file per shard name, so names must be unique")
+        stems[stem] = path
+    return stems
+
+
+def shard_file(cache_dir: str, stem: str) -> str:
+    return os.path.join(cache_dir, f"{stem}.npz")
+
+
+def teacher_info(spec: str, pretrained: Optional[str], model: nn.Module) -> dict:
+    """The manifest's ``teacher`` entry for an open_clip model."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return {
+        "spec": spec,
+        "pretrained": pretrained,
+        "weights_sha256": weights_fingerprint(model),
+        "embed_dim": embed_dim(model),
+        "image_size": list(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else [cfg["size"]] * 2,
+        "preprocess": {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]],
+                       "interpolation": cfg["interpolation"], "resize_mode": cfg["resize_mode"]},
+        "context_length": int(model.context_length),
+    }
+
+
+def teacher_mismatches(source: str, cached: dict, expected: dict) -> list[str]:
+    """One line per field of ``expected`` that differs from the cache's teacher."""
+    lines = []
+    for field, want in expected.items():
+        have = cached.get(field)
+        if have != want:
+            lines.append(f"{source}: teacher.{field} is {_short(have)} but the teacher given is {_short(want)}")
+    return lines
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text[:12] + ".." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def write_shard(cache_dir: str, stem: str, keys: list[str], image: np.ndarray, text: np.ndarray,
+                corrupt_image: list[str], missing_caption: list[str], teacher_sha256: str) -> str:
+    """Atomically write one shard's features; ``image``/``text`` must already be L2-normalised."""
+    path = shard_file(cache_dir, stem)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
+        np.savez(f,
+                 keys=np.asarray(keys, dtype=str),
+                 image=np.asarray(image, dtype=np.float16),
+                 text=np.asarray(text, dtype=np.float16),
+                 corrupt_image=np.asarray(corrupt_image, dtype=str),
+                 missing_caption=np.asarray(missing_caption, dtype=str),
+                 samples=np.asarray(len(keys)),
+                 teacher_sha256=np.asarray(teacher_sha256))
+    return path
+
+
+def _shard_summary(path: str, source: str, teacher_sha256: str) -> dict:
+    with np.load(path) as npz:
+        if str(npz["teacher_sha256"]) != teacher_sha256:
+            raise DataError(f"{path}: teacher_sha256 is {_short(str(npz['teacher_sha256']))} but the "
+                             f"manifest's teacher is {_short(teacher_sha256)}; delete the file to redo it")
+        return {"source": source, "samples": int(npz["samples"]),
+                "corrupt_image": len(npz["corrupt_image"]), "missing_caption": len(npz["missing_caption"])}
+
+
+def _manifest(teacher: dict, shards: dict[str, dict], complete: bool) -> dict:
+    totals = {"shards": len(shards)}
+    for field in ("samples", "corrupt_image", "missing_caption"):
+        totals[field] = sum(s[field] for s in shards.values())
+    return {"teacher": teacher, "view": VIEW, "dtype": DTYPE, "shards": shards, "totals": totals,
+            "complete": complete, "code_version": cid_ds.__version__}
+
+
+def write_started_manifest(cache_dir: str, teacher: dict) -> None:
+    """Record the teacher before any work, so that a resumed run can be checked against it."""
+    write_json(os.path.join(cache_dir, MANIFEST), _manifest(teacher, {}, complete=False))
+
+
+def write_complete_manifest(cache_dir: str, shards: list[str], teacher: dict) -> Optional[dict]:
+    """If every shard has its file, write the complete manifest (from the files) and return it; else None.
+
+    Any number of processes may call this: they all derive the same content, and writes are atomic.
+    """
+    stems = stems_by_shard(shards)
+    if not all(os.path.isfile(shard_file(cache_dir, stem)) for stem in stems):
+        return None
+    entries = {stem: _shard_summary(shard_file(cache_dir, stem), path, teacher["weights_sha256"])
+               for stem, path in stems.items()}
+    manifest = _manifest(teacher, entries, complete=True)
+    write_json(os.path.join(cache_dir, MANIFEST), manifest)
+    return manifest
+
+
+@dataclass
+class ShardFeatures:
+    """One shard's cached rows: ``row[key]`` indexes ``image`` and ``text``; ``skipped`` holds the keys
+    the extractor left out on purpose (corrupt image, missing caption)."""
+    row: dict[str, int]
+    image: np.ndarray
+    text: np.ndarray
+    skipped: frozenset[str]
+
+
+class FeatureCache:
+    """Read access to a cache folder; opening it checks the manifest."""
+
+    def __init__(self, cache_dir: str):
+        self.dir = cache_dir
+        self.manifest_path = os.path.join(cache_dir, MANIFEST)
+        if not os.path.isfile(self.manifest_path):
+            raise FileNotFoundError(f"feature cache {cache_dir}: no {MANIFEST} "
+                                    "(write the cache with: python -m data_tools.extract)")
+        manifest = read_json(self.manifest_path)
+        for field in ("teacher", "dtype", "complete"):
+            if not isinstance(manifest, dict) or field not in manifest:
+                raise ValueError(f"feature cache {self.manifest_path}: field '{field}' is missing")
+        for field in ("weights_sha256", "embed_dim"):
+            if field not in manifest["teacher"]:
+                raise ValueError(f"feature cache {self.manifest_path}: field 'teacher.{field}' is missing")
+        if manifest["dtype"] != DTYPE:
+            raise ValueError(f"feature cache {self.manifest_path}: dtype is {manifest['dtype']}, expected {DTYPE}")
+        self.teacher: dict = manifest["teacher"]
+        self.embed_dim: int = int(self.teacher["embed_dim"])
+        self.complete: bool = bool(manifest["complete"])
+        self._recent_stem: Optional[str] = None
+        self._recent: Optional[ShardFeatures] = None
+
+    def check_teacher(self, expected: dict) -> None:
+        """Raise ValueError naming every field of ``expected`` that the cache's teacher does not match."""
+        lines = teacher_mismatches(f"feature cache {self.manifest_path}", self.teacher, expected)
+        if lines:
+            raise ValueError("\n".join(lines))
+
+    def lookup(self, stem: str) -> Optional[ShardFeatures]:
+        """The features of shard ``stem``, or None if the cache has no file for it. The last shard is kept."""
+        if stem != self._recent_stem:
+            self._recent_stem, self._recent = stem, self._load(stem)
+        return self._recent
+
+    def _load(self, stem: str) -> Optional[ShardFeatures]:
+        path = shard_file(self.dir, stem)
+        if not os.path.isfile(path):
+            return None
+        with np.load(path) as npz:
+            keys, image, text = npz["keys"], npz["image"], npz["text"]
+            sha = str(npz["teacher_sha256"])
+            skipped = frozenset(npz["corrupt_image"].tolist()) | frozenset(npz["missing_caption"].tolist())
+        if sha != self.teacher["weights_sha256"]:
+            raise DataError(f"{path}: teacher_sha256 is {_short(sha)} but {self.manifest_path} says "
+                             f"{_short(self.teacher['weights_sha256'])}")
+        for name, array in (("image", image), ("text", text)):
+            if array.shape != (len(keys), self.embed_dim):
+                raise DataError(f"{path}: field '{name}' has shape {array.shape}, "
+                                 f"expected ({len(keys)}, {self.embed_dim})")
+        return ShardFeatures({k: i for i, k in enumerate(keys.tolist())}, image, text, skipped)

@@ -1,0 +1,183 @@
+"""The webdataset + PIL training loader.
+
+Per DataLoader worker the pipeline is
+
+  shards (split by rank, seeded shuffle, split by worker)
+    -> raw samples -> drop unusable (no caption; no cached features) and join the cached features by key
+    -> seeded shuffle buffer -> skip the samples of already-trained batches (nothing decoded yet)
+    -> decode + preprocess (corrupt images dropped) -> full batches, captions tokenised per batch
+
+and the DataLoader takes batches from the workers round-robin.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import random
+import tarfile
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_samples(shards: Iterable[str]) -> Iterator[dict]:
+    """Raw samples of the shards in order: ``{ext: bytes, "__key__": str, "__url__": shard}``."""
+    for shard in shards:
+        try:
+            yield from wds.tarfile_to_samples()([{"url": shard}])
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"shard {shard}: cannot read it as a tar: {e.args[0]}") from e
+
+
+def pass_data_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a DataLoader worker: turn a DataError into a ``{"data_error": message}`` item. A worker's
+    exception reaches the main process as a formatted traceback, and formatting one can itself fail
+    (CPython 3.11 up to 3.11.7, gh-106905: a SystemError replaces the message)."""
+    try:
+        yield from batches
+    except DataError as e:
+        yield {"data_error": str(e)}
+
+
+def raise_data_errors(loader: Iterable[dict]) -> Iterator[dict]:
+    """In the main process: re-raise what ``pass_data_errors`` passed on."""
+    for batch in loader:
+        if "data_error" in batch:
+            raise DataError(batch["data_error"])
+        yield batch
+
+
+def caption_of(sample: dict) -> Optional[str]:
+    """The sample's caption, or None when it has no ``.txt`` or only whitespace."""
+    raw = sample.get("txt")
+    text = raw.decode("utf-8", errors="replace").strip() if raw is not None else ""
+    return text or None
+
+
+def decode_image(sample: dict) -> Optional[Image.Image]:
+    """The sample's image, fully decoded, or None when it has none or PIL cannot read it."""
+    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+    if data is None:
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except _DECODE_ERRORS:
+        return None
+    return image
+
+
+def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
+                       workers: int, features_dir: Optional[str], missing_features: str = "error",
+                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       shuffle_buffer: int = 1000, skip_batches: int = 0) -> Iterable[dict]:
+    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped`` and, with a
+    feature cache, ``t_img``/``t_txt``. The sequence is fixed by (seed, epoch, rank, workers).
+
+    ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
+    every worker is still producing batches at batch N and the skipped span holds no corrupt image
+    that the feature cache does not already list.
+    """
+    if missing_features not in ("error", "skip"):
+        raise ValueError(f"missing_features must be 'error' or 'skip', got {missing_features!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cache = FeatureCache(features_dir) if features_dir is not None else None
+    dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, missing_features,
+                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches)
+    augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed))
+    return raise_data_errors(loader)
+
+
+class _EpochBatches(IterableDataset):
+    def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
+                 cache: Optional[FeatureCache], missing_features: str, epoch: int, seed: int, rank: int,
+                 world_size: int, shuffle_buffer: int, skip_batches: int):
+        super().__init__()
+        self.shards = list(shards)
+        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+        self.cache, self.missing_features = cache, missing_features
+        self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
+        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+        self.n_skipped = 0  # per worker process: samples dropped since the last batch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.n_skipped = 0
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank_shards = self.shards[self.rank::self.world_size]
+        random.Random(f"{self.seed}:{self.epoch}:{self.rank}").shuffle(rank_shards)
+        # Workers beyond the shard count get nothing and drop out of the DataLoader's round-robin.
+        producing = min(workers, len(rank_shards))
+        if worker >= producing:
+            return
+        # The DataLoader asks worker 0 first, so after skipping k batches worker w plays the part of
+        # worker (w + k) % producing of the unskipped epoch, which made batch k + w.
+        role = (worker + self.skip_batches) % producing
+        role_skip = len(range(role, self.skip_batches, producing))
+
+        samples = self._usable(read_samples(rank_shards[role::producing]))
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{role}")
+        samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        samples = itertools.islice(samples, role_skip * self.batch_size, None)
+        yield from pass_data_errors(self._batches(samples))
+
+    def _usable(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            sample["caption"] = caption_of(sample)
+            if sample["caption"] is None or (self.cache is not None and not self._join_features(sample)):
+                self.n_skipped += 1
+                continue
+            yield sample
+
+    def _join_features(self, sample: dict) -> bool:
+        stem, key = shard_stem(sample["__url__"]), sample["__key__"]
+        features = self.cache.lookup(stem)
+        if features is not None and key in features.row:
+            row = features.row[key]
+            sample["t_img"], sample["t_txt"] = features.image[row], features.text[row]
+            return True
+        if features is not None and key in features.skipped:
+            return False  # the extractor found it unusable too
+        if self.missing_features == "skip":
+            return False
+        problem = f"no file {shard_file(self.cache.dir, stem)}" if features is None else "key not in the cache"
+        raise DataError(f"feature cache {self.cache.dir}: shard {stem} ({sample['__url__']}) key {key}: "
+                         f"{problem} (data.missing_features='skip' skips such samples)")
+
+    def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
+        batch = []
+        for sample in samples:
+            image = decode_image(sample)
+            if image is None:
+                self.n_skipped += 1
+                continue
+            sample["image"] = self.preprocess(image)
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch)
+                batch = []
+
+    def _collate(self, batch: list[dict]) -> dict:
+        out = {
+            "image": torch.stack([s["image"] for s in batch]),
+            "tokens": self.tokenizer([s["caption"] for s in batch]),
+            "key": [s["__key__"] for s in batch],
+            "n_skipped": self.n_skipped,
+        }
+        if self.cache is not None:
+            out["t_img"] = torch.from_numpy(np.stack([s["t_img"] for s in batch]).astype(np.float32))
+            out["t_txt"] = torch.from_numpy(np.stack([s["t_txt"] for s in batch]).astype(np.float32))
+        self.n_skipped = 0
+        return out

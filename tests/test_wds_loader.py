@@ -1,0 +1,164 @@
+"""The webdataset training loader: one epoch of batches in the batch contract, split by rank and worker,
+reproducible from (seed, epoch), resumable mid-epoch, joined with the teacher feature cache by key."""
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from cid_ds.data.features import FeatureCache, shard_stem, write_shard
+from cid_ds.data.wds_loader import build_train_loader
+from cid_ds.models import create_model
+from data_tools.extract import extract
+
+SHARDS, PER_SHARD, BATCH = 4, 40, 8
+
+
+def write_tar(path, first, count, corrupt=(), empty_caption=()):
+    """An img2dataset-style shard of small drawn JPEGs; keys are global sample numbers."""
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(first, first + count):
+            key = f"{i:09d}"
+            image = Image.new("RGB", (40, 48), (i * 37 % 256, i * 91 % 256, i * 53 % 256))
+            ImageDraw.Draw(image).rectangle([i % 16, 6, 16 + i % 24, 40], fill=(30, 255 - i % 256, 90))
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=90)
+            jpg = buf.getvalue()
+            tar.write({"__key__": key, "jpg": jpg[:len(jpg) // 2] if key in corrupt else jpg,
+                       "txt": b"" if key in empty_caption else f"a green bar, number {i}".encode(),
+                       "json": json.dumps({"key": key}).encode()})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return [write_tar(root / f"{s:05d}.tar", s * PER_SHARD, PER_SHARD) for s in range(SHARDS)]
+
+
+@pytest.fixture(scope="module")
+def features_dir(shards, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "feats")
+    extract(shards, "demo-teacher", None, out, batch_size=64, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student():
+    _, preprocess_train, preprocess_val, tokenizer = create_model("demo-student")
+    return preprocess_train, preprocess_val, tokenizer
+
+
+def batches(shards, student, features_dir, **kwargs):
+    preprocess_train, _, tokenizer = student
+    options = dict(batch_size=BATCH, workers=2, shuffle_buffer=50) | kwargs
+    return list(build_train_loader(shards, preprocess_train, tokenizer, features_dir=features_dir, **options))
+
+
+def keys_of(batch_list):
+    return [batch["key"] for batch in batch_list]
+
+
+def test_batches_follow_the_contract_and_carry_the_cached_rows(shards, student, features_dir):
+    result = batches(shards, student, features_dir)
+    assert len(result) == SHARDS * PER_SHARD // BATCH
+    cache = FeatureCache(features_dir)
+    for batch in result:
+        assert batch["image"].shape == (BATCH, 3, 32, 32) and batch["image"].dtype == torch.float32
+        assert batch["tokens"].shape == (BATCH, 24) and batch["tokens"].dtype == torch.int64
+        assert batch["t_img"].shape == (BATCH, 256) and batch["t_img"].dtype == torch.float32
+        assert batch["t_txt"].shape == (BATCH, 256) and batch["t_txt"].dtype == torch.float32
+        assert len(batch["key"]) == BATCH and batch["n_skipped"] == 0
+        for i, key in enumerate(batch["key"]):
+            features = cache.lookup(f"{int(key) // PER_SHARD:05d}")
+            row = features.row[key]
+            assert torch.equal(batch["t_img"][i], torch.from_numpy(features.image[row].astype(np.float32)))
+            assert torch.equal(batch["t_txt"][i], torch.from_numpy(features.text[row].astype(np.float32)))
+
+
+def test_two_ranks_cover_every_sample_once(shards, student, features_dir):
+    rank_keys = [sum(keys_of(batches(shards, student, features_dir, rank=r, world_size=2)), []) for r in (0, 1)]
+    assert not set(rank_keys[0]) & set(rank_keys[1])
+    assert sorted(rank_keys[0] + rank_keys[1]) == [f"{i:09d}" for i in range(SHARDS * PER_SHARD)]
+
+
+def test_order_is_fixed_by_seed_and_epoch(shards, student, features_dir):
+    first = keys_of(batches(shards, student, features_dir, seed=3, epoch=0))
+    assert keys_of(batches(shards, student, features_dir, seed=3, epoch=0)) == first
+    next_epoch = keys_of(batches(shards, student, features_dir, seed=3, epoch=1))
+    assert next_epoch != first and sorted(sum(next_epoch, [])) == sorted(sum(first, []))
+    assert keys_of(batches(shards, student, features_dir, seed=4, epoch=0)) != first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_batches_resumes_the_same_sequence_without_decoding_the_skipped(shards, student, features_dir, workers):
+    preprocess_train, _, tokenizer = student
+    full = batches(shards, student, features_dir, workers=workers, seed=1)
+    for skip in (3, 7):
+        resumed = batches(shards, student, features_dir, workers=workers, seed=1, skip_batches=skip)
+        assert keys_of(resumed) == keys_of(full)[skip:]
+        assert torch.equal(resumed[0]["t_img"], full[skip]["t_img"])
+
+    decoded = []
+
+    def counting_preprocess(image):
+        decoded.append(image)
+        return preprocess_train(image)
+
+    list(build_train_loader(shards, counting_preprocess, tokenizer, BATCH, 0, features_dir, skip_batches=5))
+    assert len(decoded) == SHARDS * PER_SHARD - 5 * BATCH
+
+
+def test_a_key_missing_from_the_cache_is_an_error_naming_shard_and_key_or_is_skipped(shards, student,
+                                                                                    features_dir, tmp_path):
+    stale = str(tmp_path / "stale")  # a cache written before sample 85 was added to shard 00002
+    shutil.copytree(features_dir, stale)
+    with np.load(os.path.join(stale, "00002.npz")) as npz:
+        keep = npz["keys"] != "000000085"
+        write_shard(stale, "00002", npz["keys"][keep].tolist(), npz["image"][keep], npz["text"][keep],
+                    [], [], str(npz["teacher_sha256"]))
+
+    with pytest.raises(ValueError, match="shard 00002 .* key 000000085: key not in the cache"):
+        batches(shards, student, stale, workers=2)
+    result = batches(shards, student, stale, missing_features="skip")
+    assert sum(b["n_skipped"] for b in result) == 1
+    assert "000000085" not in sum(keys_of(result), [])
+
+
+def test_a_shard_missing_from_the_cache_is_an_error_naming_shard_and_key_or_is_skipped(shards, student,
+                                                                                      features_dir, tmp_path):
+    partial = str(tmp_path / "partial")
+    shutil.copytree(features_dir, partial)
+    os.remove(os.path.join(partial, "00003.npz"))
+
+    with pytest.raises(ValueError, match=r"shard 00003 \(.*00003.tar\) key 000000120: no file .*00003.npz"):
+        batches(shards, student, partial, workers=0)
+    result = batches(shards, student, partial, missing_features="skip", workers=0)
+    assert sum(b["n_skipped"] for b in result) == PER_SHARD
+    assert len(result) == (SHARDS - 1) * PER_SHARD // BATCH
+
+
+def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, student):
+    shard = write_tar(tmp_path / "00000.tar", 0, 34, corrupt={"000000003"}, empty_caption={"000000010"})
+    no_cache = batches([shard], student, None, batch_size=4, workers=0)
+    assert "t_img" not in no_cache[0]
+    assert sum(b["n_skipped"] for b in no_cache) == 2 and len(no_cache) == 8
+
+    # With a cache the extractor's own skips are known: no error, the same two are counted.
+    cache = str(tmp_path / "feats")
+    extract([shard], "demo-teacher", None, cache, batch_size=16, workers=0)
+    with_cache = batches([shard], student, cache, batch_size=4, workers=0)
+    assert sum(b["n_skipped"] for b in with_cache) == 2
+    assert {"000000003", "000000010"}.isdisjoint(sum(keys_of(with_cache), []))
+
+
+def test_bad_arguments_are_named(shards, student, tmp_path):
+    with pytest.raises(ValueError, match="missing_features must be 'error' or 'skip'"):
+        batches(shards, student, None, missing_features="ignore")
+    with pytest.raises(FileNotFoundError, match=f"feature cache {tmp_path}: no manifest.json"):
+        batches(shards, student, str(tmp_path))
