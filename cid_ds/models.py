@@ -71,7 +71,7 @@ def weights_fingerprint(model: nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -84,6 +84,9 @@ class DistillStudent(nn.Module):
 
     def __init__(self, clip: nn.Module, teacher_dim: Optional[int] = None):
         super().__init__()
+        # DeepSpeed's initial parameter broadcast views every parameter as bytes, which a 0-dim tensor
+        # cannot do; open_clip's logit_scale is 0-dim, so it trains as shape [1] (export squeezes it back).
+        clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.clip = clip
         dim = embed_dim(clip)
         needs_head = teacher_dim is not None and teacher_dim != dim
@@ -98,5 +101,5 @@ class DistillStudent(nn.Module):
             "text": nn.functional.normalize(text_features, dim=-1),
             "image_in_teacher": nn.functional.normalize(self.proj_image(image_features), dim=-1),
             "text_in_teacher": nn.functional.normalize(self.proj_text(text_features), dim=-1),
-            "logit_scale": self.clip.logit_scale.exp().clamp(max=100),  # open_clip clamps at 100
+            "logit_scale": self.clip.logit_scale.exp().clamp(max=100).squeeze(),  # open_clip clamps at 100
         }

@@ -290,7 +290,7 @@ def export_and_evaluate(cfg: Config) -> dict[str, Any]:
     from cid_ds.export import export_checkpoint
     from cid_ds.models import create_model
     export_dir = os.path.join(cfg.output_dir, "export")
-    export_checkpoint(checkpoint_dir(cfg), cfg.model.student, export_dir)
+    export_checkpoint(checkpoint_dir(cfg), cfg.model.student, export_dir, pretrained=cfg.model.student_pretrained)
     results: dict[str, Any] = {"export": export_dir}
     if cfg.eval.at_end and cfg.eval.sets:
         model, _, preprocess_val, tokenizer = create_model(f"local-dir:{export_dir}")
