@@ -181,7 +181,11 @@ def run(cfg: Config) -> dict[str, Any]:
         cfg.model.student, cfg.model.student_pretrained)
     teacher_dim = None
     if cfg.data.features is not None:
-        teacher_dim = FeatureCache(cfg.data.features).embed_dim
+        cache = FeatureCache(cfg.data.features)
+        if not cache.complete:
+            raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
+                              "(extraction still running or interrupted): re-run data_tools.extract to finish it")
+        teacher_dim = cache.embed_dim
     student = DistillStudent(clip_model, teacher_dim)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 
 def world() -> tuple[int, int]:
@@ -13,11 +12,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """Forward: concatenate every rank's chunk. Backward: each rank's chunk receives the sum of the
+    gradients all ranks computed for it (reduce-scatter), as in insightface's partial_fc_v2."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank, size = dist.get_rank(), dist.get_world_size()
+        return grad.chunk(size, dim=0)[rank]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0; backward sends each chunk's gradient to its owner."""
+    """Concatenate ``x`` (same shape on every rank) along dim 0; gradients flow back to each owner."""
     if world()[1] == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return _AllGather.apply(x)
 
 
 @torch.no_grad()

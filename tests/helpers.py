@@ -1,0 +1,32 @@
+"""Small real datasets and feature caches shared by the end-to-end tests."""
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_data_and_features(root: str, train_samples: int = 384, shards: int = 4) -> dict:
+    """Demo data (tiny) and a feature cache from the random-init demo teacher."""
+    from cid_ds.config import expand_shards
+    from data_tools.extract import extract
+    from data_tools.make_demo_data import generate
+    data = os.path.join(root, "data")
+    generate(data, train_samples=train_samples, shards=shards, seed=0, eval_scale=0.1)
+    feats = os.path.join(root, "feats")
+    extract(expand_shards(os.path.join(data, "train", "*.tar")), "demo-teacher", None, feats, batch_size=64, workers=1)
+    return {"data": data, "feats": feats, "shards": os.path.join(data, "train", "*.tar"),
+            "eval": [os.path.join(data, "eval", s) for s in ("shapes", "colored_shapes", "retrieval")]}
+
+
+def deepspeed_cmd(ranks: int) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
+            "--master_port", str(29700 + os.getpid() % 200), os.path.join(REPO_ROOT, "launch", "train.py")]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
