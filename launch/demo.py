@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     timings = {}
     data = os.path.join(args.out, "data")
-    generate(data, train_samples=max(256, round(50000 * args.scale)), shards=16, seed=args.seed,
+    generate(data, train_samples=max(256, round(40000 * args.scale)), shards=16, seed=args.seed,
              eval_scale=min(1.0, max(0.1, args.scale)))
     timings["data"] = time.time() - t0
 
