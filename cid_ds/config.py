@@ -44,6 +44,20 @@ class DataConfig:
 class LossConfig:
     clip: float = 1.0       # student image-text contrastive
     instance: float = 0.0   # student image vs teacher text, student text vs teacher image
+    cluster: float = 0.0    # student image classified into its teacher k-means cluster
+
+
+@dataclass
+class ClusterConfig:
+    dir: Optional[str] = None     # data_tools.cluster output: centroids.npy + per-shard assignments
+    soft: bool = False            # KL to the teacher's softmax over the centroids instead of a hard label
+    margin: str = "arcface"       # arcface | cosface | none (hard labels)
+    margin_value: float = 0.3
+    scale: float = 32.0
+    soft_temperature: float = 1.0
+    sample_rate: float = 1.0      # fraction of negative classes scored per step (positives always kept)
+    learnable: bool = True        # False: the rows stay the k-means centroids
+    lr_mult: float = 1.0          # classifier lr = optim.lr * lr_mult (its own optimizer)
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -97,6 +112,7 @@ class Config:
 
 CHOICES = {
     "data.missing_features": ("error", "skip"),
+    "cluster.margin": ("arcface", "cosface", "none"),
 }
 
 
@@ -209,6 +225,14 @@ def _check_paths(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'model.student' is required")
     if cfg.loss.instance > 0 and cfg.data.features is None:
         raise ConfigError(f"{source}: key 'loss.instance' > 0 needs 'data.features' (a teacher feature cache)")
+    if cfg.loss.cluster > 0:
+        if cfg.cluster.dir is None:
+            raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
+        must_exist("cluster.dir", os.path.join(cfg.cluster.dir, "centroids.npy"))
+        if cfg.cluster.soft and cfg.data.features is None:
+            raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
+    if not 0 < cfg.cluster.sample_rate <= 1:
+        raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")
     if cfg.checkpoint.resume not in ("auto", "none"):
         must_exist("checkpoint.resume", cfg.checkpoint.resume, "dir")
 

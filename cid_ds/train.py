@@ -40,6 +40,9 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.loss.cluster > 0 and ds.get("fp16", {}).get("enabled") and on_gpu:
+        raise ConfigError(f"{path}: fp16 loss scaling would also scale the centroid classifier's gradients, "
+                          "which live outside the engine: use bf16 with the cluster term")
     if not on_gpu:  # bf16/fp16 matmuls on CPU are slower than fp32 and DeepSpeed's CPU path is fp32-tested
         for precision in ("bf16", "fp16"):
             ds.setdefault(precision, {})["enabled"] = False
@@ -110,28 +113,36 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
 
-def compute_losses(cfg: Config, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction)."""
     from cid_ds.losses.clip import clip_loss
     from cid_ds.losses.instance import instance_loss
     scale = out["logit_scale"].float()
-    losses = {}
+    losses, metrics = {}, {}
     if cfg.loss.clip > 0:
         losses["clip"] = clip_loss(out["image"].float(), out["text"].float(), scale)
     if cfg.loss.instance > 0:
         losses["instance"] = instance_loss(out["image_in_teacher"].float(), out["text_in_teacher"].float(),
                                            batch["t_img"].float(), batch["t_txt"].float(), scale)
-    return losses
+    if cluster_term is not None:
+        result = cluster_term(out["image_in_teacher"].float(), batch, step)
+        losses["cluster"] = result["loss"]
+        metrics = {"cluster/accuracy": result["accuracy"], "cluster/sampled_fraction": result["sampled_fraction"]}
+    return losses, metrics
 
 
 def checkpoint_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
 
 
-def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int) -> None:
+def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
     import torch.distributed as dist
     tag = f"step{step:08d}"
     root = checkpoint_dir(cfg)
     write_json(os.path.join(root, tag, f"data_position_rank{rank}.json"), position.state())
+    if cluster_term is not None:
+        cluster_term.save(os.path.join(root, tag))
     engine.save_checkpoint(root, tag=tag, client_state={"step": step})
     dist.barrier()
     if rank == 0:
@@ -140,7 +151,7 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
-def resume(engine, cfg: Config, rank: int) -> tuple[int, DataPosition]:
+def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
     """Load the newest checkpoint if asked to; return (next step, data position)."""
     if cfg.checkpoint.resume == "none":
         return 0, DataPosition()
@@ -153,6 +164,8 @@ def resume(engine, cfg: Config, rank: int) -> tuple[int, DataPosition]:
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint.resume: could not load a checkpoint from {root}")
+    if cluster_term is not None:
+        cluster_term.load(path)
     position_file = os.path.join(path, f"data_position_rank{rank}.json")
     position = DataPosition(**read_json(position_file)) if os.path.isfile(position_file) else DataPosition()
     return int(client["step"]), position
@@ -186,17 +199,28 @@ def run(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
                               "(extraction still running or interrupted): re-run data_tools.extract to finish it")
         teacher_dim = cache.embed_dim
+    if cfg.loss.cluster > 0:
+        from cid_ds.losses.cluster import load_centroids
+        cluster_dim = load_centroids(cfg.cluster.dir).shape[1]
+        if teacher_dim not in (None, cluster_dim):
+            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the feature cache {teacher_dim}-d")
+        teacher_dim = cluster_dim
     student = DistillStudent(clip_model, teacher_dim)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps))
+    lr_factor = cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu))
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
-    step, position = resume(engine, cfg, rank)
+    cluster_term = None
+    if cfg.loss.cluster > 0:
+        from cid_ds.losses.cluster import ClusterDiscrimination
+        cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
+                                             lr_factor, cfg.seed, device)
+    step, position = resume(engine, cfg, rank, cluster_term)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -211,7 +235,7 @@ def run(cfg: Config) -> dict[str, Any]:
     shards = expand_shards(cfg.data.train_shards)
     data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
                    position, rank, world_size)
-    weights = {"clip": cfg.loss.clip, "instance": cfg.loss.instance}
+    weights = {"clip": cfg.loss.clip, "instance": cfg.loss.instance, "cluster": cfg.loss.cluster}
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0}
     last_losses: dict[str, float] = {}
     engine.train()
@@ -226,17 +250,20 @@ def run(cfg: Config) -> dict[str, Any]:
             if k in batch:
                 batch[k] = batch[k].to(device, non_blocking=True)
         out = engine(image, tokens)
-        losses = compute_losses(cfg, out, batch)
+        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step)
         total = sum(weights[k] * v for k, v in losses.items())
         engine.backward(total)
         engine.step()
+        if cluster_term is not None:
+            cluster_term.step(step)
         step += 1
         window["steps"] += 1
 
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
-            last_losses = log_window(writer, engine, losses, total, out, window, step, device, cfg, world_size)
+            last_losses = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
+                                     world_size)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps:
-            save_checkpoint(engine, cfg, step, position, rank)
+            save_checkpoint(engine, cfg, step, position, rank, cluster_term)
 
     results: dict[str, Any] = {"step": step, "losses": last_losses}
     dist.barrier()
@@ -253,21 +280,21 @@ def run(cfg: Config) -> dict[str, Any]:
     return results
 
 
-def log_window(writer, engine, losses: dict, total: torch.Tensor, out: dict, window: dict, step: int,
+def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor, out: dict, window: dict, step: int,
                device: torch.device, cfg: Config, world_size: int) -> dict[str, float]:
     """Read scalars once per logging window (each read is a device sync), average losses over ranks."""
     import torch.distributed as dist
     elapsed = time.perf_counter() - window["t0"]
-    names = sorted(losses)
-    values = torch.stack([losses[k].detach().float() for k in names] + [total.detach().float()])
+    averaged = {f"loss/{k}": v for k, v in losses.items()} | {"loss/total": total} | metrics
+    names = sorted(averaged)
+    values = torch.stack([averaged[k].detach().float().reshape(()) for k in names])
     dist.all_reduce(values)
     values = (values / world_size).tolist()
     rank_rate = torch.tensor([window["steps"] * cfg.data.batch_size / elapsed], device=device)
     rates = [torch.zeros_like(rank_rate) for _ in range(world_size)]
     dist.all_gather(rates, rank_rate)
-    scalars = {f"loss/{k}": v for k, v in zip(names, values[:-1])}
+    scalars = dict(zip(names, values))
     scalars.update({
-        "loss/total": values[-1],
         "train/lr": engine.get_lr()[0],
         "train/logit_scale": float(out["logit_scale"].detach()),
         "perf/samples_per_s": float(sum(r.item() for r in rates)),

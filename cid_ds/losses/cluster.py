@@ -1,0 +1,65 @@
+"""CLIP-CID cluster discrimination as a trainer term: the student image embedding (in the teacher's
+space) is classified into its teacher k-means cluster over the sharded centroid classifier.
+
+The classifier is not part of the DeepSpeed engine: its rows differ per rank and must not be averaged
+over data-parallel ranks, so it has its own optimizer, follows the engine's lr schedule times
+``lr_mult``, and saves one checkpoint file per rank beside the engine's checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cid_ds.config import ClusterConfig
+from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
+
+
+def load_centroids(cluster_dir: str) -> torch.Tensor:
+    path = os.path.join(cluster_dir, "centroids.npy")
+    centroids = np.load(path)
+    if centroids.ndim != 2:
+        raise ValueError(f"{path}: centroids must be a [k, dim] matrix, got shape {centroids.shape}")
+    return torch.from_numpy(centroids.astype(np.float32))
+
+
+class ClusterDiscrimination:
+    def __init__(self, cfg: ClusterConfig, lr: float, betas: tuple[float, float], eps: float,
+                 lr_factor: Callable[[int], float], seed: int, device: torch.device):
+        self.cfg, self.base_lr, self.lr_factor = cfg, lr * cfg.lr_mult, lr_factor
+        self.classifier = ShardedCentroidClassifier(
+            load_centroids(cfg.dir), margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
+            sample_rate=cfg.sample_rate, learnable=cfg.learnable, seed=seed).to(device)
+        self.optimizer = torch.optim.AdamW([self.classifier.weight], lr=self.base_lr, betas=betas, eps=eps,
+                                           weight_decay=0.0) if cfg.learnable else None
+
+    @property
+    def dim(self) -> int:
+        return self.classifier.dim
+
+    def __call__(self, student_image: torch.Tensor, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        labels = batch["cluster"]
+        labels = labels[:, 0] if labels.ndim == 2 else labels  # top-1 of stored top-k ids
+        if self.cfg.soft:
+            return self.classifier.soft_forward(student_image, batch["t_img"], labels, step,
+                                                temperature=self.cfg.soft_temperature)
+        return self.classifier(student_image, labels, step)
+
+    def step(self, step: int) -> None:
+        """Apply this step's gradient to this rank's rows, at the schedule's lr for ``step``."""
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * self.lr_factor(step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, tag_dir: str) -> None:
+        if self.optimizer is not None:
+            self.classifier.save(tag_dir, self.optimizer)
+
+    def load(self, tag_dir: str) -> None:
+        if self.optimizer is not None:
+            self.classifier.load(tag_dir, self.optimizer)

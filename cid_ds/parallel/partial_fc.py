@@ -1,0 +1,247 @@
+"""The sharded centroid classifier of CLIP-CID's cluster discrimination (the PartialFC idea).
+
+Rank r of W owns rows ``[start, start + C//W + (r < C%W))`` of the C x D classifier, initialised from
+the k-means centroids. Each step:
+
+1. the student embeddings of the global batch are all-gathered with gradient;
+2. a set of classes is sampled: every class that is a positive in the global batch, plus each other
+   class with probability ``sample_rate``. The draw is one uniform number per *global* class id from a
+   generator seeded by (seed, step), so the sampled set does not depend on how the rows are sharded:
+   a 1-rank and a W-rank run, or a run resumed on another world size, score the same classes;
+3. cosine logits against the local sampled rows, the margin on the target logit, times the scale;
+4. a softmax over all ranks' rows: row max all-reduced (MAX), exp-sums all-reduced (SUM).
+
+Gradient convention: rank r's local embeddings receive ``W * dL/dE_r``. The student is data
+parallel and DeepSpeed averages its gradients over W ranks, so it ends up with exactly ``dL/dtheta``,
+the same convention as the gathered contrastive losses. The classifier rows receive exactly
+``dL/dW_shard`` and are never averaged: they are not engine parameters and have their own optimizer.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cid_ds.parallel.collectives import all_gather_no_grad, all_gather_with_grad, world
+
+MARGINS = ("arcface", "cosface", "none")
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, count) of the rows rank ``rank`` owns: the first ``C % W`` ranks own one extra row."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (rank < extra)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class _DistLogSumExp(torch.autograd.Function):
+    """Row-wise logsumexp over the class dimension split across ranks.
+
+    Every rank holds the same result; the backward sums the upstream gradient over ranks (each rank's
+    loss used its copy) and multiplies by the local softmax, the exact gradient for the local shard."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        row_max = logits.max(dim=1).values if logits.shape[1] else torch.full_like(logits[:, 0], -math.inf)
+        if world()[1] > 1:
+            dist.all_reduce(row_max, dist.ReduceOp.MAX)
+        sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+        if world()[1] > 1:
+            dist.all_reduce(sum_exp)
+        lse = row_max + torch.log(sum_exp)
+        ctx.save_for_backward(logits, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        logits, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        if world()[1] > 1:
+            dist.all_reduce(grad)
+        return grad[:, None] * torch.exp(logits - lse[:, None])
+
+
+def dist_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the local class columns, normalised over every rank's columns."""
+    return logits - _DistLogSumExp.apply(logits)[:, None]
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """A value that is a sum of per-rank parts, differentiable: each rank's part receives the upstream
+    gradient (every rank computes the same loss from it, so only one copy should count: see callers)."""
+    if world()[1] == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return x + (total - x.detach())
+
+
+class ShardedCentroidClassifier(nn.Module):
+    """This rank's shard of the C x D centroid classifier and the cluster-discrimination losses."""
+
+    def __init__(self, centroids: torch.Tensor, margin: str = "arcface", scale: float = 32.0,
+                 margin_value: float = 0.3, sample_rate: float = 1.0, learnable: bool = True, seed: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__()
+        if margin not in MARGINS:
+            raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        default_rank, default_world = world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.num_classes, self.dim = centroids.shape
+        self.start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
+        rows = F.normalize(centroids[self.start:self.start + self.num_local].float(), dim=-1)
+        self.weight = nn.Parameter(rows.clone(), requires_grad=learnable)
+        # The teacher side of the soft-label loss scores against the fixed k-means centroids.
+        self.register_buffer("centroids", rows.clone() if learnable else self.weight.data, persistent=False)
+        self.margin, self.scale, self.margin_value = margin, scale, margin_value
+        self.sample_rate, self.seed = sample_rate, seed
+
+    def sample(self, global_labels: torch.Tensor, step: int) -> torch.Tensor:
+        """Sorted local row indices to score this step (all of them at sample_rate 1)."""
+        device = self.weight.device
+        if self.sample_rate >= 1:
+            return torch.arange(self.num_local, device=device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        keep = torch.rand(self.num_classes, generator=generator)[self.start:self.start + self.num_local]
+        keep = (keep < self.sample_rate).to(device)
+        local = global_labels[(global_labels >= self.start) & (global_labels < self.start + self.num_local)]
+        keep[local - self.start] = True
+        return keep.nonzero().squeeze(1)
+
+    def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        scaled = _ScaleGrad.apply(embeddings, float(self.world_size)) if self.world_size > 1 else embeddings
+        return F.normalize(all_gather_with_grad(scaled), dim=-1), all_gather_no_grad(labels)
+
+    def _local_targets(self, global_labels: torch.Tensor, index: torch.Tensor):
+        """Column of each row's label among the sampled local rows, -1 where another rank owns it."""
+        if len(index) == 0:
+            return torch.full_like(global_labels, -1)
+        global_index = index + self.start
+        pos = torch.searchsorted(global_index, global_labels).clamp(max=len(index) - 1)
+        return torch.where(global_index[pos] == global_labels, pos, torch.full_like(pos, -1))
+
+    def _with_margin(self, cosine: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+        rows = (target_col >= 0).nonzero().squeeze(1)
+        if self.margin == "none" or len(rows) == 0:
+            return cosine * self.scale
+        cols = target_col[rows]
+        target = cosine[rows, cols]
+        if self.margin == "arcface":
+            theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
+            adjusted = torch.cos((theta + self.margin_value).clamp(max=math.pi))
+        else:
+            adjusted = target - self.margin_value
+        cosine = cosine.index_put((rows, cols), adjusted)
+        return cosine * self.scale
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """Hard-label margin softmax. ``embeddings`` [B,D] local rows, ``labels`` [B] global class ids.
+        Returns the loss (same value on every rank), batch top-1 accuracy and the sampled fraction."""
+        all_embeddings, all_labels = self._gather(embeddings, labels)
+        index = self.sample(all_labels, step)
+        weight = F.normalize(self.weight[index], dim=-1)
+        cosine = all_embeddings @ weight.T
+        target_col = self._local_targets(all_labels, index)
+        logits = self._with_margin(cosine, target_col)
+        log_probs = dist_log_softmax(logits)
+        owned = target_col >= 0
+        target_log_prob = torch.zeros(len(all_labels), device=logits.device, dtype=log_probs.dtype)
+        target_log_prob = target_log_prob.index_put((owned.nonzero().squeeze(1),),
+                                                   log_probs[owned, target_col[owned]])
+        # Every rank computes the same mean; each rank's target part only counts once: the all-reduce
+        # of the parts is linear and its gradient goes to the owner's copy.
+        loss = -sum_over_ranks(target_log_prob).mean()
+        return {"loss": loss, "accuracy": self._accuracy(cosine, index, all_labels),
+                "sampled_fraction": self._sampled_fraction(index)}
+
+    def soft_forward(self, embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, labels: torch.Tensor,
+                     step: int = 0, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """Soft labels: KL(teacher softmax over the centroids || student softmax), both at scale/temperature."""
+        all_embeddings, all_labels = self._gather(embeddings, labels)
+        all_teacher = F.normalize(all_gather_no_grad(teacher_embeddings.float()), dim=-1)
+        index = self.sample(all_labels, step)
+        cosine = all_embeddings @ F.normalize(self.weight[index], dim=-1).T
+        student_log_probs = dist_log_softmax(cosine * self.scale / temperature)
+        with torch.no_grad():
+            teacher_log_probs = dist_log_softmax(all_teacher @ self.centroids[index].T * self.scale / temperature)
+        kl_parts = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=1)
+        loss = sum_over_ranks(kl_parts).mean()
+        return {"loss": loss, "accuracy": self._accuracy(cosine, index, all_labels),
+                "sampled_fraction": self._sampled_fraction(index)}
+
+    @torch.no_grad()
+    def _accuracy(self, cosine: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Top-1 over the sampled classes: the best local class per row, then the best over ranks."""
+        if len(index):
+            best, col = cosine.max(dim=1)
+            best_class = index[col] + self.start
+        else:
+            best = torch.full((len(labels),), -math.inf, device=cosine.device)
+            best_class = torch.full((len(labels),), -1, device=cosine.device, dtype=torch.long)
+        if self.world_size > 1:
+            scores = [torch.empty_like(best) for _ in range(self.world_size)]
+            classes = [torch.empty_like(best_class) for _ in range(self.world_size)]
+            dist.all_gather(scores, best)
+            dist.all_gather(classes, best_class)
+            winner = torch.stack(scores).argmax(dim=0)
+            best_class = torch.stack(classes).gather(0, winner[None]).squeeze(0)
+        return (best_class == labels).float().mean()
+
+    @torch.no_grad()
+    def _sampled_fraction(self, index: torch.Tensor) -> torch.Tensor:
+        count = torch.tensor(float(len(index)), device=self.weight.device)
+        if self.world_size > 1:
+            dist.all_reduce(count)
+        return count / self.num_classes
+
+    # --- checkpoint: one file per rank, re-sharded on load when the world size changed ---------------
+
+    def shard_file(self, directory: str, rank: Optional[int] = None) -> str:
+        return os.path.join(directory, f"centroid_classifier_rank{self.rank if rank is None else rank}.pt")
+
+    def save(self, directory: str, optimizer: torch.optim.Optimizer) -> None:
+        from cid_ds.io import atomic_path
+        state = {"weight": self.weight.detach().cpu(), "start": self.start, "num_classes": self.num_classes,
+                 "world_size": self.world_size, "optimizer": optimizer.state_dict()}
+        with atomic_path(self.shard_file(directory)) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, directory: str, optimizer: torch.optim.Optimizer) -> None:
+        """Restore this rank's rows (and optimizer state rows) from the shards saved by any world size."""
+        first = torch.load(self.shard_file(directory, 0), map_location="cpu", weights_only=False)
+        if first["num_classes"] != self.num_classes:
+            raise ValueError(f"{self.shard_file(directory, 0)}: {first['num_classes']} classes saved, "
+                             f"the classifier has {self.num_classes}")
+        if first["world_size"] == self.world_size:
+            saved = torch.load(self.shard_file(directory), map_location="cpu", weights_only=False)
+            self.weight.data.copy_(saved["weight"])
+            optimizer.load_state_dict(saved["optimizer"])
+            return
+        shards = [first] + [torch.load(self.shard_file(directory, r), map_location="cpu", weights_only=False)
+                            for r in range(1, first["world_size"])]
+        rows = slice(self.start, self.start + self.num_local)
+        self.weight.data.copy_(torch.cat([s["weight"] for s in shards])[rows])
+        state = shards[0]["optimizer"]
+        for param_id, param_state in state["state"].items():
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and value.ndim == 2:  # per-row state (momentum, Adam moments)
+                    param_state[key] = torch.cat([s["optimizer"]["state"][param_id][key] for s in shards])[rows]
+        optimizer.load_state_dict(state)

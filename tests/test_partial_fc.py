@@ -1,0 +1,168 @@
+"""The sharded centroid classifier: 2 ranks (real torch.distributed, gloo) give the same loss and the
+same gradients as 1 rank holding the full matrix, for every margin, with and without class sampling,
+hard and soft labels; shards checkpoint per rank and re-shard onto another world size."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from cid_ds.parallel.partial_fc import ShardedCentroidClassifier, shard_range
+
+C, D, B, W = 11, 8, 3, 2  # C % W != 0: rank 0 owns one row more
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.randn(C, D, generator=g)
+    embeddings = torch.randn(W * B, D, generator=g)
+    teacher = torch.randn(W * B, D, generator=g)
+    labels = torch.randint(0, C, (W * B,), generator=g)
+    return centroids, embeddings, teacher, labels
+
+
+def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(None)):
+    centroids, embeddings, teacher, labels = inputs()
+    clf = ShardedCentroidClassifier(centroids, margin=margin, scale=16.0, margin_value=0.3, sample_rate=rate,
+                                    seed=3, rank=rank, world_size=world_size)
+    local = embeddings[rows].clone().requires_grad_()
+    if kind == "hard":
+        out = clf(local, labels[rows], step=7)
+    else:
+        out = clf.soft_forward(local, teacher[rows], labels[rows], step=7, temperature=0.5)
+    out["loss"].backward()
+    index = clf.sample(labels, 7) + clf.start
+    return {"loss": out["loss"].detach(), "accuracy": out["accuracy"], "fraction": out["sampled_fraction"],
+            "emb_grad": local.grad, "weight_grad": clf.weight.grad, "sampled": index}
+
+
+CASES = [(kind, margin, rate) for kind in ("hard",) for margin in ("arcface", "cosface", "none")
+         for rate in (1.0, 0.5)] + [("soft", "none", 1.0), ("soft", "none", 0.5)]
+
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=W)
+    results = {}
+    for case in CASES:
+        results[case] = run_classifier(*case, rows=slice(rank * B, (rank + 1) * B))
+    out[rank] = results
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results():
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), out), nprocs=W)
+    return dict(out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_two_ranks_match_one_rank_with_the_full_matrix(two_rank_results, case):
+    full = run_classifier(*case, rank=0, world_size=1)
+    for rank in range(W):
+        part = two_rank_results[rank][case]
+        torch.testing.assert_close(part["loss"], full["loss"])
+        torch.testing.assert_close(part["accuracy"], full["accuracy"])
+        torch.testing.assert_close(part["fraction"], full["fraction"])
+        # local embeddings get W x dL/dE: DeepSpeed's data-parallel average divides it back out
+        torch.testing.assert_close(part["emb_grad"] / W, full["emb_grad"][rank * B:(rank + 1) * B])
+        start, count = shard_range(C, rank, W)
+        torch.testing.assert_close(part["weight_grad"], full["weight_grad"][start:start + count])
+    sampled = torch.cat([two_rank_results[r][case]["sampled"] for r in range(W)])
+    assert torch.equal(sampled, full["sampled"])  # the same classes whatever the sharding
+
+
+def test_sampling_keeps_every_positive_class_of_the_global_batch():
+    labels = torch.tensor([0, 5, 17, 17, 99, 42])
+    clf = ShardedCentroidClassifier(torch.randn(100, 4), sample_rate=0.1, seed=1, rank=0, world_size=1)
+    for step in range(20):
+        index = clf.sample(labels, step)
+        assert set(labels.tolist()) <= set(index.tolist())
+        assert len(index) < 40
+    assert not torch.equal(clf.sample(labels, 0), clf.sample(labels, 1))
+
+
+def test_a_sample_of_its_own_centroid_is_classified_correctly():
+    centroids = F.normalize(torch.randn(50, 16), dim=-1)
+    labels = torch.arange(50)
+    clf = ShardedCentroidClassifier(centroids, margin="none", scale=32.0, rank=0, world_size=1)
+    out = clf(centroids, labels)
+    assert out["accuracy"] == 1.0
+    wrong = clf(centroids, labels.roll(1))
+    assert wrong["loss"] > out["loss"] + 5
+
+
+def test_frozen_centroids_get_no_gradient():
+    clf = ShardedCentroidClassifier(torch.randn(10, 4), learnable=False, rank=0, world_size=1)
+    emb = torch.randn(3, 4, requires_grad=True)
+    clf(emb, torch.tensor([1, 2, 3]))["loss"].backward()
+    assert clf.weight.grad is None and emb.grad is not None
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="margin must be one of"):
+        ShardedCentroidClassifier(torch.randn(4, 2), margin="sphereface")
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        ShardedCentroidClassifier(torch.randn(4, 2), sample_rate=0)
+
+
+def save_worker(rank, port, directory):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=W)
+    centroids, embeddings, _, labels = inputs()
+    clf = ShardedCentroidClassifier(centroids, sample_rate=1.0)
+    opt = torch.optim.AdamW(clf.parameters(), lr=0.1)
+    clf(embeddings[rank * B:(rank + 1) * B], labels[rank * B:(rank + 1) * B])["loss"].backward()
+    opt.step()
+    clf.save(directory, opt)
+    dist.destroy_process_group()
+
+
+def test_shards_checkpoint_per_rank_and_reshard_onto_one_rank(tmp_path):
+    mp.spawn(save_worker, args=(free_port(), str(tmp_path)), nprocs=W)
+    saved = [torch.load(tmp_path / f"centroid_classifier_rank{r}.pt", weights_only=False) for r in range(W)]
+    assert [s["weight"].shape[0] for s in saved] == [6, 5]
+    assert not torch.allclose(saved[0]["weight"], F.normalize(inputs()[0][:6], dim=-1))  # it trained
+
+    centroids, embeddings, _, labels = inputs()
+    one = ShardedCentroidClassifier(centroids, rank=0, world_size=1)
+    opt = torch.optim.AdamW(one.parameters(), lr=0.1)
+    one.load(str(tmp_path), opt)
+    torch.testing.assert_close(one.weight.data, torch.cat([s["weight"] for s in saved]))
+    moments = opt.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(moments, torch.cat([s["optimizer"]["state"][0]["exp_avg"] for s in saved]))
+
+    # the same world size restores exactly what that rank saved
+    again = ShardedCentroidClassifier(centroids, rank=1, world_size=W)
+    again.load(str(tmp_path), torch.optim.AdamW(again.parameters(), lr=0.1))
+    torch.testing.assert_close(again.weight.data, saved[1]["weight"])
+
+    with pytest.raises(ValueError, match="11 classes saved, the classifier has 12"):
+        ShardedCentroidClassifier(torch.randn(12, D), rank=0, world_size=1).load(str(tmp_path), opt)
+
+
+def test_after_a_deepspeed_step_student_weights_agree_and_shards_do_not(tmp_path):
+    """Proof that the shard stays out of data-parallel averaging while the student goes through it."""
+    from tests.helpers import REPO_ROOT, deepspeed_cmd, run
+    cmd = deepspeed_cmd(2)
+    cmd[-1] = os.path.join(REPO_ROOT, "tests", "dist_scripts", "engine_and_shard_step.py")
+    run(cmd + ["--out", str(tmp_path)])
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for name, value in r0["student"].items():
+        torch.testing.assert_close(value, r1["student"][name], rtol=0, atol=0)
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(6, 16)
+    assert not torch.equal(r0["student"]["0.weight"], initial.weight.detach())  # it trained
+    assert (r0["start"], r1["start"]) == (0, 5)
+    centroids = F.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert not torch.allclose(r0["shard"], centroids[:5]) and not torch.allclose(r1["shard"], centroids[5:])
