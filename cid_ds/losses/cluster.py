@@ -2,7 +2,7 @@
 space) is classified into its teacher k-means cluster over the sharded centroid classifier.
 
 The classifier is not part of the DeepSpeed engine: its rows differ per rank and must not be averaged
-over data-parallel ranks, so it has its own optimizer, follows the engine's lr schedule times
+over data-parallel ranks, so it has its own (row-wise AdamW) update, follows the engine's lr schedule times
 ``lr_mult``, and saves one checkpoint file per rank beside the engine's checkpoint.
 """
 from __future__ import annotations
@@ -28,12 +28,10 @@ def load_centroids(cluster_dir: str) -> torch.Tensor:
 class ClusterDiscrimination:
     def __init__(self, cfg: ClusterConfig, lr: float, betas: tuple[float, float], eps: float,
                  lr_factor: Callable[[int], float], seed: int, device: torch.device):
-        self.cfg, self.base_lr, self.lr_factor = cfg, lr * cfg.lr_mult, lr_factor
+        self.cfg, self.base_lr, self.lr_factor, self.betas, self.eps = cfg, lr * cfg.lr_mult, lr_factor, betas, eps
         self.classifier = ShardedCentroidClassifier(
             load_centroids(cfg.dir), margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
             sample_rate=cfg.sample_rate, learnable=cfg.learnable, seed=seed).to(device)
-        self.optimizer = torch.optim.AdamW([self.classifier.weight], lr=self.base_lr, betas=betas, eps=eps,
-                                           weight_decay=0.0) if cfg.learnable else None
 
     @property
     def dim(self) -> int:
@@ -48,18 +46,11 @@ class ClusterDiscrimination:
         return self.classifier(student_image, labels, step)
 
     def step(self, step: int) -> None:
-        """Apply this step's gradient to this rank's rows, at the schedule's lr for ``step``."""
-        if self.optimizer is None:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * self.lr_factor(step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Apply this step's gradient to this rank's sampled rows, at the schedule's lr for ``step``."""
+        self.classifier.update(self.base_lr * self.lr_factor(step), self.betas, self.eps)
 
     def save(self, tag_dir: str) -> None:
-        if self.optimizer is not None:
-            self.classifier.save(tag_dir, self.optimizer)
+        self.classifier.save(tag_dir)
 
     def load(self, tag_dir: str) -> None:
-        if self.optimizer is not None:
-            self.classifier.load(tag_dir, self.optimizer)
+        self.classifier.load(tag_dir)

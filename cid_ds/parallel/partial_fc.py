@@ -11,6 +11,11 @@ the k-means centroids. Each step:
 3. cosine logits against the local sampled rows, the margin on the target logit, times the scale;
 4. a softmax over all ranks' rows: row max all-reduced (MAX), exp-sums all-reduced (SUM).
 
+Only the sampled rows are touched: they are cut out of the shard as a leaf tensor, and a row-wise
+("lazy") AdamW updates just those rows and their moments. An optimizer over the whole shard would
+write every row every step, as costly at sample rate 0.1 as at 1.0, and a dense gradient of the full
+shard would be allocated each step.
+
 Gradient convention: rank r's local embeddings receive ``W * dL/dE_r``. The student is data
 parallel and DeepSpeed averages its gradients over W ranks, so it ends up with exactly ``dL/dtheta``,
 the same convention as the gathered contrastive losses. The classifier rows receive exactly
@@ -108,11 +113,16 @@ class ShardedCentroidClassifier(nn.Module):
         self.num_classes, self.dim = centroids.shape
         self.start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
         rows = F.normalize(centroids[self.start:self.start + self.num_local].float(), dim=-1)
-        self.weight = nn.Parameter(rows.clone(), requires_grad=learnable)
+        self.learnable = learnable
+        self.register_buffer("weight", rows.clone())
         # The teacher side of the soft-label loss scores against the fixed k-means centroids.
-        self.register_buffer("centroids", rows.clone() if learnable else self.weight.data, persistent=False)
+        self.register_buffer("centroids", rows.clone() if learnable else self.weight, persistent=False)
+        self.register_buffer("exp_avg", torch.zeros_like(rows) if learnable else torch.empty(0))
+        self.register_buffer("exp_avg_sq", torch.zeros_like(rows) if learnable else torch.empty(0))
+        self.updates = 0
         self.margin, self.scale, self.margin_value = margin, scale, margin_value
         self.sample_rate, self.seed = sample_rate, seed
+        self._sampled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def sample(self, global_labels: torch.Tensor, step: int) -> torch.Tensor:
         """Sorted local row indices to score this step (all of them at sample_rate 1)."""
@@ -125,6 +135,32 @@ class ShardedCentroidClassifier(nn.Module):
         local = global_labels[(global_labels >= self.start) & (global_labels < self.start + self.num_local)]
         keep[local - self.start] = True
         return keep.nonzero().squeeze(1)
+
+    def _sampled_rows(self, global_labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.sample(global_labels, step)
+        rows = self.weight[index].requires_grad_(self.learnable)
+        self._sampled = (index, rows)
+        return index, rows
+
+    def sampled_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local row indices, their gradient) from the last backward."""
+        index, rows = self._sampled
+        return index, rows.grad if rows.grad is not None else torch.zeros_like(rows)
+
+    @torch.no_grad()
+    def update(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """One AdamW step (no weight decay) on the rows sampled in the last forward, then forget them."""
+        if not self.learnable or self._sampled is None:
+            return
+        index, grad = self.sampled_grad()
+        self.updates += 1
+        beta1, beta2 = betas
+        m = self.exp_avg[index].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = self.exp_avg_sq[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.exp_avg[index], self.exp_avg_sq[index] = m, v
+        m_hat, v_hat = m / (1 - beta1 ** self.updates), v / (1 - beta2 ** self.updates)
+        self.weight[index] -= lr * m_hat / (v_hat.sqrt() + eps)
+        self._sampled = None
 
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor):
         scaled = _ScaleGrad.apply(embeddings, float(self.world_size)) if self.world_size > 1 else embeddings
@@ -156,9 +192,8 @@ class ShardedCentroidClassifier(nn.Module):
         """Hard-label margin softmax. ``embeddings`` [B,D] local rows, ``labels`` [B] global class ids.
         Returns the loss (same value on every rank), batch top-1 accuracy and the sampled fraction."""
         all_embeddings, all_labels = self._gather(embeddings, labels)
-        index = self.sample(all_labels, step)
-        weight = F.normalize(self.weight[index], dim=-1)
-        cosine = all_embeddings @ weight.T
+        index, rows = self._sampled_rows(all_labels, step)
+        cosine = all_embeddings @ F.normalize(rows, dim=-1).T
         target_col = self._local_targets(all_labels, index)
         logits = self._with_margin(cosine, target_col)
         log_probs = dist_log_softmax(logits)
@@ -177,8 +212,8 @@ class ShardedCentroidClassifier(nn.Module):
         """Soft labels: KL(teacher softmax over the centroids || student softmax), both at scale/temperature."""
         all_embeddings, all_labels = self._gather(embeddings, labels)
         all_teacher = F.normalize(all_gather_no_grad(teacher_embeddings.float()), dim=-1)
-        index = self.sample(all_labels, step)
-        cosine = all_embeddings @ F.normalize(self.weight[index], dim=-1).T
+        index, rows = self._sampled_rows(all_labels, step)
+        cosine = all_embeddings @ F.normalize(rows, dim=-1).T
         student_log_probs = dist_log_softmax(cosine * self.scale / temperature)
         with torch.no_grad():
             teacher_log_probs = dist_log_softmax(all_teacher @ self.centroids[index].T * self.scale / temperature)
@@ -217,31 +252,24 @@ class ShardedCentroidClassifier(nn.Module):
     def shard_file(self, directory: str, rank: Optional[int] = None) -> str:
         return os.path.join(directory, f"centroid_classifier_rank{self.rank if rank is None else rank}.pt")
 
-    def save(self, directory: str, optimizer: torch.optim.Optimizer) -> None:
+    def save(self, directory: str) -> None:
         from cid_ds.io import atomic_path
-        state = {"weight": self.weight.detach().cpu(), "start": self.start, "num_classes": self.num_classes,
-                 "world_size": self.world_size, "optimizer": optimizer.state_dict()}
+        state = {"weight": self.weight.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+                 "updates": self.updates, "start": self.start, "num_classes": self.num_classes,
+                 "world_size": self.world_size}
         with atomic_path(self.shard_file(directory)) as tmp:
             torch.save(state, tmp)
 
-    def load(self, directory: str, optimizer: torch.optim.Optimizer) -> None:
-        """Restore this rank's rows (and optimizer state rows) from the shards saved by any world size."""
-        first = torch.load(self.shard_file(directory, 0), map_location="cpu", weights_only=False)
+    def load(self, directory: str) -> None:
+        """Restore this rank's rows and their Adam moments from the shards any world size saved."""
+        first = torch.load(self.shard_file(directory, 0), map_location="cpu", weights_only=True)
         if first["num_classes"] != self.num_classes:
             raise ValueError(f"{self.shard_file(directory, 0)}: {first['num_classes']} classes saved, "
                              f"the classifier has {self.num_classes}")
-        if first["world_size"] == self.world_size:
-            saved = torch.load(self.shard_file(directory), map_location="cpu", weights_only=False)
-            self.weight.data.copy_(saved["weight"])
-            optimizer.load_state_dict(saved["optimizer"])
-            return
-        shards = [first] + [torch.load(self.shard_file(directory, r), map_location="cpu", weights_only=False)
+        shards = [first] + [torch.load(self.shard_file(directory, r), map_location="cpu", weights_only=True)
                             for r in range(1, first["world_size"])]
         rows = slice(self.start, self.start + self.num_local)
-        self.weight.data.copy_(torch.cat([s["weight"] for s in shards])[rows])
-        state = shards[0]["optimizer"]
-        for param_id, param_state in state["state"].items():
-            for key, value in param_state.items():
-                if torch.is_tensor(value) and value.ndim == 2:  # per-row state (momentum, Adam moments)
-                    param_state[key] = torch.cat([s["optimizer"]["state"][param_id][key] for s in shards])[rows]
-        optimizer.load_state_dict(state)
+        for name in ("weight", "exp_avg", "exp_avg_sq"):
+            if getattr(self, name).numel():
+                getattr(self, name).copy_(torch.cat([s[name] for s in shards])[rows])
+        self.updates = first["updates"]

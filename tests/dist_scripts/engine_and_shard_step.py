@@ -16,14 +16,13 @@ student = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.
 engine, *_ = deepspeed.initialize(model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=0.05),
                                   config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
 classifier = ShardedCentroidClassifier(torch.randn(10, 8, generator=torch.Generator().manual_seed(1)))
-classifier_opt = torch.optim.AdamW(classifier.parameters(), lr=0.05)
 
 g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
 x, labels = torch.randn(4, 6, generator=g), torch.randint(0, 10, (4,), generator=g)
 loss = classifier(engine(x), labels)["loss"]
 engine.backward(loss)
 engine.step()
-classifier_opt.step()
+classifier.update(lr=0.05)
 torch.save({"student": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
             "shard": classifier.weight.detach().clone(), "start": classifier.start},
            f"{out_dir}/rank{rank}.pt")
