@@ -22,7 +22,7 @@ test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	DS_ACCELERATOR=cpu $(PY) bench/step_overhead.py
+	for b in bench/*.py; do echo "== $$b"; DS_ACCELERATOR=cpu $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs/demo

@@ -27,7 +27,7 @@ def inputs():
 def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(None)):
     centroids, embeddings, teacher, labels = inputs()
     clf = ShardedCentroidClassifier(centroids, margin=margin, scale=16.0, margin_value=0.3, sample_rate=rate,
-                                    seed=3, rank=rank, world_size=world_size)
+                                    soft=kind == "soft", seed=3, rank=rank, world_size=world_size)
     local = embeddings[rows].clone().requires_grad_()
     if kind == "hard":
         out = clf(local, labels[rows], step=7)

@@ -31,7 +31,7 @@ class ClusterDiscrimination:
         self.cfg, self.base_lr, self.lr_factor, self.betas, self.eps = cfg, lr * cfg.lr_mult, lr_factor, betas, eps
         self.classifier = ShardedCentroidClassifier(
             load_centroids(cfg.dir), margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
-            sample_rate=cfg.sample_rate, learnable=cfg.learnable, seed=seed).to(device)
+            sample_rate=cfg.sample_rate, learnable=cfg.learnable, soft=cfg.soft, seed=seed).to(device)
 
     @property
     def dim(self) -> int:

@@ -100,8 +100,8 @@ class ShardedCentroidClassifier(nn.Module):
     """This rank's shard of the C x D centroid classifier and the cluster-discrimination losses."""
 
     def __init__(self, centroids: torch.Tensor, margin: str = "arcface", scale: float = 32.0,
-                 margin_value: float = 0.3, sample_rate: float = 1.0, learnable: bool = True, seed: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
+                 margin_value: float = 0.3, sample_rate: float = 1.0, learnable: bool = True, soft: bool = False,
+                 seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None):
         super().__init__()
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
@@ -114,9 +114,11 @@ class ShardedCentroidClassifier(nn.Module):
         self.start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
         rows = F.normalize(centroids[self.start:self.start + self.num_local].float(), dim=-1)
         self.learnable = learnable
-        self.register_buffer("weight", rows.clone())
-        # The teacher side of the soft-label loss scores against the fixed k-means centroids.
-        self.register_buffer("centroids", rows.clone() if learnable else self.weight, persistent=False)
+        self.register_buffer("weight", rows)
+        # The teacher side of the soft-label loss scores against the fixed k-means centroids (a copy only
+        # when the rows move: it costs as much memory as the shard itself).
+        self.register_buffer("centroids", (rows.clone() if learnable else self.weight) if soft else torch.empty(0),
+                             persistent=False)
         self.register_buffer("exp_avg", torch.zeros_like(rows) if learnable else torch.empty(0))
         self.register_buffer("exp_avg_sq", torch.zeros_like(rows) if learnable else torch.empty(0))
         self.updates = 0
@@ -210,6 +212,8 @@ class ShardedCentroidClassifier(nn.Module):
     def soft_forward(self, embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, labels: torch.Tensor,
                      step: int = 0, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Soft labels: KL(teacher softmax over the centroids || student softmax), both at scale/temperature."""
+        if not self.centroids.numel():
+            raise ValueError("soft_forward needs a classifier built with soft=True")
         all_embeddings, all_labels = self._gather(embeddings, labels)
         all_teacher = F.normalize(all_gather_no_grad(teacher_embeddings.float()), dim=-1)
         index, rows = self._sampled_rows(all_labels, step)
