@@ -1,5 +1,6 @@
 """The webdataset training loader: one epoch of batches in the batch contract, split by rank and worker,
-reproducible from (seed, epoch), resumable mid-epoch, joined with the teacher feature cache by key."""
+reproducible from (seed, epoch), resumable mid-epoch, joined with the teacher feature cache and the
+cluster assignments by key."""
 import io
 import json
 import os
@@ -11,9 +12,12 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from cid_ds.data.features import FeatureCache, shard_stem, write_shard
+from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.features import FeatureCache, shard_file, write_shard
 from cid_ds.data.wds_loader import build_train_loader
+from cid_ds.io import read_json, write_json
 from cid_ds.models import create_model
+from data_tools.cluster import cluster
 from data_tools.extract import extract
 
 SHARDS, PER_SHARD, BATCH = 4, 40, 8
@@ -141,6 +145,35 @@ def test_a_shard_missing_from_the_cache_is_an_error_naming_shard_and_key_or_is_s
     result = batches(shards, student, partial, missing_features="skip", workers=0)
     assert sum(b["n_skipped"] for b in result) == PER_SHARD
     assert len(result) == (SHARDS - 1) * PER_SHARD // BATCH
+
+
+def test_cluster_ids_are_joined_by_key_with_the_same_rules_as_the_features(shards, student, features_dir, tmp_path):
+    for topk in (1, 2):
+        clusters = str(tmp_path / f"top{topk}")
+        cluster(features_dir, 4, clusters, topk=topk)
+        assignments = ClusterAssignments(clusters)
+        result = batches(shards, student, features_dir, clusters_dir=clusters, workers=0)
+        assert len(result) == SHARDS * PER_SHARD // BATCH
+        for batch in result:
+            assert batch["cluster"].dtype == torch.int64
+            assert batch["cluster"].shape == ((BATCH,) if topk == 1 else (BATCH, topk))
+            for i, key in enumerate(batch["key"]):
+                shard = assignments.lookup(f"{int(key) // PER_SHARD:05d}")
+                assert batch["cluster"][i].tolist() == shard.ids[shard.row[key], :topk].squeeze().tolist()
+
+    os.remove(shard_file(clusters, "00003"))
+    with pytest.raises(ValueError, match=rf"cluster assignments {clusters}: shard 00003 \(.*00003.tar\) "
+                                         r"key 000000120: no file .*00003.npz"):
+        batches(shards, student, features_dir, clusters_dir=clusters, workers=0)
+    result = batches(shards, student, features_dir, clusters_dir=clusters, missing_features="skip", workers=0)
+    assert sum(b["n_skipped"] for b in result) == PER_SHARD
+
+    other_teacher = str(tmp_path / "other")  # a cache of the same shards from another teacher
+    manifest = read_json(os.path.join(features_dir, "manifest.json"))
+    manifest["teacher"]["weights_sha256"] = "0" * 64
+    write_json(os.path.join(other_teacher, "manifest.json"), manifest)
+    with pytest.raises(ValueError, match=r"teacher.weights_sha256 is .* but feature cache .*other/manifest.json"):
+        batches(shards, student, other_teacher, clusters_dir=clusters)
 
 
 def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, student):

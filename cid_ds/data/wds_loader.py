@@ -3,7 +3,7 @@
 Per DataLoader worker the pipeline is
 
   shards (split by rank, seeded shuffle, split by worker)
-    -> raw samples -> drop unusable (no caption; no cached features) and join the cached features by key
+    -> raw samples -> drop unusable (no caption; no cached features or cluster) and join both by key
     -> seeded shuffle buffer -> skip the samples of already-trained batches (nothing decoded yet)
     -> decode + preprocess (corrupt images dropped) -> full batches, captions tokenised per batch
 
@@ -15,7 +15,7 @@ import io
 import itertools
 import random
 import tarfile
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -79,9 +80,12 @@ def decode_image(sample: dict) -> Optional[Image.Image]:
 def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                        workers: int, features_dir: Optional[str], missing_features: str = "error",
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       shuffle_buffer: int = 1000, skip_batches: int = 0) -> Iterable[dict]:
-    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped`` and, with a
-    feature cache, ``t_img``/``t_txt``. The sequence is fixed by (seed, epoch, rank, workers).
+                       shuffle_buffer: int = 1000, skip_batches: int = 0,
+                       clusters_dir: Optional[str] = None) -> Iterable[dict]:
+    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``, with a
+    feature cache ``t_img``/``t_txt``, and with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
+    [B, topk]). The sequence is fixed by (seed, epoch, rank, workers). ``missing_features`` applies to
+    keys missing from either.
 
     ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
     every worker is still producing batches at batch N and the skipped span holds no corrupt image
@@ -92,7 +96,10 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache = FeatureCache(features_dir) if features_dir is not None else None
-    dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, missing_features,
+    clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
+    if cache is not None and clusters is not None:
+        clusters.check_matches(cache)
+    dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
                             epoch, seed, rank, world_size, shuffle_buffer, skip_batches)
     augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
@@ -102,12 +109,12 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
 
 class _EpochBatches(IterableDataset):
     def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 cache: Optional[FeatureCache], missing_features: str, epoch: int, seed: int, rank: int,
-                 world_size: int, shuffle_buffer: int, skip_batches: int):
+                 cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments], missing_features: str,
+                 epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int):
         super().__init__()
         self.shards = list(shards)
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
-        self.cache, self.missing_features = cache, missing_features
+        self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
         self.n_skipped = 0  # per worker process: samples dropped since the last batch
@@ -136,24 +143,42 @@ class _EpochBatches(IterableDataset):
     def _usable(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
             sample["caption"] = caption_of(sample)
-            if sample["caption"] is None or (self.cache is not None and not self._join_features(sample)):
+            if sample["caption"] is None or not (self._join_features(sample) and self._join_clusters(sample)):
                 self.n_skipped += 1
                 continue
             yield sample
 
     def _join_features(self, sample: dict) -> bool:
-        stem, key = shard_stem(sample["__url__"]), sample["__key__"]
-        features = self.cache.lookup(stem)
-        if features is not None and key in features.row:
-            row = features.row[key]
-            sample["t_img"], sample["t_txt"] = features.image[row], features.text[row]
+        if self.cache is None:
             return True
-        if features is not None and key in features.skipped:
-            return False  # the extractor found it unusable too
+        found = self._find_row(self.cache, ("feature cache", "the cache"), sample)
+        if found is not None:
+            features, row = found
+            sample["t_img"], sample["t_txt"] = features.image[row], features.text[row]
+        return found is not None
+
+    def _join_clusters(self, sample: dict) -> bool:
+        if self.clusters is None:
+            return True
+        found = self._find_row(self.clusters, ("cluster assignments", "the assignments"), sample)
+        if found is not None:
+            assignments, row = found
+            sample["cluster"] = assignments.ids[row]
+        return found is not None
+
+    def _find_row(self, source: Union[FeatureCache, ClusterAssignments], names: tuple[str, str],
+                  sample: dict) -> Optional[tuple[object, int]]:
+        """``(shard entry, row)`` of the sample in a FeatureCache or ClusterAssignments, None to skip it."""
+        stem, key = shard_stem(sample["__url__"]), sample["__key__"]
+        shard = source.lookup(stem)
+        if shard is not None and key in shard.row:
+            return shard, shard.row[key]
+        if shard is not None and key in shard.skipped:
+            return None  # the extractor found it unusable too
         if self.missing_features == "skip":
-            return False
-        problem = f"no file {shard_file(self.cache.dir, stem)}" if features is None else "key not in the cache"
-        raise DataError(f"feature cache {self.cache.dir}: shard {stem} ({sample['__url__']}) key {key}: "
+            return None
+        problem = f"no file {shard_file(source.dir, stem)}" if shard is None else f"key not in {names[1]}"
+        raise DataError(f"{names[0]} {source.dir}: shard {stem} ({sample['__url__']}) key {key}: "
                          f"{problem} (data.missing_features='skip' skips such samples)")
 
     def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -179,5 +204,8 @@ class _EpochBatches(IterableDataset):
         if self.cache is not None:
             out["t_img"] = torch.from_numpy(np.stack([s["t_img"] for s in batch]).astype(np.float32))
             out["t_txt"] = torch.from_numpy(np.stack([s["t_txt"] for s in batch]).astype(np.float32))
+        if self.clusters is not None:
+            ids = torch.from_numpy(np.stack([s["cluster"] for s in batch]).astype(np.int64))
+            out["cluster"] = ids[:, 0] if self.clusters.topk == 1 else ids
         self.n_skipped = 0
         return out

@@ -1,0 +1,332 @@
+"""Cluster the teacher's image embeddings with faiss k-means and assign every sample its nearest centroids.
+
+  python -m data_tools.cluster --features runs/feats --k 1000 --out runs/clusters [--niter 20] \\
+      [--max-points-per-centroid 256] [--topk 1] [--batch-size 65536] [--seed 0] [--gpu auto] \\
+      [--parts N] [--nredo 1] [--init random]
+
+Spherical k-means is fitted on k * max-points-per-centroid rows drawn uniformly over the cache (read
+shard by shard); then every row is assigned, shard by shard, to its top-k centroids by inner product.
+With ``--parts P`` the fit is hierarchical: the sample is split into P random parts, each is clustered
+into k centroids, and the union of the P*k centroids (weighted by their part's cluster sizes) is
+clustered into k: how 1M clusters of LAION-400M were made. The output format is described in
+cid_ds.data.clusters. A re-run into the same --out skips what is done (the fit, finished shards) and
+refuses other parameters or a cache from another teacher.
+
+Initialisation: ``random`` (faiss's default: k rows of the sample) is the only one that scales to 1M
+centroids, but on data with clear clusters it leaves some merged and others split; ``kmeans++`` and
+``afk-mc2`` (its MCMC approximation) spread the initial centroids, at the cost of k sequential passes
+over the sample, and ``--nredo`` keeps the best of several runs.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from typing import Optional, Union
+
+import faiss
+import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import cid_ds
+from cid_ds.data.clusters import (CENTROIDS, MANIFEST, ClusterAssignments, teacher_conflicts,
+                                  write_assignments)
+from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file
+from cid_ds.io import atomic_path, read_json, write_json
+
+# The parameters that decide the output; a re-run into the same folder must repeat them.
+PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init")
+INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+                "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
+
+
+def num_gpus(gpu: str) -> int:
+    """How many GPUs faiss uses: ``auto`` = all it sees, ``off`` = none, ``on`` = all, at least one."""
+    if gpu not in ("auto", "on", "off"):
+        raise ValueError(f"gpu must be 'auto', 'on' or 'off', got {gpu!r}")
+    seen = faiss.get_num_gpus() if gpu != "off" else 0
+    if gpu == "on" and seen == 0:
+        raise ValueError("--gpu on: faiss sees no GPU (faiss-cpu installed, or no CUDA device visible)")
+    return seen
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``x`` with L2-normalised rows (fp16 rows are only nearly unit length)."""
+    x = np.array(x, dtype=np.float32, order="C")
+    faiss.normalize_L2(x)
+    return x
+
+
+def flat_index(centroids: np.ndarray, ngpu: int) -> faiss.Index:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if ngpu:
+        index = faiss.index_cpu_to_all_gpus(index, ngpu=ngpu)
+    index.add(centroids)
+    return index
+
+
+def search(index: faiss.Index, x: np.ndarray, topk: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [N, topk], sims float32 [N, topk])`` of the rows of ``x``, ``batch_size`` rows at a time."""
+    ids, sims = np.zeros((len(x), topk), np.int32), np.zeros((len(x), topk), np.float32)
+    for start in range(0, len(x), batch_size):
+        batch = unit_rows(x[start:start + batch_size])
+        sims[start:start + len(batch)], ids[start:start + len(batch)] = index.search(batch, topk)
+    return ids, sims
+
+
+def cache_shards(cache: FeatureCache) -> dict[str, int]:
+    """``{stem: samples}`` of a complete feature cache, from its manifest."""
+    if not cache.complete:
+        raise ValueError(f"feature cache {cache.manifest_path}: complete is false "
+                         "(finish python -m data_tools.extract first)")
+    manifest = read_json(cache.manifest_path)
+    if not isinstance(manifest.get("shards"), dict):
+        raise ValueError(f"feature cache {cache.manifest_path}: field 'shards' is missing")
+    return {stem: int(entry["samples"]) for stem, entry in sorted(manifest["shards"].items())}
+
+
+def load_image_rows(cache: FeatureCache, stem: str, samples: int) -> ShardFeatures:
+    """A shard's cached features, checked against the cache manifest's sample count."""
+    features = cache.lookup(stem)
+    if features is None:
+        raise FileNotFoundError(f"feature cache {cache.dir}: shard {stem} is in {cache.manifest_path} "
+                                f"but {shard_file(cache.dir, stem)} is missing")
+    if len(features.row) != samples:
+        raise ValueError(f"{shard_file(cache.dir, stem)}: {len(features.row)} keys but {cache.manifest_path} "
+                         f"says shards.{stem}.samples = {samples}")
+    return features
+
+
+def sample_rows(cache: FeatureCache, shards: dict[str, int], n: int, seed: int) -> np.ndarray:
+    """``n`` image rows (fp16) drawn uniformly without replacement over the whole cache, reading one
+    shard at a time; the draw depends only on (seed, shard sizes)."""
+    rng = np.random.default_rng(seed)
+    stems = list(shards)
+    per_shard = rng.multivariate_hypergeometric(np.array([shards[s] for s in stems], np.int64), n)
+    out = np.empty((n, cache.embed_dim), np.float16)
+    filled = 0
+    for stem, count in tqdm(list(zip(stems, per_shard)), desc="sample", unit="shard"):
+        if count:
+            rows = np.sort(rng.choice(shards[stem], count, replace=False))
+            out[filled:filled + count] = load_image_rows(cache, stem, shards[stem]).image[rows]
+            filled += count
+    return out
+
+
+def kmeans(x: np.ndarray, k: int, niter: int, max_points_per_centroid: int, seed: int, nredo: int, init: str,
+           ngpu: int, verbose: bool, weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+    """Spherical faiss k-means of the rows of ``x``: ``(unit centroids float32 [k, D], final objective)``."""
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, max_points_per_centroid=max_points_per_centroid,
+                      seed=seed, nredo=nredo, init_method=INIT_METHODS[init], gpu=ngpu or False, verbose=verbose)
+    objective = km.train(unit_rows(x), weights=weights)
+    return unit_rows(km.centroids), float(objective)
+
+
+def hierarchical_kmeans(x: np.ndarray, parts: int, k: int, seed: int, ngpu: int, batch_size: int,
+                        **options) -> tuple[np.ndarray, float]:
+    """k-means of each of ``parts`` random parts of ``x`` into k, then of the union of their centroids
+    into k, each part centroid weighted by the number of its part's rows it holds."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    centroids, weights = [], []
+    for part in tqdm(np.array_split(order, parts), desc="fit parts", unit="part"):
+        rows = x[np.sort(part)]
+        part_centroids, _ = kmeans(rows, k, seed=seed, ngpu=ngpu, **options)
+        ids, _ = search(flat_index(part_centroids, ngpu), rows, 1, batch_size)
+        centroids.append(part_centroids)
+        weights.append(np.bincount(ids[:, 0], minlength=k).astype(np.float32))
+    return kmeans(np.concatenate(centroids), k, seed=seed, ngpu=ngpu, weights=np.concatenate(weights), **options)
+
+
+def read_centroids(centroids: Union[np.ndarray, str]) -> tuple[np.ndarray, str]:
+    """``(unit centroids float32 [k, D], where they came from)`` from an array or a .npy file."""
+    if isinstance(centroids, str):
+        return unit_rows(np.load(centroids)), f"centroids {centroids}"
+    return unit_rows(centroids), "centroids"
+
+
+def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, topk: int = 1,
+           batch_size: int = 65536, ngpu: int = 0) -> dict:
+    """Write ``out_dir/<stem>.npz`` (top-k centroid ids and similarities) for every cache shard that has no
+    file yet; returns ``assigned``/``skipped`` stems, ``samples`` and ``seconds``."""
+    cache = FeatureCache(features_dir)
+    shards = cache_shards(cache)
+    centroids, source = read_centroids(centroids)
+    if centroids.ndim != 2 or centroids.shape[1] != cache.embed_dim:
+        raise ValueError(f"{source} have shape {centroids.shape}, but feature cache {cache.manifest_path} "
+                         f"has teacher.embed_dim = {cache.embed_dim}")
+    if not 1 <= topk <= len(centroids):
+        raise ValueError(f"topk must be between 1 and k = {len(centroids)}, got {topk}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    todo = [stem for stem in shards if not os.path.isfile(shard_file(out_dir, stem))]
+    for stem in todo:  # temp files left by a crash mid-write
+        for tmp in glob.glob(glob.escape(shard_file(out_dir, stem)) + ".tmp*"):
+            os.remove(tmp)
+
+    index = flat_index(centroids, ngpu)
+    start = time.time()
+    with tqdm(total=sum(shards[s] for s in todo), desc="assign", unit="img",
+              postfix={"shards": f"0/{len(todo)}"}) as bar:
+        for done, stem in enumerate(todo, 1):
+            features = load_image_rows(cache, stem, shards[stem])
+            ids, sims = search(index, features.image, topk, batch_size)
+            write_assignments(out_dir, stem, list(features.row), ids, sims, list(features.skipped),
+                              cache.teacher["weights_sha256"])
+            bar.update(len(ids))
+            bar.set_postfix(shards=f"{done}/{len(todo)}")
+    return {"assigned": todo, "skipped": [s for s in shards if s not in todo],
+            "samples": sum(shards[s] for s in todo), "seconds": time.time() - start}
+
+
+def size_statistics(out_dir: str, stems: list[str]) -> tuple[np.ndarray, dict]:
+    """Top-1 cluster sizes over every shard file and their summary for the manifest."""
+    assignments = ClusterAssignments(out_dir)
+    sizes = np.zeros(assignments.k, np.int64)
+    sim_sum = 0.0
+    for stem in stems:
+        shard = assignments.lookup(stem)
+        sizes += np.bincount(shard.ids[:, 0], minlength=assignments.k)
+        sim_sum += float(shard.sims[:, 0].astype(np.float64).sum())
+    samples = int(sizes.sum())
+    return sizes, {"samples": samples, "min": int(sizes.min()), "median": float(np.median(sizes)),
+                   "max": int(sizes.max()), "mean": samples / len(sizes), "empty": int((sizes == 0).sum()),
+                   "mean_top1_sim": sim_sum / samples if samples else 0.0}
+
+
+def plot_sizes(sizes: np.ndarray, path: str) -> None:
+    """Histogram of the non-empty cluster sizes on log-spaced bins, log counts."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    nonempty = sizes[sizes > 0]
+    bins = np.unique(np.geomspace(1, nonempty.max() + 1, 40).round()) if nonempty.size else [0, 1]
+    ax.hist(nonempty, bins=bins)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # a bin holding one cluster stays visible
+    ax.set_xlabel("samples in the cluster (top-1)")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"k = {len(sizes)}, {int((sizes == 0).sum())} empty, median {np.median(sizes):g}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _check_existing(out_dir: str, params: dict, cache: FeatureCache) -> Optional[dict]:
+    """The manifest already in ``out_dir`` (None if there is none), after refusing any parameter or
+    teacher that differs from this run's."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    manifest = read_json(path)
+    lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
+             for name, value in params.items() if manifest.get(name) != value]
+    lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
+    if lines:
+        raise ValueError("\n".join(lines) + f"\nrefusing to mix two clusterings in one folder: use another "
+                         f"--out or delete {out_dir}")
+    return manifest
+
+
+def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, batch_size: int,
+         verbose: bool) -> tuple[np.ndarray, dict]:
+    """The centroids and the manifest's fit fields."""
+    k, parts = params["k"], params["parts"]
+    total = sum(shards.values())
+    n_fit = min(k * params["max_points_per_centroid"], total)
+    if n_fit // parts < k:
+        raise ValueError(f"feature cache {cache.manifest_path}: {total} samples, {n_fit} drawn for the fit, "
+                         f"too few for {parts} part(s) of at least k = {k} points each")
+    start = time.time()
+    x = sample_rows(cache, shards, n_fit, params["seed"])
+    sampled = time.time()
+    options = dict(niter=params["niter"], max_points_per_centroid=params["max_points_per_centroid"],
+                   nredo=params["nredo"], init=params["init"], verbose=verbose)
+    if parts > 1:
+        centroids, objective = hierarchical_kmeans(x, parts, k, params["seed"], ngpu, batch_size, **options)
+    else:
+        centroids, objective = kmeans(x, k, seed=params["seed"], ngpu=ngpu, **options)
+    return centroids, {"fit_points": n_fit, "objective": objective, "device": f"{ngpu} GPU(s)" if ngpu else "cpu",
+                       "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
+
+
+def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
+            topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
+            nredo: int = 1, init: str = "random", verbose: bool = False) -> dict:
+    """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
+    returns the complete manifest."""
+    for name, value in (("k", k), ("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
+                        ("topk", topk), ("batch_size", batch_size), ("parts", parts), ("nredo", nredo)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if topk > k:
+        raise ValueError(f"topk ({topk}) must not exceed k ({k})")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
+    ngpu = num_gpus(gpu)
+    cache = FeatureCache(features_dir)
+    shards = cache_shards(cache)
+    params = {"k": k, "dim": cache.embed_dim, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
+              "topk": topk, "seed": seed, "parts": parts, "nredo": nredo, "init": init}
+    manifest = _check_existing(out_dir, params, cache)
+    centroids_path = os.path.join(out_dir, CENTROIDS)
+
+    if manifest is not None and "fit_points" in manifest and os.path.isfile(centroids_path):
+        centroids = ClusterAssignments(out_dir).centroids()
+    else:
+        done = [s for s in shards if os.path.isfile(shard_file(out_dir, s))]
+        if done:
+            raise ValueError(f"{out_dir} holds assignments ({shard_file(out_dir, done[0])}) but no finished fit "
+                             f"({CENTROIDS} and 'fit_points' in {MANIFEST}): delete {out_dir} to start again")
+        manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(features_dir),
+                        code_version=cid_ds.__version__, complete=False)
+        write_json(os.path.join(out_dir, MANIFEST), manifest)
+        centroids, fit = _fit(cache, shards, params, ngpu, batch_size, verbose)
+        with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, centroids)
+        manifest.update(fit)
+        write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu)
+    sizes, stats = size_statistics(out_dir, list(shards))
+    write_json(os.path.join(out_dir, "cluster_sizes.json"), {"k": k, "sizes": sizes.tolist()})
+    plot_sizes(sizes, os.path.join(out_dir, "cluster_sizes.png"))
+    manifest["timing"]["assign_s"] = result["seconds"]  # of this run: a resumed run times only its shards
+    manifest.update(cluster_sizes=stats, shards=len(shards), complete=True)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.cluster", description=__doc__.split("\n")[0])
+    parser.add_argument("--features", required=True, help="teacher feature cache (python -m data_tools.extract)")
+    parser.add_argument("--k", type=int, required=True, help="number of clusters")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--niter", type=int, default=20, help="k-means iterations")
+    parser.add_argument("--max-points-per-centroid", type=int, default=256,
+                        help="the fit uses k times this many rows, drawn uniformly over the cache")
+    parser.add_argument("--topk", type=int, default=1, help="nearest centroids stored per sample")
+    parser.add_argument("--batch-size", type=int, default=65536, help="rows per faiss search in the assignment")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu", default="auto", choices=("auto", "on", "off"),
+                        help="auto: every GPU faiss sees, CPU when none")
+    parser.add_argument("--parts", type=int, default=1, help="hierarchical fit: k-means of P parts, then of their centroids")
+    parser.add_argument("--nredo", type=int, default=1, help="k-means runs per fit, the best kept")
+    parser.add_argument("--init", default="random", choices=tuple(INIT_METHODS),
+                        help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
+                           args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"cluster: {e}")
+    sizes = manifest["cluster_sizes"]
+    print(f"{args.out}: {sizes['samples']} samples in {args.k} clusters (fit on {manifest['fit_points']}); "
+          f"sizes min {sizes['min']} median {sizes['median']:g} max {sizes['max']}, {sizes['empty']} empty; "
+          f"mean top-1 similarity {sizes['mean_top1_sim']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Clustering the teacher's image embeddings: `python -m data_tools.cluster` fits spherical k-means on a
+sample of the feature cache, assigns every sample its nearest centroids per shard, and
+`ClusterAssignments` reads the result."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
+from data_tools.cluster import assign, cluster, main
+
+CLUSTERS, PER_CLUSTER, DIM, SHARDS = 20, 150, 32, 3
+TEACHER = {"weights_sha256": "a" * 64, "embed_dim": DIM}
+CORRUPT_KEY = "corrupt-0"
+# k-means++ with the best of 3: random initial centroids leave planted clusters merged and split.
+FIT = dict(max_points_per_centroid=40, topk=2, seed=0, init="kmeans++", nredo=3)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def planted_points(seed=0):
+    """Points around CLUSTERS random directions on the unit sphere (cosine to their centre ~0.998),
+    in random order, and the cluster each was drawn from."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((CLUSTERS, DIM)))
+    labels = rng.permutation(np.repeat(np.arange(CLUSTERS), PER_CLUSTER))
+    return unit(centres[labels] + 0.01 * rng.standard_normal((len(labels), DIM))), labels
+
+
+def write_cache(cache_dir, points, teacher=TEACHER):
+    """A feature cache (as data_tools.extract writes it) whose image rows are ``points``, split into
+    SHARDS shards; the first shard also lists a key the extractor skipped."""
+    keys = [f"{i:09d}" for i in range(len(points))]
+    stems = [f"{s:05d}" for s in range(SHARDS)]
+    for stem, rows in zip(stems, np.array_split(np.arange(len(points)), SHARDS)):
+        image = points[rows].astype(np.float16)
+        write_shard(cache_dir, stem, [keys[i] for i in rows], image, image,
+                    [CORRUPT_KEY] if stem == stems[0] else [], [], teacher["weights_sha256"])
+    write_complete_manifest(cache_dir, [f"/data/{stem}.tar" for stem in stems], teacher)
+    return cache_dir
+
+
+def assigned_ids(out_dir, n):
+    """The [n, topk] ids of samples 0..n-1, looked up by key as the loader does."""
+    assignments = ClusterAssignments(out_dir)
+    by_key = {}
+    for stem in (f"{s:05d}" for s in range(SHARDS)):
+        shard = assignments.lookup(stem)
+        by_key.update({key: shard.ids[row] for key, row in shard.row.items()})
+    return np.stack([by_key[f"{i:09d}"] for i in range(n)])
+
+
+def adjusted_rand_index(a, b):
+    """Hubert & Arabie's ARI of two labelings, from their contingency table."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    pairs = lambda n: n * (n - 1) / 2  # noqa: E731
+    together, rows, cols = pairs(table).sum(), pairs(table.sum(1)).sum(), pairs(table.sum(0)).sum()
+    expected = rows * cols / pairs(len(a))
+    return (together - expected) / ((rows + cols) / 2 - expected)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_points()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(planted, tmp_path_factory):
+    return write_cache(str(tmp_path_factory.mktemp("cache") / "feats"), planted[0])
+
+
+@pytest.fixture(scope="module")
+def clustered(cache_dir, tmp_path_factory):
+    """The planted cache clustered into CLUSTERS, fitted on 800 of its 3000 rows, top-2 stored."""
+    out = str(tmp_path_factory.mktemp("clusters") / "c")
+    return out, cluster(cache_dir, CLUSTERS, out, **FIT)
+
+
+def test_planted_clusters_are_recovered_and_every_output_describes_them(planted, clustered, cache_dir):
+    points, labels = planted
+    out, manifest = clustered
+    ids = assigned_ids(out, len(points))
+    assert ids.shape == (len(points), 2) and ids.dtype == np.int32
+    assert adjusted_rand_index(ids[:, 0], labels) > 0.95
+
+    centroids = np.load(os.path.join(out, "centroids.npy"))
+    assert centroids.shape == (CLUSTERS, DIM) and centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)
+    assert np.array_equal(ClusterAssignments(out).centroids(), centroids)
+    shard = ClusterAssignments(out).lookup("00000")
+    similarities = points[:1000] @ centroids.T
+    assert np.array_equal(shard.ids[:, 0], similarities.argmax(1))
+    np.testing.assert_allclose(shard.sims.astype(np.float32), np.take_along_axis(similarities, shard.ids, 1), atol=2e-3)
+    assert shard.sims.dtype == np.float16 and (shard.sims[:, 0] >= shard.sims[:, 1]).all()
+    assert shard.skipped == {CORRUPT_KEY}
+
+    sizes = np.bincount(ids[:, 0], minlength=CLUSTERS)
+    assert manifest["complete"] and manifest["k"] == CLUSTERS and manifest["dim"] == DIM and manifest["topk"] == 2
+    assert manifest["fit_points"] == CLUSTERS * 40 and manifest["objective"] > 0.9 * CLUSTERS * 40
+    assert manifest["teacher"] == TEACHER and manifest["features"] == os.path.abspath(cache_dir)
+    assert manifest["cluster_sizes"] | {"mean_top1_sim": None} == {
+        "samples": 3000, "min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
+        "mean": 150.0, "empty": 0, "mean_top1_sim": None}
+    assert 0.9 < manifest["cluster_sizes"]["mean_top1_sim"] < 1
+    assert set(manifest["timing"]) == {"sample_s", "fit_s", "assign_s"} and manifest["code_version"]
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f) == manifest
+    with open(os.path.join(out, "cluster_sizes.json")) as f:
+        assert json.load(f) == {"k": CLUSTERS, "sizes": sizes.tolist()}
+    with open(os.path.join(out, "cluster_sizes.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hierarchical_fit_recovers_the_planted_clusters(planted, cache_dir, tmp_path):
+    points, labels = planted
+    manifest = cluster(cache_dir, CLUSTERS, str(tmp_path / "c"), max_points_per_centroid=120, parts=3, seed=1,
+                       init="kmeans++", nredo=3)
+    assert manifest["parts"] == 3 and manifest["fit_points"] == 2400
+    assert adjusted_rand_index(assigned_ids(str(tmp_path / "c"), len(points))[:, 0], labels) > 0.95
+
+
+def test_assignment_in_small_batches_equals_assignment_in_one(clustered, cache_dir, tmp_path):
+    centroids = os.path.join(clustered[0], "centroids.npy")
+    one = assign(cache_dir, centroids, str(tmp_path / "one"), topk=3, batch_size=100_000)
+    many = assign(cache_dir, centroids, str(tmp_path / "many"), topk=3, batch_size=37)
+    assert one["assigned"] == many["assigned"] == ["00000", "00001", "00002"] and many["samples"] == 3000
+    for stem in many["assigned"]:
+        with np.load(shard_file(str(tmp_path / "one"), stem)) as a, np.load(shard_file(str(tmp_path / "many"), stem)) as b:
+            for field in ("keys", "ids", "sims", "skipped"):
+                np.testing.assert_array_equal(a[field], b[field])
+
+
+def test_rerun_after_a_lost_shard_redoes_only_that_shard(clustered, cache_dir, tmp_path):
+    out = str(tmp_path / "c")
+    shutil.copytree(clustered[0], out)
+    with np.load(shard_file(out, "00001")) as npz:
+        before = {field: npz[field] for field in npz.files}
+    os.remove(shard_file(out, "00001"))
+    with open(shard_file(out, "00001") + ".tmp4242", "wb") as f:  # what a crash mid-write leaves
+        f.write(b"PK\x03\x04 half a zip")
+    kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in ("00000.npz", "00002.npz", "centroids.npy")}
+
+    manifest = cluster(cache_dir, CLUSTERS, out, **FIT)
+
+    assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in kept} == kept
+    with np.load(shard_file(out, "00001")) as npz:
+        for field, array in before.items():
+            np.testing.assert_array_equal(npz[field], array)
+    assert manifest["cluster_sizes"] == clustered[1]["cluster_sizes"]
+    assert manifest["objective"] == clustered[1]["objective"] and manifest["timing"]["fit_s"] == clustered[1]["timing"]["fit_s"]
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
+
+
+def test_a_rerun_with_other_parameters_or_from_another_teacher_is_refused(planted, clustered, tmp_path):
+    out = str(tmp_path / "c")
+    shutil.copytree(clustered[0], out)
+    manifest_path = os.path.join(out, "manifest.json")
+    with pytest.raises(ValueError, match=f"{manifest_path}: niter is 20 but this run has niter = 5"):
+        cluster(clustered[1]["features"], CLUSTERS, out, **FIT, niter=5)
+
+    other = write_cache(str(tmp_path / "other"), planted[0], teacher={"weights_sha256": "b" * 64, "embed_dim": DIM})
+    with pytest.raises(ValueError, match=rf"{manifest_path}: teacher.weights_sha256 is aaaaaaaaaaaa.. but "
+                                         rf"feature cache {other}/manifest.json has bbbbbbbbbbbb.."):
+        cluster(other, CLUSTERS, out, **FIT)
+    with pytest.raises(ValueError, match=rf"cluster assignments {manifest_path}: teacher.weights_sha256 .* "
+                                         rf"feature cache {other}/manifest.json has"):
+        ClusterAssignments(out).check_matches(FeatureCache(other))
+    ClusterAssignments(out).check_matches(FeatureCache(clustered[1]["features"]))
+
+
+def test_centroids_of_another_dimension_are_refused(cache_dir, tmp_path):
+    path = str(tmp_path / "wide.npy")
+    np.save(path, np.ones((CLUSTERS, 64), np.float32))
+    with pytest.raises(ValueError, match=rf"centroids {path} have shape \(20, 64\), but feature cache "
+                                         rf"{cache_dir}/manifest.json has teacher.embed_dim = 32"):
+        assign(cache_dir, path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_input_is_named(cache_dir, tmp_path, capsys):
+    unfinished = str(tmp_path / "unfinished")
+    write_started_manifest(unfinished, TEACHER)
+    with pytest.raises(ValueError, match=f"feature cache {unfinished}/manifest.json: complete is false"):
+        cluster(unfinished, CLUSTERS, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="3000 samples, 3000 drawn for the fit, too few for 1 part.* k = 5000"):
+        cluster(cache_dir, 5000, str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=f"cluster: feature cache {tmp_path}/none: no manifest.json"):
+        main(["--features", str(tmp_path / "none"), "--k", "4", "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=f"cluster assignments {tmp_path}: no manifest.json"):
+        ClusterAssignments(str(tmp_path))
