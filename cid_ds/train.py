@@ -101,7 +101,8 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
             shards, preprocess, tokenizer, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
             features_dir=cfg.data.features, missing_features=cfg.data.missing_features,
             epoch=position.epoch, seed=cfg.seed, rank=rank, world_size=world_size,
-            shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch)
+            shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch,
+            clusters_dir=cfg.cluster.dir if cfg.loss.cluster > 0 else None)
         produced = False
         for batch in loader:
             produced = True
@@ -200,7 +201,11 @@ def run(cfg: Config) -> dict[str, Any]:
                               "(extraction still running or interrupted): re-run data_tools.extract to finish it")
         teacher_dim = cache.embed_dim
     if cfg.loss.cluster > 0:
+        from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import load_centroids
+        if not ClusterAssignments(cfg.cluster.dir).complete:
+            raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
+                              "re-run data_tools.cluster to finish them")
         cluster_dim = load_centroids(cfg.cluster.dir).shape[1]
         if teacher_dim not in (None, cluster_dim):
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the feature cache {teacher_dim}-d")

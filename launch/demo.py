@@ -1,4 +1,4 @@
-"""The demo, end to end on generated data: data -> teacher -> feature cache -> students -> table.
+"""The demo, end to end on generated data: data -> teacher -> feature cache -> clusters -> students -> table.
 
     python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0]
 
@@ -18,7 +18,9 @@ import time
 from cid_ds.io import read_json, write_json
 
 EXPERIMENTS = "ds_configs/experiments"
-ROWS = (("teacher", "demo_teacher"), ("student baseline", "demo_baseline"), ("student distilled", "demo_distill"))
+ROWS = (("teacher", "demo_teacher"), ("student baseline", "demo_baseline"), ("student distilled", "demo_distill"),
+        ("student CID", "demo_cid"))
+CLUSTERS = 64
 
 
 def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) -> dict:
@@ -41,6 +43,8 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) 
     ] + extra
     if cfg.data.features is not None:
         overrides.append(f"data.features={cfg.data.features.replace('runs/demo', out)}")
+    if cfg.cluster.dir is not None:
+        overrides.append(f"cluster.dir={cfg.cluster.dir.replace('runs/demo', out)}")
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
            "launch/train.py", "--config", os.path.join(EXPERIMENTS, f"{yaml_name}.yaml"), *overrides]
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo's data and steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from data_tools.cluster import cluster
     from data_tools.extract import extract
     from data_tools.make_demo_data import generate
 
@@ -88,9 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.time()
     from cid_ds.config import expand_shards
+    feats = os.path.join(args.out, "feats")
     extract(expand_shards(os.path.join(data, "train", "*.tar")), f"local-dir:{results['teacher']['export']}",
-            None, os.path.join(args.out, "feats"))
+            None, feats)
     timings["extract"] = time.time() - t
+    t = time.time()
+    cluster(feats, CLUSTERS, os.path.join(args.out, "clusters"), seed=args.seed)
+    timings["cluster"] = time.time() - t
 
     for label, name in ROWS[1:]:
         t = time.time()
@@ -98,9 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
         timings[name] = time.time() - t
 
     rows = {label: headline(res["eval"]) for label, res in results.items()}
-    distilled, baseline = rows["student distilled"], rows["student baseline"]
+    baseline = rows["student baseline"]
     summary = {"table": rows, "eval": {label: res["eval"] for label, res in results.items()},
-               "distilled_beats_baseline": {k: distilled[k] > baseline[k] for k in distilled},
+               "beats_baseline": {label: {k: rows[label][k] > baseline[k] for k in baseline}
+                                  for label in ("student distilled", "student CID")},
                "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t0, 1)}}
     write_json(os.path.join(args.out, "results.json"), summary)
     print("\n" + table(rows))
