@@ -1,5 +1,5 @@
 """`make demo` at a tiny scale: every stage runs for real (data, teacher through the deepspeed launcher,
-feature cache, distilled and baseline students, eval, export) and the table comes out; a second run
+feature cache, clusters, baseline, distilled and CID students, eval, export) and the table comes out; a second run
 finds everything finished and only prints the table again."""
 import json
 import subprocess
@@ -18,13 +18,13 @@ def test_demo_pipeline_end_to_end_at_tiny_scale(tmp_path):
     assert "| student distilled |" in proc.stdout
 
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["table"]) == {"teacher", "student baseline", "student distilled"}
+    assert set(summary["table"]) == {"teacher", "student baseline", "student distilled", "student CID"}
     for row in summary["table"].values():
         assert set(row) == {"shapes top-1", "colored_shapes top-1", "retrieval i2t R@1", "retrieval t2i R@1"}
         assert all(0.0 <= v <= 1.0 for v in row.values())
-    for run in ("teacher", "baseline", "distill"):
+    for run in ("teacher", "baseline", "distill", "cid"):
         assert (out / run / "export" / "open_clip_config.json").is_file()
-    assert (out / "feats" / "manifest.json").is_file()
+    assert (out / "feats" / "manifest.json").is_file() and (out / "clusters" / "centroids.npy").is_file()
 
     start = time.time()
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
