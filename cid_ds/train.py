@@ -160,16 +160,25 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
     tag = None
     if cfg.checkpoint.resume != "auto" and os.path.basename(os.path.normpath(root)).startswith("step"):
         root, tag = os.path.split(os.path.normpath(root))
-    if not os.path.isfile(os.path.join(root, "latest")) and tag is None:
-        return 0, DataPosition()
+    if tag is None:
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            if cfg.checkpoint.resume != "auto":
+                raise ConfigError(f"checkpoint.resume: no checkpoint in {root} (no 'latest' file)")
+            return 0, DataPosition()
+        with open(latest) as f:
+            tag = f.read().strip()
+    tag_dir = os.path.join(root, tag)
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
-        raise RuntimeError(f"checkpoint.resume: could not load a checkpoint from {root}")
+        raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
     if cluster_term is not None:
-        cluster_term.load(path)
-    position_file = os.path.join(path, f"data_position_rank{rank}.json")
-    position = DataPosition(**read_json(position_file)) if os.path.isfile(position_file) else DataPosition()
-    return int(client["step"]), position
+        cluster_term.load(tag_dir)
+    position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
+    if not os.path.isfile(position_file):  # saved by fewer ranks: this rank starts its data afresh
+        print(f"[cid_ds] rank {rank}: no {position_file}, starting the data at epoch 0", flush=True)
+        return int(client["step"]), DataPosition()
+    return int(client["step"]), DataPosition(**read_json(position_file))
 
 
 def memory_bytes(device: torch.device) -> int:

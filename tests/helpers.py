@@ -30,3 +30,25 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_shard_tar(path, first: int, count: int, corrupt=(), empty_caption=()) -> str:
+    """An img2dataset-style shard of small drawn JPEGs; keys are global sample numbers. Keys in
+    ``corrupt`` get a truncated JPEG, keys in ``empty_caption`` a blank caption."""
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image, ImageDraw
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(first, first + count):
+            key = f"{i:09d}"
+            image = Image.new("RGB", (48, 40), (i * 37 % 256, i * 91 % 256, i * 53 % 256))
+            ImageDraw.Draw(image).ellipse([i % 20, 4, 20 + i % 28, 36], fill=(255 - i % 256, 40, 200))
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=90)
+            jpg = buf.getvalue()
+            tar.write({"__key__": key, "jpg": jpg[:len(jpg) // 2] if key in corrupt else jpg,
+                       "txt": b"  " if key in empty_caption else f"a drawing, number {i}".encode(),
+                       "json": json.dumps({"key": key}).encode()})
+    return str(path)

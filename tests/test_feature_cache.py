@@ -9,38 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem
 from cid_ds.data.wds_loader import read_samples
 from cid_ds.models import MODEL_CONFIG_DIR, create_model, weights_fingerprint
 from data_tools.extract import extract, main
+from tests.helpers import write_shard_tar
 
 CORRUPT_KEY, EMPTY_CAPTION_KEY = "000000045", "000000050"
-
-
-def write_tar(path, first, count, corrupt=(), empty_caption=()):
-    """An img2dataset-style shard of small drawn JPEGs; keys are global sample numbers."""
-    with wds.TarWriter(str(path)) as tar:
-        for i in range(first, first + count):
-            key = f"{i:09d}"
-            image = Image.new("RGB", (48, 40), (i * 37 % 256, i * 91 % 256, i * 53 % 256))
-            ImageDraw.Draw(image).ellipse([i % 20, 4, 20 + i % 28, 36], fill=(255 - i % 256, 40, 200))
-            buf = io.BytesIO()
-            image.save(buf, "JPEG", quality=90)
-            jpg = buf.getvalue()
-            tar.write({"__key__": key, "jpg": jpg[:len(jpg) // 2] if key in corrupt else jpg,
-                       "txt": b"  " if key in empty_caption else f"a drawing, number {i}".encode(),
-                       "json": json.dumps({"key": key}).encode()})
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    return [write_tar(root / "00000.tar", 0, 40),
-            write_tar(root / "00001.tar", 40, 40, corrupt={CORRUPT_KEY}, empty_caption={EMPTY_CAPTION_KEY})]
+    return [write_shard_tar(root / "00000.tar", 0, 40),
+            write_shard_tar(root / "00001.tar", 40, 40, corrupt={CORRUPT_KEY}, empty_caption={EMPTY_CAPTION_KEY})]
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +190,7 @@ def test_a_key_twice_in_a_shard_is_an_error_naming_shard_and_key(tmp_path):
 def test_shard_names_must_be_unique(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    paths = [write_tar(a / "00000.tar", 0, 2), write_tar(b / "00000.tar", 2, 2)]
+    paths = [write_shard_tar(a / "00000.tar", 0, 2), write_shard_tar(b / "00000.tar", 2, 2)]
     with pytest.raises(ValueError, match=f"shards {paths[0]} and {paths[1]} have the same name '00000'"):
         extract(paths, "demo-teacher", None, str(tmp_path / "feats"))
 

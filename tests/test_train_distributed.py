@@ -1,10 +1,12 @@
-"""A real 2-rank DeepSpeed run on CPU (ZeRO-2, gloo) through the ``deepspeed`` launcher: the loss
-decreases, TensorBoard gets every promised scalar, checkpoints are written, and a second run with
-``resume: auto`` continues from the saved step."""
+"""A real 2-rank DeepSpeed run on CPU (ZeRO-2, gloo) through the ``deepspeed`` launcher with the CLIP-CID
+mix (clip + instance + cluster): the loss decreases, TensorBoard gets every promised scalar, checkpoints
+(engine + one classifier shard per rank) are written, and a second run with ``resume: auto`` continues
+from the saved step."""
 import glob
 import os
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cid_ds.io import read_json
@@ -13,12 +15,17 @@ from tests.helpers import deepspeed_cmd, make_data_and_features, run
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_data_and_features(str(tmp_path_factory.mktemp("distill")))
+    from data_tools.cluster import cluster
+    data = make_data_and_features(str(tmp_path_factory.mktemp("distill")))
+    data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
+    cluster(data["feats"], 9, data["clusters"])  # 9 clusters: the 2 ranks own 5 and 4 rows
+    return data
 
 
 def experiment(dataset, out: str, steps: int) -> list[str]:
-    return ["--config", "ds_configs/experiments/demo_distill.yaml", f"output_dir={out}",
+    return ["--config", "ds_configs/experiments/demo_cid.yaml", f"output_dir={out}",
             f"data.train_shards={dataset['shards']}", f"data.features={dataset['feats']}",
+            f"cluster.dir={dataset['clusters']}", "cluster.sample_rate=0.6", "loss.cluster=0.5",
             f"eval.sets=[{dataset['eval'][0]}]", "data.batch_size=24", "data.shuffle_buffer=50",
             f"optim.steps={steps}", "optim.warmup_steps=2", "optim.lr=2e-3", "logging.every=1",
             "checkpoint.every=4", "checkpoint.keep=2", "deepspeed_config=ds_configs/zero2.json"]
@@ -36,7 +43,8 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
     assert "world 2" in first.stdout
 
     series, acc = scalars(out)
-    for tag in ("loss/clip", "loss/instance", "loss/total", "train/lr", "train/logit_scale",
+    for tag in ("loss/clip", "loss/instance", "loss/cluster", "cluster/accuracy", "cluster/sampled_fraction",
+                "loss/total", "train/lr", "train/logit_scale",
                 "perf/samples_per_s", "perf/samples_per_s_rank0", "perf/samples_per_s_rank1",
                 "perf/data_wait_fraction", "perf/memory_gib", "data/skipped_samples"):
         assert tag in series, tag
@@ -51,6 +59,9 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
         # each rank holds 2 shards of 96 samples: 8 batches of 24 make its whole first epoch
         position = read_json(os.path.join(out, "checkpoints", "step00000008", f"data_position_rank{rank}.json"))
         assert position == {"epoch": 0, "batch_in_epoch": 8}
+    shards = [torch.load(os.path.join(out, "checkpoints", "step00000008", f"centroid_classifier_rank{r}.pt"))
+              for r in (0, 1)]
+    assert [s["weight"].shape[0] for s in shards] == [5, 4] and shards[0]["updates"] == 8
     assert os.path.isfile(os.path.join(out, "export", "open_clip_model.safetensors"))
     assert read_json(os.path.join(out, "results.json"))["eval"]["shapes"]["samples"] > 0
 
@@ -61,3 +72,9 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
     assert steps_logged[-3:] == [9, 10, 11]
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints", "step*"))) == \
         ["step00000008", "step00000011"]
+    # the resumed run continued each rank's data where it stopped: epoch 0 was whole, 3 batches into epoch 1
+    for rank in (0, 1):
+        position = read_json(os.path.join(out, "checkpoints", "step00000011", f"data_position_rank{rank}.json"))
+        assert position == {"epoch": 1, "batch_in_epoch": 3}
+    resumed = torch.load(os.path.join(out, "checkpoints", "step00000011", "centroid_classifier_rank1.pt"))
+    assert resumed["updates"] == 11  # the shard continued from step 8's rows and moments

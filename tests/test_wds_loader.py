@@ -1,16 +1,12 @@
 """The webdataset training loader: one epoch of batches in the batch contract, split by rank and worker,
 reproducible from (seed, epoch), resumable mid-epoch, joined with the teacher feature cache and the
 cluster assignments by key."""
-import io
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image, ImageDraw
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_shard
@@ -19,30 +15,15 @@ from cid_ds.io import read_json, write_json
 from cid_ds.models import create_model
 from data_tools.cluster import cluster
 from data_tools.extract import extract
+from tests.helpers import write_shard_tar
 
 SHARDS, PER_SHARD, BATCH = 4, 40, 8
-
-
-def write_tar(path, first, count, corrupt=(), empty_caption=()):
-    """An img2dataset-style shard of small drawn JPEGs; keys are global sample numbers."""
-    with wds.TarWriter(str(path)) as tar:
-        for i in range(first, first + count):
-            key = f"{i:09d}"
-            image = Image.new("RGB", (40, 48), (i * 37 % 256, i * 91 % 256, i * 53 % 256))
-            ImageDraw.Draw(image).rectangle([i % 16, 6, 16 + i % 24, 40], fill=(30, 255 - i % 256, 90))
-            buf = io.BytesIO()
-            image.save(buf, "JPEG", quality=90)
-            jpg = buf.getvalue()
-            tar.write({"__key__": key, "jpg": jpg[:len(jpg) // 2] if key in corrupt else jpg,
-                       "txt": b"" if key in empty_caption else f"a green bar, number {i}".encode(),
-                       "json": json.dumps({"key": key}).encode()})
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    return [write_tar(root / f"{s:05d}.tar", s * PER_SHARD, PER_SHARD) for s in range(SHARDS)]
+    return [write_shard_tar(root / f"{s:05d}.tar", s * PER_SHARD, PER_SHARD) for s in range(SHARDS)]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +158,7 @@ def test_cluster_ids_are_joined_by_key_with_the_same_rules_as_the_features(shard
 
 
 def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, student):
-    shard = write_tar(tmp_path / "00000.tar", 0, 34, corrupt={"000000003"}, empty_caption={"000000010"})
+    shard = write_shard_tar(tmp_path / "00000.tar", 0, 34, corrupt={"000000003"}, empty_caption={"000000010"})
     no_cache = batches([shard], student, None, batch_size=4, workers=0)
     assert "t_img" not in no_cache[0]
     assert sum(b["n_skipped"] for b in no_cache) == 2 and len(no_cache) == 8
