@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One machine, one process per GPU:
+#     launch/single_node.sh CONFIG [key=value ...]
+# NUM_GPUS: processes (default: every GPU CUDA_VISIBLE_DEVICES shows; 1 on CPU, where each process is
+# a CPU rank, gloo, with DS_ACCELERATOR=cpu). MASTER_PORT: rendezvous port (default 29500).
+# Relative paths in the YAML and the overrides are relative to the repository root.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+(( $# >= 1 )) || usage "launch/single_node.sh CONFIG [key=value ...]"
+config="$(absolute "$1")"
+shift
+
+if [[ -n "${NUM_GPUS:-}" ]]; then
+    processes=(--num_gpus "$NUM_GPUS")
+elif [[ "${DS_ACCELERATOR:-}" == cpu ]] || ! nvidia-smi -L >/dev/null 2>&1; then
+    processes=(--num_gpus 1)
+else
+    processes=()  # DeepSpeed's default: every visible GPU
+fi
+
+cd "$REPO_ROOT"
+command=(deepspeed "${processes[@]}" --master_port "${MASTER_PORT:-29500}" launch/train.py --config "$config" "$@")
+print_command "${command[@]}"
+exec "${command[@]}"

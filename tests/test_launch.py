@@ -1,0 +1,134 @@
+"""The cluster launch kit: launch scripts, DeepSpeed JSONs and the Dockerfile. The scripts start real
+DeepSpeed jobs on CPU (2 processes through a hostfile, 1 through the single-node script); SLURM and
+docker cannot run here, so those are checked for what they pass on."""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cid_ds.io import read_json
+from tests.helpers import REPO_ROOT, make_data_and_features
+
+LAUNCH_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
+                  "launch/docker_entrypoint.sh"]
+YAML_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "gradient_clipping", "optimizer", "scheduler")
+
+
+def launch(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    """A launch script run as a user would, with the venv's ``deepspeed`` first on PATH."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
+def test_launch_script_is_valid_bash(script):
+    subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], check=True)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json"))),
+                         ids=os.path.basename)
+def test_deepspeed_json_sets_a_zero_stage_and_nothing_the_yaml_owns(path):
+    with open(path) as f:
+        ds = json.load(f)
+    assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
+    assert not set(YAML_OWNED_KEYS) & set(ds)
+
+
+def test_offload_and_fp16_variants_exist():
+    with open(os.path.join(REPO_ROOT, "ds_configs", "zero3_offload.json")) as f:
+        zero = json.load(f)["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    with open(os.path.join(REPO_ROOT, "ds_configs", "zero2_fp16.json")) as f:
+        fp16 = json.load(f)["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0: dynamic loss scaling
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    with open(os.path.join(REPO_ROOT, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines
+            if line and not line.startswith("#")]
+
+
+def test_dockerfile_installs_like_the_makefile_runs_as_a_user_and_starts_the_entrypoint():
+    instructions = dockerfile_instructions()
+    kinds = [kind for kind, _ in instructions]
+    assert kinds[0] in ("FROM", "ARG") and "FROM" in kinds
+    runs = " ".join(args for kind, args in instructions if kind == "RUN")
+    assert "pip install --no-cache-dir -r requirements.txt" in runs  # the one list of pinned versions
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation -e ." in runs  # as the Makefile
+    assert runs.index("-r requirements.txt") < runs.index("--no-deps")
+    users = [args for kind, args in instructions if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert ("EXPOSE", "6006") in instructions
+    assert ("ENTRYPOINT", '["launch/docker_entrypoint.sh"]') in instructions
+    assert any(kind == "WORKDIR" for kind in kinds)
+    with open(os.path.join(REPO_ROOT, "Makefile")) as f:
+        makefile = f.read()
+    assert "pip install --quiet -r requirements.txt" in makefile
+    assert "pip install --quiet --no-deps --no-build-isolation -e ." in makefile
+
+
+def test_slurm_script_starts_one_no_ssh_launcher_per_node_with_the_config(tmp_path):
+    """sbatch cannot run here: stand-in ``scontrol`` and ``srun`` on PATH show what the script hands on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a17\\ngpu-b03\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/srun_args\n")
+    for tool in ("scontrol", "srun"):
+        os.chmod(bin_dir / tool, 0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="424242",
+               SLURM_JOB_NODELIST="gpu-[a17,b03]", SLURM_SUBMIT_DIR=REPO_ROOT, SLURM_GPUS_ON_NODE="4",
+               CID_SLURM_DIR=str(tmp_path / "slurm"))
+    subprocess.run(["bash", "launch/slurm.sbatch", "ds_configs/experiments/demo_cid.yaml", "optim.lr=3e-4"],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
+    srun_args = (tmp_path / "srun_args").read_text().splitlines()
+    assert srun_args[-3:] == [str(tmp_path / "slurm" / "hostfile.424242"),
+                              "ds_configs/experiments/demo_cid.yaml", "optim.lr=3e-4"]
+    assert "--ntasks-per-node=1" in srun_args
+    assert any("launch/multi_node.sh" in a and "NODE_RANK=$SLURM_NODEID" in a for a in srun_args)
+    hostfile = (tmp_path / "slurm" / "hostfile.424242").read_text()
+    assert hostfile == "gpu-a17 slots=4\ngpu-b03 slots=4\n"
+
+
+def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(tmp_path):
+    data = make_data_and_features(str(tmp_path / "data"), train_samples=96, shards=2)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one machine, two CPU ranks\nlocalhost slots=2\n")
+
+    def tiny_run(out: str) -> list[str]:
+        return [f"output_dir={out}", f"data.train_shards={data['shards']}", f"data.features={data['feats']}",
+                "data.batch_size=8", "data.shuffle_buffer=10", "optim.steps=2", "optim.warmup_steps=1",
+                "logging.every=1", "checkpoint.every=2", "eval.at_end=false"]
+
+    two = str(tmp_path / "two")
+    proc = launch(["launch/multi_node.sh", str(hostfile), "ds_configs/experiments/demo_distill.yaml",
+                   *tiny_run(two)], MASTER_PORT=free_port())
+    assert "[launch] deepspeed --hostfile" in proc.stdout and "--no_ssh_check" in proc.stdout
+    assert "world 2" in proc.stdout
+    assert read_json(os.path.join(two, "results.json"))["step"] == 2
+
+    one = str(tmp_path / "one")
+    proc = launch(["launch/single_node.sh", "ds_configs/experiments/demo_distill.yaml", *tiny_run(one)],
+                  NUM_GPUS="1", MASTER_PORT=free_port())
+    assert "[launch] deepspeed --num_gpus 1" in proc.stdout
+    assert "world 1" in proc.stdout
+    assert read_json(os.path.join(one, "results.json"))["step"] == 2
