@@ -82,6 +82,8 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 2
     resume: str = "auto"                # auto | none | path to a checkpoint dir
+    stop_check_every: int = 10          # steps between the ranks' check for SIGTERM/SIGUSR1 (one all-reduce)
+    max_nonfinite_in_a_row: int = 10    # a NaN/inf loss skips its step; this many in a row stop the job
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from cid_ds.config import Config, ConfigError, expand_shards, load_config
+from cid_ds.faults import StopSignal, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -133,6 +134,14 @@ def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int
     return losses, metrics
 
 
+def all_finite(total: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce and one device sync per step)."""
+    import torch.distributed as dist
+    finite = torch.isfinite(total.detach()).float().reshape(1)
+    dist.all_reduce(finite, dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def checkpoint_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
 
@@ -147,9 +156,11 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
     engine.save_checkpoint(root, tag=tag, client_state={"step": step})
     dist.barrier()
     if rank == 0:
+        mark_complete(os.path.join(root, tag))
         tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-cfg.checkpoint.keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
 
 
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
@@ -161,13 +172,11 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
     if cfg.checkpoint.resume != "auto" and os.path.basename(os.path.normpath(root)).startswith("step"):
         root, tag = os.path.split(os.path.normpath(root))
     if tag is None:
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
+        tag = newest_complete_tag(root)
+        if tag is None:
             if cfg.checkpoint.resume != "auto":
-                raise ConfigError(f"checkpoint.resume: no checkpoint in {root} (no 'latest' file)")
+                raise ConfigError(f"checkpoint.resume: no complete checkpoint in {root}")
             return 0, DataPosition()
-        with open(latest) as f:
-            tag = f.read().strip()
     tag_dir = os.path.join(root, tag)
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
@@ -250,9 +259,11 @@ def run(cfg: Config) -> dict[str, Any]:
     data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
                    position, rank, world_size)
     weights = {"clip": cfg.loss.clip, "instance": cfg.loss.instance, "cluster": cfg.loss.cluster}
-    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0}
+    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     last_losses: dict[str, float] = {}
     engine.train()
+    stop = StopSignal()
+    nonfinite_in_a_row = 0
     while step < cfg.optim.steps:
         t_wait = time.perf_counter()
         batch = next(data)
@@ -260,12 +271,22 @@ def run(cfg: Config) -> dict[str, Any]:
         window["skipped"] += int(batch.get("n_skipped", 0))
         image = batch["image"].to(device, dtype=dtype, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        for k in ("t_img", "t_txt"):
+        for k in ("t_img", "t_txt", "cluster"):
             if k in batch:
                 batch[k] = batch[k].to(device, non_blocking=True)
         out = engine(image, tokens)
         losses, metrics = compute_losses(cfg, out, batch, cluster_term, step)
         total = sum(weights[k] * v for k, v in losses.items())
+        if not all_finite(total):
+            nonfinite_in_a_row += 1
+            window["nonfinite"] += 1
+            if nonfinite_in_a_row >= cfg.checkpoint.max_nonfinite_in_a_row:
+                save_checkpoint(engine, cfg, step, position, rank, cluster_term)
+                raise SystemExit(f"[cid_ds] rank {rank}: {nonfinite_in_a_row} non-finite losses in a row at step "
+                                 f"{step} (last: {sorted(k for k, v in losses.items() if not torch.isfinite(v))}); "
+                                 f"stopped, weights of step {step} saved in {checkpoint_dir(cfg)}")
+            continue
+        nonfinite_in_a_row = 0
         engine.backward(total)
         engine.step()
         if cluster_term is not None:
@@ -276,8 +297,14 @@ def run(cfg: Config) -> dict[str, Any]:
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
             last_losses = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
                                      world_size)
-        if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps:
+        stopping = step % cfg.checkpoint.stop_check_every == 0 and stop.agreed(device)
+        if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps or stopping:
             save_checkpoint(engine, cfg, step, position, rank, cluster_term)
+        if stopping:
+            if rank == 0:
+                print(f"[cid_ds] stop signal ({stop.received or 'on another rank'}): checkpoint of step {step} "
+                      f"saved in {checkpoint_dir(cfg)}; resume with checkpoint.resume=auto", flush=True)
+            return {"step": step, "losses": last_losses, "stopped": True}
 
     results: dict[str, Any] = {"step": step, "losses": last_losses}
     dist.barrier()
@@ -315,6 +342,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         "perf/data_wait_fraction": window["data_wait"] / elapsed,
         "perf/memory_gib": memory_bytes(device) / 2**30,
         "data/skipped_samples": window["skipped"],
+        "train/nonfinite_steps_skipped": window["nonfinite"],
     })
     scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
     if writer is not None:
@@ -325,7 +353,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
-    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0)
+    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, nonfinite=0)
     return {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
+from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -103,7 +104,8 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                             epoch, seed, rank, world_size, shuffle_buffer, skip_batches)
     augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed))
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
+                        worker_init_fn=ignore_stop_signals)
     return raise_data_errors(loader)
 
 

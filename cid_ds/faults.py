@@ -1,0 +1,74 @@
+"""What keeps a multi-day job alive: a stop signal turned into a checkpoint at a step boundary, and
+checkpoints that are only trusted once complete.
+
+* SIGTERM / SIGUSR1 (SLURM sends USR1 ahead of preemption with ``--signal=USR1@120``) set a flag;
+  every ``stop_check_every`` steps the ranks all-reduce it, so all of them stop after the same step,
+  save one checkpoint together and exit 0. DataLoader workers ignore both signals: the launcher sends
+  SIGTERM to the whole process tree, and the main process, not its workers, decides when to stop.
+* A checkpoint is complete when ``checkpoint_complete.json`` (every file of the tag and its size,
+  written by rank 0 after all ranks saved) is present and every size still matches. ``resume: auto``
+  takes the newest complete one, whatever DeepSpeed's ``latest`` says: a save cut short by a node
+  failure or a full disk is passed over.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from cid_ds.io import read_json, write_json
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+COMPLETE = "checkpoint_complete.json"
+
+
+class StopSignal:
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank received a stop signal (a collective: call on all ranks)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave stopping to the main process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def mark_complete(tag_dir: str) -> None:
+    sizes = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
+             if name != COMPLETE and os.path.isfile(os.path.join(tag_dir, name))}
+    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes})
+
+
+def is_complete(tag_dir: str) -> bool:
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        sizes = read_json(marker)["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(os.path.isfile(os.path.join(tag_dir, name)) and os.path.getsize(os.path.join(tag_dir, name)) == size
+               for name, size in sizes.items())
+
+
+def newest_complete_tag(root: str) -> Optional[str]:
+    """The newest ``step*`` checkpoint under ``root`` that is complete, or None."""
+    if not os.path.isdir(root):
+        return None
+    tags = sorted((t for t in os.listdir(root) if t.startswith("step")), reverse=True)
+    return next((t for t in tags if is_complete(os.path.join(root, t))), None)

@@ -1,0 +1,123 @@
+"""A multi-day job survives: SIGTERM (or SLURM's USR1) turns into a checkpoint at the next step boundary
+and a clean exit, the resumed run continues the same loss curve, a half-written checkpoint is passed
+over on resume, and non-finite losses are skipped and counted (too many in a row stop the job)."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cid_ds.faults import COMPLETE, newest_complete_tag
+from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_data_and_features(str(tmp_path_factory.mktemp("faults")))
+
+
+def overrides(dataset, out, steps, **extra):
+    items = {"output_dir": out, "data.train_shards": dataset["shards"], "data.features": dataset["feats"],
+             "data.batch_size": 24, "data.shuffle_buffer": 50, "data.augment": "false", "eval.at_end": "false",
+             "optim.steps": steps, "optim.warmup_steps": 2, "logging.every": 1, "checkpoint.every": 1000,
+             "checkpoint.stop_check_every": 1, "checkpoint.keep": 2} | extra
+    return ["--config", "ds_configs/experiments/demo_distill.yaml"] + [f"{k}={v}" for k, v in items.items()]
+
+
+def losses(out):
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("loss/total")}
+
+
+def test_sigterm_checkpoints_exits_0_and_the_resumed_curve_matches_an_uninterrupted_run(dataset, tmp_path):
+    straight = str(tmp_path / "straight")
+    run(deepspeed_cmd(2) + overrides(dataset, straight, 12))
+
+    out = str(tmp_path / "interrupted")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    launcher = subprocess.Popen(deepspeed_cmd(2) + overrides(dataset, out, 12), cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if "[cid_ds] step 4/12" in line:
+            # deepspeed runner -> per-node launcher -> the two rank processes (as SLURM signals the tasks)
+            node_launcher, = psutil.Process(launcher.pid).children()
+            for rank in node_launcher.children():
+                rank.send_signal(signal.SIGTERM)
+            break
+    lines.extend(launcher.stdout)
+    assert launcher.wait(timeout=300) == 0, "".join(lines[-40:])
+    stopped = [l for l in lines if "stop signal (SIGTERM)" in l]
+    assert stopped, "".join(lines[-40:])
+    stop_step = int(stopped[0].split("checkpoint of step ")[1].split()[0])
+    assert 4 <= stop_step < 12
+    assert newest_complete_tag(os.path.join(out, "checkpoints")) == f"step{stop_step:08d}"
+
+    resumed = run(deepspeed_cmd(2) + overrides(dataset, out, 12))
+    assert f"start step {stop_step}/12" in resumed.stdout
+    expected, got = losses(straight), losses(out)
+    assert sorted(got) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
+
+    # a truncated newest checkpoint is passed over: resume takes the previous complete one
+    newest = os.path.join(out, "checkpoints", "step00000012")
+    model_file = glob.glob(os.path.join(newest, "*model_states.pt"))[0]
+    with open(model_file, "r+b") as f:
+        f.truncate(100)
+    assert newest_complete_tag(os.path.join(out, "checkpoints")) == f"step{stop_step:08d}"
+    again = run(deepspeed_cmd(2) + overrides(dataset, out, 13))
+    assert f"start step {stop_step}/13" in again.stdout
+
+
+def test_a_checkpoint_without_its_completion_marker_is_not_trusted(tmp_path):
+    for step in (5, 10):
+        tag = tmp_path / f"step{step:08d}"
+        tag.mkdir()
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    from cid_ds.faults import mark_complete
+    mark_complete(str(tmp_path / "step00000005"))
+    assert newest_complete_tag(str(tmp_path)) == "step00000005"  # step 10 was never marked complete
+    (tmp_path / "step00000010" / COMPLETE).write_text("{not json")
+    assert newest_complete_tag(str(tmp_path)) == "step00000005"
+
+
+def poison_cache(feats, shards):
+    """Overwrite the teacher image rows of the given cache shards with NaN (a broken extraction)."""
+    for stem in shards:
+        path = os.path.join(feats, f"{stem}.npz")
+        data = dict(np.load(path))
+        data["image"] = np.full_like(data["image"], np.nan)
+        np.savez(path, **data)
+
+
+def train_one_process(args, timeout=300):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, "-m", "cid_ds.train"] + args, cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_nonfinite_losses_are_skipped_and_counted_and_too_many_in_a_row_stop_the_job(tmp_path):
+    data = make_data_and_features(str(tmp_path / "data"))
+    poison_cache(data["feats"], ["00001"])
+    out = str(tmp_path / "partly")
+    proc = train_one_process(overrides(data, out, 20, **{"data.shuffle_buffer": 1}))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    assert sum(e.value for e in acc.Scalars("train/nonfinite_steps_skipped")) > 0
+    assert all(np.isfinite(e.value) for e in acc.Scalars("loss/total"))
+
+    poison_cache(data["feats"], ["00000", "00002", "00003"])
+    out = str(tmp_path / "all")
+    proc = train_one_process(overrides(data, out, 20, **{"checkpoint.max_nonfinite_in_a_row": 3}))
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row at step 0 (last: ['instance'])" in proc.stderr
+    assert newest_complete_tag(os.path.join(out, "checkpoints")) == "step00000000"
