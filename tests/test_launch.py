@@ -19,13 +19,24 @@ YAML_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradie
                    "gradient_clipping", "optimizer", "scheduler")
 
 
-def launch(cmd: list[str], **env) -> subprocess.CompletedProcess:
-    """A launch script run as a user would, with the venv's ``deepspeed`` first on PATH."""
+def start(cmd: list[str], **env) -> subprocess.Popen:
+    """A launch script started as a user would, with the venv's ``deepspeed`` first on PATH."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    try:
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()  # a no-op once it has exited; stops a rank left waiting for a failed peer
+    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def launch(cmd: list[str], **env) -> str:
+    return finish(start(cmd, **env))
 
 
 def free_port() -> str:
@@ -109,26 +120,58 @@ def test_slurm_script_starts_one_no_ssh_launcher_per_node_with_the_config(tmp_pa
     assert hostfile == "gpu-a17 slots=4\ngpu-b03 slots=4\n"
 
 
-def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(tmp_path):
-    data = make_data_and_features(str(tmp_path / "data"), train_samples=96, shards=2)
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_data_and_features(str(tmp_path_factory.mktemp("launch")), train_samples=96, shards=2)
+
+
+def tiny_run(dataset, out: str) -> list[str]:
+    return ["ds_configs/experiments/demo_distill.yaml", f"output_dir={out}", f"data.train_shards={dataset['shards']}",
+            f"data.features={dataset['feats']}", "data.batch_size=8", "data.shuffle_buffer=10", "optim.steps=2",
+            "optim.warmup_steps=1", "logging.every=1", "checkpoint.every=2", "eval.at_end=false"]
+
+
+def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one machine, two CPU ranks\nlocalhost slots=2\n")
-
-    def tiny_run(out: str) -> list[str]:
-        return [f"output_dir={out}", f"data.train_shards={data['shards']}", f"data.features={data['feats']}",
-                "data.batch_size=8", "data.shuffle_buffer=10", "optim.steps=2", "optim.warmup_steps=1",
-                "logging.every=1", "checkpoint.every=2", "eval.at_end=false"]
-
     two = str(tmp_path / "two")
-    proc = launch(["launch/multi_node.sh", str(hostfile), "ds_configs/experiments/demo_distill.yaml",
-                   *tiny_run(two)], MASTER_PORT=free_port())
-    assert "[launch] deepspeed --hostfile" in proc.stdout and "--no_ssh_check" in proc.stdout
-    assert "world 2" in proc.stdout
+    output = launch(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, two)], MASTER_PORT=free_port())
+    assert "[launch] deepspeed --hostfile" in output and "--no_ssh_check" in output
+    assert "world 2" in output
     assert read_json(os.path.join(two, "results.json"))["step"] == 2
 
     one = str(tmp_path / "one")
-    proc = launch(["launch/single_node.sh", "ds_configs/experiments/demo_distill.yaml", *tiny_run(one)],
-                  NUM_GPUS="1", MASTER_PORT=free_port())
-    assert "[launch] deepspeed --num_gpus 1" in proc.stdout
-    assert "world 1" in proc.stdout
+    output = launch(["launch/single_node.sh", *tiny_run(dataset, one)], NUM_GPUS="1", MASTER_PORT=free_port())
+    assert "[launch] deepspeed --num_gpus 1" in output
+    assert "world 1" in output
     assert read_json(os.path.join(one, "results.json"))["step"] == 2
+
+
+def test_no_ssh_launch_one_call_per_node_forms_one_job(dataset, tmp_path):
+    """What slurm.sbatch's srun does, with two "nodes" on this machine: the same command on each,
+    NODE_RANK telling it which hostfile line it is."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    out = str(tmp_path / "run")
+    port = free_port()
+    nodes = [start(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, out)], NODE_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]
+    outputs = [finish(node) for node in nodes]
+    assert all("--no_ssh --node_rank" in output for output in outputs)
+    assert "world 2" in outputs[0]
+    assert read_json(os.path.join(out, "results.json"))["step"] == 2
+
+
+def test_ssh_launch_hands_the_network_settings_to_the_remote_machines(tmp_path):
+    """Two hosts mean pdsh over ssh, which this machine cannot do; the .deepspeed_env the script
+    writes for the remote shells is printed before DeepSpeed's ssh check fails."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    proc = start(["launch/multi_node.sh", str(hostfile), "ds_configs/experiments/demo_distill.yaml"],
+                 NCCL_SOCKET_IFNAME="ib0", NCCL_DEBUG="INFO", HOME=str(tmp_path))
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "not reachable via ssh" in output
+    env_file = output.split("[launch] .deepspeed_env for the remote machines (")[1].split("):")[0]
+    for line in ("NCCL_SOCKET_IFNAME=ib0", "NCCL_DEBUG=INFO", "DS_ACCELERATOR=cpu"):
+        assert f"\n    {line}\n" in output, line
+    assert not os.path.exists(env_file)  # a per-launch file, removed on exit
