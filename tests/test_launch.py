@@ -4,6 +4,7 @@ docker cannot run here, so those are checked for what they pass on."""
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,14 +24,18 @@ def start(cmd: list[str], **env) -> subprocess.Popen:
     """A launch script started as a user would, with the venv's ``deepspeed`` first on PATH."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def finish(proc: subprocess.Popen) -> str:
     try:
         output = proc.communicate(timeout=300)[0]
     finally:
-        proc.kill()  # a no-op once it has exited; stops a rank left waiting for a failed peer
+        try:  # the launcher's process group: ranks left waiting for a failed peer
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{output[-6000:]}"
     return output
 
