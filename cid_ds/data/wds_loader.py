@@ -58,10 +58,16 @@ def raise_data_errors(loader: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
+# Tokenizers keep only the first context_length (77 for CLIP) tokens; BPE over a runaway caption (a
+# scraped 10 MB page) would stall a worker for minutes, so only its head is kept.
+MAX_CAPTION_BYTES = 4096
+
+
 def caption_of(sample: dict) -> Optional[str]:
-    """The sample's caption, or None when it has no ``.txt`` or only whitespace."""
+    """The sample's caption (non-UTF-8 bytes replaced, at most ``MAX_CAPTION_BYTES`` read), or None
+    when it has no ``.txt`` or only whitespace."""
     raw = sample.get("txt")
-    text = raw.decode("utf-8", errors="replace").strip() if raw is not None else ""
+    text = raw[:MAX_CAPTION_BYTES].decode("utf-8", errors="replace").strip() if raw is not None else ""
     return text or None
 
 

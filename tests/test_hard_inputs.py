@@ -1,0 +1,86 @@
+"""Hard inputs a scraped dataset really contains: each is a clear error naming the shard, or a counted
+skip that lets training go on."""
+import io
+import os
+import time
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from cid_ds.data.features import DataError
+from cid_ds.data.wds_loader import build_train_loader
+from cid_ds.models import create_model
+from tests.helpers import write_shard_tar
+
+
+@pytest.fixture(scope="module")
+def student():
+    _, _, preprocess, tokenizer = create_model("demo-student")
+    return preprocess, tokenizer
+
+
+def jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (i * 40 % 256, 90, 160)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_samples(path, samples):
+    with wds.TarWriter(str(path)) as tar:
+        for i, (key, image, caption) in enumerate(samples):
+            tar.write({"__key__": key, "jpg": image, "txt": caption})
+    return str(path)
+
+
+def epoch(shards, student, batch_size=4):
+    preprocess, tokenizer = student
+    return list(build_train_loader(shards, preprocess, tokenizer, batch_size=batch_size, workers=0,
+                                   features_dir=None))
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, student):
+    shard = write_samples(tmp_path / "00000.tar", [
+        ("a", jpeg(0), b"a red circle"),
+        ("b", b"<html>not an image</html>", b"a blue square"),   # not an image
+        ("c", jpeg(2), b"   "),                                 # empty caption
+        ("d", jpeg(3), "une \xe9toile".encode("latin-1")),       # not UTF-8: kept, bytes replaced
+        ("e", jpeg(4), b"a green star"),
+        ("f", jpeg(5), b"a yellow ring"),
+    ])
+    batches = epoch([shard], student)
+    assert len(batches) == 1 and sorted(batches[0]["key"]) == ["a", "d", "e", "f"]
+    assert batches[0]["n_skipped"] == 2
+
+
+def test_a_10_mb_caption_is_cut_to_what_the_tokenizer_keeps(tmp_path, student):
+    huge = ("word " * 2_100_000).encode()[:10 * 2**20]
+    shard = write_samples(tmp_path / "00000.tar", [(k, jpeg(i), huge) for i, k in enumerate("abcd")])
+    start = time.time()
+    batches = epoch([shard], student)
+    assert time.time() - start < 20
+    assert batches[0]["tokens"].shape == (4, 24) and (batches[0]["tokens"] != 0).all()
+
+
+@pytest.mark.parametrize("damage", ["empty file", "not a tar", "truncated"])
+def test_a_broken_shard_is_an_error_naming_it(tmp_path, student, damage):
+    good = write_shard_tar(tmp_path / "00000.tar", 0, 8)
+    bad = tmp_path / "00001.tar"
+    if damage == "empty file":
+        bad.write_bytes(b"")
+    elif damage == "not a tar":
+        bad.write_bytes(b"PK\x03\x04 this is a zip file" * 100)
+    else:
+        write_shard_tar(bad, 8, 8)
+        bad.write_bytes(bad.read_bytes()[:3000])
+    with pytest.raises(DataError, match=f"shard {bad}"):
+        epoch([good, str(bad)], student)
+
+
+def test_a_valid_tar_with_no_samples_contributes_nothing(tmp_path, student):
+    empty = tmp_path / "00000.tar"
+    with wds.TarWriter(str(empty)):
+        pass
+    assert os.path.getsize(empty) > 0
+    batches = epoch([str(empty), write_shard_tar(tmp_path / "00001.tar", 0, 8)], student, batch_size=8)
+    assert len(batches) == 1 and sorted(batches[0]["key"]) == [f"{i:09d}" for i in range(8)]
