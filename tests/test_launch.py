@@ -133,7 +133,7 @@ def dataset(tmp_path_factory):
 def tiny_run(dataset, out: str) -> list[str]:
     return ["ds_configs/experiments/demo_distill.yaml", f"output_dir={out}", f"data.train_shards={dataset['shards']}",
             f"data.features={dataset['feats']}", "data.batch_size=8", "data.shuffle_buffer=10", "optim.steps=2",
-            "optim.warmup_steps=1", "logging.every=1", "checkpoint.every=2", "eval.at_end=false"]
+            "optim.warmup_steps=1", "logging.every=1", "checkpoint.every=2", "eval.at_end=false", "eval.sets=[]"]
 
 
 def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tmp_path):
