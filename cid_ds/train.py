@@ -220,11 +220,11 @@ def run(cfg: Config) -> dict[str, Any]:
         teacher_dim = cache.embed_dim
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
-        from cid_ds.losses.cluster import load_centroids
+        from cid_ds.losses.cluster import centroid_dim
         if not ClusterAssignments(cfg.cluster.dir).complete:
             raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
                               "re-run data_tools.cluster to finish them")
-        cluster_dim = load_centroids(cfg.cluster.dir).shape[1]
+        cluster_dim = centroid_dim(cfg.cluster.dir)
         if teacher_dim not in (None, cluster_dim):
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the feature cache {teacher_dim}-d")
         teacher_dim = cluster_dim

@@ -17,12 +17,21 @@ from cid_ds.config import ClusterConfig
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
 
 
-def load_centroids(cluster_dir: str) -> torch.Tensor:
+def _read_centroids(cluster_dir: str) -> np.ndarray:
+    """The [k, dim] centroid matrix, memory-mapped: reading its shape costs no I/O."""
     path = os.path.join(cluster_dir, "centroids.npy")
-    centroids = np.load(path)
+    centroids = np.load(path, mmap_mode="r")
     if centroids.ndim != 2:
         raise ValueError(f"{path}: centroids must be a [k, dim] matrix, got shape {centroids.shape}")
-    return torch.from_numpy(centroids.astype(np.float32))
+    return centroids
+
+
+def centroid_dim(cluster_dir: str) -> int:
+    return int(_read_centroids(cluster_dir).shape[1])
+
+
+def load_centroids(cluster_dir: str) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(_read_centroids(cluster_dir), dtype=np.float32))
 
 
 class ClusterDiscrimination:
