@@ -45,6 +45,25 @@ class LossConfig:
     clip: float = 1.0       # student image-text contrastive
     instance: float = 0.0   # student image vs teacher text, student text vs teacher image
     cluster: float = 0.0    # student image classified into its teacher k-means cluster
+    # The CLIP-KD family (Yang et al., CVPR 2024; cid_ds.losses.kd). Its published mix: clip 1, crd 1, fd 2000, icl 1.
+    fd: float = 0.0         # feature distillation: MSE of normalised student (projected) and teacher embeddings
+    crd: float = 0.0        # KL between teacher and student image<->text similarity distributions
+    icl: float = 0.0        # interactive contrastive: the instance term with its own learnable scale
+    mfd: float = 0.0        # masked feature distillation: FD of the student's view with kd.mask_ratio of patches dropped
+    gd: float = 0.0         # gradient distillation: MSE of the contrastive loss's gradients w.r.t. the embeddings
+    afd: float = 0.0        # augmented feature distillation: contrastive loss on fused student+teacher features
+
+
+# Terms that compare the student with the teacher: they need teacher embeddings in the batch.
+TEACHER_TERMS = ("instance", "fd", "crd", "icl", "mfd", "gd", "afd")
+
+
+@dataclass
+class KDConfig:
+    teacher: str = "cached"                     # cached (data.features) | online (model.teacher every step)
+    teacher_logit_scale: Optional[float] = None  # crd/gd teacher logits; None: the teacher's own
+    crd_temperature: float = 1.0
+    mask_ratio: float = 0.5                     # mfd: fraction of image patches the student does not see
 
 
 @dataclass
@@ -103,6 +122,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -115,6 +135,7 @@ class Config:
 CHOICES = {
     "data.missing_features": ("error", "skip"),
     "cluster.margin": ("arcface", "cosface", "none"),
+    "kd.teacher": ("cached", "online"),
 }
 
 
@@ -225,13 +246,27 @@ def _check_paths(cfg: Config, source: str) -> None:
         must_exist(f"eval.sets[{i}]", path, "dir")
     if not cfg.model.student:
         raise ConfigError(f"{source}: key 'model.student' is required")
-    if cfg.loss.instance > 0 and cfg.data.features is None:
-        raise ConfigError(f"{source}: key 'loss.instance' > 0 needs 'data.features' (a teacher feature cache)")
+    teacher_terms = [name for name in TEACHER_TERMS if getattr(cfg.loss, name) > 0]
+    if teacher_terms and cfg.kd.teacher == "cached" and cfg.data.features is None:
+        raise ConfigError(f"{source}: key 'loss.{teacher_terms[0]}' > 0 needs 'data.features' (a teacher feature "
+                          "cache) or kd.teacher: online with model.teacher")
+    if cfg.kd.teacher == "online":
+        if not cfg.model.teacher:
+            raise ConfigError(f"{source}: key 'kd.teacher' is online but 'model.teacher' is not set")
+        if cfg.data.features is not None:
+            raise ConfigError(f"{source}: key 'kd.teacher' is online: drop 'data.features' (the cache would be unused)")
+    if cfg.loss.instance > 0 and cfg.loss.icl > 0:
+        raise ConfigError(f"{source}: keys 'loss.instance' and 'loss.icl' are the same term (icl has its own "
+                          "learnable scale): set one of them")
+    if not 0 < cfg.kd.mask_ratio < 1:
+        raise ConfigError(f"{source}: key 'kd.mask_ratio' must be in (0, 1), got {cfg.kd.mask_ratio}")
+    if cfg.kd.crd_temperature <= 0:
+        raise ConfigError(f"{source}: key 'kd.crd_temperature' must be > 0, got {cfg.kd.crd_temperature}")
     if cfg.loss.cluster > 0:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
         must_exist("cluster.dir", os.path.join(cfg.cluster.dir, "centroids.npy"))
-        if cfg.cluster.soft and cfg.data.features is None:
+        if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached":
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
     if not 0 < cfg.cluster.sample_rate <= 1:
         raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")

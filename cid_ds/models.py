@@ -9,11 +9,13 @@ Nothing is downloaded: a pretrained tag whose weights are not in the local open_
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Callable, Optional
 
 import open_clip
 import torch
+from open_clip.transformer import PatchDropout
 from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,31 +77,85 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-class DistillStudent(nn.Module):
-    """The open_clip student plus linear heads into the teacher's embedding space.
+# CLIP's initial temperature 0.07, for the extra learnable scales of the ICL and AFD terms.
+INITIAL_LOG_SCALE = math.log(1 / 0.07)
 
-    The heads exist only when the dimensions differ; they are trained with the student (one DeepSpeed
-    engine) and dropped at export, so the exported folder is a plain open_clip model.
+
+def _scale(log_scale: nn.Parameter) -> torch.Tensor:
+    return log_scale.exp().clamp(max=100).squeeze()  # open_clip clamps at 100
+
+
+class DistillStudent(nn.Module):
+    """The open_clip student plus what the distillation terms train beside it.
+
+    * ``proj_image``/``proj_text``: linear heads into the teacher's embedding space, when the dimensions
+      differ (CLIP-KD's projections);
+    * ``cross_logit_scale`` (``cross_scale=True``): ICL's own temperature for student-vs-teacher logits;
+    * ``fuse_image``/``fuse_text`` + ``fusion_logit_scale`` (``fusion=True``): AFD's fusion of student and
+      teacher embeddings; the forward pass then takes the teacher embeddings;
+    * ``mask_ratio > 0``: a second image pass with that fraction of the patch tokens dropped (MFD), through
+      open_clip's PatchDropout (ViT students only), which keeps the class token.
+
+    Everything is trained with the student (one DeepSpeed engine, so ZeRO-3 partitions it too) and dropped
+    at export: the exported folder is a plain open_clip model.
     """
 
-    def __init__(self, clip: nn.Module, teacher_dim: Optional[int] = None):
+    def __init__(self, clip: nn.Module, teacher_dim: Optional[int] = None, cross_scale: bool = False,
+                 fusion: bool = False, mask_ratio: float = 0.0):
         super().__init__()
         # DeepSpeed's initial parameter broadcast views every parameter as bytes, which a 0-dim tensor
         # cannot do; open_clip's logit_scale is 0-dim, so it trains as shape [1] (export squeezes it back).
         clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.clip = clip
         dim = embed_dim(clip)
-        needs_head = teacher_dim is not None and teacher_dim != dim
-        self.proj_image = nn.Linear(dim, teacher_dim, bias=False) if needs_head else nn.Identity()
-        self.proj_text = nn.Linear(dim, teacher_dim, bias=False) if needs_head else nn.Identity()
+        target_dim = teacher_dim or dim
+        needs_head = target_dim != dim
+        self.proj_image = nn.Linear(dim, target_dim, bias=False) if needs_head else nn.Identity()
+        self.proj_text = nn.Linear(dim, target_dim, bias=False) if needs_head else nn.Identity()
+        self.cross_scale, self.fusion, self.mask_ratio = cross_scale, fusion, mask_ratio
+        if cross_scale:
+            self.cross_logit_scale = nn.Parameter(torch.full([1], INITIAL_LOG_SCALE))
+        if fusion:
+            self.fuse_image = nn.Linear(2 * target_dim, target_dim)
+            self.fuse_text = nn.Linear(2 * target_dim, target_dim)
+            self.fusion_logit_scale = nn.Parameter(torch.full([1], INITIAL_LOG_SCALE))
+        if mask_ratio > 0 and not hasattr(clip.visual, "patch_dropout"):
+            raise ValueError(f"masked feature distillation drops patch tokens: it needs a ViT student, "
+                             f"not {type(clip.visual).__name__}")
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_masked_image(self, image: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        unmasked = visual.patch_dropout
+        visual.patch_dropout = PatchDropout(self.mask_ratio).train(self.training)
+        try:
+            return self.clip.encode_image(image)
+        finally:
+            visual.patch_dropout = unmasked
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, teacher_image: Optional[torch.Tensor] = None,
+                teacher_text: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        normalize = nn.functional.normalize
         image_features = self.clip.encode_image(image)
         text_features = self.clip.encode_text(tokens)
-        return {
-            "image": nn.functional.normalize(image_features, dim=-1),
-            "text": nn.functional.normalize(text_features, dim=-1),
-            "image_in_teacher": nn.functional.normalize(self.proj_image(image_features), dim=-1),
-            "text_in_teacher": nn.functional.normalize(self.proj_text(text_features), dim=-1),
-            "logit_scale": self.clip.logit_scale.exp().clamp(max=100).squeeze(),  # open_clip clamps at 100
+        out = {
+            "image": normalize(image_features, dim=-1),
+            "text": normalize(text_features, dim=-1),
+            "image_in_teacher": normalize(self.proj_image(image_features), dim=-1),
+            "text_in_teacher": normalize(self.proj_text(text_features), dim=-1),
+            "logit_scale": _scale(self.clip.logit_scale),
         }
+        if self.cross_scale:
+            out["cross_logit_scale"] = _scale(self.cross_logit_scale)
+        if self.fusion:
+            if teacher_image is None or teacher_text is None:
+                raise ValueError("a DistillStudent with fusion=True needs teacher_image and teacher_text")
+            fused = {"image": (self.fuse_image, out["image_in_teacher"], teacher_image),
+                     "text": (self.fuse_text, out["text_in_teacher"], teacher_text)}
+            for name, (fuse, student, teacher) in fused.items():
+                both = torch.cat([student, teacher.detach().to(student.dtype)], dim=-1)
+                out[f"fused_{name}"] = normalize(fuse(both), dim=-1)
+            out["fusion_logit_scale"] = _scale(self.fusion_logit_scale)
+        if self.mask_ratio > 0:
+            masked = self.encode_masked_image(image)
+            out["masked_image_in_teacher"] = normalize(self.proj_image(masked), dim=-1)
+        return out

@@ -7,6 +7,7 @@ options, e.g. ``optim.lr=1e-3 data.batch_size=64``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import psutil
 import torch
 import yaml
 
-from cid_ds.config import Config, ConfigError, expand_shards, load_config
+from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
 from cid_ds.faults import StopSignal, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 
@@ -94,7 +95,7 @@ class DataPosition:
 
 
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
-            rank: int, world_size: int) -> Iterator[dict]:
+            rank: int, world_size: int, teacher_tokenizer=None) -> Iterator[dict]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes."""
     from cid_ds.data.wds_loader import build_train_loader
     while True:
@@ -103,7 +104,7 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
             features_dir=cfg.data.features, missing_features=cfg.data.missing_features,
             epoch=position.epoch, seed=cfg.seed, rank=rank, world_size=world_size,
             shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch,
-            clusters_dir=cfg.cluster.dir if cfg.loss.cluster > 0 else None)
+            clusters_dir=cfg.cluster.dir if cfg.loss.cluster > 0 else None, teacher_tokenizer=teacher_tokenizer)
         produced = False
         for batch in loader:
             produced = True
@@ -115,18 +116,42 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
 
-def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int
+def loss_weights(cfg: Config) -> dict[str, float]:
+    """The terms to compute: every ``loss.*`` weight > 0."""
+    return {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
+
+
+def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int, teacher_scale: Optional[float] = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction)."""
+    """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction).
+    ``teacher_scale`` is the teacher's logit scale (crd, gd)."""
     from cid_ds.losses.clip import clip_loss
     from cid_ds.losses.instance import instance_loss
-    scale = out["logit_scale"].float()
+    from cid_ds.losses.kd import feature_distillation, gradient_distillation, relational_distillation
+    weights = loss_weights(cfg)
+    f = {k: v.float() for k, v in out.items()}
+    scale = f["logit_scale"]
     losses, metrics = {}, {}
-    if cfg.loss.clip > 0:
-        losses["clip"] = clip_loss(out["image"].float(), out["text"].float(), scale)
-    if cfg.loss.instance > 0:
-        losses["instance"] = instance_loss(out["image_in_teacher"].float(), out["text_in_teacher"].float(),
-                                           batch["t_img"].float(), batch["t_txt"].float(), scale)
+    if "clip" in weights:
+        losses["clip"] = clip_loss(f["image"], f["text"], scale)
+    if any(name in weights for name in TEACHER_TERMS):
+        t_img, t_txt = batch["t_img"].float(), batch["t_txt"].float()
+        s_img, s_txt = f["image_in_teacher"], f["text_in_teacher"]
+    if "instance" in weights:
+        losses["instance"] = instance_loss(s_img, s_txt, t_img, t_txt, scale)
+    if "icl" in weights:
+        losses["icl"] = instance_loss(s_img, s_txt, t_img, t_txt, f["cross_logit_scale"])
+    if "fd" in weights:
+        losses["fd"] = feature_distillation(s_img, t_img) + feature_distillation(s_txt, t_txt)
+    if "mfd" in weights:
+        losses["mfd"] = feature_distillation(f["masked_image_in_teacher"], t_img)
+    if "crd" in weights:
+        losses["crd"] = relational_distillation(f["image"], f["text"], scale, t_img, t_txt, teacher_scale,
+                                                cfg.kd.crd_temperature)
+    if "gd" in weights:
+        losses["gd"] = gradient_distillation(s_img, s_txt, scale, t_img, t_txt, teacher_scale)
+    if "afd" in weights:
+        losses["afd"] = clip_loss(f["fused_image"], f["fused_text"], f["fusion_logit_scale"])
     if cluster_term is not None:
         result = cluster_term(out["image_in_teacher"].float(), batch, step)
         losses["cluster"] = result["loss"]
@@ -211,13 +236,22 @@ def run(cfg: Config) -> dict[str, Any]:
 
     clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
         cfg.model.student, cfg.model.student_pretrained)
-    teacher_dim = None
+    teacher_dim = teacher_scale = None
     if cfg.data.features is not None:
         cache = FeatureCache(cfg.data.features)
         if not cache.complete:
             raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
                               "(extraction still running or interrupted): re-run data_tools.extract to finish it")
-        teacher_dim = cache.embed_dim
+        teacher_dim, teacher_scale = cache.embed_dim, cache.teacher.get("logit_scale")
+    online_teacher = None
+    if cfg.kd.teacher == "online":
+        from cid_ds.teacher import OnlineTeacher
+        online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model)
+        teacher_dim, teacher_scale = online_teacher.embed_dim, online_teacher.logit_scale
+    teacher_scale = cfg.kd.teacher_logit_scale or teacher_scale
+    if teacher_scale is None and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
+        raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: the feature cache "
+                          f"{cfg.data.features} predates it, set kd.teacher_logit_scale")
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import centroid_dim
@@ -228,7 +262,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if teacher_dim not in (None, cluster_dim):
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the feature cache {teacher_dim}-d")
         teacher_dim = cluster_dim
-    student = DistillStudent(clip_model, teacher_dim)
+    student = DistillStudent(clip_model, teacher_dim, cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
+                             mask_ratio=cfg.kd.mask_ratio if cfg.loss.mfd > 0 else 0.0)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     lr_factor = cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps)
@@ -237,6 +272,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                            config=deepspeed_config(cfg, on_gpu))
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    if online_teacher is not None:
+        online_teacher.to(device, dtype)
 
     cluster_term = None
     if cfg.loss.cluster > 0:
@@ -257,9 +294,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
     shards = expand_shards(cfg.data.train_shards)
     data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
-                   position, rank, world_size)
-    weights = {"clip": cfg.loss.clip, "instance": cfg.loss.instance, "cluster": cfg.loss.cluster}
+                   position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None)
+    weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
+    train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
     engine.train()
     stop = StopSignal()
@@ -274,8 +312,11 @@ def run(cfg: Config) -> dict[str, Any]:
         for k in ("t_img", "t_txt", "cluster"):
             if k in batch:
                 batch[k] = batch[k].to(device, non_blocking=True)
-        out = engine(image, tokens)
-        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step)
+        if online_teacher is not None:
+            batch["t_img"], batch["t_txt"] = online_teacher(image, batch["teacher_tokens"].to(device, non_blocking=True))
+        fusion_inputs = (batch["t_img"].to(dtype), batch["t_txt"].to(dtype)) if cfg.loss.afd > 0 else ()
+        out = engine(image, tokens, *fusion_inputs)
+        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, teacher_scale)
         total = sum(weights[k] * v for k, v in losses.items())
         if not all_finite(total):
             nonfinite_in_a_row += 1
@@ -306,7 +347,9 @@ def run(cfg: Config) -> dict[str, Any]:
                       f"saved in {checkpoint_dir(cfg)}; resume with checkpoint.resume=auto", flush=True)
             return {"step": step, "losses": last_losses, "stopped": True}
 
-    results: dict[str, Any] = {"step": step, "losses": last_losses}
+    seconds = time.perf_counter() - train_start
+    results: dict[str, Any] = {"step": step, "losses": last_losses, "train_seconds": seconds,
+                               "samples_per_s": (step - first_step) * cfg.data.batch_size * world_size / seconds}
     dist.barrier()
     if rank == 0:
         results.update(export_and_evaluate(cfg))

@@ -15,34 +15,22 @@ import glob
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from cid_ds.config import expand_shards
 from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, DataError, shard_file, shard_stem,
-                                  stems_by_shard, teacher_info, teacher_mismatches, write_complete_manifest,
+                                  stems_by_shard, teacher_mismatches, write_complete_manifest,
                                   write_shard, write_started_manifest)
 from cid_ds.data.wds_loader import (caption_of, decode_image, pass_data_errors, raise_data_errors,
                                     read_samples)
 from cid_ds.io import read_json
-from cid_ds.models import create_model
-
-
-def load_teacher(spec: str, pretrained: Optional[str], device: str = "cpu"
-                 ) -> tuple[nn.Module, Callable, Callable, dict]:
-    """``(model, preprocess_val, tokenizer, teacher_info)``. A teacher without weights is initialised
-    from seed 0 on the CPU, so that every rank and every re-run builds the same one."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, _, preprocess_val, tokenizer = create_model(spec, pretrained, device="cpu")
-    info = teacher_info(spec, pretrained, model)
-    return model.to(device).eval(), preprocess_val, tokenizer, info
+from cid_ds.teacher import load_teacher
 
 
 class _ShardBatches(IterableDataset):

@@ -88,10 +88,11 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                        workers: int, features_dir: Optional[str], missing_features: str = "error",
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_buffer: int = 1000, skip_batches: int = 0,
-                       clusters_dir: Optional[str] = None) -> Iterable[dict]:
+                       clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None
+                       ) -> Iterable[dict]:
     """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``, with a
-    feature cache ``t_img``/``t_txt``, and with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
-    [B, topk]). The sequence is fixed by (seed, epoch, rank, workers). ``missing_features`` applies to
+    feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
+    [B, topk]), and with a ``teacher_tokenizer`` (online teacher) ``teacher_tokens``. The sequence is fixed by (seed, epoch, rank, workers). ``missing_features`` applies to
     keys missing from either.
 
     ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
@@ -107,7 +108,7 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     if cache is not None and clusters is not None:
         clusters.check_matches(cache)
     dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
-                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches)
+                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer)
     augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
@@ -118,10 +119,12 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
 class _EpochBatches(IterableDataset):
     def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                  cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments], missing_features: str,
-                 epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int):
+                 epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int,
+                 teacher_tokenizer: Optional[Callable]):
         super().__init__()
         self.shards = list(shards)
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+        self.teacher_tokenizer = teacher_tokenizer
         self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -203,12 +206,15 @@ class _EpochBatches(IterableDataset):
                 batch = []
 
     def _collate(self, batch: list[dict]) -> dict:
+        captions = [s["caption"] for s in batch]
         out = {
             "image": torch.stack([s["image"] for s in batch]),
-            "tokens": self.tokenizer([s["caption"] for s in batch]),
+            "tokens": self.tokenizer(captions),
             "key": [s["__key__"] for s in batch],
             "n_skipped": self.n_skipped,
         }
+        if self.teacher_tokenizer is not None:
+            out["teacher_tokens"] = self.teacher_tokenizer(captions)
         if self.cache is not None:
             out["t_img"] = torch.from_numpy(np.stack([s["t_img"] for s in batch]).astype(np.float32))
             out["t_txt"] = torch.from_numpy(np.stack([s["t_txt"] for s in batch]).astype(np.float32))
