@@ -1,6 +1,9 @@
-"""Zero-shot evaluation of an open_clip model on clip_benchmark ``wds/`` folders.
+"""Evaluation of an open_clip model on clip_benchmark ``wds/`` folders: zero-shot classification,
+retrieval, and a linear probe.
 
-A set folder holds ``test/0.tar .. test/{N-1}.tar`` and ``test/nshards.txt`` (N).
+A set folder holds ``test/0.tar .. test/{N-1}.tar`` and ``test/nshards.txt`` (N); a classification set
+with a ``train/`` split in the same layout also gets a linear probe on frozen image features
+(``cid_ds.linear_probe``).
 
 * Classification sets: samples are an image (jpg/jpeg/png/webp) + ``.cls`` (class index as text), with
   ``classnames.txt`` (one name per line, in index order) and ``zeroshot_classification_templates.txt``
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cid_ds.io import write_json
+from cid_ds.linear_probe import linear_probe
 from cid_ds.models import create_model
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -48,6 +52,7 @@ class EvalSet:
     path: str
     kind: str                     # "zeroshot_classification" | "retrieval"
     shards: list[str]
+    train_shards: list[str] = field(default_factory=list)  # linear probe; empty when the set has no train split
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
 
@@ -68,20 +73,26 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
-def read_set(path: str) -> EvalSet:
-    """Check a set folder's layout and read its metadata (no image is read)."""
-    name = os.path.basename(os.path.normpath(path))
-    nshards_path = os.path.join(path, "test", "nshards.txt")
+def split_shards(path: str, split: str) -> list[str]:
+    """The tars of ``path/split`` as its ``nshards.txt`` lists them; each must exist."""
+    nshards_path = os.path.join(path, split, "nshards.txt")
     if not os.path.isfile(nshards_path):
         raise ValueError(f"{nshards_path}: file missing ({path} is not a clip_benchmark wds/ set folder)")
     with open(nshards_path) as f:
         text = f.read().strip()
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{nshards_path}: expected a positive integer, got {text!r}")
-    shards = [os.path.join(path, "test", f"{i}.tar") for i in range(int(text))]
+    shards = [os.path.join(path, split, f"{i}.tar") for i in range(int(text))]
     for shard in shards:
         if not os.path.isfile(shard):
             raise ValueError(f"{shard}: file missing ({nshards_path} says {text} shards)")
+    return shards
+
+
+def read_set(path: str) -> EvalSet:
+    """Check a set folder's layout and read its metadata (no image is read)."""
+    name = os.path.basename(os.path.normpath(path))
+    shards = split_shards(path, "test")
 
     type_path = os.path.join(path, DATASET_TYPE)
     declared = read_lines(type_path)[0].lower() if os.path.isfile(type_path) else "classification"
@@ -96,7 +107,8 @@ def read_set(path: str) -> EvalSet:
     for number, template in enumerate(templates, 1):
         if "{c}" not in template:
             raise ValueError(f"{templates_path}: line {number} {template!r} has no {{c}} placeholder")
-    return EvalSet(name, path, "zeroshot_classification", shards, classnames, templates)
+    train_shards = split_shards(path, "train") if os.path.isdir(os.path.join(path, "train")) else []
+    return EvalSet(name, path, "zeroshot_classification", shards, train_shards, classnames, templates)
 
 
 def _decode(sample: dict, preprocess: Callable, label_ext: str, num_classes: int) -> tuple:
@@ -130,15 +142,15 @@ def _collate(samples: list[tuple]) -> tuple[torch.Tensor, list]:
     return torch.stack([pixels for pixels, _ in samples]), [label for _, label in samples]
 
 
-def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: int
+def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: int, split: str = "test"
              ) -> Iterator[tuple[torch.Tensor, list]]:
-    """Preprocessed ``(images, labels)`` batches; labels are class indices or lists of captions.
+    """Preprocessed ``(images, labels)`` batches of a split; labels are class indices or lists of captions.
 
     With workers the shards are split between them, so sample order changes but pairs stay together.
     """
     label_ext = "txt" if eval_set.kind == "retrieval" else "cls"
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(eval_set.shards),
+        wds.SimpleShardList(eval_set.shards if split == "test" else eval_set.train_shards),
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.map(functools.partial(_decode, preprocess=preprocess, label_ext=label_ext,
@@ -177,19 +189,28 @@ def _classification(model: nn.Module, preprocess: Callable, tokenizer: Callable,
     classifier = zeroshot_classifier(model, tokenizer, eval_set.classnames, eval_set.templates, device,
                                      batch_size)
     k = min(TOP_K, len(eval_set.classnames))
-    hits_top1 = hits_topk = samples = 0
-    for images, labels in _batches(eval_set, preprocess, batch_size, workers):
-        top = (encode_images(model, images, device) @ classifier.T).topk(k, dim=1).indices
-        hits = top == torch.tensor(labels, device=top.device)[:, None]
-        hits_top1 += int(hits[:, 0].sum())
-        hits_topk += int(hits.any(dim=1).sum())
-        samples += len(labels)
-    if samples == 0:
-        raise ValueError(f"{os.path.join(eval_set.path, 'test')}: the shards hold no samples")
-    result = {"type": "zeroshot_classification", "top1": hits_top1 / samples}
+    features, labels = _image_features(model, preprocess, eval_set, batch_size, device, workers, "test")
+    hits = (features @ classifier.T).topk(k, dim=1).indices == labels[:, None]
+    result = {"type": "zeroshot_classification", "top1": int(hits[:, 0].sum()) / len(labels)}
     if k > 1:  # with fewer than 5 classes this is top-C, and named so
-        result[f"top{k}"] = hits_topk / samples
-    return {**result, "samples": samples, "classes": len(eval_set.classnames)}
+        result[f"top{k}"] = int(hits.any(dim=1).sum()) / len(labels)
+    if eval_set.train_shards:
+        train_features, train_labels = _image_features(model, preprocess, eval_set, batch_size, device, workers,
+                                                       "train")
+        result.update(linear_probe(train_features, train_labels, features, labels, len(eval_set.classnames)))
+    return {**result, "samples": len(labels), "classes": len(eval_set.classnames)}
+
+
+def _image_features(model: nn.Module, preprocess: Callable, eval_set: EvalSet, batch_size: int,
+                    device: str | torch.device, workers: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image features [N, D] and class indices [N] of a classification split."""
+    features, labels = [], []
+    for images, batch_labels in _batches(eval_set, preprocess, batch_size, workers, split):
+        features.append(encode_images(model, images, device))
+        labels += batch_labels
+    if not labels:
+        raise ValueError(f"{os.path.join(eval_set.path, split)}: the shards hold no samples")
+    return torch.cat(features), torch.tensor(labels, device=features[0].device)
 
 
 def _top_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

@@ -77,6 +77,7 @@ ZEROSHOT_TEMPLATES = (
 # Seed streams: training and each evaluation set draw from disjoint random streams.
 TRAIN_STREAM = 0
 EVAL_SAMPLES_PER_SHARD = 256
+LINEAR_PROBE_STREAM_OFFSET = 100  # the train splits of the eval sets draw from stream + this
 MANIFEST_PARAMETERS = ("seed", "train_samples", "shards", "eval_scale", "code_version")
 
 
@@ -270,13 +271,16 @@ def train_shard_samples(seed: int, shard: int, count: int) -> Iterator[Sample]:
                     "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def eval_shard_samples(eval_set: EvalSet, seed: int, shard: int, first: int, count: int) -> Iterator[Sample]:
-    """Samples ``first .. first+count-1`` of ``eval_set``; classification sets cycle through the classes."""
-    rng = _shard_rng(seed, eval_set.stream, shard)
+def eval_shard_samples(eval_set: EvalSet, seed: int, shard: int, first: int, count: int, split: str = "test"
+                       ) -> Iterator[Sample]:
+    """Samples ``first .. first+count-1`` of a split of ``eval_set``; classification sets cycle through the
+    classes. The train split (linear probe) is drawn from its own random stream."""
+    rng = _shard_rng(seed, eval_set.stream + (LINEAR_PROBE_STREAM_OFFSET if split == "train" else 0), shard)
     backgrounds = make_backgrounds(rng)
     classes = eval_set.classes
+    prefix = eval_set.name if split == "test" else f"{eval_set.name}_{split}"
     for index in range(first, first + count):
-        key = f"{eval_set.name}_{shard:04d}_{index:06d}"
+        key = f"{prefix}_{shard:04d}_{index:06d}"
         if eval_set.is_retrieval:
             spec = random_spec(rng)
             label = caption(spec, int(rng.integers(len(CAPTION_TEMPLATES)))).encode()
@@ -343,6 +347,8 @@ def plan_manifest(n_train: int, shards: int, seed: int, eval_scale: float) -> di
             "shards": math.ceil(n / EVAL_SAMPLES_PER_SHARD),
             "classes": None if s.is_retrieval else len(s.classes),
         }
+        if not s.is_retrieval:  # a train split of the same size, for the linear probe
+            eval_sets[s.name].update(train_samples=n, train_shards=math.ceil(n / EVAL_SAMPLES_PER_SHARD))
     return {
         "generator": "data_tools.make_demo_data",
         "code_version": __version__,
@@ -368,11 +374,14 @@ def plan_jobs(out_dir: str, manifest: dict) -> list[TarJob]:
             for shard, count in enumerate(manifest["train"]["samples_per_shard"])]
     for eval_set in EVAL_SETS:
         info = manifest["eval"][eval_set.name]
-        first = 0
-        for shard, count in enumerate(split_evenly(info["samples"], info["shards"])):
-            jobs.append(TarJob(os.path.join(out_dir, "eval", eval_set.name, "test", f"{shard}.tar"), count,
-                               functools.partial(eval_shard_samples, eval_set, seed, shard, first, count)))
-            first += count
+        for split, prefix in (("test", ""), ("train", "train_")):
+            if f"{prefix}samples" not in info:
+                continue
+            first = 0
+            for shard, count in enumerate(split_evenly(info[f"{prefix}samples"], info[f"{prefix}shards"])):
+                jobs.append(TarJob(os.path.join(out_dir, "eval", eval_set.name, split, f"{shard}.tar"), count,
+                                   functools.partial(eval_shard_samples, eval_set, seed, shard, first, count, split)))
+                first += count
     return jobs
 
 
@@ -384,7 +393,10 @@ def _write_text(path: str, lines: list[str]) -> None:
 def write_eval_metadata(out_dir: str, manifest: dict) -> None:
     for eval_set in EVAL_SETS:
         root = os.path.join(out_dir, "eval", eval_set.name)
-        _write_text(os.path.join(root, "test", "nshards.txt"), [str(manifest["eval"][eval_set.name]["shards"])])
+        info = manifest["eval"][eval_set.name]
+        _write_text(os.path.join(root, "test", "nshards.txt"), [str(info["shards"])])
+        if "train_shards" in info:
+            _write_text(os.path.join(root, "train", "nshards.txt"), [str(info["train_shards"])])
         if eval_set.is_retrieval:
             _write_text(os.path.join(root, "dataset_type.txt"), ["retrieval"])
         else:

@@ -59,7 +59,8 @@ def test_layout_is_img2dataset_train_and_clip_benchmark_eval(data):
     out, manifest = data
     expected = {"manifest.json"} | {f"train/{i:05d}.tar" for i in range(4)}
     for name, shards in (("shapes", 2), ("colored_shapes", 2)):
-        expected |= {f"eval/{name}/test/{i}.tar" for i in range(shards)}
+        expected |= {f"eval/{name}/{split}/{i}.tar" for i in range(shards) for split in ("test", "train")}
+        expected |= {f"eval/{name}/train/nshards.txt"}
         expected |= {f"eval/{name}/test/nshards.txt", f"eval/{name}/classnames.txt",
                      f"eval/{name}/zeroshot_classification_templates.txt"}
     expected |= {"eval/retrieval/test/0.tar", "eval/retrieval/test/nshards.txt", "eval/retrieval/dataset_type.txt"}
@@ -72,6 +73,9 @@ def test_layout_is_img2dataset_train_and_clip_benchmark_eval(data):
     assert text("eval/shapes/test/nshards.txt").strip() == "2"
     assert text("eval/retrieval/test/nshards.txt").strip() == "1"
     assert text("eval/retrieval/dataset_type.txt").strip() == "retrieval"
+    # classification sets carry a train split of their own for the linear probe; retrieval sets do not
+    assert text("eval/shapes/train/nshards.txt").strip() == "2"
+    assert not os.path.exists(os.path.join(out, "eval", "retrieval", "train"))
     assert text("eval/shapes/classnames.txt").splitlines() == ["circle", "square", "triangle", "cross", "star", "ring"]
     colored = text("eval/colored_shapes/classnames.txt").splitlines()
     assert len(colored) == 36 and colored[:2] == ["red circle", "red square"] and colored[-1] == "orange ring"
@@ -169,8 +173,11 @@ def test_eval_images_never_repeat_training_images(data):
     train = {f["jpg"] for p in glob.glob(os.path.join(out, "train", "*.tar")) for f in read_tar(p).values()}
     evaluation = [f["jpg"] for p in glob.glob(os.path.join(out, "eval", "*", "test", "*.tar"))
                   for f in read_tar(p).values()]
+    probe_train = [f["jpg"] for p in glob.glob(os.path.join(out, "eval", "*", "train", "*.tar"))
+                   for f in read_tar(p).values()]
     assert len(evaluation) == 910 and not train.intersection(evaluation)
-    assert len(set(evaluation)) == len(evaluation)
+    assert len(probe_train) == 660 and not train.intersection(probe_train)
+    assert len(set(evaluation + probe_train)) == len(evaluation) + len(probe_train)
 
 
 def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):

@@ -35,9 +35,9 @@ def image_bytes(rgb, fmt):
     return buffer.getvalue()
 
 
-def write_shards(set_dir, samples, per_shard):
-    """samples: list of {member suffix: bytes}; written as KEY.suffix into test/{i}.tar."""
-    test_dir = os.path.join(set_dir, "test")
+def write_shards(set_dir, samples, per_shard, split="test"):
+    """samples: list of {member suffix: bytes}; written as KEY.suffix into {split}/{i}.tar."""
+    test_dir = os.path.join(set_dir, split)
     os.makedirs(test_dir, exist_ok=True)
     chunks = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
     for shard, chunk in enumerate(chunks):
@@ -125,6 +125,20 @@ def test_zeroshot_classification_matches_reference(student, tmp_path):
     top1, top5 = reference_classification(student, list(COLOURS), labels)
     assert result == {"colours": {"type": "zeroshot_classification", "top1": pytest.approx(top1, abs=1e-9),
                                   "top5": pytest.approx(top5, abs=1e-9), "samples": 12, "classes": 6}}
+
+
+def test_a_classification_set_with_a_train_split_gets_a_linear_probe(student, tmp_path):
+    set_dir = classification_set(tmp_path)
+    train_labels = [i for i in range(len(COLOURS)) for _ in range(3)]
+    write_shards(set_dir, [{"jpg": image_bytes(COLOURS[list(COLOURS)[label]], "JPEG"), "cls": str(label).encode()}
+                           for label in train_labels], per_shard=7, split="train")
+    model, preprocess, tokenizer = student
+
+    result = evaluate(model, preprocess, tokenizer, [set_dir], batch_size=4)["colours"]
+    # one solid colour per class: the frozen features of a class coincide, so a linear probe is exact
+    assert result["linear_probe_top1"] == 1.0
+    assert result["linear_probe_train_samples"] == 18
+    assert result["linear_probe_weight_decay"] > 0
 
 
 def test_fewer_than_five_classes_reports_top_c_under_its_own_name(student, tmp_path):
