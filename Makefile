@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo ablate test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m launch.demo
+
+# every CLIP-KD term alone, the CLIP-KD and CLIP-CID mixes and the baseline on the demo data (~25 min on 2 cores)
+ablate: demo
+	$(PY) -m launch.ablate ds_configs/ablations/demo.yaml --out runs/demo/ablate
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider

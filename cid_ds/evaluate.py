@@ -269,6 +269,21 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, sets: 
     return results
 
 
+def headline(results: dict) -> dict[str, float]:
+    """The numbers a comparison table shows per set: zero-shot top-1 (and linear probe top-1) for
+    classification, R@1 both ways for retrieval."""
+    numbers = {}
+    for name, metrics in results.items():
+        if metrics["type"] == "retrieval":
+            numbers[f"{name} i2t R@1"] = metrics["image_to_text_R@1"]
+            numbers[f"{name} t2i R@1"] = metrics["text_to_image_R@1"]
+        else:
+            numbers[f"{name} top-1"] = metrics["top1"]
+            if "linear_probe_top1" in metrics:
+                numbers[f"{name} probe top-1"] = metrics["linear_probe_top1"]
+    return numbers
+
+
 def format_table(results: dict) -> str:
     rows = [("set", "metric", "value")]
     for name, metrics in results.items():

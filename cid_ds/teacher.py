@@ -38,7 +38,7 @@ class OnlineTeacher:
 
     def __init__(self, spec: str, pretrained: Optional[str], student: nn.Module):
         self.model, _, self.tokenizer, self.info = load_teacher(spec, pretrained)
-        self.logit_scale = float(self.model.logit_scale.exp().clamp(max=100))
+        self.logit_scale = float(self.info["logit_scale"])
         self.embed_dim = int(self.info["embed_dim"])
         self.image_size = tuple(self.info["image_size"])
         student_cfg = open_clip.get_model_preprocess_cfg(student)

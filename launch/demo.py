@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
-from cid_ds.io import read_json, write_json
+from cid_ds.evaluate import headline
+from cid_ds.io import write_json
+from launch.experiments import launch_training, markdown_table
 
 EXPERIMENTS = "ds_configs/experiments"
 ROWS = (("teacher", "demo_teacher"), ("student baseline", "demo_baseline"), ("student distilled", "demo_distill"),
@@ -24,16 +24,12 @@ CLUSTERS = 64
 
 
 def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) -> dict:
-    """Run one experiment through the DeepSpeed launcher unless its results already exist."""
+    """Run one demo experiment with its paths under ``out`` and its steps scaled, unless it has run."""
     from cid_ds.config import load_config
-    cfg = load_config(os.path.join(EXPERIMENTS, f"{yaml_name}.yaml"), check_paths=False)
-    run_dir = os.path.join(out, cfg.output_dir.split("/")[-1])
-    results_file = os.path.join(run_dir, "results.json")
-    if os.path.isfile(results_file):
-        return read_json(results_file)
+    config = os.path.join(EXPERIMENTS, f"{yaml_name}.yaml")
+    cfg = load_config(config, check_paths=False)
     steps = max(2, round(cfg.optim.steps * scale))
     overrides = [
-        f"output_dir={run_dir}",
         f"data.train_shards={cfg.data.train_shards.replace('runs/demo', out)}",
         f"eval.sets={json.dumps([s.replace('runs/demo', out) for s in cfg.eval.sets])}",
         f"optim.steps={steps}",
@@ -45,27 +41,7 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) 
         overrides.append(f"data.features={cfg.data.features.replace('runs/demo', out)}")
     if cfg.cluster.dir is not None:
         overrides.append(f"cluster.dir={cfg.cluster.dir.replace('runs/demo', out)}")
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-           "launch/train.py", "--config", os.path.join(EXPERIMENTS, f"{yaml_name}.yaml"), *overrides]
-    print(f"\n[demo] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    return read_json(results_file)
-
-
-def headline(ev: dict) -> dict[str, float]:
-    """The table's numbers: zero-shot top-1 per classification set, R@1 both ways for retrieval."""
-    return {"shapes top-1": ev["shapes"]["top1"], "colored_shapes top-1": ev["colored_shapes"]["top1"],
-            "retrieval i2t R@1": ev["retrieval"]["image_to_text_R@1"],
-            "retrieval t2i R@1": ev["retrieval"]["text_to_image_R@1"]}
-
-
-def table(rows: dict[str, dict[str, float]]) -> str:
-    header = ["model", *next(iter(rows.values()))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, numbers in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in numbers.values()) + " |")
-    return "\n".join(lines)
+    return launch_training(config, os.path.join(out, cfg.output_dir.split("/")[-1]), overrides, ranks)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   for label in ("student distilled", "student CID")},
                "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t0, 1)}}
     write_json(os.path.join(args.out, "results.json"), summary)
-    print("\n" + table(rows))
+    print("\n" + markdown_table(rows, "model"))
     print(f"\n[demo] {summary['seconds']}  -> {os.path.join(args.out, 'results.json')}")
     return summary
 

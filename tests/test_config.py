@@ -56,6 +56,27 @@ def test_instance_distillation_needs_a_feature_cache(setup):
         load_config(setup("loss:\n  instance: 1.0\n"))
 
 
+@pytest.mark.parametrize("term", ["fd", "crd", "icl", "mfd", "gd", "afd"])
+def test_every_kd_term_needs_a_teacher_cached_or_online(setup, term):
+    with pytest.raises(ConfigError, match=rf"'loss\.{term}' > 0 needs 'data\.features' .* or kd\.teacher: online"):
+        load_config(setup(f"loss:\n  {term}: 1.0\n"))
+    cfg = load_config(setup(f"loss:\n  {term}: 1.0\nmodel:\n  student: demo-student\n  teacher: demo-teacher\n"
+                            "kd:\n  teacher: online\n"))
+    assert getattr(cfg.loss, term) == 1.0 and cfg.kd.teacher == "online"
+
+
+def test_kd_options_are_checked(setup):
+    with pytest.raises(ConfigError, match=r"key 'kd\.teacher' must be one of \('cached', 'online'\)"):
+        load_config(setup("kd:\n  teacher: live\n"))
+    with pytest.raises(ConfigError, match=r"'kd\.teacher' is online but 'model\.teacher' is not set"):
+        load_config(setup("kd:\n  teacher: online\nloss:\n  fd: 1.0\n"))
+    with pytest.raises(ConfigError, match=r"'loss\.instance' and 'loss\.icl' are the same term"):
+        load_config(setup("kd:\n  teacher: online\nloss:\n  instance: 1.0\n  icl: 1.0\n"),
+                    ["model.teacher=demo-teacher"])
+    with pytest.raises(ConfigError, match=r"key 'kd\.mask_ratio' must be in \(0, 1\), got 1\.0"):
+        load_config(setup("kd:\n  mask_ratio: 1.0\n"))
+
+
 def test_command_line_overrides_use_dotted_keys_and_the_same_checks(setup):
     cfg = load_config(setup(""), ["optim.lr=3e-4", "data.batch_size=32", "eval.sets=[]"])
     assert cfg.optim.lr == 3e-4 and cfg.data.batch_size == 32

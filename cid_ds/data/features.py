@@ -72,7 +72,7 @@ def teacher_info(spec: str, pretrained: Optional[str], model: nn.Module) -> dict
         "preprocess": {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]],
                        "interpolation": cfg["interpolation"], "resize_mode": cfg["resize_mode"]},
         "context_length": int(model.context_length),
-        "logit_scale": float(model.logit_scale.exp().clamp(max=100)),  # the teacher's own logits (crd, gd)
+        "logit_scale": float(model.logit_scale.detach().exp().clamp(max=100)),  # the teacher's own logits (crd, gd)
     }
 
 
