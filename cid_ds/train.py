@@ -260,7 +260,7 @@ def run(cfg: Config) -> dict[str, Any]:
                               "re-run data_tools.cluster to finish them")
         cluster_dim = centroid_dim(cfg.cluster.dir)
         if teacher_dim not in (None, cluster_dim):
-            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the feature cache {teacher_dim}-d")
+            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the teacher embeddings {teacher_dim}-d")
         teacher_dim = cluster_dim
     student = DistillStudent(clip_model, teacher_dim, cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
                              mask_ratio=cfg.kd.mask_ratio if cfg.loss.mfd > 0 else 0.0)
@@ -381,6 +381,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
     scalars.update({
         "train/lr": engine.get_lr()[0],
         "train/logit_scale": float(out["logit_scale"].detach()),
+        **{f"train/{k}": float(out[k].detach()) for k in ("cross_logit_scale", "fusion_logit_scale") if k in out},
         "perf/samples_per_s": float(sum(r.item() for r in rates)),
         "perf/data_wait_fraction": window["data_wait"] / elapsed,
         "perf/memory_gib": memory_bytes(device) / 2**30,
