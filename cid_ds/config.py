@@ -38,6 +38,7 @@ class DataConfig:
     workers: int = 1
     augment: bool = True                  # random resized crop; False = the eval view
     shuffle_buffer: int = 1000
+    backend: str = "auto"                 # dali | wds | auto (dali on GPU, wds on CPU)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Config:
 
 CHOICES = {
     "data.missing_features": ("error", "skip"),
+    "data.backend": ("auto", "dali", "wds"),
     "cluster.margin": ("arcface", "cosface", "none"),
     "kd.teacher": ("cached", "online"),
 }
@@ -226,6 +228,7 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def _check_paths(cfg: Config, source: str) -> None:
+    from cid_ds.data.packed import packed_manifest_path
     def must_exist(key: str, path: Optional[str], kind: str = "file") -> None:
         if path is None:
             return
@@ -247,9 +250,10 @@ def _check_paths(cfg: Config, source: str) -> None:
     if not cfg.model.student:
         raise ConfigError(f"{source}: key 'model.student' is required")
     teacher_terms = [name for name in TEACHER_TERMS if getattr(cfg.loss, name) > 0]
-    if teacher_terms and cfg.kd.teacher == "cached" and cfg.data.features is None:
+    if teacher_terms and cfg.kd.teacher == "cached" and cfg.data.features is None \
+            and packed_manifest_path(shards) is None:
         raise ConfigError(f"{source}: key 'loss.{teacher_terms[0]}' > 0 needs 'data.features' (a teacher feature "
-                          "cache) or kd.teacher: online with model.teacher")
+                          "cache), distill-ready shards (data_tools.pack) or kd.teacher: online with model.teacher")
     if cfg.kd.teacher == "online":
         if not cfg.model.teacher:
             raise ConfigError(f"{source}: key 'kd.teacher' is online but 'model.teacher' is not set")
@@ -266,7 +270,8 @@ def _check_paths(cfg: Config, source: str) -> None:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
         must_exist("cluster.dir", os.path.join(cfg.cluster.dir, "centroids.npy"))
-        if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached":
+        if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached" \
+                and packed_manifest_path(shards) is None:
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
     if not 0 < cfg.cluster.sample_rate <= 1:
         raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")

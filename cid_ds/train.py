@@ -95,8 +95,9 @@ class DataPosition:
 
 
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
-            rank: int, world_size: int, teacher_tokenizer=None) -> Iterator[dict]:
-    """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes."""
+            rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None) -> Iterator[dict]:
+    """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
+    ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them)."""
     from cid_ds.data.wds_loader import build_train_loader
     while True:
         loader = build_train_loader(
@@ -104,7 +105,7 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
             features_dir=cfg.data.features, missing_features=cfg.data.missing_features,
             epoch=position.epoch, seed=cfg.seed, rank=rank, world_size=world_size,
             shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch,
-            clusters_dir=cfg.cluster.dir if cfg.loss.cluster > 0 else None, teacher_tokenizer=teacher_tokenizer)
+            clusters_dir=clusters_dir, teacher_tokenizer=teacher_tokenizer)
         produced = False
         for batch in loader:
             produced = True
@@ -227,6 +228,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
 
     from cid_ds.data.features import FeatureCache
+    from cid_ds.data.packed import PackedShards, packed_manifest_path
     from cid_ds.models import DistillStudent, create_model
 
     init_distributed()
@@ -237,6 +239,14 @@ def run(cfg: Config) -> dict[str, Any]:
     clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
         cfg.model.student, cfg.model.student_pretrained)
     teacher_dim = teacher_scale = None
+    shards = expand_shards(cfg.data.train_shards)
+    packed_path = packed_manifest_path(shards)
+    packed = PackedShards(packed_path) if packed_path else None
+    if packed is not None:
+        if not packed.complete:
+            raise ConfigError(f"data.train_shards: the distill-ready shards of {packed_path} are incomplete: "
+                              "re-run data_tools.pack to finish them")
+        teacher_dim, teacher_scale = packed.embed_dim, packed.teacher.get("logit_scale")
     if cfg.data.features is not None:
         cache = FeatureCache(cfg.data.features)
         if not cache.complete:
@@ -255,9 +265,14 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import centroid_dim
-        if not ClusterAssignments(cfg.cluster.dir).complete:
+        assignments = ClusterAssignments(cfg.cluster.dir)
+        if not assignments.complete:
             raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
                               "re-run data_tools.cluster to finish them")
+        if packed is not None and packed.topk and (packed.manifest["k"], packed.teacher["weights_sha256"]) \
+                != (assignments.k, assignments.teacher_sha256):
+            raise ConfigError(f"cluster.dir: {assignments.manifest_path} is not the clustering the shards of "
+                              f"{packed_path} were packed with (k or teacher differ): point cluster.dir at that one")
         cluster_dim = centroid_dim(cfg.cluster.dir)
         if teacher_dim not in (None, cluster_dim):
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the teacher embeddings {teacher_dim}-d")
@@ -292,9 +307,10 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"[cid_ds] {cfg.name}: world {world_size}, device {device}, dtype {dtype}, "
               f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
 
-    shards = expand_shards(cfg.data.train_shards)
+    join_clusters = cfg.loss.cluster > 0 and not (packed is not None and packed.topk)
     data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
-                   position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None)
+                   position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
+                   cfg.cluster.dir if join_clusters else None)
     weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     train_start, first_step = time.perf_counter(), step

@@ -3,7 +3,8 @@
 Per DataLoader worker the pipeline is
 
   shards (split by rank, seeded shuffle, split by worker)
-    -> raw samples -> drop unusable (no caption; no cached features or cluster) and join both by key
+    -> raw samples -> drop unusable (no caption; no cached features or cluster) and join both by key,
+       or, from distill-ready shards (cid_ds.data.packed), read them from the sample itself
     -> seeded shuffle buffer -> skip the samples of already-trained batches (nothing decoded yet)
     -> decode + preprocess (corrupt images dropped) -> full batches, captions tokenised per batch
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
+from cid_ds.data.packed import ARRAY_FIELDS, PackedShards, decode_array, packed_manifest_path
 from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -107,8 +109,10 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
     if cache is not None and clusters is not None:
         clusters.check_matches(cache)
+    manifest = packed_manifest_path(shards)
+    packed = _packed_fields(PackedShards(manifest), tokenizer, cache, clusters) if manifest else {}
     dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
-                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer)
+                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer, packed)
     augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
@@ -116,15 +120,28 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     return raise_data_errors(loader)
 
 
+def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[FeatureCache],
+                   clusters: Optional[ClusterAssignments]) -> dict[str, int]:
+    """The array fields to read from distill-ready shards, with their lengths: a side cache or cluster
+    folder given explicitly is joined instead, and stored token ids are used only when they are what
+    ``tokenizer`` makes (another student's tokenizer re-tokenises the captions)."""
+    fields = packed.lengths()
+    drop = {"t_img", "t_txt"} if cache is not None else set()
+    drop |= {"cluster"} if clusters is not None else set()
+    if not packed.tokens_usable(tokenizer):
+        drop.add("tokens")
+    return {name: length for name, length in fields.items() if name not in drop}
+
+
 class _EpochBatches(IterableDataset):
     def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                  cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments], missing_features: str,
                  epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int,
-                 teacher_tokenizer: Optional[Callable]):
+                 teacher_tokenizer: Optional[Callable], packed: dict[str, int]):
         super().__init__()
         self.shards = list(shards)
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
-        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher_tokenizer, self.packed = teacher_tokenizer, packed
         self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -154,10 +171,21 @@ class _EpochBatches(IterableDataset):
     def _usable(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
             sample["caption"] = caption_of(sample)
+            self._read_packed(sample)
             if sample["caption"] is None or not (self._join_features(sample) and self._join_clusters(sample)):
                 self.n_skipped += 1
                 continue
             yield sample
+
+    def _read_packed(self, sample: dict) -> None:
+        """Decode the packed arrays this loader uses; drop the raw bytes of those it joins or re-makes."""
+        where = f"shard {sample['__url__']} key {sample['__key__']}"
+        for name in ARRAY_FIELDS.keys() - self.packed.keys():
+            sample.pop(name, None)
+        for name, length in self.packed.items():
+            if name not in sample:
+                raise DataError(f"{where}: field '.{name}' is missing (the packed manifest promises it)")
+            sample[name] = decode_array(sample[name], name, length, where)
 
     def _join_features(self, sample: dict) -> bool:
         if self.cache is None:
@@ -207,19 +235,22 @@ class _EpochBatches(IterableDataset):
 
     def _collate(self, batch: list[dict]) -> dict:
         captions = [s["caption"] for s in batch]
+        stacked = {name: np.stack([s[name] for s in batch]) for name in ("tokens", "t_img", "t_txt", "cluster")
+                   if name in batch[0]}
         out = {
             "image": torch.stack([s["image"] for s in batch]),
-            "tokens": self.tokenizer(captions),
+            "tokens": torch.from_numpy(stacked["tokens"].astype(np.int64)) if "tokens" in stacked
+            else self.tokenizer(captions),
             "key": [s["__key__"] for s in batch],
             "n_skipped": self.n_skipped,
         }
         if self.teacher_tokenizer is not None:
             out["teacher_tokens"] = self.teacher_tokenizer(captions)
-        if self.cache is not None:
-            out["t_img"] = torch.from_numpy(np.stack([s["t_img"] for s in batch]).astype(np.float32))
-            out["t_txt"] = torch.from_numpy(np.stack([s["t_txt"] for s in batch]).astype(np.float32))
-        if self.clusters is not None:
-            ids = torch.from_numpy(np.stack([s["cluster"] for s in batch]).astype(np.int64))
-            out["cluster"] = ids[:, 0] if self.clusters.topk == 1 else ids
+        for name in ("t_img", "t_txt"):
+            if name in stacked:
+                out[name] = torch.from_numpy(stacked[name].astype(np.float32))
+        if "cluster" in stacked:
+            ids = torch.from_numpy(stacked["cluster"].astype(np.int64))
+            out["cluster"] = ids[:, 0] if ids.shape[1] == 1 else ids
         self.n_skipped = 0
         return out

@@ -1,0 +1,260 @@
+"""Write the distill-ready shards: the kept samples with everything the trainer reads, in one place.
+
+  python -m data_tools.pack --shards '/data/laion/{00000..41407}.tar' --features /data/feats \\
+      --tokenizer ViT-B-16 --out /data/distill [--clusters /data/clusters] [--balance /data/balance] \\
+      [--samples-per-shard 10000]
+
+Each output sample holds the source image bytes (not re-encoded), the caption, its token ids (by the
+``--tokenizer`` model's tokenizer: the student's), the teacher's image and caption embeddings from the
+feature cache, and, with ``--clusters``, the sample's cluster ids; the format is in
+``cid_ds.data.packed``. With ``--balance`` only the samples the balance stage kept are written; without
+it, every sample the feature cache holds.
+
+The output order is the input shards' order, and which samples go to output shard ``j`` is planned
+from the cache (and keep-lists) before any tar is read: so a re-run skips finished output shards and
+writes the rest exactly as an uninterrupted run would. A planned sample that is missing from its source
+tar (the tar changed or broke after extraction) is counted and reported, not fatal; so is a source tar
+that cannot be read. ``manifest.json`` chains the manifests of the cache, the clusters and the balance.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import open_clip
+import webdataset as wds
+from tqdm import tqdm
+
+import cid_ds
+from cid_ds.config import expand_shards
+from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem, stems_by_shard
+from cid_ds.data.packed import FORMAT, MANIFEST, PackedShards, encode_array, tokenizer_fingerprint
+from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
+from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.models import resolve_spec
+
+STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One sample to write: its source shard path and key."""
+    source: str
+    key: str
+
+
+def read_keep_list(balance_dir: str, stem: str) -> Optional[frozenset[str]]:
+    path = shard_file(balance_dir, stem)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as npz:
+        return frozenset(npz["kept"].tolist())
+
+
+def check_upstream(cache: FeatureCache, clusters: Optional[ClusterAssignments], balance_dir: Optional[str]) -> dict:
+    """The upstream manifests, each complete and made from this cache's teacher."""
+    if not cache.complete:
+        raise ValueError(f"feature cache {cache.manifest_path} is incomplete: finish data_tools.extract first")
+    upstream = {"features": read_json(cache.manifest_path)}
+    if clusters is not None:
+        if not clusters.complete:
+            raise ValueError(f"cluster assignments {clusters.manifest_path} are incomplete: finish data_tools.cluster")
+        clusters.check_matches(cache)
+        upstream["clusters"] = read_json(clusters.manifest_path)
+    if balance_dir is not None:
+        path = os.path.join(balance_dir, "manifest.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"balance {balance_dir}: no manifest.json (run python -m data_tools.balance)")
+        manifest = read_json(path)
+        if not manifest.get("complete"):
+            raise ValueError(f"balance {path} is incomplete: finish data_tools.balance first")
+        sha = manifest.get("teacher", {}).get("weights_sha256")
+        if sha != cache.teacher["weights_sha256"]:
+            raise ValueError(f"balance {path}: field 'teacher.weights_sha256' does not match feature cache "
+                             f"{cache.manifest_path}: the keep-lists were made from another teacher's embeddings")
+        upstream["balance"] = manifest
+    return upstream
+
+
+def plan(shards: list[str], cache: FeatureCache, clusters: Optional[ClusterAssignments],
+         balance_dir: Optional[str]) -> tuple[list[Planned], dict[str, int]]:
+    """The samples to write, in input order, and counts of what was left out and why."""
+    planned: list[Planned] = []
+    left_out = {"not_in_cache": 0, "removed_by_balance": 0, "not_clustered": 0}
+    for path in shards:
+        stem = shard_stem(path)
+        features = cache.lookup(stem)
+        if features is None:
+            raise DataError(f"feature cache {cache.dir}: no file for shard {stem} ({path}); extract it first")
+        keys = sorted(features.row, key=features.row.get)
+        keep = read_keep_list(balance_dir, stem) if balance_dir is not None else None
+        if balance_dir is not None and keep is None:
+            raise DataError(f"balance {balance_dir}: no keep-list {shard_file(balance_dir, stem)} for shard {stem}")
+        assigned = clusters.lookup(stem).row if clusters is not None else None
+        for key in keys:
+            if keep is not None and key not in keep:
+                left_out["removed_by_balance"] += 1
+            elif assigned is not None and key not in assigned:
+                left_out["not_clustered"] += 1
+            else:
+                planned.append(Planned(path, key))
+    return planned, left_out
+
+
+def source_samples(members: list[Planned], problems: dict[str, int]) -> Iterator[tuple[str, dict]]:
+    """``(source path, raw sample)`` for each planned sample found in its source tar; each tar is read only
+    up to its last planned key; unreadable tars are counted."""
+    wanted: dict[str, set[str]] = {}
+    for planned in members:
+        wanted.setdefault(planned.source, set()).add(planned.key)
+    for path, keys in wanted.items():
+        try:
+            for sample in read_samples([path]):
+                if sample["__key__"] in keys:
+                    keys.discard(sample["__key__"])
+                    yield path, sample
+                    if not keys:
+                        break
+        except DataError as e:
+            problems["unreadable_source_shards"] += 1
+            tqdm.write(f"pack: {e}: its remaining samples are counted as missing")
+
+
+def write_output_shard(out_dir: str, index: int, members: list[Planned], cache: FeatureCache,
+                       clusters: Optional[ClusterAssignments], tokenizer, bar: tqdm) -> dict:
+    problems = {"missing_in_source": 0, "unreadable_source_shards": 0}
+    found = {(path, sample["__key__"]): sample for path, sample in source_samples(members, problems)}
+    name = f"{index:05d}.tar"
+    written = 0
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        with wds.TarWriter(tmp, encoder=False, mtime=0) as tar:  # mtime fixed: a re-run writes the same bytes
+            samples = [(p, found.get((p.source, p.key))) for p in members]
+            present = [(p, s) for p, s in samples if s is not None and caption_of(s) is not None
+                       and any(ext in s for ext in IMAGE_EXTS)]
+            problems["missing_in_source"] = len(members) - len(present)
+            captions = [caption_of(s) for _, s in present]
+            tokens = np.asarray(tokenizer(captions)) if captions else np.zeros((0, 0), np.int32)
+            for (planned, sample), caption, ids in zip(present, captions, tokens):
+                tar.write(_packed_sample(planned, sample, caption, ids, cache, clusters))
+                written += 1
+            bar.update(len(members))
+        stats = {"samples": written, **problems}
+        write_json(os.path.join(out_dir, STATS_DIR, f"{index:05d}.json"), stats)
+    return stats
+
+
+def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.ndarray, cache: FeatureCache,
+                   clusters: Optional[ClusterAssignments]) -> dict:
+    stem = shard_stem(planned.source)
+    features = cache.lookup(stem)
+    row = features.row[planned.key]
+    image_ext = next(ext for ext in IMAGE_EXTS if ext in sample)
+    out = {"__key__": planned.key, image_ext: sample[image_ext], "txt": caption.encode(),
+           "tokens": encode_array(token_ids, "tokens"),
+           "t_img": encode_array(features.image[row], "t_img"), "t_txt": encode_array(features.text[row], "t_txt")}
+    if clusters is not None:
+        assignments = clusters.lookup(stem)
+        out["cluster"] = encode_array(assignments.ids[assignments.row[planned.key]], "cluster")
+    if "json" in sample:
+        out["json"] = sample["json"]
+    return out
+
+
+def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str,
+         clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
+         samples_per_shard: int = 10000, progress: bool = True) -> dict:
+    """Write (or finish writing) the distill-ready shards; return the complete manifest."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    stems_by_shard(shards)
+    cache = FeatureCache(features_dir)
+    clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
+    upstream = check_upstream(cache, clusters, balance_dir)
+    tokenizer = open_clip.get_tokenizer(resolve_spec(tokenizer_spec))
+    planned, left_out = plan(shards, cache, clusters, balance_dir)
+    if not planned:
+        raise ValueError(f"nothing to pack: no sample of {len(shards)} shards is in the cache and kept")
+    identity = {
+        "format": FORMAT, "sources": [os.path.abspath(p) for p in shards], "samples_per_shard": samples_per_shard,
+        "tokenizer": {"spec": tokenizer_spec, "context_length": int(np.asarray(tokenizer(["x"])).shape[1]),
+                      "probe_ids": tokenizer_fingerprint(tokenizer)},
+        "teacher": cache.teacher, "embed_dim": cache.embed_dim,
+        "topk": clusters.topk if clusters is not None else 0, "k": clusters.k if clusters is not None else None,
+    }
+    _check_existing(out_dir, identity)
+    write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
+
+    chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
+    stats = {}
+    with tqdm(total=len(planned), unit="sample", desc="pack", disable=not progress) as bar:
+        for index, members in enumerate(chunks):
+            done = _finished_stats(out_dir, index)
+            if done is not None:
+                stats[index] = done
+                bar.update(len(members))
+                continue
+            stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar)
+    totals = {"planned": len(planned), **left_out,
+              **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source",
+                                                                 "unreadable_source_shards")}}
+    manifest = identity | {
+        "shards": [{"name": f"{i:05d}.tar", **stats[i]} for i in range(len(chunks))], "totals": totals,
+        "upstream": upstream, "code_version": cid_ds.__version__, "complete": True}
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def _finished_stats(out_dir: str, index: int) -> Optional[dict]:
+    stats = os.path.join(out_dir, STATS_DIR, f"{index:05d}.json")
+    tar = os.path.join(out_dir, f"{index:05d}.tar")
+    return read_json(stats) if os.path.isfile(stats) and os.path.isfile(tar) else None
+
+
+def _check_existing(out_dir: str, identity: dict) -> None:
+    """A re-run must repeat the inputs and parameters; temp files of a killed run are removed."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.isfile(path):
+        existing = PackedShards(path).manifest
+        for field, value in identity.items():
+            if existing.get(field) != value:
+                raise ValueError(f"{path}: field '{field}' differs from this run's; use another --out "
+                                 f"or delete {out_dir}")
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir}: not empty and has no {MANIFEST}; refusing to write packed shards into it")
+    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")) \
+            + glob.glob(os.path.join(glob.escape(out_dir), STATS_DIR, "*.tmp*")):
+        os.remove(tmp)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.pack", description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", required=True, help="source webdataset tars: brace pattern or glob")
+    parser.add_argument("--features", required=True, help="feature cache folder (data_tools.extract)")
+    parser.add_argument("--tokenizer", required=True, help="the student's model spec: its tokenizer makes the token ids")
+    parser.add_argument("--out", required=True, help="folder for the distill-ready shards")
+    parser.add_argument("--clusters", default=None, help="cluster assignments folder (data_tools.cluster)")
+    parser.add_argument("--balance", default=None, help="keep-lists folder (data_tools.balance)")
+    parser.add_argument("--samples-per-shard", type=int, default=10000)
+    args = parser.parse_args(argv)
+    shards = expand_shards(args.shards)
+    if not shards:
+        parser.error(f"--shards {args.shards!r} matches no file")
+    try:
+        manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
+                        args.samples_per_shard)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"pack: {e}")
+    totals = manifest["totals"]
+    print(f"packed {totals['samples']} samples into {len(manifest['shards'])} shards in {args.out} "
+          f"(removed by balance {totals['removed_by_balance']}, missing in source {totals['missing_in_source']}, "
+          f"unreadable source shards {totals['unreadable_source_shards']})")
+
+
+if __name__ == "__main__":
+    main()

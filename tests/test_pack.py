@@ -1,0 +1,153 @@
+"""`python -m data_tools.pack` writes the distill-ready shards (only kept samples: source image bytes, caption,
+token ids, teacher embeddings, cluster ids) and the training loader reads them as it reads the side cache."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cid_ds.config import expand_shards
+from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.features import FeatureCache, shard_file
+from cid_ds.data.packed import decode_array
+from cid_ds.data.wds_loader import IMAGE_EXTS, build_train_loader, read_samples
+from cid_ds.io import read_json
+from cid_ds.models import create_model
+from data_tools.pack import pack
+from tests.helpers import REPO_ROOT, make_data_and_features
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data_tools.cluster import cluster
+    data = make_data_and_features(str(tmp_path_factory.mktemp("pack")), train_samples=160, shards=2)
+    data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
+    cluster(data["feats"], 4, data["clusters"], topk=2)
+    data["keep"] = os.path.join(os.path.dirname(data["feats"]), "keep")
+    write_keep_lists(data, drop_every=3)
+    return data
+
+
+def write_keep_lists(data, drop_every):
+    """Keep-lists in data_tools.balance's format that drop every third sample of the cache."""
+    from cid_ds.io import write_json
+    cache = FeatureCache(data["feats"])
+    os.makedirs(data["keep"], exist_ok=True)
+    for path in expand_shards(data["shards"]):
+        stem = os.path.basename(path)[:-4]
+        keys = sorted(cache.lookup(stem).row)
+        with open(shard_file(data["keep"], stem), "wb") as f:
+            np.savez(f, kept=np.asarray([k for i, k in enumerate(keys) if i % drop_every]),
+                     removed=np.asarray([k for i, k in enumerate(keys) if not i % drop_every]))
+    write_json(os.path.join(data["keep"], "manifest.json"), {"complete": True, "teacher": cache.teacher})
+
+
+def packed_samples(out):
+    return {s["__key__"]: s for s in read_samples(sorted(expand_shards(os.path.join(out, "*.tar"))))}
+
+
+def source_samples(data):
+    return {s["__key__"]: s for s in read_samples(expand_shards(data["shards"]))}
+
+
+def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings_tokens_and_clusters(dataset, tmp_path):
+    out = str(tmp_path / "packed")
+    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out,
+                    clusters_dir=dataset["clusters"], balance_dir=dataset["keep"], samples_per_shard=40,
+                    progress=False)
+    cache, clusters = FeatureCache(dataset["feats"]), ClusterAssignments(dataset["clusters"])
+    kept = {k for stem in ("00000", "00001") for k in np.load(shard_file(dataset["keep"], stem))["kept"].tolist()}
+    packed, source = packed_samples(out), source_samples(dataset)
+    assert set(packed) == kept and len(kept) == manifest["totals"]["samples"]
+    assert manifest["totals"]["removed_by_balance"] == 160 - len(kept)
+    assert [s["samples"] for s in manifest["shards"]] == [40, 40, len(kept) - 80]
+    assert set(manifest["upstream"]) == {"features", "clusters", "balance"}
+
+    _, _, tokenizer = create_model("demo-student")[1:]
+    for key, sample in packed.items():
+        stem = os.path.basename(source[key]["__url__"])[:-4]
+        image_ext = next(ext for ext in IMAGE_EXTS if ext in sample)
+        assert sample[image_ext] == source[key][image_ext]  # not re-encoded
+        assert sample["txt"] == source[key]["txt"].strip()
+        features, row = cache.lookup(stem), cache.lookup(stem).row[key]
+        np.testing.assert_array_equal(decode_array(sample["t_img"], "t_img", 256, key), features.image[row])
+        np.testing.assert_array_equal(decode_array(sample["t_txt"], "t_txt", 256, key), features.text[row])
+        assignments = clusters.lookup(stem)
+        np.testing.assert_array_equal(decode_array(sample["cluster"], "cluster", 2, key),
+                                      assignments.ids[assignments.row[key]])
+        np.testing.assert_array_equal(decode_array(sample["tokens"], "tokens", 24, key),
+                                      tokenizer([sample["txt"].decode()])[0].numpy())
+
+
+def test_the_loader_reads_packed_shards_as_it_joins_the_side_cache(dataset, tmp_path):
+    out = str(tmp_path / "packed")
+    pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out, clusters_dir=dataset["clusters"],
+         samples_per_shard=50, progress=False)
+    _, _, preprocess, tokenizer = create_model("demo-student")
+
+    def batches(shards, **join):
+        loader = build_train_loader(shards, preprocess, tokenizer, batch_size=16, workers=0, shuffle_buffer=1, **join)
+        return {key: (b["image"][i], b["tokens"][i], b["t_img"][i], b["cluster"][i])
+                for b in loader for i, key in enumerate(b["key"])}
+
+    from_packed = batches(expand_shards(os.path.join(out, "*.tar")), features_dir=None)
+    joined = batches(expand_shards(dataset["shards"]), features_dir=dataset["feats"], clusters_dir=dataset["clusters"])
+    assert len(from_packed) == 160 and set(from_packed) == set(joined)
+    for key, (image, tokens, t_img, cluster) in from_packed.items():
+        torch.testing.assert_close(image, joined[key][0])
+        torch.testing.assert_close(tokens, joined[key][1])
+        torch.testing.assert_close(t_img, joined[key][2])
+        torch.testing.assert_close(cluster, joined[key][3])
+
+
+def test_another_students_tokenizer_retokenises_the_captions(dataset, tmp_path):
+    out = str(tmp_path / "packed")
+    pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out, progress=False)
+    _, _, preprocess, tokenizer = create_model("ViT-B-32")  # context length 77, not the demo's 24
+    batch = next(iter(build_train_loader(expand_shards(os.path.join(out, "*.tar")), preprocess, tokenizer,
+                                         batch_size=4, workers=0, features_dir=None)))
+    assert batch["tokens"].shape == (4, 77)
+
+
+def test_a_killed_run_resumes_to_the_same_shards_and_other_parameters_are_refused(dataset, tmp_path):
+    args = [sys.executable, "-m", "data_tools.pack", "--shards", dataset["shards"], "--features", dataset["feats"],
+            "--tokenizer", "demo-student", "--samples-per-shard", "30"]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    subprocess.run(args + ["--out", whole], cwd=REPO_ROOT, check=True, capture_output=True)
+    subprocess.run(args + ["--out", resumed], cwd=REPO_ROOT, check=True, capture_output=True)
+    for name in ("00002.tar", "00005.tar"):  # as if killed before these were written
+        os.remove(os.path.join(resumed, name))
+    open(os.path.join(resumed, "00002.tar.tmp123"), "wb").write(b"half a tar")
+    subprocess.run(args + ["--out", resumed], cwd=REPO_ROOT, check=True, capture_output=True)
+    for name in sorted(os.listdir(whole)):
+        if name.endswith(".tar"):
+            assert open(os.path.join(whole, name), "rb").read() == open(os.path.join(resumed, name), "rb").read()
+    assert not os.path.exists(os.path.join(resumed, "00002.tar.tmp123"))
+    assert read_json(os.path.join(whole, "manifest.json"))["shards"] == \
+        read_json(os.path.join(resumed, "manifest.json"))["shards"]
+
+    other = subprocess.run(args[:-1] + ["40", "--out", resumed], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert other.returncode != 0 and "field 'samples_per_shard' differs" in other.stderr
+
+
+def test_corrupt_source_input_is_counted_not_fatal(dataset, tmp_path):
+    shards = [shutil.copy(p, tmp_path) for p in expand_shards(dataset["shards"])]
+    with open(shards[1], "r+b") as f:  # the second tar breaks after extraction: cut in the middle
+        f.truncate(os.path.getsize(shards[1]) // 2)
+    manifest = pack(shards, dataset["feats"], "demo-student", str(tmp_path / "packed"), progress=False)
+    totals = manifest["totals"]
+    assert totals["unreadable_source_shards"] == 1
+    assert 80 <= totals["samples"] < 160 and totals["samples"] + totals["missing_in_source"] == 160
+
+
+def test_bad_upstream_is_refused_naming_the_file(dataset, tmp_path):
+    incomplete = str(tmp_path / "keep")
+    shutil.copytree(dataset["keep"], incomplete)
+    from cid_ds.io import write_json
+    write_json(os.path.join(incomplete, "manifest.json"), {"complete": False})
+    with pytest.raises(ValueError, match=r"keep/manifest\.json is incomplete"):
+        pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "o"),
+             balance_dir=incomplete, progress=False)
