@@ -97,15 +97,22 @@ class DataPosition:
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
             rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None) -> Iterator[dict]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
-    ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them)."""
-    from cid_ds.data.wds_loader import build_train_loader
+    ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them).
+    ``cfg.data.backend`` picks the loader (cid_ds.data.dali_loader.resolve_backend)."""
+    from cid_ds.data.dali_loader import resolve_backend
+    backend = resolve_backend(cfg.data.backend, shards, joins=cfg.data.features is not None or clusters_dir is not None)
     while True:
-        loader = build_train_loader(
-            shards, preprocess, tokenizer, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
-            features_dir=cfg.data.features, missing_features=cfg.data.missing_features,
-            epoch=position.epoch, seed=cfg.seed, rank=rank, world_size=world_size,
-            shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=position.batch_in_epoch,
-            clusters_dir=clusters_dir, teacher_tokenizer=teacher_tokenizer)
+        common = dict(batch_size=cfg.data.batch_size, epoch=position.epoch, seed=cfg.seed, rank=rank,
+                      world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                      skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer)
+        if backend == "dali":
+            from cid_ds.data.dali_loader import build_dali_loader
+            loader = build_dali_loader(shards, preprocess, tokenizer, threads=cfg.data.workers, **common)
+        else:
+            from cid_ds.data.wds_loader import build_train_loader
+            loader = build_train_loader(
+                shards, preprocess, tokenizer, workers=cfg.data.workers, features_dir=cfg.data.features,
+                missing_features=cfg.data.missing_features, clusters_dir=clusters_dir, **common)
         produced = False
         for batch in loader:
             produced = True

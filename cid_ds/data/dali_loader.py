@@ -1,0 +1,374 @@
+"""The DALI loader: the second backend behind the batch contract of ``cid_ds.data.wds_loader``.
+
+It reads distill-ready shards (``cid_ds.data.packed``) with ``fn.readers.webdataset`` and our own index
+files (``cid_ds.data.shard_index``), decodes JPEGs with nvJPEG (``device="mixed"``) when a GPU is there
+and on the CPU otherwise, and crops, resizes and normalises where it decoded. Token ids, teacher
+embeddings and cluster ids are the shards' raw little-endian bytes, read with their dtype and cast.
+One pipeline function serves both devices; ``data_tools.extract`` uses it too (``read_shard``).
+
+How it keeps the webdataset loader's promises:
+
+* **Ranks.** Rank r reads ``shards[r::world_size]`` (the webdataset loader's split) with a reader of
+  its own (``num_shards=1``), rather than DALI's ``shard_id``/``num_shards``, which splits the samples of
+  all shards into contiguous ranges (so every rank would index every shard) and pads or wraps ranges
+  of unequal length. An epoch is ``kept // batch_size`` full batches; DALI's shuffle buffer only draws
+  from the current epoch, so those batches hold each sample at most once, and the next epoch's samples
+  reach no batch we keep.
+* **Order.** Fixed by (seed, epoch, rank, world size): the rank's shard list is shuffled as the
+  webdataset loader does, the reader's shuffle buffer (``shuffle_buffer`` samples) and the random
+  crops have seeds drawn from the same values. Not by the thread count.
+* **Bad samples.** DALI cannot drop a sample inside a batch, and a sample its decoder cannot read stops
+  the pipeline. So the index leaves out what the webdataset loader would skip (no caption, an image PIL
+  cannot open or a truncated one, a missing field), and a decoder failure all the same excludes the
+  sample from its index and restarts the pipeline where it was. Both are counted in ``n_skipped`` and
+  logged once per key with the shard.
+* **Resume.** ``skip_batches=N`` starts reading at sample ``N * batch_size`` of the rank's read order
+  (whole shards dropped, the partly read one through a trimmed index), so nothing is decoded twice.
+  Without shuffling it is exact; with it, the samples that were in the shuffle buffer at the cut (at
+  most ``shuffle_buffer``) are missed and as many already seen are read again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from webdataset.tariterators import base_plus_ext
+
+from cid_ds.data.features import DataError
+from cid_ds.data.packed import ARRAY_FIELDS, PackedShards, packed_manifest_path
+from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines
+from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, decode_image
+
+# open_clip / torchvision steps that do nothing to an RGB image DALI has decoded to RGB
+_PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")
+_LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
+
+
+def resolve_backend(backend: str, shards: list[str], joins: bool) -> str:
+    """``data.backend`` -> "dali" or "wds". "auto" is DALI on a GPU for packed shards with nothing to
+    join from side folders (``joins``: a feature cache or cluster folder given), the webdataset loader
+    otherwise; "dali" where DALI cannot serve is an error."""
+    servable = packed_manifest_path(shards) is not None and not joins
+    if backend == "dali" and not servable:
+        raise DataError("data.backend=dali reads distill-ready shards (data_tools.pack) with everything in them: "
+                        f"{shards[:1]} has no packed manifest.json beside it, or data.features / cluster.dir asks "
+                        "for a join from a side folder; use data.backend=wds (or auto)")
+    if backend != "auto":
+        return backend
+    return "dali" if servable and torch.cuda.is_available() and importlib.util.find_spec("nvidia.dali") else "wds"
+
+
+def default_device_id() -> Optional[int]:
+    """The current CUDA device (the trainer has set the rank's), or None: the CPU pipeline."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The student's preprocess in DALI's terms: a random resized crop, or resize + centre crop."""
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str                                 # torchvision's InterpolationMode value
+    crop_scale: Optional[tuple[float, float]] = None   # set: RandomResizedCrop (training view)
+    crop_ratio: Optional[tuple[float, float]] = None
+    resize: Optional[int] = None                       # set: shorter side, then centre crop (eval view)
+
+
+def image_spec(preprocess: Callable) -> ImageSpec:
+    """Read the crop, resize and normalisation out of an open_clip preprocess (a torchvision Compose).
+    A step DALI does not reproduce is an error, so both backends never differ silently."""
+    steps, found = getattr(preprocess, "transforms", [preprocess]), {}
+    for step in steps:
+        kind = next((t for t in (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.Normalize) if isinstance(step, t)), None)
+        if kind is not None and kind not in found:
+            found[kind] = step
+        elif getattr(step, "__name__", type(step).__name__) not in _PASS_THROUGH:
+            raise ValueError(f"the DALI loader cannot reproduce the preprocess step {step!r} of {preprocess!r}; "
+                             "use data.backend=wds")
+    normalize = found.get(T.Normalize)
+    if normalize is None:
+        raise ValueError(f"the preprocess has no Normalize step: {preprocess!r}")
+    norm = dict(mean=tuple(float(m) for m in normalize.mean), std=tuple(float(s) for s in normalize.std))
+    if T.RandomResizedCrop in found:
+        crop = found[T.RandomResizedCrop]
+        return ImageSpec(tuple(crop.size), interpolation=crop.interpolation.value, crop_scale=tuple(crop.scale),
+                         crop_ratio=tuple(crop.ratio), **norm)
+    resize, center = found.get(T.Resize), found.get(T.CenterCrop)
+    sides = [] if resize is None else [resize.size] if isinstance(resize.size, int) else list(resize.size)
+    if center is None or len(sides) != 1 or resize.max_size is not None:
+        raise ValueError(f"the DALI loader reproduces RandomResizedCrop, or Resize(shorter side) + CenterCrop, "
+                         f"not {preprocess!r}; use data.backend=wds")
+    return ImageSpec(tuple(center.size), interpolation=resize.interpolation.value, resize=sides[0], **norm)
+
+
+def _pipeline(paths: list[str], index_paths: list[str], spec: ImageSpec, fields: list[str], captions: bool,
+              batch_size: int, threads: int, device_id: Optional[int], shuffle: int, seed: int):
+    """Outputs ``image`` (float [B,3,H,W]), ``source`` (the reader's "shard:offset:name", NUL-padded
+    bytes), each of ``fields`` (int64 or float32), and with ``captions`` ``caption`` (its first
+    MAX_CAPTION_BYTES, NUL-padded) and ``caption_length``. Decoding and image work run on GPU
+    ``device_id``, or on the CPU when it is None."""
+    from nvidia.dali import Pipeline, fn, types
+    dtypes = {np.dtype("<i4"): types.INT32, np.dtype("<f2"): types.FLOAT16}
+    rng = random.Random(seed)
+    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=rng.getrandbits(31))
+    with pipe:
+        # Our index lists complete samples only: a missing component means a stale index, an error.
+        encoded, *arrays = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, name="reader", missing_component_behavior="error",
+            ext=[";".join(IMAGE_EXTS), *fields] + (["txt"] if captions else []),
+            dtypes=[types.UINT8, *(dtypes[ARRAY_FIELDS[f]] for f in fields)] + ([types.UINT8] if captions else []),
+            random_shuffle=shuffle > 1, initial_fill=max(shuffle, 1), seed=rng.getrandbits(31))
+        images = _image_view(encoded, spec, "cpu" if device_id is None else "mixed")
+        outputs = [images, fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)]
+        for name, values in zip(fields, arrays):
+            values = fn.cast(values, dtype=types.FLOAT if ARRAY_FIELDS[name].kind == "f" else types.INT64)
+            outputs.append(values if device_id is None else values.gpu())
+        if captions:
+            text = arrays[-1][:MAX_CAPTION_BYTES]
+            outputs += [fn.pad(text, fill_value=0), text.shape()]
+        pipe.set_outputs(*outputs)
+    return pipe
+
+
+def _image_view(encoded, spec: ImageSpec, device: str):
+    """Decode (``device`` "mixed": nvJPEG on the GPU) and make the student's view, as torchvision would.
+    EXIF orientation is ignored, as PIL (and so the teacher's extraction) ignores it."""
+    from nvidia.dali import fn, math, types
+    interpolation = {"nearest": types.INTERP_NN, "bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+                     "lanczos": types.INTERP_LANCZOS3}[spec.interpolation]
+    images = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
+    if spec.crop_scale is not None:
+        images = fn.random_resized_crop(images, size=spec.size, random_area=spec.crop_scale,
+                                        random_aspect_ratio=spec.crop_ratio, interp_type=interpolation)
+    else:
+        # torchvision's arithmetic, not DALI's resize_shorter and centred crop: the longer side is
+        # truncated, not rounded, and the crop offset rounds half to even; either one is a pixel's shift.
+        shape = fn.peek_image_shape(encoded, adjust_orientation=False)
+        height, width = shape[0], shape[1]
+        shorter = math.min(height, width)
+        height, width = height * spec.resize // shorter, width * spec.resize // shorter
+        images = fn.resize(images, resize_y=fn.cast(height, dtype=types.FLOAT),
+                           resize_x=fn.cast(width, dtype=types.FLOAT), interp_type=interpolation)
+        anchor = fn.stack(_half_to_even(height - spec.size[0]), _half_to_even(width - spec.size[1]))
+        images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), np.array(spec.size, dtype=np.int32),
+                          axis_names="HW")
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std])
+
+
+def _half_to_even(margin):
+    """Python's round(margin / 2) in DALI integer arithmetic: torchvision's CenterCrop offset."""
+    half = margin // 2
+    return half + (margin & 1) * (half & 1)
+
+
+def _output_names(fields: list[str], captions: bool) -> list[str]:
+    return ["image", "source", *fields] + (["caption", "caption_length"] if captions else [])
+
+
+def _split_source(source: str, shards: set[str]) -> tuple[str, str]:
+    """``(shard, key)`` of a DALI source_info ``SHARD:OFFSET:NAME`` (a path may hold colons too)."""
+    for colon in (m.start() for m in re.finditer(":", source)):
+        if source[:colon] in shards:
+            return source[:colon], base_plus_ext(source[colon + 1:].split(":", 1)[1])[0]
+    raise ValueError(f"DALI source {source!r} names none of the shards read")
+
+
+def _strings(rows: torch.Tensor) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode() for row in rows.numpy()]
+
+
+def _read_order(indexes: list[ShardIndex]) -> Iterator[tuple[ShardIndex, str]]:
+    return ((index, line) for index in indexes for line in index_lines(index))
+
+
+def _readers_from(indexes: list[ShardIndex], start: int, folder: str) -> tuple[list[str], list[str]]:
+    """Shard and index paths that read ``indexes`` from sample ``start`` of their read order on: the
+    shards before it dropped, the one it falls in through a trimmed index written in ``folder``."""
+    paths, index_paths, position = [], [], 0
+    for index in indexes:
+        first, position = max(0, start - position), position + index.samples
+        if first >= index.samples:
+            continue
+        index_path = index.path
+        if first:
+            index_path = os.path.join(folder, "resume.idx")
+            write_lines(index_path, index_lines(index)[first:])
+        paths.append(index.shard)
+        index_paths.append(index_path)
+    return paths, index_paths
+
+
+def _log_skipped(index: ShardIndex, key: str) -> None:
+    if (index.shard, key) not in _LOGGED:
+        _LOGGED.add((index.shard, key))
+        print(f"[cid_ds] DALI: shard {index.shard} key {key}: skipped, {index.skipped[key]}", flush=True)
+
+
+def _exclude_failed(error: RuntimeError, indexes: list[ShardIndex], start: int, window: int) -> int:
+    """After a decoder failure: exclude the sample DALI names, or, when it names none, the samples PIL
+    cannot decode among the ``window`` read from ``start`` on. Returns how many were excluded."""
+    by_shard = {index.shard: index for index in indexes}
+    named = re.search(r"Failed to decode sample #\d+ : (.*)", str(error))
+    if named is not None:
+        shard, key = _split_source(named.group(1).strip(), set(by_shard))
+        bad = [(by_shard[shard], key)]
+    else:
+        candidates = itertools.islice(_read_order(indexes), start, start + window)
+        bad = [(index, base_plus_ext(line.split(" ")[3])[0]) for index, line in candidates
+               if decode_image({line.split(" ")[0]: _component(index.shard, line)}) is None]
+    if not bad:
+        raise DataError(f"DALI failed on shards {sorted(by_shard)} and no sample could be blamed:\n{error}")
+    for index, key in bad:
+        exclude(index, key, "DALI could not decode the image")
+        _log_skipped(index, key)
+    return len(bad)
+
+
+def _component(shard: str, line: str) -> bytes:
+    """The bytes of the first component an index line lists."""
+    _, offset, size = line.split(" ")[:3]
+    with open(shard, "rb") as f:
+        f.seek(int(offset))
+        return f.read(int(size))
+
+
+def _pipeline_batches(indexes: list[ShardIndex], start: int, batch_size: int, shuffle: int,
+                      make: Callable[[list[str], list[str]], object], names: list[str]) -> Iterator[tuple[dict, int]]:
+    """``(outputs, excluded)`` batch after batch, reading from sample ``start``, with ``excluded`` the
+    samples dropped since the previous batch. On a decoder failure the culprit leaves its index and a
+    new pipeline starts where the batches delivered so far end. Ends when nothing is left to read;
+    runs on into the next epoch otherwise (the caller stops)."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    delivered, excluded = 0, 0
+    while True:
+        with tempfile.TemporaryDirectory() as folder:
+            paths, index_paths = _readers_from(indexes, start + delivered * batch_size, folder)
+            if not paths:
+                return
+            pipe = make(paths, index_paths)
+            pipe.build()  # reads the index files
+        try:
+            for outputs in DALIGenericIterator([pipe], names):
+                yield outputs[0], excluded
+                delivered, excluded = delivered + 1, 0
+        except RuntimeError as e:
+            # The failing batch came from the shuffle buffer (read up to `shuffle` samples before or
+            # after the delivered ones) or from the batches in flight in the prefetch queues.
+            position = start + delivered * batch_size
+            excluded += _exclude_failed(e, indexes, max(0, position - shuffle), 2 * shuffle + 4 * batch_size)
+
+
+def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int, threads: int,
+                      epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
+                      skip_batches: int = 0, teacher_tokenizer: Optional[Callable] = None,
+                      device_id: Union[int, None, str] = "auto") -> Iterator[dict]:
+    """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
+    contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``t_img``, ``t_txt``,
+    ``cluster`` (int64 [B] top-1, or [B, topk]) when the shards were packed with clusters, and with a
+    ``teacher_tokenizer`` ``teacher_tokens``. ``threads`` DALI CPU threads; ``device_id`` "auto" (the current GPU, else the
+    CPU), a CUDA device, or None for the CPU. The module docstring says how epochs, order, bad samples
+    and ``skip_batches`` behave."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = packed_manifest_path(shards)
+    if manifest is None:
+        raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
+                        "packed manifest.json beside it; use data.backend=wds for plain shards")
+    packed = PackedShards(manifest)
+    fields = list(packed.lengths())
+    retokenize = not packed.tokens_usable(tokenizer)
+    captions = retokenize or teacher_tokenizer is not None
+    rank_shards = shards[rank::world_size]
+    random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
+    indexes = shard_indexes(rank_shards, packed.lengths())
+    shard_set = set(rank_shards)
+    spec = image_spec(preprocess)
+    device_id = default_device_id() if device_id == "auto" else device_id
+
+    def make(paths: list[str], index_paths: list[str]):
+        return _pipeline(paths, index_paths, spec, fields, captions, batch_size, max(1, threads), device_id,
+                         shuffle_buffer, seed=random.Random(f"dali:{seed}:{epoch}:{rank}").getrandbits(63))
+
+    def epoch_batches() -> Iterator[dict]:
+        start = skip_batches * batch_size
+        # skipped samples are counted when the reader reaches their shard (those before `start` were)
+        pending, position = [], 0
+        for index in indexes:
+            if position >= start:
+                pending.append((position, index))
+            position += index.samples
+        outputs = _pipeline_batches(indexes, start, batch_size, shuffle_buffer, make, _output_names(fields, captions))
+        for number in itertools.count(skip_batches):
+            if number >= sum(index.samples for index in indexes) // batch_size:
+                return
+            out, excluded = next(outputs, (None, 0))
+            if out is None:
+                return
+            reached = [index for at, index in pending if at < (number + 1) * batch_size]
+            pending = pending[len(reached):]
+            for index in reached:
+                for key in index.skipped:
+                    _log_skipped(index, key)
+            n_skipped = excluded + sum(len(index.skipped) for index in reached)
+            yield _batch(out, shard_set, n_skipped, tokenizer if retokenize else None, teacher_tokenizer)
+
+    return epoch_batches()
+
+
+def _captions(out: dict) -> list[str]:
+    return [caption_of({"txt": bytes(row[:n])})
+            for row, n in zip(out["caption"].numpy(), out["caption_length"].view(-1).tolist())]
+
+
+def _batch(out: dict, shards: set[str], n_skipped: int, tokenizer: Optional[Callable],
+           teacher_tokenizer: Optional[Callable]) -> dict:
+    """The batch contract from the pipeline's outputs; ``tokenizer`` set: tokens from the captions."""
+    batch = {"image": out["image"], "tokens": out["tokens"],
+             "key": [_split_source(source, shards)[1] for source in _strings(out["source"])],
+             "n_skipped": n_skipped}
+    if "caption" in out:
+        texts = _captions(out)
+        if tokenizer is not None:
+            batch["tokens"] = tokenizer(texts)
+        if teacher_tokenizer is not None:
+            batch["teacher_tokens"] = teacher_tokenizer(texts)
+    batch["t_img"], batch["t_txt"] = out["t_img"], out["t_txt"]
+    if "cluster" in out:
+        batch["cluster"] = out["cluster"][:, 0] if out["cluster"].shape[1] == 1 else out["cluster"]
+    return batch
+
+
+def read_shard(shard: str, preprocess: Callable, batch_size: int, threads: int,
+               device_id: Union[int, None, str] = "auto") -> tuple[ShardIndex, Iterator[tuple[list[str], torch.Tensor, list[str]]]]:
+    """For ``data_tools.extract``: ``(index, batches)`` of a plain (img2dataset) shard, its usable
+    samples in tar order as ``(keys, images, captions)``, the last batch short. ``index.skipped``
+    (key -> reason) is complete once the batches are."""
+    index = shard_indexes([shard], {})[0]
+    spec = image_spec(preprocess)
+    device_id = default_device_id() if device_id == "auto" else device_id
+
+    def make(paths: list[str], index_paths: list[str]):
+        return _pipeline(paths, index_paths, spec, [], True, batch_size, max(1, threads), device_id, 0, seed=0)
+
+    def batches() -> Iterator[tuple[list[str], torch.Tensor, list[str]]]:
+        outputs = _pipeline_batches([index], 0, batch_size, 0, make, _output_names([], True))
+        for number in itertools.count():
+            left = index.samples - number * batch_size  # the reader wraps round: the rest is the next epoch
+            out, _ = next(outputs, (None, 0)) if left > 0 else (None, 0)
+            if out is None:
+                return
+            keys = [_split_source(source, {shard})[1] for source in _strings(out["source"])[:left]]
+            yield keys, out["image"][:left], _captions(out)[:left]
+
+    return index, batches()
