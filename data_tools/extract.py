@@ -1,9 +1,12 @@
 """Embed every sample once with the teacher and write the feature cache (see cid_ds.data.features).
 
   python -m data_tools.extract --shards '/data/{00000..00041}.tar' --teacher ViT-L-14 \\
-      --pretrained laion400m_e32 --out runs/feats [--batch-size 256] [--workers 2] [--device auto]
+      --pretrained laion400m_e32 --out runs/feats [--batch-size 256] [--workers 2] [--device auto] \\
+      [--backend auto]
 
 Images are embedded in the eval view (the teacher's preprocess_val), captions through its tokenizer.
+Images are decoded by PIL in ``--workers`` processes (``--backend wds``) or by DALI with ``--workers``
+threads, nvJPEG on a GPU (``--backend dali``; ``auto``: DALI when the device is a GPU).
 Shards whose .npz exists are skipped, so a re-run resumes. Under torchrun or the deepspeed launcher
 (RANK/WORLD_SIZE set) each rank takes shards[rank::world] on cuda:LOCAL_RANK; whichever rank finds
 every shard file present at its end writes the complete manifest.
@@ -52,9 +55,7 @@ class _ShardBatches(IterableDataset):
         keys, images, captions, corrupt_image, missing_caption = [], [], [], [], []
         for sample in read_samples([shard]):
             key = sample["__key__"]
-            if key in seen:
-                raise DataError(f"shard {shard}: key {key} appears twice; cached features are looked up by key")
-            seen.add(key)
+            _check_unique(shard, key, seen)
             caption = caption_of(sample)
             if caption is None:
                 missing_caption.append(key)
@@ -67,15 +68,39 @@ class _ShardBatches(IterableDataset):
             images.append(self.preprocess(image))
             captions.append(caption)
             if len(keys) == self.batch_size:
-                yield self._batch(shard, keys, images, captions)
+                yield _batch(shard, keys, torch.stack(images), captions, self.tokenizer)
                 keys, images, captions = [], [], []
-        last = self._batch(shard, keys, images, captions)
+        last = _batch(shard, keys, torch.stack(images) if images else None, captions, self.tokenizer)
         yield dict(last, done=True, corrupt_image=corrupt_image, missing_caption=missing_caption)
 
-    def _batch(self, shard: str, keys: list[str], images: list, captions: list[str]) -> dict:
-        return {"shard": shard, "keys": keys, "done": False,
-                "image": torch.stack(images) if images else None,
-                "tokens": self.tokenizer(captions) if captions else None}
+
+def _check_unique(shard: str, key: str, seen: set[str]) -> None:
+    if key in seen:
+        raise DataError(f"shard {shard}: key {key} appears twice; cached features are looked up by key")
+    seen.add(key)
+
+
+def _batch(shard: str, keys: list[str], images: Optional[torch.Tensor], captions: list[str], tokenizer) -> dict:
+    return {"shard": shard, "keys": keys, "done": False, "image": images,
+            "tokens": tokenizer(captions) if captions else None}
+
+
+def _dali_shard_batches(shards: list[str], preprocess, tokenizer, batch_size: int, threads: int,
+                        device: torch.device) -> Iterator[dict]:
+    """What ``_ShardBatches`` yields, decoded by DALI (nvJPEG on a GPU ``device``), a shard at a time."""
+    from cid_ds.data.dali_loader import read_shard
+    from cid_ds.data.shard_index import NO_CAPTION
+    device_id = None if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+    for shard in shards:
+        index, batches = read_shard(shard, preprocess, batch_size, threads, device_id)
+        seen: set[str] = set()
+        for keys, images, captions in batches:
+            for key in keys:
+                _check_unique(shard, key, seen)
+            yield _batch(shard, keys, images, captions, tokenizer)
+        yield dict(_batch(shard, [], None, [], tokenizer), done=True,
+                   corrupt_image=[key for key, why in index.skipped.items() if why != NO_CAPTION],
+                   missing_caption=[key for key, why in index.skipped.items() if why == NO_CAPTION])
 
 
 def _embed(model, images: torch.Tensor, tokens: torch.Tensor, device: torch.device):
@@ -99,9 +124,10 @@ def _check_existing_manifest(out_dir: str, teacher: dict) -> None:
 
 
 def extract(shards: list[str], teacher: str, pretrained: Optional[str], out_dir: str, batch_size: int = 256,
-            workers: int = 2, device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict:
+            workers: int = 2, device: str = "cpu", rank: int = 0, world_size: int = 1, backend: str = "wds") -> dict:
     """Write this rank's share of the feature cache; returns what it did (``extracted``/``skipped`` shard
-    stems, ``samples``, ``samples_per_s``) and ``manifest`` once the cache is complete (else None)."""
+    stems, ``samples``, ``samples_per_s``) and ``manifest`` once the cache is complete (else None).
+    ``backend``: "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads)."""
     stems_by_shard(shards)  # unique names, or an error naming both shards
     missing = [path for path in shards if not os.path.isfile(path)]
     if missing:
@@ -126,7 +152,7 @@ def extract(shards: list[str], teacher: str, pretrained: Optional[str], out_dir:
         try:
             samples = _run(model, preprocess, tokenizer, info, todo, out_dir, batch_size, workers,
                            torch.device(device), desc=f"extract rank {rank}" if world_size > 1 else "extract",
-                           show=rank == 0)
+                           show=rank == 0, backend=backend)
         finally:
             torch.set_num_threads(threads)
     seconds = time.time() - start
@@ -143,10 +169,13 @@ def extract(shards: list[str], teacher: str, pretrained: Optional[str], out_dir:
 
 
 def _run(model, preprocess, tokenizer, info: dict, todo: list[str], out_dir: str, batch_size: int,
-         workers: int, device: torch.device, desc: str, show: bool) -> int:
+         workers: int, device: torch.device, desc: str, show: bool, backend: str) -> int:
     """Embed the shards in ``todo``, writing each one's file as soon as its last batch is embedded."""
-    loader = DataLoader(_ShardBatches(todo, preprocess, tokenizer, batch_size), batch_size=None,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    if backend == "dali":
+        loader = _dali_shard_batches(todo, preprocess, tokenizer, batch_size, workers, device)
+    else:
+        loader = DataLoader(_ShardBatches(todo, preprocess, tokenizer, batch_size), batch_size=None,
+                            num_workers=workers, pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
     samples = written = 0
     with tqdm(desc=desc, unit="img", disable=not show, postfix={"shards": f"0/{len(todo)}"}) as bar:
@@ -179,6 +208,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda:N")
+    parser.add_argument("--backend", default="auto", choices=("auto", "wds", "dali"),
+                        help="image decoding: PIL in worker processes (wds), DALI (dali; nvJPEG on a GPU), "
+                             "auto: dali on a GPU, wds on the CPU")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is read too
     args = parser.parse_args(argv)
@@ -188,12 +220,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = args.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    backend = args.backend if args.backend != "auto" else "dali" if torch.device(device).type == "cuda" else "wds"
     shards = expand_shards(args.shards)
     if not shards:
         parser.error(f"--shards {args.shards!r} matches no file")
     try:
         result = extract(shards, args.teacher, args.pretrained, args.out, args.batch_size, args.workers,
-                         device, rank, world_size)
+                         device, rank, world_size, backend)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"extract: {e}")
     print(f"rank {rank}: extracted {len(result['extracted'])} shards ({result['samples']} samples, "

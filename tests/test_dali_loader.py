@@ -255,3 +255,25 @@ def test_read_shard_gives_every_usable_sample_in_tar_order(tmp_path, student):
     assert [keys for keys, _, _ in batches] == [["000", "001", "002", "003"], ["005", "006", "008", "009"], ["010"]]
     assert batches[2][2] == ["caption 10"] and batches[2][1].shape == (1, 3, 32, 32)
     assert index.skipped == {"004": "truncated JPEG (no end marker)", "007": "no caption"}
+
+
+def test_extract_with_dali_writes_the_feature_cache_the_wds_backend_writes(tmp_path):
+    """Same keys in the same order, same skipped keys by kind, embeddings of the same pixels."""
+    from cid_ds.data.features import FeatureCache, shard_file
+    from data_tools.extract import extract
+    from tests.helpers import write_shard_tar
+    shards = [write_shard_tar(tmp_path / "00000.tar", 0, 12, corrupt={"000000003"}, empty_caption={"000000005"}),
+              write_shard_tar(tmp_path / "00001.tar", 12, 9)]
+    caches = {}
+    for backend in ("wds", "dali"):
+        out = str(tmp_path / backend)
+        extract(shards, "demo-teacher", None, out, batch_size=4, workers=1, backend=backend)
+        caches[backend] = FeatureCache(out)
+    for stem in ("00000", "00001"):
+        wds_rows, dali_rows = caches["wds"].lookup(stem), caches["dali"].lookup(stem)
+        assert dali_rows.row == wds_rows.row and dali_rows.skipped == wds_rows.skipped
+        cosine = (dali_rows.image.astype(np.float32) * wds_rows.image.astype(np.float32)).sum(1)
+        assert cosine.min() > 0.999
+        np.testing.assert_array_equal(dali_rows.text, wds_rows.text)
+    with np.load(shard_file(str(tmp_path / "dali"), "00000")) as npz:
+        assert npz["corrupt_image"].tolist() == ["000000003"] and npz["missing_caption"].tolist() == ["000000005"]

@@ -33,6 +33,7 @@ from cid_ds.io import atomic_path, read_json, write_json
 
 INDEX_VERSION = 1
 INDEX_FOLDER = "_dali_index"
+NO_CAPTION = "no caption"  # the skip reason data_tools.extract files under missing_caption
 # Formats DALI's decoders read; PIL reads more (GIF, ...), and a GIF named .jpg would stop the pipeline.
 DALI_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000"}
 
@@ -84,7 +85,7 @@ def _check(shard: str, tar: tarfile.TarFile, key: str, parts: dict[str, tarfile.
     """``(reason to skip or None, the members the index lists)``, checked in the webdataset loader's
     order: caption, arrays, image. A wrong-sized array is a DataError: a packing bug, not bad data."""
     if "txt" not in parts or caption_of({"txt": _read(tar, parts["txt"], MAX_CAPTION_BYTES)}) is None:
-        return "no caption", []
+        return NO_CAPTION, []
     for name, length in fields.items():
         if name not in parts:
             return f"no .{name}", []
