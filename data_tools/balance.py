@@ -1,0 +1,555 @@
+"""Image semantic balance: inside each cluster, group near-duplicate images and keep one of each group.
+
+  python -m data_tools.balance --features runs/feats --clusters runs/clusters --out runs/balance \\
+      [--perceptual 0.98] [--semantic 0.9 | --target-keep-fraction 0.56] [--workers N] \\
+      [--block-size 4096] [--part-rows 65536] [--tune-samples 100000] [--seed 0]
+
+Inside each cluster (the top-1 id written by data_tools.cluster), every pair of samples whose teacher
+image embeddings (float32, L2-normalised) have a cosine similarity above the semantic threshold is
+linked; union-find merges the links into groups, and each group keeps the member nearest its mean
+embedding (the largest dot product with the group's sum; ties go to the first in cache order: shard
+stem, then row in the shard). The perceptual threshold (higher) only labels what was removed: a removed
+sample is a *perceptual* duplicate when its similarity to at least one other sample of its cluster is
+above it (near-identical: copies, re-encodes, light edits), otherwise a *semantic* duplicate (every
+one of its links lies in (semantic, perceptual]).
+
+Memory. One pass over the cluster files orders the samples by cluster (the keys, 4 bytes a character, and
+~40 bytes a sample stay in memory); one pass over the cache writes the fp16 image embeddings in that order to
+OUT/by_cluster.npy (as large as the cache's image rows, deleted at the end), one shard at a time through a
+memory map that is closed after each shard. A cluster is compared tile by tile, so no matrix grows with
+the square of its size: a process holds one float32 tile (4 x block-size^2 bytes) and its cluster's rows
+in float32.
+
+Work. Consecutive clusters are cut into parts (those starting in the same run of --part-rows cluster-
+ordered samples; a big cluster makes its own part), processed by --workers processes (default: one per
+CPU), each multiplying on one thread. Each finished part is written atomically to OUT/parts/, so a re-run
+after a crash or a kill skips finished parts. The result does not depend on --workers, nor on
+--block-size (except for a similarity within float rounding of a threshold). A re-run into the same OUT
+refuses other parameters, other inputs or a cache from another teacher.
+
+--target-keep-fraction F replaces --semantic: a seeded sample of whole clusters (drawn uniformly until
+it holds --tune-samples samples) is balanced at thresholds chosen by bisection between 0 and
+--perceptual, and the lowest threshold found (to 1e-4) at which the sample keeps at least F is used.
+
+Output in OUT:
+  <shard_stem>.npz     one per cache shard (np.savez): kept [K] str sorted; removed [R] str sorted;
+                       merged_into [R] str and merged_into_shard [R] str, the kept sample (key and shard
+                       stem) each removed one was grouped with; perceptual [R] bool; teacher_sha256
+  balance_report.json  kept/removed totals and fractions, removed_perceptual / removed_semantic, groups,
+                       thresholds, tuning, per-cluster sizes before and after, largest tile, timing
+  balance_sizes.png    cluster sizes before and after, sorted, log-log
+  manifest.json        parameters, teacher, inputs and their manifests, totals, complete
+  parts/<n>.npz        intermediate: each part's representatives, in cluster order
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import glob
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import cid_ds
+from cid_ds.data.clusters import ClusterAssignments, teacher_conflicts
+from cid_ds.data.features import DataError, FeatureCache, shard_file
+from cid_ds.io import atomic_path, read_json, write_json
+from data_tools.cluster import cache_shards, load_image_rows, unit_rows
+
+MANIFEST = "manifest.json"
+REPORT = "balance_report.json"
+PLOT = "balance_sizes.png"
+BY_CLUSTER = "by_cluster.npy"
+PARTS = "parts"
+SLAB = 1 << 20  # similarity entries compared at a time: bounds the masks and the link arrays of a dense tile
+TUNE_STEPS = 14  # bisection steps: the bracket shrinks to perceptual / 2**14 < 1e-4
+
+
+@dataclass
+class Layout:
+    """Every sample, by its index in cache order (shards by stem, then rows) and by its position in
+    cluster order (cluster id, then cache order): ``order[position] = index``."""
+    stems: list[str]
+    offsets: np.ndarray  # [shards + 1] index of each shard's first sample
+    keys: np.ndarray     # [N] str
+    cluster: np.ndarray  # [N] int32, top-1
+    order: np.ndarray    # [N] int64
+    starts: np.ndarray   # [k + 1] position of each cluster's first sample
+
+
+def read_layout(assignments: ClusterAssignments, shards: dict[str, int]) -> Layout:
+    """One pass over the cluster files: keys and top-1 ids, checked against the cache's sample counts."""
+    keys, ids = [], []
+    for stem, samples in tqdm(shards.items(), desc="read clusters", unit="shard"):
+        shard = assignments.lookup(stem)
+        if shard is None:
+            raise FileNotFoundError(f"cluster assignments {assignments.dir}: no {shard_file(assignments.dir, stem)} "
+                                    f"for shard {stem} of the feature cache")
+        if len(shard.row) != samples:
+            raise DataError(f"{shard_file(assignments.dir, stem)}: {len(shard.row)} keys but the feature cache "
+                            f"has {samples} for shard {stem}")
+        keys.append(np.asarray(list(shard.row), dtype=str))
+        ids.append(shard.ids[:, 0])
+    cluster = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    order = np.argsort(cluster, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(cluster, minlength=assignments.k))])
+    offsets = np.concatenate([[0], np.cumsum(list(shards.values()), dtype=np.int64)])
+    return Layout(list(shards), offsets, np.concatenate(keys) if keys else np.zeros(0, str), cluster, order, starts)
+
+
+def write_by_cluster(cache: FeatureCache, shards: dict[str, int], layout: Layout, path: str) -> None:
+    """The cache's fp16 image rows in cluster order, as a .npy file written one shard at a time."""
+    position = np.empty_like(layout.order)
+    position[layout.order] = np.arange(len(layout.order))
+    with atomic_path(path) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(position), cache.embed_dim))
+        for s, (stem, samples) in enumerate(tqdm(shards.items(), desc="order by cluster", unit="shard")):
+            features = load_image_rows(cache, stem, samples)
+            first, last = layout.offsets[s], layout.offsets[s + 1]
+            if list(features.row) != layout.keys[first:last].tolist():
+                raise DataError(f"{shard_file(cache.dir, stem)}: its keys are not those of the cluster "
+                                f"assignments' file for shard {stem}, in the same order")
+            # Mapped for one shard only: touched pages leave the process when the map is closed.
+            rows = np.lib.format.open_memmap(tmp, mode="r+")
+            rows[position[first:last]] = features.image
+            rows.flush()
+            del rows
+
+
+def _compress(parent: np.ndarray) -> None:
+    """Point every element at its root, by pointer jumping: log2(depth) passes."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return
+        parent[:] = up
+
+
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Merge the groups of each pair ``(a[i], b[i])``: the larger root is pointed at the smaller one."""
+    while a.size:
+        _compress(parent)
+        a, b = parent[a], parent[b]
+        differ = a != b
+        a, b = np.minimum(a[differ], b[differ]), np.maximum(a[differ], b[differ])
+        parent[b] = a  # where pairs share a b, one write wins; the others are retried with the new roots
+
+
+def _link(parent: np.ndarray, perceptual_link: np.ndarray, sims: np.ndarray, semantic: float, perceptual: float,
+          row0: int, col0: int) -> None:
+    """Union the pairs of the tile ``sims`` (rows from ``row0``, columns from ``col0``) above ``semantic``
+    and flag those above ``perceptual``, a slab of rows at a time; on the diagonal (row0 == col0) only the
+    pairs above it."""
+    rows = max(1, SLAB // sims.shape[1])
+    for start in range(0, len(sims), rows):
+        slab = sims[start:start + rows]
+        linked = slab > semantic
+        if row0 == col0:
+            linked = np.triu(linked, start + 1)
+        a, b = np.nonzero(linked)
+        if a.size:
+            near = slab[a, b] > perceptual
+            a += row0 + start
+            b += col0
+            perceptual_link[a[near]] = perceptual_link[b[near]] = True
+            _union(parent, a, b)
+
+
+def representatives(x: np.ndarray, labels: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """``rep[i]``: the member of i's group (same label) with the largest dot product with the group's sum,
+    the lowest index among equals. Scores are float64 products summed row by row, so that equal rows tie
+    exactly wherever they sit in memory."""
+    rep = np.arange(len(labels))
+    members = np.flatnonzero(np.bincount(labels, minlength=len(labels))[labels] > 1)
+    if not members.size:
+        return rep
+    members = members[np.argsort(labels[members], kind="stable")]
+    group = labels[members]
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    counts = np.diff(np.concatenate([starts, [len(members)]]))
+    sums = np.add.reduceat(x[members], starts, axis=0).astype(np.float64)
+    which = np.repeat(np.arange(len(starts)), counts)
+    score = np.concatenate([(x[members[i:i + chunk]].astype(np.float64) * sums[which[i:i + chunk]]).sum(1)
+                            for i in range(0, len(members), chunk)])
+    best = np.lexsort((members, -score, group))[starts]  # group blocks keep their place: group is sorted
+    rep[members] = np.repeat(members[best], counts)
+    return rep
+
+
+def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Balance one cluster of unit rows ``x`` [n, D] (float32): ``(rep, perceptual_link, largest_tile)``,
+    where ``rep[i]`` is the index of the member kept for i's group (i itself if kept) and
+    ``perceptual_link[i]`` whether i is above ``perceptual`` with another row. Similarities are computed
+    in tiles of at most block_size x block_size, the upper triangle only."""
+    n = len(x)
+    parent = np.arange(n)
+    perceptual_link = np.zeros(n, bool)
+    largest = (0, 0)
+    for i in range(0, n, block_size):
+        for j in range(i, n, block_size):
+            sims = torch.mm(torch.from_numpy(x[i:i + block_size]), torch.from_numpy(x[j:j + block_size]).T).numpy()
+            largest = max(largest, sims.shape, key=lambda shape: shape[0] * shape[1])
+            _link(parent, perceptual_link, sims, semantic, perceptual, i, j)
+    _compress(parent)
+    return representatives(x, parent), perceptual_link, largest
+
+
+def _balance_part(task: tuple[str, np.ndarray], by_cluster_path: str, semantic: float, perceptual: float,
+                  block_size: int) -> int:
+    """Balance the clusters bounded by ``starts`` (positions in cluster order), write the part file and
+    return its number of rows."""
+    path, starts = task
+    by_cluster = np.load(by_cluster_path, mmap_mode="r")
+    first, last = int(starts[0]), int(starts[-1])
+    rep = np.arange(first, last)
+    perceptual_link = np.zeros(last - first, bool)
+    largest = (0, 0)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        if b - a > 1:
+            cluster_rep, cluster_link, tile = group_cluster(unit_rows(by_cluster[a:b]), semantic, perceptual,
+                                                            block_size)
+            rep[a - first:b - first] = a + cluster_rep
+            perceptual_link[a - first:b - first] = cluster_link
+            largest = max(largest, tile, key=lambda shape: shape[0] * shape[1])
+    del by_cluster
+    _save_npz(path, rows=np.asarray([first, last]), rep=rep, perceptual=perceptual_link,
+              largest_tile=np.asarray(largest))
+    return last - first
+
+
+def _kept_in(bounds: tuple[int, int], by_cluster_path: str, semantic: float, block_size: int) -> int:
+    """How many samples of the cluster at rows ``bounds`` (cluster order) the threshold keeps."""
+    first, last = bounds
+    rep, _, _ = group_cluster(unit_rows(np.load(by_cluster_path, mmap_mode="r")[first:last]), semantic, 1.0,
+                              block_size)
+    return int((rep == np.arange(len(rep))).sum())
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
+        np.savez(f, **arrays)
+
+
+def plan_parts(starts: np.ndarray, part_rows: int) -> list[tuple[int, int]]:
+    """``(first cluster, end cluster)`` of each part: the non-empty clusters whose first sample falls in
+    the same run of ``part_rows`` positions."""
+    clusters = np.flatnonzero(np.diff(starts))
+    if not clusters.size:
+        return []
+    bucket = starts[clusters] // part_rows
+    cut = np.flatnonzero(bucket[1:] != bucket[:-1]) + 1
+    firsts = clusters[np.concatenate([[0], cut])]
+    ends = np.concatenate([clusters[cut - 1] + 1, [clusters[-1] + 1]])
+    return list(zip(firsts.tolist(), ends.tolist()))
+
+
+def tuning_sample(starts: np.ndarray, tune_samples: int, seed: int) -> list[tuple[int, int]]:
+    """Row bounds of whole non-empty clusters drawn uniformly (seeded) until they hold ``tune_samples``."""
+    sizes = np.diff(starts)
+    drawn = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))
+    enough = int(np.searchsorted(np.cumsum(sizes[drawn]), tune_samples)) + 1
+    return [(int(starts[c]), int(starts[c + 1])) for c in np.sort(drawn[:enough])]
+
+
+def tune_semantic(kept_at: Callable[[float], int], samples: int, target: float, perceptual: float) -> dict:
+    """The lowest semantic threshold (bisection to 1e-4 between 0 and ``perceptual``) at which
+    ``kept_at(threshold)`` (samples kept out of ``samples``, non-decreasing in the threshold) is at least
+    ``target * samples``."""
+    low, high = 0.0, perceptual
+    kept_high = kept_at(high)
+    if kept_high < target * samples:
+        raise ValueError(f"target_keep_fraction {target} is out of reach: with the semantic threshold at the "
+                         f"perceptual one ({perceptual}) the tuning sample keeps {kept_high / samples:.4f}; "
+                         "raise --perceptual or lower the target")
+    for _ in range(TUNE_STEPS):
+        middle = (low + high) / 2
+        kept = kept_at(middle)
+        if kept >= target * samples:
+            high, kept_high = middle, kept
+        else:
+            low = middle
+    return {"semantic": high, "sample_keep_fraction": kept_high / samples, "steps": TUNE_STEPS}
+
+
+def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
+    """The non-empty cluster sizes before and after, each sorted largest first, log-log."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for sizes, label in ((before, "before"), (after, "after")):
+        sizes = np.sort(sizes[sizes > 0])[::-1]
+        ax.loglog(np.arange(1, len(sizes) + 1), sizes, label=f"{label}: {sizes.sum()} samples")
+    ax.set_xlabel("cluster rank (largest first)")
+    ax.set_ylabel("samples in the cluster")
+    ax.set_title(f"k = {len(before)}, largest {before.max(initial=0)} -> {after.max(initial=0)}")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _check_existing(out_dir: str, identity: dict, cache: FeatureCache) -> Optional[dict]:
+    """The manifest already in ``out_dir`` (None if there is none), after refusing any parameter, input or
+    teacher that differs from this run's."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    manifest = read_json(path)
+    lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
+             for name, value in identity.items() if manifest.get(name) != value]
+    lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
+    if lines:
+        raise ValueError("\n".join(lines) + f"\nrefusing to mix two balance runs in one folder: use another "
+                         f"--out or delete {out_dir}")
+    return manifest
+
+
+def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
+                     **positive: int) -> None:
+    if (semantic is None) == (target_keep_fraction is None):
+        raise ValueError("give exactly one of semantic (a threshold) and target_keep_fraction")
+    for name, value in (("perceptual", perceptual), ("semantic", semantic)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name} threshold must be a cosine similarity in (0, 1), got {value}")
+    if semantic is not None and perceptual < semantic:
+        raise ValueError(f"perceptual threshold ({perceptual}) must not be below the semantic threshold "
+                         f"({semantic}): perceptual duplicates are the nearer ones")
+    if target_keep_fraction is not None and not 0 < target_keep_fraction <= 1:
+        raise ValueError(f"target_keep_fraction must be in (0, 1], got {target_keep_fraction}")
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, dict[str, int], ClusterAssignments]:
+    cache = FeatureCache(features_dir)
+    shards = cache_shards(cache)
+    assignments = ClusterAssignments(clusters_dir)
+    if not assignments.complete:
+        raise ValueError(f"cluster assignments {assignments.manifest_path}: complete is false "
+                         "(finish python -m data_tools.cluster first)")
+    assignments.check_matches(cache)
+    return cache, shards, assignments
+
+
+@contextlib.contextmanager
+def _processes(workers: int) -> Iterator[Optional[Pool]]:
+    """A pool of ``workers`` processes, or None (this process) for one. Every process multiplies on one
+    thread: no oversubscribed cores, and no result that could depend on a thread count."""
+    if workers > 1:
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(pool: Optional[Pool], fn: Callable, tasks: list, chunksize: int = 1) -> Iterator:
+    """``fn`` over ``tasks``, in this process or in the pool's workers (results in any order)."""
+    return map(fn, tasks) if pool is None else pool.imap_unordered(fn, tasks, chunksize=chunksize)
+
+
+def _assemble(layout: Layout, parts: Iterable[str]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """``(rep, perceptual_link, largest_tile)`` in cache order from the part files."""
+    rep_position = np.arange(len(layout.order))
+    link_position = np.zeros(len(layout.order), bool)
+    largest = (0, 0)
+    for path in parts:
+        with np.load(path) as part:
+            first, last = part["rows"].tolist()
+            rep_position[first:last], link_position[first:last] = part["rep"], part["perceptual"]
+            largest = max(largest, tuple(part["largest_tile"].tolist()), key=lambda shape: shape[0] * shape[1])
+    rep, perceptual_link = np.empty_like(rep_position), np.empty_like(link_position)
+    rep[layout.order], perceptual_link[layout.order] = layout.order[rep_position], link_position
+    return rep, perceptual_link, largest
+
+
+def write_keep_lists(out_dir: str, layout: Layout, rep: np.ndarray, perceptual_link: np.ndarray,
+                     teacher_sha256: str) -> None:
+    """``out_dir/<stem>.npz`` for every shard (fields in the module docstring)."""
+    stems = np.asarray(layout.stems, dtype=str)
+    for s, stem in enumerate(layout.stems):
+        first, last = layout.offsets[s], layout.offsets[s + 1]
+        index = np.arange(first, last)
+        kept = rep[first:last] == index
+        removed = index[~kept]
+        removed = removed[np.argsort(layout.keys[removed], kind="stable")]
+        merged = rep[removed]
+        _save_npz(shard_file(out_dir, stem), kept=np.sort(layout.keys[first:last][kept]),
+                  removed=layout.keys[removed], merged_into=layout.keys[merged],
+                  merged_into_shard=stems[np.searchsorted(layout.offsets, merged, side="right") - 1],
+                  perceptual=perceptual_link[removed], teacher_sha256=np.asarray(teacher_sha256))
+
+
+def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: float = 0.98,
+            semantic: Optional[float] = None, target_keep_fraction: Optional[float] = None, workers: int = 0,
+            block_size: int = 4096, part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0) -> dict:
+    """Balance every cluster (resuming finished parts), write the keep-lists, the report, the plot and the
+    complete manifest; returns the report. Without ``semantic`` or ``target_keep_fraction``, semantic is 0.9;
+    ``workers`` 0 means one per CPU this process may use."""
+    if semantic is None and target_keep_fraction is None:
+        semantic = 0.9
+    workers = workers or len(os.sched_getaffinity(0))
+    _check_arguments(perceptual, semantic, target_keep_fraction, workers=workers, block_size=block_size,
+                     part_rows=part_rows, tune_samples=tune_samples)
+    cache, shards, assignments = _open_inputs(features_dir, clusters_dir)
+    start = time.time()
+    layout = read_layout(assignments, shards)
+    before = np.diff(layout.starts)
+    tuning = target_keep_fraction is not None
+    identity = {"perceptual": perceptual, "semantic": semantic, "target_keep_fraction": target_keep_fraction,
+                "tune_samples": tune_samples if tuning else None, "seed": seed if tuning else None,
+                "part_rows": part_rows, "k": assignments.k, "samples": len(layout.order),
+                "cluster_sizes_sha256": hashlib.sha256(before.astype(np.int64).tobytes()).hexdigest()}
+    manifest = _check_existing(out_dir, identity, cache)
+    if manifest is None:
+        manifest = dict(identity, teacher=cache.teacher, features=os.path.abspath(features_dir),
+                        clusters=os.path.abspath(clusters_dir), code_version=cid_ds.__version__, complete=False,
+                        upstream={"features": read_json(cache.manifest_path),
+                                  "clusters": read_json(assignments.manifest_path)})
+        write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+    parts_dir, by_cluster = os.path.join(out_dir, PARTS), os.path.join(out_dir, BY_CLUSTER)
+    for tmp in glob.glob(glob.escape(by_cluster) + ".tmp*") + glob.glob(glob.escape(parts_dir) + "/*.tmp*"):
+        os.remove(tmp)  # left by a crash mid-write
+    parts = [(os.path.join(parts_dir, f"{n:06d}.npz"), layout.starts[c0:c1 + 1])
+             for n, (c0, c1) in enumerate(plan_parts(layout.starts, part_rows))]
+    todo = [part for part in parts if not os.path.isfile(part[0])]
+    tuned = not tuning or "tuning" in manifest
+    needed = bool(todo) or not tuned
+    timing = {"read_s": time.time() - start}
+    if needed and not os.path.isfile(by_cluster):
+        start = time.time()
+        write_by_cluster(cache, shards, layout, by_cluster)
+        timing["order_s"] = time.time() - start
+    with _processes(workers) if needed else contextlib.nullcontext() as pool:
+        if not tuned:
+            start = time.time()
+            manifest["tuning"] = _tune(pool, workers, by_cluster, layout, perceptual, target_keep_fraction,
+                                       tune_samples, seed, block_size)
+            write_json(os.path.join(out_dir, MANIFEST), manifest)
+            timing["tune_s"] = time.time() - start
+        semantic = manifest["tuning"]["semantic"] if tuning else semantic
+        if todo:
+            start = time.time()
+            _balance_parts(pool, todo, functools.partial(_balance_part, by_cluster_path=by_cluster, semantic=semantic,
+                                                         perceptual=perceptual, block_size=block_size))
+            timing["balance_s"] = time.time() - start
+
+    start = time.time()
+    rep, perceptual_link, largest = _assemble(layout, [path for path, _ in parts])
+    write_keep_lists(out_dir, layout, rep, perceptual_link, cache.teacher["weights_sha256"])
+    kept = rep == np.arange(len(rep))
+    after = np.bincount(layout.cluster[kept], minlength=assignments.k)
+    plot_balance(before, after, os.path.join(out_dir, PLOT))
+    timing["write_s"] = time.time() - start
+    report = _report(layout, kept, perceptual_link, rep, before, after, largest)
+    report.update(perceptual=perceptual, semantic=semantic, target_keep_fraction=target_keep_fraction,
+                  tuning=manifest.get("tuning"), block_size=block_size, workers=workers, parts=len(parts),
+                  teacher=cache.teacher, timing=timing, code_version=cid_ds.__version__, complete=True)
+    write_json(os.path.join(out_dir, REPORT), report)
+    if os.path.isfile(by_cluster):
+        os.remove(by_cluster)
+    manifest.update(totals={name: report[name] for name in ("samples", "kept", "removed")}, parts=len(parts),
+                    complete=True)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
+    return report
+
+
+def _balance_parts(pool: Optional[Pool], todo: list[tuple[str, np.ndarray]], run_part: Callable) -> None:
+    todo = sorted(todo, key=lambda part: -int(np.square(np.diff(part[1])).sum()))  # the longest first
+    with tqdm(total=int(sum(starts[-1] - starts[0] for _, starts in todo)), desc="balance", unit="img",
+              postfix={"parts": f"0/{len(todo)}"}) as bar:
+        for done, rows in enumerate(_run(pool, run_part, todo), 1):
+            bar.update(rows)
+            bar.set_postfix(parts=f"{done}/{len(todo)}")
+
+
+def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,
+          perceptual: float, target: float, tune_samples: int, seed: int, block_size: int) -> dict:
+    sample = tuning_sample(layout.starts, tune_samples, seed)
+    rows = sum(last - first for first, last in sample)
+
+    def kept_at(threshold: float) -> int:
+        fn = functools.partial(_kept_in, by_cluster_path=by_cluster, semantic=threshold, block_size=block_size)
+        return sum(_run(pool, fn, sample, chunksize=max(1, len(sample) // (8 * workers))))
+
+    steps = tqdm(total=TUNE_STEPS + 1, desc="tune threshold", unit="step")
+
+    def counted(threshold: float) -> int:
+        kept = kept_at(threshold)
+        steps.update()
+        steps.set_postfix(semantic=f"{threshold:.4f}", keep=f"{kept / rows:.4f}")
+        return kept
+
+    with steps:
+        result = tune_semantic(counted, rows, target, perceptual)
+    return dict(result, target_keep_fraction=target, seed=seed, sample_clusters=len(sample), sample_samples=rows)
+
+
+def _report(layout: Layout, kept: np.ndarray, perceptual_link: np.ndarray, rep: np.ndarray, before: np.ndarray,
+            after: np.ndarray, largest: tuple[int, int]) -> dict:
+    samples, removed = len(kept), ~kept
+    return {"samples": samples, "kept": int(kept.sum()), "removed": int(removed.sum()),
+            "kept_fraction": float(kept.mean()) if samples else 1.0,
+            "removed_fraction": float(removed.mean()) if samples else 0.0,
+            "removed_perceptual": int((removed & perceptual_link).sum()),
+            "removed_semantic": int((removed & ~perceptual_link).sum()),
+            "groups": int(np.unique(rep[removed]).size),
+            "clusters": {"k": len(before), "nonempty": int((before > 0).sum()),
+                         "largest_before": int(before.max(initial=0)), "largest_after": int(after.max(initial=0))},
+            "cluster_sizes": {"before": before.tolist(), "after": after.tolist()},
+            "largest_tile": list(largest)}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.balance", description=__doc__.split("\n")[0])
+    parser.add_argument("--features", required=True, help="teacher feature cache (python -m data_tools.extract)")
+    parser.add_argument("--clusters", required=True, help="cluster assignments (python -m data_tools.cluster)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--perceptual", type=float, default=0.98,
+                        help="cosine above which a removed sample counts as a near-identical (perceptual) duplicate")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--semantic", type=float, default=None,
+                       help="cosine above which two samples of a cluster are linked (default 0.9)")
+    group.add_argument("--target-keep-fraction", type=float, default=None,
+                       help="instead of --semantic: the threshold that keeps this fraction of a sample of clusters")
+    parser.add_argument("--workers", type=int, default=0, help="processes balancing clusters (default: one per CPU)")
+    parser.add_argument("--block-size", type=int, default=4096,
+                        help="side of a similarity tile (float32: 4 x side^2 bytes per process)")
+    parser.add_argument("--part-rows", type=int, default=65536, help="samples per resumable part (about)")
+    parser.add_argument("--tune-samples", type=int, default=100_000,
+                        help="samples in the clusters drawn to tune --target-keep-fraction")
+    parser.add_argument("--seed", type=int, default=0, help="draw of the tuning clusters")
+    args = parser.parse_args(argv)
+    try:
+        report = balance(args.features, args.clusters, args.out, args.perceptual, args.semantic,
+                         args.target_keep_fraction, args.workers, args.block_size, args.part_rows, args.tune_samples,
+                         args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"balance: {e}")
+    tuned = f" (tuned for keep fraction {args.target_keep_fraction})" if args.target_keep_fraction else ""
+    print(f"{args.out}: kept {report['kept']} of {report['samples']} ({report['kept_fraction']:.1%}); removed "
+          f"{report['removed']} in {report['groups']} groups: {report['removed_perceptual']} perceptual, "
+          f"{report['removed_semantic']} semantic; semantic threshold {report['semantic']:.4f}{tuned}; "
+          f"largest cluster {report['clusters']['largest_before']} -> {report['clusters']['largest_after']}")
+
+
+if __name__ == "__main__":
+    main()
