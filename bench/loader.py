@@ -60,7 +60,8 @@ def write_packed_shards(folder: str, images: int, source: tuple[int, int], token
                 embeddings = rng.standard_normal((2, EMBED_DIM)).astype(np.float16)
                 tar.write({"__key__": f"{i:09d}", "jpg": photo_like(rng, *source), "txt": caption.encode(),
                            "tokens": encode_array(tokenizer([caption])[0].numpy(), "tokens"),
-                           "t_img": encode_array(embeddings[0], "t_img"), "t_txt": encode_array(embeddings[1], "t_txt")})
+                           "t_img": encode_array(embeddings[0], "t_img"),
+                           "t_txt": encode_array(embeddings[1], "t_txt")})
         paths.append(path)
     write_json(os.path.join(folder, "manifest.json"), {
         "format": FORMAT, "tokenizer": {"spec": "ViT-B-32", "context_length": 77,
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--view", default="train", choices=("train", "eval"))
     parser.add_argument("--source", default="500x375", help="source JPEG WIDTHxHEIGHT")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu"), help="DALI decoding: auto = GPU when present")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu"),
+                        help="DALI decoding: auto = GPU when present")
     args = parser.parse_args()
     source = tuple(int(v) for v in args.source.split("x"))
     preprocess = open_clip.image_transform(args.size, is_train=args.view == "train",

@@ -90,7 +90,7 @@ def _dali_shard_batches(shards: list[str], preprocess, tokenizer, batch_size: in
     """What ``_ShardBatches`` yields, decoded by DALI (nvJPEG on a GPU ``device``), a shard at a time."""
     from cid_ds.data.dali_loader import read_shard
     from cid_ds.data.shard_index import NO_CAPTION
-    device_id = None if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+    device_id = None if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
     for shard in shards:
         index, batches = read_shard(shard, preprocess, batch_size, threads, device_id)
         seen: set[str] = set()

@@ -52,7 +52,8 @@ def write_packed(folder, tokenizer, shards=SHARDS, per_shard=PER_SHARD, damage=N
                 key, caption, image = f"{i:06d}", f"a drawing, number {i}", jpeg(i)
                 sample = {"__key__": key, "jpg": image, "txt": caption.encode(),
                           "tokens": encode_array(tokenizer([caption])[0].numpy(), "tokens"),
-                          "t_img": encode_array(embedding(i, 0), "t_img"), "t_txt": encode_array(embedding(i, 1), "t_txt"),
+                          "t_img": encode_array(embedding(i, 0), "t_img"),
+                          "t_txt": encode_array(embedding(i, 1), "t_txt"),
                           "cluster": encode_array(np.array([i % 5, (i + 1) % 5]), "cluster")}
                 if damage.get(key) == "truncated":
                     sample["jpg"] = image[:len(image) // 2]
@@ -114,6 +115,15 @@ def test_dali_and_webdataset_loaders_give_the_same_samples(shards, student):
             assert torch.equal(batch["t_img"][i], torch.from_numpy(embedding(int(key), 0).astype(np.float32)))
             pixels = ((batch["image"][i] - ref["image"][j]).abs() * std).mean().item()  # in [0, 1] units
             assert pixels < 2 / 255, (key, pixels)
+
+
+def test_captions_are_tokenised_for_another_tokenizer_and_for_an_online_teacher(shards, student):
+    _, preprocess_val, tokenizer = student
+    short = lambda texts: tokenizer(texts)[:, :10]  # noqa: E731  (not the packer's tokenizer)
+    batch = next(build_dali_loader(shards, preprocess_val, short, batch_size=BATCH, threads=1,
+                                   teacher_tokenizer=tokenizer))
+    captions = [f"a drawing, number {int(key)}" for key in batch["key"]]
+    assert torch.equal(batch["tokens"], short(captions)) and torch.equal(batch["teacher_tokens"], tokenizer(captions))
 
 
 def test_training_view_is_a_random_crop_fixed_by_seed_and_epoch(shards, student):
@@ -191,8 +201,16 @@ def test_a_decoder_error_naming_its_sample_excludes_that_sample(tmp_path, studen
     assert _exclude_failed(error, indexes, start=0, window=8) == 1
     assert indexes[1].samples == 3 and indexes[1].skipped == {"000006": "DALI could not decode the image"}
     assert shard_indexes(shards, {})[1].skipped == indexes[1].skipped  # on disk too
-    with pytest.raises(DataError, match="no sample could be blamed"):
+    with pytest.raises(DataError, match="no sample can be blamed"):
         _exclude_failed(RuntimeError("nvImageCodec failure: '#3'"), indexes, start=0, window=8)
+
+
+def test_a_broken_shard_is_an_error_naming_it(tmp_path, student):
+    shards = write_packed(str(tmp_path / "packed"), student[2], shards=2, per_shard=8)
+    with open(shards[1], "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(DataError, match=f"shard {shards[1]}: cannot read it"):
+        dali_epoch(shards, student)
 
 
 def test_image_checks_find_truncation_without_decoding():
@@ -233,7 +251,9 @@ def test_index_files_are_made_once_reused_and_rebuilt_when_a_shard_changes(tmp_p
 def test_unsupported_preprocess_and_plain_shards_are_clear_errors(tmp_path, student):
     import torchvision.transforms as T
     with pytest.raises(ValueError, match="ColorJitter"):
-        image_spec(T.Compose([T.RandomResizedCrop(32), T.ColorJitter(0.4), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]))
+        image_spec(T.Compose([
+            T.RandomResizedCrop(32), T.ColorJitter(0.4), T.ToTensor(),
+            T.Normalize([0.5] * 3, [1] * 3)]))
     spec = image_spec(student[0])
     assert spec.crop_scale == (0.9, 1.0) and spec.interpolation == "bicubic" and spec.size == (32, 32)
     plain = str(tmp_path / "00000.tar")

@@ -50,6 +50,7 @@ from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, de
 
 # open_clip / torchvision steps that do nothing to an RGB image DALI has decoded to RGB
 _PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")
+_STEPS = (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.Normalize)  # what DALI reproduces
 _LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
 
 
@@ -89,7 +90,7 @@ def image_spec(preprocess: Callable) -> ImageSpec:
     A step DALI does not reproduce is an error, so both backends never differ silently."""
     steps, found = getattr(preprocess, "transforms", [preprocess]), {}
     for step in steps:
-        kind = next((t for t in (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.Normalize) if isinstance(step, t)), None)
+        kind = next((t for t in _STEPS if isinstance(step, t)), None)
         if kind is not None and kind not in found:
             found[kind] = step
         elif getattr(step, "__name__", type(step).__name__) not in _PASS_THROUGH:
@@ -224,19 +225,21 @@ def _exclude_failed(error: RuntimeError, indexes: list[ShardIndex], start: int, 
         shard, key = _split_source(named.group(1).strip(), set(by_shard))
         bad = [(by_shard[shard], key)]
     else:
-        candidates = itertools.islice(_read_order(indexes), start, start + window)
+        candidates = list(itertools.islice(_read_order(indexes), start, start + window))
         bad = [(index, base_plus_ext(line.split(" ")[3])[0]) for index, line in candidates
-               if decode_image({line.split(" ")[0]: _component(index.shard, line)}) is None]
-    if not bad:
-        raise DataError(f"DALI failed on shards {sorted(by_shard)} and no sample could be blamed:\n{error}")
+               if decode_image({line.split(" ")[0]: _first_component(index.shard, line)}) is None]
+        if not bad:
+            shards = sorted({index.shard for index, _ in candidates})
+            raise DataError(f"DALI failed in shard(s) {shards}, and PIL decodes every image it may have been "
+                            f"reading, so no sample can be blamed:\n{error}")
     for index, key in bad:
         exclude(index, key, "DALI could not decode the image")
         _log_skipped(index, key)
     return len(bad)
 
 
-def _component(shard: str, line: str) -> bytes:
-    """The bytes of the first component an index line lists."""
+def _first_component(shard: str, line: str) -> bytes:
+    """The bytes of the first component (the image) an index line lists."""
     _, offset, size = line.split(" ")[:3]
     with open(shard, "rb") as f:
         f.seek(int(offset))
@@ -276,9 +279,9 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
     contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``t_img``, ``t_txt``,
     ``cluster`` (int64 [B] top-1, or [B, topk]) when the shards were packed with clusters, and with a
-    ``teacher_tokenizer`` ``teacher_tokens``. ``threads`` DALI CPU threads; ``device_id`` "auto" (the current GPU, else the
-    CPU), a CUDA device, or None for the CPU. The module docstring says how epochs, order, bad samples
-    and ``skip_batches`` behave."""
+    ``teacher_tokenizer`` ``teacher_tokens``. ``threads`` DALI CPU threads; ``device_id`` "auto" (the
+    current GPU, else the CPU), a CUDA device, or None for the CPU. The module docstring says how epochs,
+    order, bad samples and ``skip_batches`` behave."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     manifest = packed_manifest_path(shards)
@@ -286,12 +289,13 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
         raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
                         "packed manifest.json beside it; use data.backend=wds for plain shards")
     packed = PackedShards(manifest)
-    fields = list(packed.lengths())
+    lengths = packed.lengths()
+    fields = list(lengths)
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or teacher_tokenizer is not None
     rank_shards = shards[rank::world_size]
     random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
-    indexes = shard_indexes(rank_shards, packed.lengths())
+    indexes = shard_indexes(rank_shards, lengths)
     shard_set = set(rank_shards)
     spec = image_spec(preprocess)
     device_id = default_device_id() if device_id == "auto" else device_id
@@ -349,8 +353,11 @@ def _batch(out: dict, shards: set[str], n_skipped: int, tokenizer: Optional[Call
     return batch
 
 
+ExtractBatch = tuple[list[str], torch.Tensor, list[str]]  # keys, images, captions
+
+
 def read_shard(shard: str, preprocess: Callable, batch_size: int, threads: int,
-               device_id: Union[int, None, str] = "auto") -> tuple[ShardIndex, Iterator[tuple[list[str], torch.Tensor, list[str]]]]:
+               device_id: Union[int, None, str] = "auto") -> tuple[ShardIndex, Iterator[ExtractBatch]]:
     """For ``data_tools.extract``: ``(index, batches)`` of a plain (img2dataset) shard, its usable
     samples in tar order as ``(keys, images, captions)``, the last batch short. ``index.skipped``
     (key -> reason) is complete once the batches are."""
@@ -361,7 +368,7 @@ def read_shard(shard: str, preprocess: Callable, batch_size: int, threads: int,
     def make(paths: list[str], index_paths: list[str]):
         return _pipeline(paths, index_paths, spec, [], True, batch_size, max(1, threads), device_id, 0, seed=0)
 
-    def batches() -> Iterator[tuple[list[str], torch.Tensor, list[str]]]:
+    def batches() -> Iterator[ExtractBatch]:
         outputs = _pipeline_batches([index], 0, batch_size, 0, make, _output_names([], True))
         for number in itertools.count():
             left = index.samples - number * batch_size  # the reader wraps round: the rest is the next epoch
