@@ -6,11 +6,12 @@ cannot read stops the pipeline. So a sample the webdataset loader would skip (no
 cannot open or a truncated one, a missing array field) is left out of the index, and the index records
 the key and the reason. A decoder failure at run time adds the key to that list (``exclude``).
 
-Per shard ``S.tar`` the cache holds ``S.idx`` (DALI's ``v1.2`` format: per sample, ``ext offset size
-name`` for each component it lists) and ``S.idx.json`` (what the index was built from: shard size and
-mtime, required fields, index version; the kept count and the skipped keys). A shard whose size or
-mtime changed, or a request for other fields, rebuilds it. The cache lives in ``_dali_index/`` beside
-the shards, or, when that folder cannot be written, under ``$XDG_CACHE_HOME/cid_ds/dali_index/``.
+Per shard ``S.tar`` the cache holds ``S.tar.idx`` (DALI's ``v1.2`` format: per sample, ``ext offset
+size name`` for each component it lists) and ``S.tar.idx.json`` (what the index was built from: shard
+size and mtime, required fields, index version; the kept count and the skipped keys). A shard whose
+size or mtime changed, or a request for other fields, rebuilds it. The cache lives in ``_dali_index/``
+beside the shards, or, when that folder cannot be written, under
+``$XDG_CACHE_HOME/cid_ds/dali_index/<hash of the shard folder>/`` (default ``~/.cache``).
 """
 from __future__ import annotations
 
