@@ -38,7 +38,7 @@ class DataConfig:
     workers: int = 1
     augment: bool = True                  # random resized crop; False = the eval view
     shuffle_buffer: int = 1000
-    backend: str = "auto"                 # dali | wds | auto (dali on GPU, wds on CPU)
+    backend: str = "auto"                 # dali | wds | auto: dali on GPU for packed shards with no side joins, else wds
 
 
 @dataclass

@@ -29,7 +29,7 @@ from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.features import DataError
 from cid_ds.data.packed import decode_array
-from cid_ds.data.wds_loader import _DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of
+from cid_ds.data.wds_loader import DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of
 from cid_ds.io import atomic_path, read_json, write_json
 
 INDEX_VERSION = 1
@@ -54,7 +54,7 @@ def image_problem(data: bytes) -> Optional[str]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         return f"not a readable image ({type(e).__name__})"
     if fmt not in DALI_FORMATS:
         return f"{fmt} image: DALI cannot decode it"

@@ -30,7 +30,7 @@ from cid_ds.data.packed import ARRAY_FIELDS, PackedShards, decode_array, packed_
 from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def read_samples(shards: Iterable[str]) -> Iterator[dict]:
@@ -81,7 +81,7 @@ def decode_image(sample: dict) -> Optional[Image.Image]:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return None
     return image
 
