@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import glob
 import hashlib
 import multiprocessing
@@ -168,22 +169,21 @@ def _link(parent: np.ndarray, perceptual_link: np.ndarray, sims: np.ndarray, sem
 
 def representatives(x: np.ndarray, labels: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """``rep[i]``: the member of i's group (same label) with the largest dot product with the group's sum,
-    the lowest index among equals. Scores are float64 products summed row by row, so that equal rows tie
-    exactly wherever they sit in memory."""
+    the lowest index among equals. Sums and scores are float64, accumulated in index order ``chunk`` rows
+    at a time, so that equal rows tie exactly wherever they sit in memory."""
     rep = np.arange(len(labels))
     members = np.flatnonzero(np.bincount(labels, minlength=len(labels))[labels] > 1)
     if not members.size:
         return rep
-    members = members[np.argsort(labels[members], kind="stable")]
-    group = labels[members]
-    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-    counts = np.diff(np.concatenate([starts, [len(members)]]))
-    sums = np.add.reduceat(x[members], starts, axis=0).astype(np.float64)
-    which = np.repeat(np.arange(len(starts)), counts)
+    groups, which, counts = np.unique(labels[members], return_inverse=True, return_counts=True)
+    sums = np.zeros((len(groups), x.shape[1]))
+    for i in range(0, len(members), chunk):
+        np.add.at(sums, which[i:i + chunk], x[members[i:i + chunk]])
     score = np.concatenate([(x[members[i:i + chunk]].astype(np.float64) * sums[which[i:i + chunk]]).sum(1)
                             for i in range(0, len(members), chunk)])
-    best = np.lexsort((members, -score, group))[starts]  # group blocks keep their place: group is sorted
-    rep[members] = np.repeat(members[best], counts)
+    order = np.lexsort((members, -score, which))  # by group, best score first, then lowest index
+    best = order[np.concatenate([[0], np.cumsum(counts)[:-1]])]
+    rep[members] = members[best][which]
     return rep
 
 
@@ -197,9 +197,11 @@ def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size:
     parent = np.arange(n)
     perceptual_link = np.zeros(n, bool)
     largest = (0, 0)
+    tile = torch.empty(min(n, block_size) ** 2, dtype=torch.from_numpy(x).dtype)  # reused: a new one faults in
     for i in range(0, n, block_size):
         for j in range(i, n, block_size):
-            sims = torch.mm(torch.from_numpy(x[i:i + block_size]), torch.from_numpy(x[j:j + block_size]).T).numpy()
+            rows, cols = torch.from_numpy(x[i:i + block_size]), torch.from_numpy(x[j:j + block_size])
+            sims = torch.mm(rows, cols.T, out=tile[:len(rows) * len(cols)].view(len(rows), len(cols))).numpy()
             largest = max(largest, sims.shape, key=lambda shape: shape[0] * shape[1])
             _link(parent, perceptual_link, sims, semantic, perceptual, i, j)
     _compress(parent)
@@ -349,8 +351,12 @@ def _processes(workers: int) -> Iterator[Optional[Pool]]:
     thread: no oversubscribed cores, and no result that could depend on a thread count."""
     if workers > 1:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield pool
+        gc.freeze()  # forked workers' garbage collection would otherwise copy every page of the parent's objects
+        try:
+            with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                yield pool
+        finally:
+            gc.unfreeze()
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
