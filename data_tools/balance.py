@@ -63,10 +63,11 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import cid_ds
-from cid_ds.data.clusters import ClusterAssignments, teacher_conflicts
+from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file
 from cid_ds.io import atomic_path, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
+from data_tools.outputs import check_rerun, save_figure
 
 MANIFEST = "manifest.json"
 REPORT = "balance_report.json"
@@ -296,25 +297,7 @@ def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
     ax.set_ylabel("samples in the cluster")
     ax.set_title(f"k = {len(before)}, largest {before.max(initial=0)} -> {after.max(initial=0)}")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
-def _check_existing(out_dir: str, identity: dict, cache: FeatureCache) -> Optional[dict]:
-    """The manifest already in ``out_dir`` (None if there is none), after refusing any parameter, input or
-    teacher that differs from this run's."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    manifest = read_json(path)
-    lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
-             for name, value in identity.items() if manifest.get(name) != value]
-    lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
-    if lines:
-        raise ValueError("\n".join(lines) + f"\nrefusing to mix two balance runs in one folder: use another "
-                         f"--out or delete {out_dir}")
-    return manifest
+    save_figure(fig, path)
 
 
 def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
@@ -423,7 +406,7 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
                 "tune_samples": tune_samples if tuning else None, "seed": seed if tuning else None,
                 "part_rows": part_rows, "k": assignments.k, "samples": len(layout.order),
                 "cluster_sizes_sha256": hashlib.sha256(before.astype(np.int64).tobytes()).hexdigest()}
-    manifest = _check_existing(out_dir, identity, cache)
+    manifest = check_rerun(out_dir, identity, "balance runs", cache)
     if manifest is None:
         manifest = dict(identity, teacher=cache.teacher, features=os.path.abspath(features_dir),
                         clusters=os.path.abspath(clusters_dir), code_version=cid_ds.__version__, complete=False,

@@ -32,10 +32,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import cid_ds
-from cid_ds.data.clusters import (CENTROIDS, MANIFEST, ClusterAssignments, teacher_conflicts,
-                                  write_assignments)
+from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file
 from cid_ds.io import atomic_path, read_json, write_json
+from data_tools.outputs import check_rerun, save_figure
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init")
@@ -209,25 +209,7 @@ def plot_sizes(sizes: np.ndarray, path: str) -> None:
     ax.set_xlabel("samples in the cluster (top-1)")
     ax.set_ylabel("clusters")
     ax.set_title(f"k = {len(sizes)}, {int((sizes == 0).sum())} empty, median {np.median(sizes):g}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
-def _check_existing(out_dir: str, params: dict, cache: FeatureCache) -> Optional[dict]:
-    """The manifest already in ``out_dir`` (None if there is none), after refusing any parameter or
-    teacher that differs from this run's."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    manifest = read_json(path)
-    lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
-             for name, value in params.items() if manifest.get(name) != value]
-    lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
-    if lines:
-        raise ValueError("\n".join(lines) + f"\nrefusing to mix two clusterings in one folder: use another "
-                         f"--out or delete {out_dir}")
-    return manifest
+    save_figure(fig, path)
 
 
 def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, batch_size: int,
@@ -270,7 +252,7 @@ def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points
     shards = cache_shards(cache)
     params = {"k": k, "dim": cache.embed_dim, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
               "topk": topk, "seed": seed, "parts": parts, "nredo": nredo, "init": init}
-    manifest = _check_existing(out_dir, params, cache)
+    manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
     if manifest is not None and "fit_points" in manifest and os.path.isfile(centroids_path):

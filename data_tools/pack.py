@@ -34,10 +34,11 @@ import cid_ds
 from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem, stems_by_shard
-from cid_ds.data.packed import FORMAT, MANIFEST, PackedShards, encode_array, tokenizer_fingerprint
+from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
 from cid_ds.io import atomic_path, read_json, write_json
 from cid_ds.models import resolve_spec
+from data_tools.outputs import check_rerun
 
 STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
 
@@ -218,14 +219,7 @@ def _finished_stats(out_dir: str, index: int) -> Optional[dict]:
 
 def _check_existing(out_dir: str, identity: dict) -> None:
     """A re-run must repeat the inputs and parameters; temp files of a killed run are removed."""
-    path = os.path.join(out_dir, MANIFEST)
-    if os.path.isfile(path):
-        existing = PackedShards(path).manifest
-        for field, value in identity.items():
-            if existing.get(field) != value:
-                raise ValueError(f"{path}: field '{field}' differs from this run's; use another --out "
-                                 f"or delete {out_dir}")
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+    if check_rerun(out_dir, identity, "packings") is None and os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir}: not empty and has no {MANIFEST}; refusing to write packed shards into it")
     for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")) \
             + glob.glob(os.path.join(glob.escape(out_dir), STATS_DIR, "*.tmp*")):

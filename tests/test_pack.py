@@ -130,7 +130,7 @@ def test_a_killed_run_resumes_to_the_same_shards_and_other_parameters_are_refuse
         read_json(os.path.join(resumed, "manifest.json"))["shards"]
 
     other = subprocess.run(args[:-1] + ["40", "--out", resumed], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert other.returncode != 0 and "field 'samples_per_shard' differs" in other.stderr
+    assert other.returncode != 0 and "samples_per_shard is 30 but this run has samples_per_shard = 40" in other.stderr
 
 
 def test_corrupt_source_input_is_counted_not_fatal(dataset, tmp_path):

@@ -1,0 +1,37 @@
+"""What the offline stages share about their output folder: a re-run must be the same run, and figures
+are written atomically like every other artifact."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from matplotlib.figure import Figure
+
+from cid_ds.data.clusters import teacher_conflicts
+from cid_ds.data.features import FeatureCache
+from cid_ds.io import atomic_path, read_json
+
+MANIFEST = "manifest.json"
+
+
+def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[FeatureCache] = None) -> Optional[dict]:
+    """The manifest already in ``out_dir`` (None if there is none), after refusing any field of
+    ``identity`` (parameters, inputs) or, given the cache, a teacher that differs from this run's."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    manifest = read_json(path)
+    lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
+             for name, value in identity.items() if manifest.get(name) != value]
+    if cache is not None:
+        lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
+    if lines:
+        raise ValueError("\n".join(lines) + f"\nrefusing to mix two {what} in one folder: use another --out "
+                         f"or delete {out_dir}")
+    return manifest
+
+
+def save_figure(fig: Figure, path: str) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
