@@ -11,8 +11,8 @@ process whose process tree (the workers are forked) is sampled every 200 ms from
 the peaks of the tree's summed PSS (every page, shared ones split between the processes that map them),
 Pss_Anon (allocated memory only: not mapped files such as libraries and the memory-mapped embeddings)
 and RSS (shared pages counted in every process). The input is the cache's fp16 image rows (N x D x 2
-bytes); the target is a peak of at most 2x that. A child that only imports data_tools.balance (which
-brings torch, through cid_ds.data.features) shows the fixed cost any run pays, printed beside it. The
+bytes); the target is a peak of at most 2x that. A child that only imports data_tools.balance (numpy,
+faiss, matplotlib; no torch) shows the fixed cost any run pays, printed beside it. The
 report's largest similarity tile shows that the largest cluster was never compared as one n x n matrix.
 Reading smaps_rollup slows the process read, so the wall time comes from a second, unsampled run.
 """

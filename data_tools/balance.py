@@ -58,8 +58,8 @@ from multiprocessing.pool import Pool
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import cid_ds
@@ -198,11 +198,11 @@ def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size:
     parent = np.arange(n)
     perceptual_link = np.zeros(n, bool)
     largest = (0, 0)
-    tile = torch.empty(min(n, block_size) ** 2, dtype=torch.from_numpy(x).dtype)  # reused: a new one faults in
+    tile = np.empty(min(n, block_size) ** 2, dtype=x.dtype)  # reused: a new one faults in
     for i in range(0, n, block_size):
         for j in range(i, n, block_size):
-            rows, cols = torch.from_numpy(x[i:i + block_size]), torch.from_numpy(x[j:j + block_size])
-            sims = torch.mm(rows, cols.T, out=tile[:len(rows) * len(cols)].view(len(rows), len(cols))).numpy()
+            rows, cols = x[i:i + block_size], x[j:j + block_size]
+            sims = np.matmul(rows, cols.T, out=tile[:len(rows) * len(cols)].reshape(len(rows), len(cols)))
             largest = max(largest, sims.shape, key=lambda shape: shape[0] * shape[1])
             _link(parent, perceptual_link, sims, semantic, perceptual, i, j)
     _compress(parent)
@@ -336,17 +336,13 @@ def _processes(workers: int) -> Iterator[Optional[Pool]]:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         gc.freeze()  # forked workers' garbage collection would otherwise copy every page of the parent's objects
         try:
-            with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            with context.Pool(workers, initializer=threadpool_limits, initargs=(1,)) as pool:
                 yield pool
         finally:
             gc.unfreeze()
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threadpool_limits(1):
         yield None
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(pool: Optional[Pool], fn: Callable, tasks: list, chunksize: int = 1) -> Iterator:

@@ -19,13 +19,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import open_clip
-from torch import nn
 
 import cid_ds
 from cid_ds.io import atomic_path, read_json, write_json
-from cid_ds.models import embed_dim, weights_fingerprint
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MANIFEST = "manifest.json"
 VIEW = "center"
@@ -62,6 +64,9 @@ def shard_file(cache_dir: str, stem: str) -> str:
 
 def teacher_info(spec: str, pretrained: Optional[str], model: nn.Module) -> dict:
     """The manifest's ``teacher`` entry for an open_clip model."""
+    import open_clip  # here, not at the top: the cache readers (balance, cluster) need no torch
+
+    from cid_ds.models import embed_dim, weights_fingerprint
     cfg = open_clip.get_model_preprocess_cfg(model)
     return {
         "spec": spec,
