@@ -92,6 +92,16 @@ class OptimConfig:
 
 
 @dataclass
+class PerfConfig:
+    # Speed only: each setting gives the same losses within float rounding (tests/test_fast_paths.py);
+    # bench/vs_open_clip.py measures each one.
+    adamw: str = "fused"              # fused | foreach | for_loop: torch AdamW's implementation (fused: one kernel)
+    compile: bool = False             # torch.compile the student: minutes of compiling, then faster steps
+    grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more compute
+    channels_last: bool = False       # NHWC images (convolutions follow them): for conv students, not ViTs
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10                     # steps between scalar reads (each read syncs the device)
     tensorboard_dir: Optional[str] = None  # default: <output_dir>/tensorboard
@@ -125,6 +135,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -138,6 +149,7 @@ CHOICES = {
     "data.backend": ("auto", "dali", "wds"),
     "cluster.margin": ("arcface", "cosface", "none"),
     "kd.teacher": ("cached", "online"),
+    "perf.adamw": ("fused", "foreach", "for_loop"),
 }
 
 

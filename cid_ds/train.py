@@ -61,6 +61,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """torch's AdamW over ``param_groups``, in the implementation ``perf.adamw`` names. torch's own default
+    is the per-tensor for-loop on CPU; inside ZeRO the optimizer sees a few flat tensors, where only
+    ``fused`` (one kernel instead of one op per Adam term) saves time."""
+    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                             eps=cfg.optim.eps, **ADAMW_IMPLEMENTATIONS[cfg.perf.adamw])
+
+
 def cosine_with_warmup(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -284,14 +295,20 @@ def run(cfg: Config) -> dict[str, Any]:
         if teacher_dim not in (None, cluster_dim):
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the teacher embeddings {teacher_dim}-d")
         teacher_dim = cluster_dim
+    if cfg.perf.grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
     student = DistillStudent(clip_model, teacher_dim, cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
                              mask_ratio=cfg.kd.mask_ratio if cfg.loss.mfd > 0 else 0.0)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # Only the images go NHWC: convolutions then compute and return NHWC. The weights stay NCHW, because
+    # DeepSpeed views every parameter as contiguous bytes (broadcast, ZeRO's flat buffers).
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
+    optimizer = build_optimizer(student, cfg)
     lr_factor = cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu))
+    if cfg.perf.compile:
+        engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
     device = engine.device
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     if online_teacher is not None:
@@ -330,7 +347,7 @@ def run(cfg: Config) -> dict[str, Any]:
         batch = next(data)
         window["data_wait"] += time.perf_counter() - t_wait
         window["skipped"] += int(batch.get("n_skipped", 0))
-        image = batch["image"].to(device, dtype=dtype, non_blocking=True)
+        image = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
         tokens = batch["tokens"].to(device, non_blocking=True)
         for k in ("t_img", "t_txt", "cluster"):
             if k in batch:

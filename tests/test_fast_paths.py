@@ -1,0 +1,103 @@
+"""Every fast path gives the plain path's numbers (speed is measured by bench/vs_open_clip.py, not tested).
+
+On one fixed batch through a tiny student with its distillation heads, the loss (CLIP + instance) and every
+gradient of the compiled (inductor) and gradient-checkpointed ViT students, and of NHWC (channels-last)
+images into a ViT and a ResNet student, match the plain path's; fused and foreach AdamW steps match the
+for-loop step. Tolerances are relative, to the loss and to the model's largest gradient (a nearly cancelling
+gradient, like an attention key projection's, carries the rounding of the large terms it is made of): 1e-6
+for checkpointing (the same ops, recomputed), 1e-5 where other kernels sum in another order (NHWC
+convolutions; inductor's fused ones). The optimizers' parameters agree within 1e-6 relative plus 1e-4 of
+a step. The pre-tokenised path (token ids stored at pack time equal tokenising the caption at load time) is
+tested in tests/test_pack.py.
+"""
+
+import pytest
+import torch
+from open_clip.model import CLIP
+
+from cid_ds.config import Config
+from cid_ds.losses.clip import clip_loss
+from cid_ds.losses.instance import instance_loss
+from cid_ds.models import DistillStudent
+from cid_ds.train import build_optimizer
+
+BATCH, TEACHER_DIM = 8, 48
+VIT = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}
+RESNET = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}  # open_clip's ModifiedResNet
+
+
+def tiny_student(vision: dict = VIT) -> DistillStudent:
+    torch.manual_seed(0)
+    clip = CLIP(32, vision, {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1})
+    return DistillStudent(clip, TEACHER_DIM)
+
+
+def fixed_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.nn.functional.normalize(torch.randn(2, BATCH, TEACHER_DIM, generator=g), dim=-1)
+    return {"image": torch.randn(BATCH, 3, 32, 32, generator=g), "t_img": teacher[0], "t_txt": teacher[1],
+            "tokens": torch.randint(1, 100, (BATCH, 8), generator=g)}
+
+
+def loss_and_grads(student: torch.nn.Module, batch: dict, memory_format=torch.preserve_format
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = student(batch["image"].to(memory_format=memory_format), batch["tokens"])
+    loss = clip_loss(out["image"], out["text"], out["logit_scale"]) + instance_loss(
+        out["image_in_teacher"], out["text_in_teacher"], batch["t_img"], batch["t_txt"], out["logit_scale"])
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    error = (actual - expected).abs().max().item()
+    assert error <= tolerance, f"{what}: max error {error:.3g} > {tolerance:.3g}"
+
+
+def check_same(fast: torch.nn.Module, rtol: float, memory_format=torch.preserve_format, vision: dict = VIT) -> None:
+    batch = fixed_batch()
+    loss, grads = loss_and_grads(tiny_student(vision), batch)
+    fast_loss, fast_grads = loss_and_grads(fast, batch, memory_format)
+    assert_close(fast_loss, loss, rtol * loss.abs().item(), "loss")
+    assert fast_grads.keys() == grads.keys()
+    largest = max(grad.abs().max().item() for grad in grads.values())
+    for name, grad in grads.items():
+        assert_close(fast_grads[name], grad, rtol * largest, f"gradient of {name}")
+
+
+def test_compiled_student_gives_the_same_loss_and_gradients():
+    student = tiny_student()
+    student.compile()  # what the trainer's engine.compile() does (perf.compile)
+    check_same(student, rtol=1e-5)
+
+
+def test_gradient_checkpointed_student_gives_the_same_loss_and_gradients():
+    student = tiny_student()
+    student.clip.set_grad_checkpointing(True)  # perf.grad_checkpointing
+    check_same(student, rtol=1e-6)
+
+
+@pytest.mark.parametrize("vision", [VIT, RESNET], ids=["vit", "resnet"])
+def test_channels_last_images_give_the_same_loss_and_gradients(vision):
+    check_same(tiny_student(vision), rtol=1e-5, memory_format=torch.channels_last, vision=vision)  # perf.channels_last
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_fused_and_foreach_adamw_steps_equal_the_for_loop(impl):
+    """Three steps on the same gradients (so the moments and bias corrections are exercised): every
+    parameter ends within a few float32 ulps (1e-6 relative) plus 1e-4 of a step (lr) of the for-loop's."""
+    _, grads = loss_and_grads(tiny_student(), fixed_batch())
+    params = {}
+    for name in ("for_loop", impl):
+        cfg = Config()
+        cfg.perf.adamw = name
+        student = tiny_student()
+        optimizer = build_optimizer(student, cfg)
+        for _ in range(3):
+            for param_name, p in student.named_parameters():
+                p.grad = grads[param_name].clone() if param_name in grads else None
+            optimizer.step()
+        params[name] = {k: v.detach() for k, v in student.named_parameters()}
+    assert optimizer.defaults["fused" if impl == "fused" else "foreach"]
+    for name, expected in params["for_loop"].items():
+        torch.testing.assert_close(params[impl][name], expected, rtol=1e-6, atol=1e-4 * cfg.optim.lr,
+                                   msg=lambda m, name=name: f"{impl} AdamW, {name}: {m}")
