@@ -30,8 +30,8 @@ the matrix-multiply peak measured in the same run (fp32 on CPU, bf16 on GPU).
 
 Then, in this process on the same student and a real batch, interleaved, median of --reps: AdamW
 implementations inside the ZeRO engine step, torch.compile, gradient checkpointing, the SDPA kernel,
-channels-last (the ViT student and a small ResNet), stored token ids against tokenising, the per-step
-finiteness check and the logging window.
+channels-last (the ViT student and a small ResNet), stored token ids against tokenising, the loader's CPU
+time per batch, the per-step finiteness check and the logging window.
 
 open_clip's trainer needs webdataset 0.2.x (ours is 1.x), so it runs in a virtualenv made here
 (--open-clip-env, default ~/.cache/cid_ds/open_clip_train_env, reused): webdataset 0.2.86 (the newest
@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -255,15 +256,16 @@ def cid_ds_windows(run_dir: str, batch: int) -> list[tuple[int, float, float]]:
     return windows
 
 
-def steady_state(windows: list[tuple[int, float, float]], batch: int) -> dict[str, float]:
+def steady_state(windows: list[tuple[int, float, float]], batch: int, log: str) -> dict[str, float]:
     """samples/s and data-wait fraction over all windows but the first (start-up, first batches)."""
     steps, seconds, wait = (sum(w[i] for w in windows[1:]) for i in range(3))
     if steps == 0:
-        raise SystemExit("a run logged fewer than two windows: raise --steps or lower --log-every")
+        raise SystemExit(f"{log}: fewer than two logging windows (raise --steps or lower --log-every?)")
     return {"samples_per_s": steps * batch / seconds, "data_wait": wait / seconds, "steps": steps}
 
 
 def run_system(name: str, args, paths: dict, cfg: Config, python: str, run_dir: str) -> dict[str, float]:
+    shutil.rmtree(run_dir, ignore_errors=True)  # open_clip refuses (exit 0) and TensorBoard mixes an old run
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     log = run_dir + ".log"
     if name.startswith("open_clip"):
@@ -274,7 +276,7 @@ def run_system(name: str, args, paths: dict, cfg: Config, python: str, run_dir: 
         extra = next((v for k, v in extra.items() if name.endswith(k)), [])
         wall = run_logged(cid_ds_command(args, paths, run_dir, name.split()[1], extra), log)
         windows = cid_ds_windows(run_dir, args.batch)
-    return steady_state(windows, args.batch) | {"wall_s": wall}
+    return steady_state(windows, args.batch, log) | {"wall_s": wall}
 
 
 # ---------------------------------------------------------------------------------------------- in process
@@ -291,13 +293,13 @@ def interleaved(cases: dict[str, Callable[[], float]], reps: int) -> dict[str, f
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def clocked(fn: Callable[[], object]) -> Callable[[], float]:
+def clocked(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
     def case() -> float:
         sync()
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        return time.perf_counter() - start
+        return clock() - start
     return case
 
 
@@ -341,8 +343,8 @@ class Workbench:
         self.cfg = {name: load_experiment(name, args, paths) for name in EXPERIMENTS}
         self.shards = expand_shards(f"{paths['packed']}/*.tar")
         self.teacher_dim = PackedShards(packed_manifest_path(self.shards)).embed_dim
-        _, preprocess, _, self.tokenizer = create_model(args.student)
-        batch = next(iter(build_train_loader(self.shards, preprocess, self.tokenizer, batch_size=args.batch,
+        _, self.preprocess, _, self.tokenizer = create_model(args.student)
+        batch = next(iter(build_train_loader(self.shards, self.preprocess, self.tokenizer, batch_size=args.batch,
                                              workers=0, features_dir=None)))
         self.batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         self.batch["image"] = self.batch["image"].to(self.dtype)
@@ -497,6 +499,7 @@ def fast_paths(bench: Workbench) -> dict[str, dict[str, float]]:
         "on": clocked(bench.step(resnet_nhwc, image=image.to(memory_format=torch.channels_last)))}, reps)
 
     results["tokens"] = stored_ids_vs_tokenising(bench)
+    results["loader"] = loader_cpu_seconds(bench)
     results["all_finite"] = all_finite_seconds(bench)
     results["log_window"] = log_window_seconds(bench, engines["fused"])
     return results
@@ -528,6 +531,20 @@ def stored_ids_vs_tokenising(bench: Workbench) -> dict[str, float]:
     assert torch.equal(stored(), bench.tokenizer(captions))
     return interleaved({"tokenised": clocked(lambda: bench.tokenizer(captions)), "stored": clocked(stored)},
                        bench.args.reps)
+
+
+def loader_cpu_seconds(bench: Workbench) -> dict[str, float]:
+    """CPU seconds per batch of the webdataset loader (in this process), and of its tar reading alone: on a
+    CPU the loader workers take their cores from the step."""
+    import itertools
+    from cid_ds.data.wds_loader import build_train_loader, read_samples
+    batches = iter(build_train_loader(bench.shards, bench.preprocess, bench.tokenizer, bench.args.batch, workers=0,
+                                      features_dir=None, shuffle_buffer=bench.cfg["CID"].data.shuffle_buffer))
+
+    def first_samples() -> list[dict]:
+        return list(itertools.islice(read_samples(bench.shards), bench.args.batch))
+    return interleaved({"batch": clocked(lambda: next(batches), time.process_time),
+                        "tar reading": clocked(first_samples, time.process_time)}, bench.args.reps)
 
 
 def all_finite_seconds(bench: Workbench) -> dict[str, float]:
@@ -612,6 +629,8 @@ def report(results: dict) -> list[str]:
               f"{ms['channels_last_resnet']['on']:.1f} ms",
               f"  token ids per batch: tokenising captions {ms['tokens']['tokenised']:.2f} -> stored ids "
               f"{ms['tokens']['stored']:.2f} ms (in the loader workers)",
+              f"  not changed, for the record: the loader takes {ms['loader']['batch']:.0f} ms of CPU per batch "
+              f"(tar reading alone {ms['loader']['tar reading']:.0f} ms), a worker's core taken from the step",
               f"  per-step finiteness check (all_finite): {ms['all_finite']['call']:.3f} ms; logging window "
               f"{ms['log_window']['call']:.1f} ms, read every logging.every steps",
               "  not changed, for the record: the engine step at 1 rank, the YAML's "
