@@ -276,6 +276,8 @@ def run_system(name: str, args, paths: dict, cfg: Config, python: str, run_dir: 
         extra = next((v for k, v in extra.items() if name.endswith(k)), [])
         wall = run_logged(cid_ds_command(args, paths, run_dir, name.split()[1], extra), log)
         windows = cid_ds_windows(run_dir, args.batch)
+    # Both trainers save a checkpoint at the end: gigabytes per round on a GPU.
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     return steady_state(windows, args.batch, log) | {"wall_s": wall}
 
 
