@@ -36,7 +36,11 @@ class DataConfig:
     missing_features: str = "error"       # error | skip: a sample whose key has no cached features
     batch_size: int = 64                  # per rank
     workers: int = 1
-    augment: bool = True                  # random resized crop; False = the eval view
+    # random: the student's own random crops, teacher embeddings of the eval view (open_clip's way);
+    # center: the eval view for both; replay: a view stored by data_tools.extract --views, the same
+    # pixels for both (stored view epoch % N of each sample, N = replay_views or all stored)
+    views: str = "random"
+    replay_views: int = 0
     shuffle_buffer: int = 1000
     backend: str = "auto"                 # dali | wds | auto: dali on GPU for packed shards with no side joins, else wds
 
@@ -65,6 +69,11 @@ class KDConfig:
     teacher_logit_scale: Optional[float] = None  # crd/gd teacher logits; None: the teacher's own
     crd_temperature: float = 1.0
     mask_ratio: float = 0.5                     # mfd: fraction of image patches the student does not see
+    # A cache of several teachers (data_tools.extract with --teacher repeated): mean = one target, the
+    # weighted mean of their normalised embeddings (equal widths); per_teacher = every teacher term once
+    # per teacher, against a student head of its own, weighted. teacher_weights: one per teacher, [] = equal.
+    ensemble: str = "mean"
+    teacher_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +156,8 @@ class Config:
 CHOICES = {
     "data.missing_features": ("error", "skip"),
     "data.backend": ("auto", "dali", "wds"),
+    "data.views": ("random", "center", "replay"),
+    "kd.ensemble": ("mean", "per_teacher"),
     "cluster.margin": ("arcface", "cosface", "none"),
     "kd.teacher": ("cached", "online"),
     "perf.adamw": ("fused", "foreach", "for_loop"),
@@ -274,6 +285,17 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.loss.instance > 0 and cfg.loss.icl > 0:
         raise ConfigError(f"{source}: keys 'loss.instance' and 'loss.icl' are the same term (icl has its own "
                           "learnable scale): set one of them")
+    if cfg.data.views == "replay" and cfg.kd.teacher == "online":
+        raise ConfigError(f"{source}: key 'data.views' is replay, which replays views stored in a feature cache; an "
+                          "online teacher already sees the student's own crops: use data.views random")
+    if cfg.data.replay_views and cfg.data.views != "replay":
+        raise ConfigError(f"{source}: key 'data.replay_views' is set but data.views is {cfg.data.views}, not replay")
+    if cfg.data.replay_views < 0:
+        raise ConfigError(f"{source}: key 'data.replay_views' must be >= 0 (0: every stored view), "
+                          f"got {cfg.data.replay_views}")
+    if any(w < 0 for w in cfg.kd.teacher_weights) or (cfg.kd.teacher_weights and sum(cfg.kd.teacher_weights) <= 0):
+        raise ConfigError(f"{source}: key 'kd.teacher_weights' must be >= 0 with a positive sum, "
+                          f"got {cfg.kd.teacher_weights}")
     if not 0 < cfg.kd.mask_ratio < 1:
         raise ConfigError(f"{source}: key 'kd.mask_ratio' must be in (0, 1), got {cfg.kd.mask_ratio}")
     if cfg.kd.crd_temperature <= 0:

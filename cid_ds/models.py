@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import open_clip
 import torch
 from open_clip.transformer import PatchDropout
 from torch import nn
+
+from cid_ds.losses.ensemble import normalize_blocks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIG_DIR = os.path.join(REPO_ROOT, "ds_configs", "models")
@@ -89,7 +91,8 @@ class DistillStudent(nn.Module):
     """The open_clip student plus what the distillation terms train beside it.
 
     * ``proj_image``/``proj_text``: linear heads into the teacher's embedding space, when the dimensions
-      differ (CLIP-KD's projections);
+      differ (CLIP-KD's projections); with ``teacher_blocks`` (a teacher ensemble, one head per teacher)
+      the head's output is that many blocks, each normalised on its own;
     * ``cross_logit_scale`` (``cross_scale=True``): ICL's own temperature for student-vs-teacher logits;
     * ``fuse_image``/``fuse_text`` + ``fusion_logit_scale`` (``fusion=True``): AFD's fusion of student and
       teacher embeddings; the forward pass then takes the teacher embeddings;
@@ -101,7 +104,7 @@ class DistillStudent(nn.Module):
     """
 
     def __init__(self, clip: nn.Module, teacher_dim: Optional[int] = None, cross_scale: bool = False,
-                 fusion: bool = False, mask_ratio: float = 0.0):
+                 fusion: bool = False, mask_ratio: float = 0.0, teacher_blocks: Optional[Sequence[int]] = None):
         super().__init__()
         # DeepSpeed's initial parameter broadcast views every parameter as bytes, which a 0-dim tensor
         # cannot do; open_clip's logit_scale is 0-dim, so it trains as shape [1] (export squeezes it back).
@@ -109,7 +112,10 @@ class DistillStudent(nn.Module):
         self.clip = clip
         dim = embed_dim(clip)
         target_dim = teacher_dim or dim
-        needs_head = target_dim != dim
+        self.teacher_blocks = tuple(teacher_blocks or (target_dim,))
+        if sum(self.teacher_blocks) != target_dim:
+            raise ValueError(f"teacher_blocks {self.teacher_blocks} do not add up to teacher_dim {target_dim}")
+        needs_head = target_dim != dim or len(self.teacher_blocks) > 1
         self.proj_image = nn.Linear(dim, target_dim, bias=False) if needs_head else nn.Identity()
         self.proj_text = nn.Linear(dim, target_dim, bias=False) if needs_head else nn.Identity()
         self.cross_scale, self.fusion, self.mask_ratio = cross_scale, fusion, mask_ratio
@@ -140,8 +146,8 @@ class DistillStudent(nn.Module):
         out = {
             "image": normalize(image_features, dim=-1),
             "text": normalize(text_features, dim=-1),
-            "image_in_teacher": normalize(self.proj_image(image_features), dim=-1),
-            "text_in_teacher": normalize(self.proj_text(text_features), dim=-1),
+            "image_in_teacher": normalize_blocks(self.proj_image(image_features), self.teacher_blocks),
+            "text_in_teacher": normalize_blocks(self.proj_text(text_features), self.teacher_blocks),
             "logit_scale": _scale(self.clip.logit_scale),
         }
         if self.cross_scale:
@@ -157,5 +163,5 @@ class DistillStudent(nn.Module):
             out["fusion_logit_scale"] = _scale(self.fusion_logit_scale)
         if self.mask_ratio > 0:
             masked = self.encode_masked_image(image)
-            out["masked_image_in_teacher"] = normalize(self.proj_image(masked), dim=-1)
+            out["masked_image_in_teacher"] = normalize_blocks(self.proj_image(masked), self.teacher_blocks)
         return out

@@ -23,6 +23,7 @@ import yaml
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
 from cid_ds.faults import StopSignal, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
+from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
@@ -105,17 +106,32 @@ class DataPosition:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
 
+def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int:
+    """How many stored views ``data.views: replay`` cycles through (0: not replaying)."""
+    if cfg.data.views != "replay":
+        return 0
+    if stored == 0:
+        raise ConfigError(f"data.views is replay, but {source or cfg.data.train_shards} stores no views: extract with "
+                          "data_tools.extract --views K (and pack again), or use data.views random")
+    if cfg.data.replay_views > stored:
+        raise ConfigError(f"data.replay_views is {cfg.data.replay_views} but {source} stores {stored} views per sample")
+    return cfg.data.replay_views or stored
+
+
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
-            rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None) -> Iterator[dict]:
+            rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None,
+            replay_views: int = 0) -> Iterator[dict]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
     ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them).
+    ``replay_views``: replay that many stored views (``resolve_replay_views``).
     ``cfg.data.backend`` picks the loader (cid_ds.data.dali_loader.resolve_backend)."""
     from cid_ds.data.dali_loader import resolve_backend
     backend = resolve_backend(cfg.data.backend, shards, joins=cfg.data.features is not None or clusters_dir is not None)
     while True:
         common = dict(batch_size=cfg.data.batch_size, epoch=position.epoch, seed=cfg.seed, rank=rank,
                       world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                      skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer)
+                      skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer,
+                      replay_views=replay_views)
         if backend == "dali":
             from cid_ds.data.dali_loader import build_dali_loader
             loader = build_dali_loader(shards, preprocess, tokenizer, threads=cfg.data.workers, **common)
@@ -140,13 +156,13 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
 
 
-def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int, teacher_scale: Optional[float] = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int,
+                   targets: Optional[TeacherTargets] = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction).
-    ``teacher_scale`` is the teacher's logit scale (crd, gd)."""
+    ``targets`` says how ``batch``'s teacher rows are split per teacher (each teacher term is the weighted
+    sum over the student's heads) and gives each teacher's logit scale (crd, gd); None: one teacher
+    of the rows' width, without a logit scale."""
     from cid_ds.losses.clip import clip_loss
-    from cid_ds.losses.instance import instance_loss
-    from cid_ds.losses.kd import feature_distillation, gradient_distillation, relational_distillation
     weights = loss_weights(cfg)
     f = {k: v.float() for k, v in out.items()}
     scale = f["logit_scale"]
@@ -154,28 +170,48 @@ def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int,
     if "clip" in weights:
         losses["clip"] = clip_loss(f["image"], f["text"], scale)
     if any(name in weights for name in TEACHER_TERMS):
-        t_img, t_txt = batch["t_img"].float(), batch["t_txt"].float()
-        s_img, s_txt = f["image_in_teacher"], f["text_in_teacher"]
-    if "instance" in weights:
-        losses["instance"] = instance_loss(s_img, s_txt, t_img, t_txt, scale)
-    if "icl" in weights:
-        losses["icl"] = instance_loss(s_img, s_txt, t_img, t_txt, f["cross_logit_scale"])
-    if "fd" in weights:
-        losses["fd"] = feature_distillation(s_img, t_img) + feature_distillation(s_txt, t_txt)
-    if "mfd" in weights:
-        losses["mfd"] = feature_distillation(f["masked_image_in_teacher"], t_img)
-    if "crd" in weights:
-        losses["crd"] = relational_distillation(f["image"], f["text"], scale, t_img, t_txt, teacher_scale,
-                                                cfg.kd.crd_temperature)
-    if "gd" in weights:
-        losses["gd"] = gradient_distillation(s_img, s_txt, scale, t_img, t_txt, teacher_scale)
+        targets = targets or TeacherTargets.single(batch["t_img"].shape[-1])
+        split = {name: split_blocks(tensor, targets.head_dims) for name, tensor in (
+            ("t_img", targets.combine(batch["t_img"].float())), ("t_txt", targets.combine(batch["t_txt"].float())),
+            ("s_img", f["image_in_teacher"]), ("s_txt", f["text_in_teacher"]),
+            ("masked", f.get("masked_image_in_teacher", f["image_in_teacher"])))}
+        for head, (weight, teacher_scale) in enumerate(targets.blocks):
+            per_head = {name: blocks[head] for name, blocks in split.items()}
+            for name, value in _teacher_terms(weights, f, per_head, teacher_scale, cfg.kd.crd_temperature).items():
+                losses[name] = losses.get(name, 0) + weight * value
     if "afd" in weights:
         losses["afd"] = clip_loss(f["fused_image"], f["fused_text"], f["fusion_logit_scale"])
     if cluster_term is not None:
-        result = cluster_term(out["image_in_teacher"].float(), batch, step)
+        targets = targets or TeacherTargets.single(f["image_in_teacher"].shape[-1])
+        student, rows = targets.cluster_view(f["image_in_teacher"], batch.get("t_img"), cluster_term.teacher_index)
+        result = cluster_term(student, batch | {"t_img": rows}, step)
         losses["cluster"] = result["loss"]
         metrics = {"cluster/accuracy": result["accuracy"], "cluster/sampled_fraction": result["sampled_fraction"]}
     return losses, metrics
+
+
+def _teacher_terms(weights: dict[str, float], f: dict[str, torch.Tensor], x: dict[str, torch.Tensor],
+                   teacher_scale: Optional[float], crd_temperature: float) -> dict[str, torch.Tensor]:
+    """The weighted teacher terms against one teacher head: ``x`` holds its targets ``t_img``/``t_txt`` and
+    the student's embeddings in its space ``s_img``/``s_txt``/``masked``."""
+    from cid_ds.losses.instance import instance_loss
+    from cid_ds.losses.kd import feature_distillation, gradient_distillation, relational_distillation
+    terms = {}
+    t_img, t_txt, s_img, s_txt = x["t_img"], x["t_txt"], x["s_img"], x["s_txt"]
+    if "instance" in weights:
+        terms["instance"] = instance_loss(s_img, s_txt, t_img, t_txt, f["logit_scale"])
+    if "icl" in weights:
+        terms["icl"] = instance_loss(s_img, s_txt, t_img, t_txt, f["cross_logit_scale"])
+    if "fd" in weights:
+        terms["fd"] = feature_distillation(s_img, t_img) + feature_distillation(s_txt, t_txt)
+    if "mfd" in weights:
+        terms["mfd"] = feature_distillation(x["masked"], t_img)
+    if "crd" in weights:
+        terms["crd"] = relational_distillation(f["image"], f["text"], f["logit_scale"], t_img, t_txt, teacher_scale,
+                                               crd_temperature)
+    if "gd" in weights:
+        terms["gd"] = gradient_distillation(s_img, s_txt, f["logit_scale"], t_img, t_txt, teacher_scale)
+    return terms
 
 
 def all_finite(total: torch.Tensor) -> bool:
@@ -245,7 +281,7 @@ def run(cfg: Config) -> dict[str, Any]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from cid_ds.data.features import FeatureCache
+    from cid_ds.data.features import FeatureCache, teacher_members
     from cid_ds.data.packed import PackedShards, packed_manifest_path
     from cid_ds.models import DistillStudent, create_model
 
@@ -256,30 +292,38 @@ def run(cfg: Config) -> dict[str, Any]:
 
     clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
         cfg.model.student, cfg.model.student_pretrained)
-    teacher_dim = teacher_scale = None
     shards = expand_shards(cfg.data.train_shards)
     packed_path = packed_manifest_path(shards)
     packed = PackedShards(packed_path) if packed_path else None
+    teacher, teacher_source, stored_views = None, None, 0  # the teacher (set) of the embeddings trained against
     if packed is not None:
         if not packed.complete:
             raise ConfigError(f"data.train_shards: the distill-ready shards of {packed_path} are incomplete: "
                               "re-run data_tools.pack to finish them")
-        teacher_dim, teacher_scale = packed.embed_dim, packed.teacher.get("logit_scale")
+        teacher, teacher_source, stored_views = packed.teacher, packed_path, packed.views
     if cfg.data.features is not None:
         cache = FeatureCache(cfg.data.features)
         if not cache.complete:
             raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
                               "(extraction still running or interrupted): re-run data_tools.extract to finish it")
-        teacher_dim, teacher_scale = cache.embed_dim, cache.teacher.get("logit_scale")
+        teacher, teacher_source, stored_views = cache.teacher, cache.manifest_path, cache.views
     online_teacher = None
     if cfg.kd.teacher == "online":
         from cid_ds.teacher import OnlineTeacher
         online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model)
-        teacher_dim, teacher_scale = online_teacher.embed_dim, online_teacher.logit_scale
-    teacher_scale = cfg.kd.teacher_logit_scale or teacher_scale
-    if teacher_scale is None and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
-        raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: the feature cache "
-                          f"{cfg.data.features} predates it, set kd.teacher_logit_scale")
+        teacher, teacher_source = online_teacher.info, f"model.teacher {cfg.model.teacher}"
+    replay_views = resolve_replay_views(cfg, stored_views, teacher_source)
+    targets = None
+    if teacher is not None:
+        try:
+            targets = teacher_targets(teacher_members(teacher), cfg.kd.ensemble, cfg.kd.teacher_weights,
+                                      cfg.kd.teacher_logit_scale, teacher_source)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if None in (scale for _, scale in targets.blocks) and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
+            raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
+                              "set kd.teacher_logit_scale")
+    cluster_index = None
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import centroid_dim
@@ -291,13 +335,20 @@ def run(cfg: Config) -> dict[str, Any]:
                 != (assignments.k, assignments.teacher_sha256):
             raise ConfigError(f"cluster.dir: {assignments.manifest_path} is not the clustering the shards of "
                               f"{packed_path} were packed with (k or teacher differ): point cluster.dir at that one")
-        cluster_dim = centroid_dim(cfg.cluster.dir)
-        if teacher_dim not in (None, cluster_dim):
-            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the teacher embeddings {teacher_dim}-d")
-        teacher_dim = cluster_dim
+        cluster_dim, cluster_index = centroid_dim(cfg.cluster.dir), assignments.teacher_index
+        if targets is None:
+            targets = TeacherTargets.single(cluster_dim)
+        student_side = sum(targets.head_dims) if cluster_index is None or targets.mode == "mean" \
+            else targets.head_dims[cluster_index]
+        if student_side != cluster_dim:
+            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the student's teacher-space embedding "
+                              f"{student_side}-d (kd.ensemble {cfg.kd.ensemble}, teacher widths {list(targets.dims)}): "
+                              "cluster every teacher with kd.ensemble per_teacher, or one teacher (--teacher-index)")
     if cfg.perf.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
-    student = DistillStudent(clip_model, teacher_dim, cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
+    heads = targets.head_dims if targets is not None else None
+    student = DistillStudent(clip_model, sum(heads) if heads else None, teacher_blocks=heads,
+                             cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
                              mask_ratio=cfg.kd.mask_ratio if cfg.loss.mfd > 0 else 0.0)
     # Only the images go NHWC: convolutions then compute and return NHWC. The weights stay NCHW, because
     # DeepSpeed views every parameter as contiguous bytes (broadcast, ZeRO's flat buffers).
@@ -332,9 +383,9 @@ def run(cfg: Config) -> dict[str, Any]:
               f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
 
     join_clusters = cfg.loss.cluster > 0 and not (packed is not None and packed.topk)
-    data = batches(cfg, shards, preprocess_train if cfg.data.augment else preprocess_val, tokenizer,
+    data = batches(cfg, shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
                    position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
-                   cfg.cluster.dir if join_clusters else None)
+                   cfg.cluster.dir if join_clusters else None, replay_views)
     weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     train_start, first_step = time.perf_counter(), step
@@ -354,9 +405,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 batch[k] = batch[k].to(device, non_blocking=True)
         if online_teacher is not None:
             batch["t_img"], batch["t_txt"] = online_teacher(image, batch["teacher_tokens"].to(device, non_blocking=True))
-        fusion_inputs = (batch["t_img"].to(dtype), batch["t_txt"].to(dtype)) if cfg.loss.afd > 0 else ()
+        fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
         out = engine(image, tokens, *fusion_inputs)
-        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, teacher_scale)
+        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
         total = sum(weights[k] * v for k, v in losses.items())
         if not all_finite(total):
             nonfinite_in_a_row += 1

@@ -2,10 +2,13 @@
 
   python -m data_tools.cluster --features runs/feats --k 1000 --out runs/clusters [--niter 20] \\
       [--max-points-per-centroid 256] [--topk 1] [--batch-size 65536] [--seed 0] [--gpu auto] \\
-      [--parts N] [--nredo 1] [--init random]
+      [--parts N] [--nredo 1] [--init random] [--teacher-index I]
 
 Spherical k-means is fitted on k * max-points-per-centroid rows drawn uniformly over the cache (read
 shard by shard); then every row is assigned, shard by shard, to its top-k centroids by inner product.
+A cache of a teacher ensemble is clustered on the concatenation of its teachers' embeddings (the
+renormalised rows, whose cosine is the mean of the teachers' cosines), or with ``--teacher-index I``
+on teacher I's alone.
 With ``--parts P`` the fit is hierarchical: the sample is split into P random parts, each is clustered
 into k centroids, and the union of the P*k centroids (weighted by their part's cluster sizes) is
 clustered into k: how 1M clusters of LAION-400M were made. The output format is described in
@@ -33,12 +36,12 @@ from tqdm import tqdm
 
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
-from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file
+from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
 from cid_ds.io import atomic_path, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
-PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init")
+PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
 INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                 "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
 
@@ -100,18 +103,31 @@ def load_image_rows(cache: FeatureCache, stem: str, samples: int) -> ShardFeatur
     return features
 
 
-def sample_rows(cache: FeatureCache, shards: dict[str, int], n: int, seed: int) -> np.ndarray:
-    """``n`` image rows (fp16) drawn uniformly without replacement over the whole cache, reading one
-    shard at a time; the draw depends only on (seed, shard sizes)."""
+def teacher_columns(cache: FeatureCache, teacher_index: Optional[int]) -> slice:
+    """The columns of the cache's rows that hold teacher ``teacher_index`` (None: all of them)."""
+    if teacher_index is None:
+        return slice(0, cache.embed_dim)
+    dims = [int(member["embed_dim"]) for member in teacher_members(cache.teacher)]
+    if not 0 <= teacher_index < len(dims):
+        raise ValueError(f"teacher_index {teacher_index}: feature cache {cache.manifest_path} holds "
+                         f"{len(dims)} teacher(s), indices 0..{len(dims) - 1}")
+    start = sum(dims[:teacher_index])
+    return slice(start, start + dims[teacher_index])
+
+
+def sample_rows(cache: FeatureCache, shards: dict[str, int], n: int, seed: int, columns: slice = slice(None)
+                ) -> np.ndarray:
+    """``n`` image rows (fp16, ``columns`` of them) drawn uniformly without replacement over the whole
+    cache, reading one shard at a time; the draw depends only on (seed, shard sizes)."""
     rng = np.random.default_rng(seed)
     stems = list(shards)
     per_shard = rng.multivariate_hypergeometric(np.array([shards[s] for s in stems], np.int64), n)
-    out = np.empty((n, cache.embed_dim), np.float16)
+    out = np.empty((n, len(range(cache.embed_dim)[columns])), np.float16)
     filled = 0
     for stem, count in tqdm(list(zip(stems, per_shard)), desc="sample", unit="shard"):
         if count:
             rows = np.sort(rng.choice(shards[stem], count, replace=False))
-            out[filled:filled + count] = load_image_rows(cache, stem, shards[stem]).image[rows]
+            out[filled:filled + count] = load_image_rows(cache, stem, shards[stem]).image[rows, columns]
             filled += count
     return out
 
@@ -148,15 +164,17 @@ def read_centroids(centroids: Union[np.ndarray, str]) -> tuple[np.ndarray, str]:
 
 
 def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, topk: int = 1,
-           batch_size: int = 65536, ngpu: int = 0) -> dict:
+           batch_size: int = 65536, ngpu: int = 0, teacher_index: Optional[int] = None) -> dict:
     """Write ``out_dir/<stem>.npz`` (top-k centroid ids and similarities) for every cache shard that has no
     file yet; returns ``assigned``/``skipped`` stems, ``samples`` and ``seconds``."""
     cache = FeatureCache(features_dir)
     shards = cache_shards(cache)
+    columns = teacher_columns(cache, teacher_index)
     centroids, source = read_centroids(centroids)
-    if centroids.ndim != 2 or centroids.shape[1] != cache.embed_dim:
+    width = columns.stop - columns.start
+    if centroids.ndim != 2 or centroids.shape[1] != width:
         raise ValueError(f"{source} have shape {centroids.shape}, but feature cache {cache.manifest_path} "
-                         f"has teacher.embed_dim = {cache.embed_dim}")
+                         f"has {width}-d rows (teacher.embed_dim = {cache.embed_dim}, teacher_index {teacher_index})")
     if not 1 <= topk <= len(centroids):
         raise ValueError(f"topk must be between 1 and k = {len(centroids)}, got {topk}")
     if batch_size < 1:
@@ -172,7 +190,7 @@ def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, t
               postfix={"shards": f"0/{len(todo)}"}) as bar:
         for done, stem in enumerate(todo, 1):
             features = load_image_rows(cache, stem, shards[stem])
-            ids, sims = search(index, features.image, topk, batch_size)
+            ids, sims = search(index, features.image[:, columns], topk, batch_size)
             write_assignments(out_dir, stem, list(features.row), ids, sims, list(features.skipped),
                               cache.teacher["weights_sha256"])
             bar.update(len(ids))
@@ -222,7 +240,7 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, b
         raise ValueError(f"feature cache {cache.manifest_path}: {total} samples, {n_fit} drawn for the fit, "
                          f"too few for {parts} part(s) of at least k = {k} points each")
     start = time.time()
-    x = sample_rows(cache, shards, n_fit, params["seed"])
+    x = sample_rows(cache, shards, n_fit, params["seed"], teacher_columns(cache, params["teacher_index"]))
     sampled = time.time()
     options = dict(niter=params["niter"], max_points_per_centroid=params["max_points_per_centroid"],
                    nredo=params["nredo"], init=params["init"], verbose=verbose)
@@ -236,7 +254,7 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, b
 
 def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
             topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
-            nredo: int = 1, init: str = "random", verbose: bool = False) -> dict:
+            nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None) -> dict:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
     returns the complete manifest."""
     for name, value in (("k", k), ("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
@@ -250,8 +268,10 @@ def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points
     ngpu = num_gpus(gpu)
     cache = FeatureCache(features_dir)
     shards = cache_shards(cache)
-    params = {"k": k, "dim": cache.embed_dim, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
-              "topk": topk, "seed": seed, "parts": parts, "nredo": nredo, "init": init}
+    columns = teacher_columns(cache, teacher_index)
+    params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,
+              "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
+              "nredo": nredo, "init": init, "teacher_index": teacher_index}
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
@@ -271,7 +291,7 @@ def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points
         manifest.update(fit)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
-    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu)
+    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu, teacher_index)
     sizes, stats = size_statistics(out_dir, list(shards))
     write_json(os.path.join(out_dir, "cluster_sizes.json"), {"k": k, "sizes": sizes.tolist()})
     plot_sizes(sizes, os.path.join(out_dir, "cluster_sizes.png"))
@@ -298,10 +318,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--nredo", type=int, default=1, help="k-means runs per fit, the best kept")
     parser.add_argument("--init", default="random", choices=tuple(INIT_METHODS),
                         help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
+    parser.add_argument("--teacher-index", type=int, default=None,
+                        help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
     args = parser.parse_args(argv)
     try:
         manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
-                           args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True)
+                           args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True,
+                           teacher_index=args.teacher_index)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cluster: {e}")
     sizes = manifest["cluster_sizes"]

@@ -6,7 +6,8 @@
 
 Each output sample holds the source image bytes (not re-encoded), the caption, its token ids (by the
 ``--tokenizer`` model's tokenizer: the student's), the teacher's image and caption embeddings from the
-feature cache, and, with ``--clusters``, the sample's cluster ids; the format is in
+feature cache (and its stored views, when extracted with ``--views``), and, with ``--clusters``, the
+sample's cluster ids; the format is in
 ``cid_ds.data.packed``. With ``--balance`` only the samples the balance stage kept are written; without
 it, every sample the feature cache holds.
 
@@ -159,6 +160,9 @@ def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.n
     out = {"__key__": planned.key, image_ext: sample[image_ext], "txt": caption.encode(),
            "tokens": encode_array(token_ids, "tokens"),
            "t_img": encode_array(features.image[row], "t_img"), "t_txt": encode_array(features.text[row], "t_txt")}
+    if cache.views:
+        out["v_img"] = encode_array(features.view_image[row], "v_img")
+        out["v_box"] = encode_array(features.view_box[row], "v_box")
     if clusters is not None:
         assignments = clusters.lookup(stem)
         out["cluster"] = encode_array(assignments.ids[assignments.row[planned.key]], "cluster")
@@ -188,6 +192,8 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
         "teacher": cache.teacher, "embed_dim": cache.embed_dim,
         "topk": clusters.topk if clusters is not None else 0, "k": clusters.k if clusters is not None else None,
     }
+    if cache.views:  # packings of caches without views (older ones too) have no entry
+        identity["views"] = upstream["features"]["views"]
     _check_existing(out_dir, identity)
     write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
 

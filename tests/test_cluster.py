@@ -180,7 +180,7 @@ def test_centroids_of_another_dimension_are_refused(cache_dir, tmp_path):
     path = str(tmp_path / "wide.npy")
     np.save(path, np.ones((CLUSTERS, 64), np.float32))
     with pytest.raises(ValueError, match=rf"centroids {path} have shape \(20, 64\), but feature cache "
-                                         rf"{cache_dir}/manifest.json has teacher.embed_dim = 32"):
+                                         rf"{cache_dir}/manifest.json has 32-d rows"):
         assign(cache_dir, path, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 

@@ -24,7 +24,7 @@ def dataset(tmp_path_factory):
 
 def overrides(dataset, out, steps, **extra):
     items = {"output_dir": out, "data.train_shards": dataset["shards"], "data.features": dataset["feats"],
-             "data.batch_size": 24, "data.shuffle_buffer": 50, "data.augment": "false",
+             "data.batch_size": 24, "data.shuffle_buffer": 50, "data.views": "center",
              "eval.at_end": "false", "eval.sets": "[]",
              "optim.steps": steps, "optim.warmup_steps": 2, "logging.every": 1, "checkpoint.every": 1000,
              "checkpoint.stop_check_every": 1, "checkpoint.keep": 2} | extra

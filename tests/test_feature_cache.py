@@ -69,11 +69,13 @@ def test_cache_rows_are_the_teachers_embeddings_of_the_eval_view(shards, cache_d
 def test_manifest_records_teacher_and_counts_skipped_samples(shards, cache_dir):
     with open(os.path.join(cache_dir, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["complete"] is True and manifest["view"] == "center" and manifest["dtype"] == "float16"
+    assert manifest["complete"] is True and manifest["views"]["count"] == 0 and manifest["dtype"] == "float16"
     assert manifest["teacher"]["spec"] == "demo-teacher" and manifest["teacher"]["preprocess"]["mean"] == [0.5] * 3
     assert manifest["shards"]["00000"] == {"source": shards[0], "samples": 40, "corrupt_image": 0, "missing_caption": 0}
     assert manifest["shards"]["00001"] == {"source": shards[1], "samples": 38, "corrupt_image": 1, "missing_caption": 1}
-    assert manifest["totals"] == {"shards": 2, "samples": 78, "corrupt_image": 1, "missing_caption": 1}
+    dim = manifest["teacher"]["embed_dim"]
+    assert manifest["totals"] == {"shards": 2, "samples": 78, "corrupt_image": 1, "missing_caption": 1,
+                                  "bytes": 78 * 4 * dim}  # fp16 image and text rows
 
     features = FeatureCache(cache_dir).lookup("00001")
     assert CORRUPT_KEY not in features.row and EMPTY_CAPTION_KEY not in features.row

@@ -11,6 +11,7 @@ from cid_ds.config import Config
 from cid_ds.losses.kd import (contrastive_gradients, feature_distillation, gradient_distillation,
                               relational_distillation)
 from cid_ds.models import DistillStudent, create_model
+from cid_ds.losses.ensemble import TeacherTargets
 from cid_ds.train import compute_losses
 
 
@@ -113,7 +114,7 @@ def test_every_term_trains_the_student_and_its_heads_and_never_the_teacher(stude
     student.zero_grad(set_to_none=True)
     out = student(image, tokens, t_img, t_txt)
     batch = {"t_img": t_img, "t_txt": t_txt}
-    losses, _ = compute_losses(all_terms_config(), out, batch, None, step=0, teacher_scale=50.0)
+    losses, _ = compute_losses(all_terms_config(), out, batch, None, step=0, targets=TeacherTargets.single(256, 50.0))
     assert sorted(losses) == ["afd", "clip", "crd", "fd", "gd", "icl", "mfd"]
     for name, loss in losses.items():
         assert torch.isfinite(loss) and loss.ndim == 0, name
@@ -130,7 +131,8 @@ def test_icl_and_afd_use_their_own_learnable_scales(student_and_batch):
     student, image, tokens, t_img, t_txt = student_and_batch
     with torch.no_grad():
         out = student(image, tokens, t_img, t_txt)
-        losses, _ = compute_losses(all_terms_config(), out, {"t_img": t_img, "t_txt": t_txt}, None, 0, 50.0)
+        losses, _ = compute_losses(all_terms_config(), out, {"t_img": t_img, "t_txt": t_txt}, None, 0,
+                                   TeacherTargets.single(256, 50.0))
     cross = math.exp(student.cross_logit_scale.item())
     expected_icl = (infonce(out["image_in_teacher"], t_txt, cross) + infonce(out["text_in_teacher"], t_img, cross)) / 2
     torch.testing.assert_close(losses["icl"], expected_icl)

@@ -72,6 +72,7 @@ class ClusterAssignments:
         self.k: int = int(manifest["k"])
         self.topk: int = int(manifest["topk"])
         self.dim: int = int(manifest["dim"])
+        self.teacher_index: Optional[int] = manifest.get("teacher_index")  # of an ensemble; None: all teachers
         self.teacher: dict = manifest["teacher"]
         self.teacher_sha256: str = self.teacher["weights_sha256"]
         self.complete: bool = bool(manifest["complete"])

@@ -35,22 +35,18 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.features import DataError
-from cid_ds.data.packed import ARRAY_FIELDS, PackedShards, packed_manifest_path
+from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
+from cid_ds.data.preprocess import ImageSpec, image_spec
 from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines
 from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, decode_image
 
-# open_clip / torchvision steps that do nothing to an RGB image DALI has decoded to RGB
-_PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")
-_STEPS = (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.Normalize)  # what DALI reproduces
 _LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
 
 
@@ -71,45 +67,6 @@ def resolve_backend(backend: str, shards: list[str], joins: bool) -> str:
 def default_device_id() -> Optional[int]:
     """The current CUDA device (the trainer has set the rank's), or None: the CPU pipeline."""
     return torch.cuda.current_device() if torch.cuda.is_available() else None
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """The student's preprocess in DALI's terms: a random resized crop, or resize + centre crop."""
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str                                 # torchvision's InterpolationMode value
-    crop_scale: Optional[tuple[float, float]] = None   # set: RandomResizedCrop (training view)
-    crop_ratio: Optional[tuple[float, float]] = None
-    resize: Optional[int] = None                       # set: shorter side, then centre crop (eval view)
-
-
-def image_spec(preprocess: Callable) -> ImageSpec:
-    """Read the crop, resize and normalisation out of an open_clip preprocess (a torchvision Compose).
-    A step DALI does not reproduce is an error, so both backends never differ silently."""
-    steps, found = getattr(preprocess, "transforms", [preprocess]), {}
-    for step in steps:
-        kind = next((t for t in _STEPS if isinstance(step, t)), None)
-        if kind is not None and kind not in found:
-            found[kind] = step
-        elif getattr(step, "__name__", type(step).__name__) not in _PASS_THROUGH:
-            raise ValueError(f"the DALI loader cannot reproduce the preprocess step {step!r} of {preprocess!r}; "
-                             "use data.backend=wds")
-    normalize = found.get(T.Normalize)
-    if normalize is None:
-        raise ValueError(f"the preprocess has no Normalize step: {preprocess!r}")
-    norm = dict(mean=tuple(float(m) for m in normalize.mean), std=tuple(float(s) for s in normalize.std))
-    if T.RandomResizedCrop in found:
-        crop = found[T.RandomResizedCrop]
-        return ImageSpec(tuple(crop.size), interpolation=crop.interpolation.value, crop_scale=tuple(crop.scale),
-                         crop_ratio=tuple(crop.ratio), **norm)
-    resize, center = found.get(T.Resize), found.get(T.CenterCrop)
-    sides = [] if resize is None else [resize.size] if isinstance(resize.size, int) else list(resize.size)
-    if center is None or len(sides) != 1 or resize.max_size is not None:
-        raise ValueError(f"the DALI loader reproduces RandomResizedCrop, or Resize(shorter side) + CenterCrop, "
-                         f"not {preprocess!r}; use data.backend=wds")
-    return ImageSpec(tuple(center.size), interpolation=resize.interpolation.value, resize=sides[0], **norm)
 
 
 def _pipeline(paths: list[str], index_paths: list[str], spec: ImageSpec, fields: list[str], captions: bool,
@@ -275,7 +232,7 @@ def _pipeline_batches(indexes: list[ShardIndex], start: int, batch_size: int, sh
 def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int, threads: int,
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                       skip_batches: int = 0, teacher_tokenizer: Optional[Callable] = None,
-                      device_id: Union[int, None, str] = "auto") -> Iterator[dict]:
+                      device_id: Union[int, None, str] = "auto", replay_views: int = 0) -> Iterator[dict]:
     """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
     contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``t_img``, ``t_txt``,
     ``cluster`` (int64 [B] top-1, or [B, topk]) when the shards were packed with clusters, and with a
@@ -284,12 +241,14 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     order, bad samples and ``skip_batches`` behave."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if replay_views:
+        raise NotImplementedError("view replay in the DALI loader")
     manifest = packed_manifest_path(shards)
     if manifest is None:
         raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
                         "packed manifest.json beside it; use data.backend=wds for plain shards")
     packed = PackedShards(manifest)
-    lengths = packed.lengths()
+    lengths = {name: length for name, length in packed.lengths().items() if name not in VIEW_ARRAYS}
     fields = list(lengths)
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or teacher_tokenizer is not None

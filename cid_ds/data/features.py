@@ -5,21 +5,29 @@ A cache is a folder with one ``<shard_stem>.npz`` per input shard (``np.savez``,
   keys             [N] str    sample keys, in shard order
   image, text      [N, D] fp16  teacher embeddings of the eval view and of the caption,
                               L2-normalised before the cast
+  view_image       [N, V, D] fp16  with ``--views V``: the embeddings of V augmented views
+  view_box         [N, V, 5] int32  each view's crop box and flip (cid_ds.data.preprocess.VIEW_FIELDS)
   corrupt_image    [M] str    keys skipped because the image did not decode
   missing_caption  [K] str    keys skipped because the caption was missing or empty
   samples          0-d int    N
   teacher_sha256   0-d str    the weights that produced the rows
 
-and ``manifest.json``, which names the teacher and is derived from the shard files alone, so that any
-process can (re)write it. ``complete`` is true once every input shard has its file.
+and ``manifest.json``, which names the teacher and the views and is derived from the shard files alone,
+so that any process can (re)write it. ``complete`` is true once every input shard has its file.
+
+A teacher **ensemble** is one cache: each row is the concatenation of every teacher's L2-normalised
+embedding (widths may differ), and the manifest's ``teacher`` is ``teacher_set(members)``, which
+fingerprints every member. The cosine of two rows, renormalised, is then the mean of the members'
+cosines, so clustering and balance on the rows use the ensemble; the trainer splits the rows by the
+members' widths.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Optional
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -30,7 +38,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 MANIFEST = "manifest.json"
-VIEW = "center"
 DTYPE = "float16"
 # The teacher fields that decide what the embeddings are; spec and pretrained only record provenance.
 FINGERPRINT_FIELDS = ("weights_sha256", "embed_dim", "image_size", "preprocess", "context_length")
@@ -81,6 +88,22 @@ def teacher_info(spec: str, pretrained: Optional[str], model: nn.Module) -> dict
     }
 
 
+def teacher_set(members: list[dict]) -> dict:
+    """The manifest's ``teacher`` entry for the teachers whose embeddings a cache's rows concatenate: one
+    teacher's info as it is, or for several ``members``, their total ``embed_dim`` and a ``weights_sha256``
+    over every member's fingerprint, so that a cache of another teacher set (or order) is refused."""
+    if len(members) == 1:
+        return members[0]
+    fingerprints = [{field: member.get(field) for field in FINGERPRINT_FIELDS} for member in members]
+    digest = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
+    return {"members": members, "weights_sha256": digest, "embed_dim": sum(int(m["embed_dim"]) for m in members)}
+
+
+def teacher_members(teacher: dict) -> list[dict]:
+    """The teachers of a manifest's ``teacher`` entry, in the order their embeddings are concatenated."""
+    return teacher.get("members", [teacher])
+
+
 def teacher_mismatches(source: str, cached: dict, expected: dict) -> list[str]:
     """One line per field of ``expected`` that differs from the cache's teacher."""
     lines = []
@@ -97,9 +120,13 @@ def _short(value: object) -> str:
 
 
 def write_shard(cache_dir: str, stem: str, keys: list[str], image: np.ndarray, text: np.ndarray,
-                corrupt_image: list[str], missing_caption: list[str], teacher_sha256: str) -> str:
-    """Atomically write one shard's features; ``image``/``text`` must already be L2-normalised."""
+                corrupt_image: list[str], missing_caption: list[str], teacher_sha256: str,
+                view_image: Optional[np.ndarray] = None, view_box: Optional[np.ndarray] = None) -> str:
+    """Atomically write one shard's features; ``image``/``text`` (and ``view_image``) must already be
+    L2-normalised."""
     path = shard_file(cache_dir, stem)
+    views = {} if view_image is None else {"view_image": np.asarray(view_image, dtype=np.float16),
+                                           "view_box": np.asarray(view_box, dtype=np.int32)}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
         np.savez(f,
                  keys=np.asarray(keys, dtype=str),
@@ -108,7 +135,8 @@ def write_shard(cache_dir: str, stem: str, keys: list[str], image: np.ndarray, t
                  corrupt_image=np.asarray(corrupt_image, dtype=str),
                  missing_caption=np.asarray(missing_caption, dtype=str),
                  samples=np.asarray(len(keys)),
-                 teacher_sha256=np.asarray(teacher_sha256))
+                 teacher_sha256=np.asarray(teacher_sha256),
+                 **views)
     return path
 
 
@@ -121,20 +149,32 @@ def _shard_summary(path: str, source: str, teacher_sha256: str) -> dict:
                 "corrupt_image": len(npz["corrupt_image"]), "missing_caption": len(npz["missing_caption"])}
 
 
-def _manifest(teacher: dict, shards: dict[str, dict], complete: bool) -> dict:
+def _manifest(teacher: dict, views: Optional[dict], shards: dict[str, dict], complete: bool) -> dict:
+    views = views or views_entry(0, int(teacher["embed_dim"]))
     totals = {"shards": len(shards)}
     for field in ("samples", "corrupt_image", "missing_caption"):
         totals[field] = sum(s[field] for s in shards.values())
-    return {"teacher": teacher, "view": VIEW, "dtype": DTYPE, "shards": shards, "totals": totals,
+    totals["bytes"] = totals["samples"] * views["bytes_per_sample"]
+    return {"teacher": teacher, "views": views, "dtype": DTYPE, "shards": shards, "totals": totals,
             "complete": complete, "code_version": cid_ds.__version__}
 
 
-def write_started_manifest(cache_dir: str, teacher: dict) -> None:
-    """Record the teacher before any work, so that a resumed run can be checked against it."""
-    write_json(os.path.join(cache_dir, MANIFEST), _manifest(teacher, {}, complete=False))
+def views_entry(count: int, embed_dim: int, scale: tuple[float, float] = (0.9, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, seed: int = 0) -> dict:
+    """The manifest's ``views``: how the augmented views were drawn, and the cache's bytes per sample
+    (image and text rows, plus each view's row and box)."""
+    per_sample = 2 * 2 * embed_dim + count * (2 * embed_dim + 4 * 5)
+    drawn = {"scale": list(scale), "ratio": list(ratio), "flip": flip, "seed": seed} if count else {}
+    return {"count": count, **drawn, "bytes_per_sample": per_sample}
 
 
-def write_complete_manifest(cache_dir: str, shards: list[str], teacher: dict) -> Optional[dict]:
+def write_started_manifest(cache_dir: str, teacher: dict, views: Optional[dict] = None) -> None:
+    """Record the teacher and views before any work, so that a resumed run can be checked against them."""
+    write_json(os.path.join(cache_dir, MANIFEST), _manifest(teacher, views, {}, complete=False))
+
+
+def write_complete_manifest(cache_dir: str, shards: list[str], teacher: dict, views: Optional[dict] = None
+                            ) -> Optional[dict]:
     """If every shard has its file, write the complete manifest (from the files) and return it; else None.
 
     Any number of processes may call this: they all derive the same content, and writes are atomic.
@@ -144,19 +184,22 @@ def write_complete_manifest(cache_dir: str, shards: list[str], teacher: dict) ->
         return None
     entries = {stem: _shard_summary(shard_file(cache_dir, stem), path, teacher["weights_sha256"])
                for stem, path in stems.items()}
-    manifest = _manifest(teacher, entries, complete=True)
+    manifest = _manifest(teacher, views, entries, complete=True)
     write_json(os.path.join(cache_dir, MANIFEST), manifest)
     return manifest
 
 
 @dataclass
 class ShardFeatures:
-    """One shard's cached rows: ``row[key]`` indexes ``image`` and ``text``; ``skipped`` holds the keys
-    the extractor left out on purpose (corrupt image, missing caption)."""
+    """One shard's cached rows: ``row[key]`` indexes ``image``, ``text`` and, with views, ``view_image``
+    and ``view_box``; ``skipped`` holds the keys the extractor left out on purpose (corrupt image, missing
+    caption)."""
     row: dict[str, int]
     image: np.ndarray
     text: np.ndarray
     skipped: frozenset[str]
+    view_image: Optional[np.ndarray] = None
+    view_box: Optional[np.ndarray] = None
 
 
 class FeatureCache:
@@ -179,6 +222,7 @@ class FeatureCache:
             raise ValueError(f"feature cache {self.manifest_path}: dtype is {manifest['dtype']}, expected {DTYPE}")
         self.teacher: dict = manifest["teacher"]
         self.embed_dim: int = int(self.teacher["embed_dim"])
+        self.views: int = int(manifest.get("views", {}).get("count", 0))  # caches before views have none
         self.complete: bool = bool(manifest["complete"])
         self._recent_stem: Optional[str] = None
         self._recent: Optional[ShardFeatures] = None
@@ -201,13 +245,20 @@ class FeatureCache:
             return None
         with np.load(path) as npz:
             keys, image, text = npz["keys"], npz["image"], npz["text"]
+            views = {name: npz[name] for name in ("view_image", "view_box") if self.views and name in npz}
             sha = str(npz["teacher_sha256"])
             skipped = frozenset(npz["corrupt_image"].tolist()) | frozenset(npz["missing_caption"].tolist())
         if sha != self.teacher["weights_sha256"]:
             raise DataError(f"{path}: teacher_sha256 is {_short(sha)} but {self.manifest_path} says "
                              f"{_short(self.teacher['weights_sha256'])}")
-        for name, array in (("image", image), ("text", text)):
-            if array.shape != (len(keys), self.embed_dim):
-                raise DataError(f"{path}: field '{name}' has shape {array.shape}, "
-                                 f"expected ({len(keys)}, {self.embed_dim})")
-        return ShardFeatures({k: i for i, k in enumerate(keys.tolist())}, image, text, skipped)
+        shapes = {"image": (len(keys), self.embed_dim), "text": (len(keys), self.embed_dim)}
+        if self.views:
+            shapes |= {"view_image": (len(keys), self.views, self.embed_dim), "view_box": (len(keys), self.views, 5)}
+        arrays = {"image": image, "text": text} | views
+        for name, shape in shapes.items():
+            if name not in arrays:
+                raise DataError(f"{path}: field '{name}' is missing ({self.manifest_path} says views.count = "
+                                 f"{self.views})")
+            if arrays[name].shape != shape:
+                raise DataError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {shape}")
+        return ShardFeatures({k: i for i, k in enumerate(keys.tolist())}, image, text, skipped, **views)

@@ -8,12 +8,14 @@ A folder of webdataset tars ``00000.tar ..`` and ``manifest.json``. Each sample 
   KEY.t_img, KEY.t_txt    float16 little-endian [D]: teacher image / caption embeddings, L2-normalised
                           (the feature cache's rows)
   KEY.cluster             int32 little-endian [topk]: nearest centroids, nearest first (when clustered)
+  KEY.v_img               float16 little-endian [V, D]: teacher embeddings of V stored views (extract --views)
+  KEY.v_box               int32 little-endian [V, 5]: their crop boxes and flips (cid_ds.data.preprocess)
   KEY.json                the source's metadata, when it had any
 
 Raw little-endian arrays rather than ``.npy`` so that DALI can reinterpret the bytes without a parser.
 ``manifest.json`` holds ``format``, the ``tokenizer`` (spec, context length, and the ids of a probe text,
 which identify the vocabulary), the ``teacher`` (copied from the feature cache), ``embed_dim``, ``topk``,
-``k``, every upstream manifest, per-shard sample counts and ``complete``.
+``k``, ``views`` (the feature cache's), every upstream manifest, per-shard sample counts and ``complete``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ FORMAT = "cid_ds.packed/1"
 MANIFEST = "manifest.json"
 # field -> little-endian dtype of its raw bytes
 ARRAY_FIELDS = {"tokens": np.dtype("<i4"), "t_img": np.dtype("<f2"), "t_txt": np.dtype("<f2"),
-                "cluster": np.dtype("<i4")}
+                "cluster": np.dtype("<i4"), "v_img": np.dtype("<f2"), "v_box": np.dtype("<i4")}
+VIEW_ARRAYS = ("v_img", "v_box")  # read only when replaying views
 # Tokenised by the packer and by the trainer: equal ids mean the same tokenizer (vocabulary, lowercasing,
 # context length), whatever its name.
 TOKENIZER_PROBE = ["a photo of a Cat on a mat, 1984!", "Ünïcödé — ok", ""]
@@ -78,6 +81,7 @@ class PackedShards:
         self.teacher: dict = manifest["teacher"]
         self.embed_dim: int = int(manifest["embed_dim"])
         self.topk: int = int(manifest["topk"])  # 0: not clustered
+        self.views: int = int(manifest.get("views", {}).get("count", 0))  # stored views per sample
         self.context_length: int = int(manifest["tokenizer"]["context_length"])
         self.complete: bool = bool(manifest["complete"])
 
@@ -90,4 +94,6 @@ class PackedShards:
         lengths = {"tokens": self.context_length, "t_img": self.embed_dim, "t_txt": self.embed_dim}
         if self.topk:
             lengths["cluster"] = self.topk
+        if self.views:
+            lengths |= {"v_img": self.views * self.embed_dim, "v_box": self.views * 5}
         return lengths

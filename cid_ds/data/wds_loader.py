@@ -6,7 +6,8 @@ Per DataLoader worker the pipeline is
     -> raw samples -> drop unusable (no caption; no cached features or cluster) and join both by key,
        or, from distill-ready shards (cid_ds.data.packed), read them from the sample itself
     -> seeded shuffle buffer -> skip the samples of already-trained batches (nothing decoded yet)
-    -> decode + preprocess (corrupt images dropped) -> full batches, captions tokenised per batch
+    -> decode + preprocess, or replay the epoch's stored view (corrupt images dropped)
+    -> full batches, captions tokenised per batch
 
 and the DataLoader takes batches from the workers round-robin.
 """
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
-from cid_ds.data.packed import ARRAY_FIELDS, PackedShards, decode_array, packed_manifest_path
+from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
+from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot
 from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -90,12 +92,16 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                        workers: int, features_dir: Optional[str], missing_features: str = "error",
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_buffer: int = 1000, skip_batches: int = 0,
-                       clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None
-                       ) -> Iterable[dict]:
+                       clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None,
+                       replay_views: int = 0) -> Iterable[dict]:
     """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``, with a
     feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
-    [B, topk]), and with a ``teacher_tokenizer`` (online teacher) ``teacher_tokens``. The sequence is fixed by (seed, epoch, rank, workers). ``missing_features`` applies to
-    keys missing from either.
+    [B, topk]), and with a ``teacher_tokenizer`` (online teacher) ``teacher_tokens``. The sequence is fixed
+    by (seed, epoch, rank, workers). ``missing_features`` applies to keys missing from either.
+
+    ``replay_views`` > 0 replays stored views (cid_ds.data.preprocess): each sample's view
+    ``epoch % replay_views`` is cropped, flipped and resized to ``preprocess``'s size and normalisation,
+    and ``t_img`` is that view's teacher embedding.
 
     ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
     every worker is still producing batches at batch N and the skipped span holds no corrupt image
@@ -110,9 +116,13 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     if cache is not None and clusters is not None:
         clusters.check_matches(cache)
     manifest = packed_manifest_path(shards)
-    packed = _packed_fields(PackedShards(manifest), tokenizer, cache, clusters) if manifest else {}
+    packed = _packed_fields(PackedShards(manifest), tokenizer, cache, clusters, replay_views) if manifest else {}
+    if replay_views:
+        check_stored_views(replay_views, *((cache.views, cache.manifest_path) if cache is not None else
+                                           (PackedShards(manifest).views, manifest) if manifest else (0, shards[0])))
     dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
-                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer, packed)
+                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer, packed,
+                            replay_views)
     augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
@@ -120,13 +130,21 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     return raise_data_errors(loader)
 
 
+def check_stored_views(replay_views: int, stored: int, source: str) -> None:
+    """Replaying N views needs at least N stored per sample."""
+    if replay_views > stored:
+        raise DataError(f"data.replay_views is {replay_views} but {source} stores {stored} views per sample "
+                        "(data_tools.extract --views K stores K)")
+
+
 def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[FeatureCache],
-                   clusters: Optional[ClusterAssignments]) -> dict[str, int]:
+                   clusters: Optional[ClusterAssignments], replay_views: int) -> dict[str, int]:
     """The array fields to read from distill-ready shards, with their lengths: a side cache or cluster
-    folder given explicitly is joined instead, and stored token ids are used only when they are what
-    ``tokenizer`` makes (another student's tokenizer re-tokenises the captions)."""
+    folder given explicitly is joined instead, stored views are read only to replay them, and stored
+    token ids are used only when they are what ``tokenizer`` makes (another student's tokenizer
+    re-tokenises the captions)."""
     fields = packed.lengths()
-    drop = {"t_img", "t_txt"} if cache is not None else set()
+    drop = {"t_img", "t_txt", *VIEW_ARRAYS} if cache is not None else set() if replay_views else set(VIEW_ARRAYS)
     drop |= {"cluster"} if clusters is not None else set()
     if not packed.tokens_usable(tokenizer):
         drop.add("tokens")
@@ -137,10 +155,12 @@ class _EpochBatches(IterableDataset):
     def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
                  cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments], missing_features: str,
                  epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int,
-                 teacher_tokenizer: Optional[Callable], packed: dict[str, int]):
+                 teacher_tokenizer: Optional[Callable], packed: dict[str, int], replay_views: int):
         super().__init__()
         self.shards = list(shards)
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+        self.view_transform = ViewTransform(image_spec(preprocess)) if replay_views else None
+        self.slot = replay_slot(epoch, replay_views) if replay_views else None
         self.teacher_tokenizer, self.packed = teacher_tokenizer, packed
         self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
@@ -178,7 +198,8 @@ class _EpochBatches(IterableDataset):
             yield sample
 
     def _read_packed(self, sample: dict) -> None:
-        """Decode the packed arrays this loader uses; drop the raw bytes of those it joins or re-makes."""
+        """Decode the packed arrays this loader uses; drop the raw bytes of those it joins or re-makes;
+        when replaying, take the epoch's view."""
         where = f"shard {sample['__url__']} key {sample['__key__']}"
         for name in ARRAY_FIELDS.keys() - self.packed.keys():
             sample.pop(name, None)
@@ -186,6 +207,10 @@ class _EpochBatches(IterableDataset):
             if name not in sample:
                 raise DataError(f"{where}: field '.{name}' is missing (the packed manifest promises it)")
             sample[name] = decode_array(sample[name], name, length, where)
+        if "v_img" in sample:
+            views = len(sample["v_box"]) // 5
+            sample["t_img"] = sample.pop("v_img").reshape(views, -1)[self.slot]
+            sample["view"] = sample.pop("v_box").reshape(views, 5)[self.slot]
 
     def _join_features(self, sample: dict) -> bool:
         if self.cache is None:
@@ -194,6 +219,8 @@ class _EpochBatches(IterableDataset):
         if found is not None:
             features, row = found
             sample["t_img"], sample["t_txt"] = features.image[row], features.text[row]
+            if self.slot is not None:
+                sample["t_img"], sample["view"] = features.view_image[row, self.slot], features.view_box[row, self.slot]
         return found is not None
 
     def _join_clusters(self, sample: dict) -> bool:
@@ -227,7 +254,7 @@ class _EpochBatches(IterableDataset):
             if image is None:
                 self.n_skipped += 1
                 continue
-            sample["image"] = self.preprocess(image)
+            sample["image"] = self.preprocess(image) if self.slot is None else self.view_transform(image, sample["view"])
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._collate(batch)

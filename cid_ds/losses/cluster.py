@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cid_ds.config import ClusterConfig
+from cid_ds.io import read_json
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
 
 
@@ -38,6 +39,8 @@ class ClusterDiscrimination:
     def __init__(self, cfg: ClusterConfig, lr: float, betas: tuple[float, float], eps: float,
                  lr_factor: Callable[[int], float], seed: int, device: torch.device):
         self.cfg, self.base_lr, self.lr_factor, self.betas, self.eps = cfg, lr * cfg.lr_mult, lr_factor, betas, eps
+        self.teacher_index = read_json(os.path.join(cfg.dir, "manifest.json")).get("teacher_index") \
+            if os.path.isfile(os.path.join(cfg.dir, "manifest.json")) else None  # clustered one teacher of several
         self.classifier = ShardedCentroidClassifier(
             load_centroids(cfg.dir), margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
             sample_rate=cfg.sample_rate, learnable=cfg.learnable, soft=cfg.soft, seed=seed).to(device)
