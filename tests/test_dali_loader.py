@@ -1,12 +1,14 @@
 """The DALI loader (CPU pipeline, real DALI) against the batch contract and the webdataset loader: same
 keys, tokens, embeddings and eval-view pixels; ranks, epochs, resume; bad samples skipped and counted;
-index files cached and rebuilt."""
+index files cached and rebuilt; stored views replayed as the webdataset loader replays them."""
 import io
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image, ImageDraw
 
@@ -298,3 +300,86 @@ def test_extract_with_dali_writes_the_feature_cache_the_wds_backend_writes(tmp_p
         np.testing.assert_array_equal(dali_rows.text, wds_rows.text)
     with np.load(shard_file(str(tmp_path / "dali"), "00000")) as npz:
         assert npz["corrupt_image"].tolist() == ["000000003"] and npz["missing_caption"].tolist() == ["000000005"]
+
+
+VIEW_BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def with_views(tmp_path_factory):
+    """Demo data, a feature cache of the demo teacher with 2 stored views per image (crops of 30% to all
+    of it, some flipped), packed into 2 distill-ready shards; the teacher itself."""
+    from cid_ds.teacher import load_teacher
+    from data_tools.extract import Views, extract
+    from data_tools.make_demo_data import generate
+    from data_tools.pack import pack
+    root = tmp_path_factory.mktemp("views")
+    generate(str(root / "data"), train_samples=192, shards=2, seed=0, eval_scale=0.1, progress=False)
+    sources = sorted(str(p) for p in (root / "data" / "train").glob("*.tar"))
+    extract(sources, "demo-teacher", None, str(root / "feats"), batch_size=64, workers=1,
+            views=Views(2, scale=(0.3, 1.0)))
+    pack(sources, str(root / "feats"), "demo-teacher", str(root / "packed"), samples_per_shard=96, progress=False)
+    model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None)
+    return {"shards": sorted(str(p) for p in (root / "packed").glob("*.tar")), "feats": str(root / "feats"),
+            "manifest": str(root / "packed" / "manifest.json"), "model": model.eval(), "preprocess": preprocess_val,
+            "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def replayed(with_views):
+    """``{(loader, epoch): {key: (image, t_img)}}``: every sample of epochs 0 and 1 of both loaders,
+    replaying 2 stored views."""
+    d = with_views
+    epochs = {}
+    for epoch in (0, 1):
+        dali = build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=2,
+                                 epoch=epoch, shuffle_buffer=16, device_id=None, replay_views=2)
+        wds_ = build_train_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, workers=1,
+                                  features_dir=None, epoch=epoch, shuffle_buffer=16, replay_views=2)
+        for name, loader in (("dali", dali), ("wds", wds_)):
+            batches = list(loader)
+            assert len(batches) == 192 // VIEW_BATCH
+            for batch in batches:
+                assert batch["image"].shape == (VIEW_BATCH, 3, 32, 32) and batch["image"].dtype == torch.float32
+                assert batch["t_img"].shape == (VIEW_BATCH, 256) and batch["t_img"].dtype == torch.float32
+                assert batch["t_txt"].shape == (VIEW_BATCH, 256) and batch["tokens"].dtype == torch.int64
+                assert batch["n_skipped"] == 0
+            epochs[name, epoch] = {key: (batch["image"][i], batch["t_img"][i])
+                                   for batch in batches for i, key in enumerate(batch["key"])}
+            assert len(epochs[name, epoch]) == 192
+    return epochs
+
+
+def test_the_replayed_crop_reproduces_the_stored_view(with_views, replayed):
+    """The teacher, shown a loader's replayed image, gives back the stored embedding of that view."""
+    for (loader, epoch), samples in replayed.items():
+        images = torch.stack([image for image, _ in samples.values()])
+        stored = torch.stack([t_img for _, t_img in samples.values()])
+        with torch.no_grad():
+            cosine = (F.normalize(with_views["model"].encode_image(images), dim=-1) * stored).sum(1)
+        assert cosine.min() > 0.999, (loader, epoch, cosine.min().item())
+
+
+def test_the_two_loaders_replay_the_same_box_for_the_same_sample_and_epoch(with_views, replayed):
+    """Same stored embedding, pixels within resampling tolerance; the next epoch is another view."""
+    from cid_ds.data.features import FeatureCache
+    boxes = np.concatenate([FeatureCache(with_views["feats"]).lookup(stem).view_box for stem in ("00000", "00001")])
+    assert set(boxes[:, :, 4].ravel()) == {0, 1}  # flipped views and unflipped ones
+    std = torch.tensor(image_spec(with_views["preprocess"]).std).view(3, 1, 1)
+    for epoch in (0, 1):
+        dali, reference = replayed["dali", epoch], replayed["wds", epoch]
+        assert dali.keys() == reference.keys()
+        for key, (image, t_img) in dali.items():
+            assert torch.equal(t_img, reference[key][1]), key
+            pixels = ((image - reference[key][0]).abs() * std).mean().item()  # in [0, 1] units
+            assert pixels < 2 / 255, (key, epoch, pixels)
+    for key, (image, t_img) in replayed["dali", 0].items():
+        other_image, other_t_img = replayed["dali", 1][key]
+        assert not torch.equal(t_img, other_t_img) and ((image - other_image).abs() * std).mean() > 2 / 255, key
+
+
+def test_replay_views_beyond_what_was_stored_is_refused_clearly(with_views):
+    d = with_views
+    with pytest.raises(DataError, match=re.escape(f"{d['manifest']} stores 2 views")):
+        build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=1,
+                          device_id=None, replay_views=3)

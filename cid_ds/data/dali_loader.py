@@ -43,9 +43,9 @@ from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.features import DataError
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
-from cid_ds.data.preprocess import ImageSpec, image_spec
+from cid_ds.data.preprocess import ImageSpec, image_spec, replay_slot
 from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines
-from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, decode_image
+from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, check_stored_views, decode_image
 
 _LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
 
@@ -70,11 +70,13 @@ def default_device_id() -> Optional[int]:
 
 
 def _pipeline(paths: list[str], index_paths: list[str], spec: ImageSpec, fields: list[str], captions: bool,
-              batch_size: int, threads: int, device_id: Optional[int], shuffle: int, seed: int):
+              batch_size: int, threads: int, device_id: Optional[int], shuffle: int, seed: int,
+              replay: Optional[tuple[int, int]] = None):
     """Outputs ``image`` (float [B,3,H,W]), ``source`` (the reader's "shard:offset:name", NUL-padded
-    bytes), each of ``fields`` (int64 or float32), and with ``captions`` ``caption`` (its first
-    MAX_CAPTION_BYTES, NUL-padded) and ``caption_length``. Decoding and image work run on GPU
-    ``device_id``, or on the CPU when it is None."""
+    bytes), each of ``fields`` but the view arrays (int64 or float32), and with ``captions`` ``caption``
+    (its first MAX_CAPTION_BYTES, NUL-padded) and ``caption_length``. Decoding and image work run on GPU
+    ``device_id``, or on the CPU when it is None. ``replay`` (slot, stored views), with the view arrays
+    in ``fields``: the image is stored view ``slot`` and ``t_img`` its embedding."""
     from nvidia.dali import Pipeline, fn, types
     dtypes = {np.dtype("<i4"): types.INT32, np.dtype("<f2"): types.FLOAT16}
     rng = random.Random(seed)
@@ -86,10 +88,17 @@ def _pipeline(paths: list[str], index_paths: list[str], spec: ImageSpec, fields:
             ext=[";".join(IMAGE_EXTS), *fields] + (["txt"] if captions else []),
             dtypes=[types.UINT8, *(dtypes[ARRAY_FIELDS[f]] for f in fields)] + ([types.UINT8] if captions else []),
             random_shuffle=shuffle > 1, initial_fill=max(shuffle, 1), seed=rng.getrandbits(31))
-        images = _image_view(encoded, spec, "cpu" if device_id is None else "mixed")
+        named = dict(zip(fields, arrays))
+        device = "cpu" if device_id is None else "mixed"
+        if replay is None:
+            images = _image_view(encoded, spec, device)
+        else:
+            slot, views = replay
+            images = _replayed_view(encoded, fn.reshape(named["v_box"], shape=[views, 5])[slot], spec, device)
+            named["t_img"] = fn.reshape(named["v_img"], shape=[views, -1])[slot]
         outputs = [images, fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)]
-        for name, values in zip(fields, arrays):
-            values = fn.cast(values, dtype=types.FLOAT if ARRAY_FIELDS[name].kind == "f" else types.INT64)
+        for name in _array_outputs(fields):
+            values = fn.cast(named[name], dtype=types.FLOAT if ARRAY_FIELDS[name].kind == "f" else types.INT64)
             outputs.append(values if device_id is None else values.gpu())
         if captions:
             text = arrays[-1][:MAX_CAPTION_BYTES]
@@ -102,8 +111,7 @@ def _image_view(encoded, spec: ImageSpec, device: str):
     """Decode (``device`` "mixed": nvJPEG on the GPU) and make the student's view, as torchvision would.
     EXIF orientation is ignored, as PIL (and so the teacher's extraction) ignores it."""
     from nvidia.dali import fn, math, types
-    interpolation = {"nearest": types.INTERP_NN, "bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
-                     "lanczos": types.INTERP_LANCZOS3}[spec.interpolation]
+    interpolation = _interpolation(spec)
     images = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
     if spec.crop_scale is not None:
         images = fn.random_resized_crop(images, size=spec.size, random_area=spec.crop_scale,
@@ -120,7 +128,30 @@ def _image_view(encoded, spec: ImageSpec, device: str):
         anchor = fn.stack(_half_to_even(height - spec.size[0]), _half_to_even(width - spec.size[1]))
         images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), np.array(spec.size, dtype=np.int32),
                           axis_names="HW")
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+    return _normalized(images, spec)
+
+
+def _replayed_view(encoded, view, spec: ImageSpec, device: str):
+    """A stored view (int32 [5]: top, left, height, width, flip) as ``ViewTransform`` makes it with PIL:
+    decode only the box, resize it to the spec's size (antialiased when shrinking, as PIL), flip."""
+    from nvidia.dali import fn, types
+    images = fn.decoders.image_slice(encoded, view[0:2], view[2:4], axis_names="HW", device=device,
+                                     output_type=types.RGB, adjust_orientation=False)
+    images = fn.resize(images, resize_y=float(spec.size[0]), resize_x=float(spec.size[1]),
+                       interp_type=_interpolation(spec), antialias=True)
+    return _normalized(images, spec, mirror=view[4])
+
+
+def _interpolation(spec: ImageSpec):
+    from nvidia.dali import types
+    return {"nearest": types.INTERP_NN, "bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+            "lanczos": types.INTERP_LANCZOS3}[spec.interpolation]
+
+
+def _normalized(images, spec: ImageSpec, mirror=0):
+    """Float CHW, normalised by the spec; ``mirror`` 1 (a constant or per-sample input) flips horizontally."""
+    from nvidia.dali import fn, types
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                     mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std])
 
 
@@ -130,8 +161,13 @@ def _half_to_even(margin):
     return half + (margin & 1) * (half & 1)
 
 
+def _array_outputs(fields: list[str]) -> list[str]:
+    """The arrays a pipeline outputs: the view arrays are read only to pick the replayed view."""
+    return [name for name in fields if name not in VIEW_ARRAYS]
+
+
 def _output_names(fields: list[str], captions: bool) -> list[str]:
-    return ["image", "source", *fields] + (["caption", "caption_length"] if captions else [])
+    return ["image", "source", *_array_outputs(fields)] + (["caption", "caption_length"] if captions else [])
 
 
 def _split_source(source: str, shards: set[str]) -> tuple[str, str]:
@@ -241,14 +277,15 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     order, bad samples and ``skip_batches`` behave."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if replay_views:
-        raise NotImplementedError("view replay in the DALI loader")
     manifest = packed_manifest_path(shards)
     if manifest is None:
         raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
                         "packed manifest.json beside it; use data.backend=wds for plain shards")
     packed = PackedShards(manifest)
-    lengths = {name: length for name, length in packed.lengths().items() if name not in VIEW_ARRAYS}
+    if replay_views:
+        check_stored_views(replay_views, packed.views, manifest)
+    replay = (replay_slot(epoch, replay_views), packed.views) if replay_views else None
+    lengths = {name: length for name, length in packed.lengths().items() if replay or name not in VIEW_ARRAYS}
     fields = list(lengths)
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or teacher_tokenizer is not None
@@ -261,7 +298,8 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
 
     def make(paths: list[str], index_paths: list[str]):
         return _pipeline(paths, index_paths, spec, fields, captions, batch_size, max(1, threads), device_id,
-                         shuffle_buffer, seed=random.Random(f"dali:{seed}:{epoch}:{rank}").getrandbits(63))
+                         shuffle_buffer, seed=random.Random(f"dali:{seed}:{epoch}:{rank}").getrandbits(63),
+                         replay=replay)
 
     def epoch_batches() -> Iterator[dict]:
         start = skip_batches * batch_size
