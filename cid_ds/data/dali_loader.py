@@ -26,6 +26,12 @@ How it keeps the webdataset loader's promises:
   (whole shards dropped, the partly read one through a trimmed index), so nothing is decoded twice.
   Without shuffling it is exact; with it, the samples that were in the shuffle buffer at the cut (at
   most ``shuffle_buffer``) are missed and as many already seen are read again.
+* **View replay.** With ``replay_views=N`` (``cid_ds.data.preprocess``) the reader also reads each
+  sample's stored views (``v_img``, ``v_box``), and in epoch ``e`` the graph takes row
+  ``replay_slot(e, N)`` of both, a constant per pipeline: only that view's box is decoded
+  (``fn.decoders.image_slice``; ROI decoding with nvJPEG), resized to the preprocess's size and
+  antialiased as PIL resizes, flipped where the view says so, and normalised; ``t_img`` is that view's
+  teacher embedding. The webdataset loader replays the same view of the same sample in the same epoch.
 """
 from __future__ import annotations
 
