@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo ablate test bench clean
+.PHONY: setup demo ablate ablate-views test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: setup
 # every CLIP-KD term alone, the CLIP-KD and CLIP-CID mixes and the baseline on the demo data (~25 min on 2 cores)
 ablate: demo
 	$(PY) -m launch.ablate ds_configs/ablations/demo.yaml --out runs/demo/ablate
+
+# stored views replayed vs the student's own crops vs the eval view, one teacher vs two (~40 min on 2 cores)
+ablate-views: setup
+	$(PY) -m launch.demo --views 2 --teachers 2
+	$(PY) -m launch.ablate ds_configs/ablations/views.yaml --out runs/demo/ablate_views
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider

@@ -180,7 +180,7 @@ def _check_existing_manifest(out_dir: str, teacher: dict, views: dict) -> None:
     lines = teacher_mismatches(f"feature cache {path}", cached, {f: teacher.get(f) for f in FINGERPRINT_FIELDS})
     cached_views = manifest.get("views", views_entry(0, int(cached.get("embed_dim") or 0)))
     lines += [f"feature cache {path}: views.{field} is {cached_views.get(field)} but this run asks for {want}"
-              for field, want in views.items() if cached_views.get(field) != want]
+              for field, want in views.items() if field != "bytes_per_sample" and cached_views.get(field) != want]
     if lines:
         raise ValueError("\n".join(lines) + f"\nrefusing to mix two teacher sets or view settings in one cache: "
                          f"use another --out or delete {out_dir}")

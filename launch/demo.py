@@ -1,11 +1,16 @@
 """The demo, end to end on generated data: data -> teacher -> feature cache -> clusters -> balance -> packed
 shards -> students -> table.
 
-    python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0]
+    python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0] [--views K] [--teachers 2]
 
 Every stage is a real command a user would run (the trainer through the ``deepspeed`` launcher), and
 every stage resumes: re-running skips what is finished. ``--scale`` shrinks data and steps (the test
 suite runs the demo at a tiny scale).
+
+``--views K`` / ``--teachers 2`` then prepare richer offline targets for ``ds_configs/ablations/views.yaml``
+(``make ablate-views``): a second teacher (the demo teacher's recipe from another seed, for half the
+steps), a feature cache of both teachers with K stored views per image, its clusters and balance,
+and distill-ready shards in ``OUT/packed_targets``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ PERCEPTUAL = 0.9999
 TRAIN_SHARDS = 16  # source and packed: enough to split over ranks and loader workers
 
 
-def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) -> dict:
+SECOND_TEACHER_STEPS = 0.5  # of the first teacher's
+
+
+def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], run_name: str | None = None) -> dict:
     """Run one demo experiment with its paths under ``out`` and its steps scaled, unless it has run."""
     from cid_ds.config import load_config
     config = os.path.join(EXPERIMENTS, f"{yaml_name}.yaml")
@@ -48,7 +56,35 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str]) 
         overrides.append(f"data.features={cfg.data.features.replace('runs/demo', out)}")
     if cfg.cluster.dir is not None:
         overrides.append(f"cluster.dir={cfg.cluster.dir.replace('runs/demo', out)}")
-    return launch_training(config, os.path.join(out, cfg.output_dir.split("/")[-1]), overrides, ranks)
+    return launch_training(config, os.path.join(out, run_name or cfg.output_dir.split("/")[-1]), overrides, ranks)
+
+
+def prepare_richer_targets(args: argparse.Namespace, shards: list[str], teacher_export: str) -> dict:
+    """The second teacher, the feature cache of every teacher with ``args.views`` views, its clusters,
+    balance and packed shards (``OUT/packed_targets``); returns the stage times."""
+    from data_tools.balance import balance
+    from data_tools.cluster import cluster
+    from data_tools.extract import Views, extract
+    from data_tools.pack import pack
+    timings, t = {}, time.time()
+    teachers = [f"local-dir:{teacher_export}"]
+    if args.teachers > 1:
+        second = train("demo_teacher", args.out, args.ranks, args.scale * SECOND_TEACHER_STEPS,
+                       [f"seed={args.seed + 1}"], run_name="teacher_b")
+        teachers.append(f"local-dir:{second['export']}")
+        timings["teacher_b"] = time.time() - t
+    t = time.time()
+    feats, clusters, balanced = (os.path.join(args.out, f"{stage}_targets") for stage in ("feats", "clusters", "balance"))
+    extract(shards, teachers, None, feats, views=Views(args.views))
+    timings["extract_targets"] = time.time() - t
+    t = time.time()
+    cluster(feats, CLUSTERS, clusters, seed=args.seed)
+    report = balance(feats, clusters, balanced, perceptual=PERCEPTUAL, target_keep_fraction=KEEP_FRACTION,
+                     seed=args.seed)
+    pack(shards, feats, "demo-student", os.path.join(args.out, "packed_targets"), clusters_dir=clusters,
+         balance_dir=balanced, samples_per_shard=-(-report["kept"] // TRAIN_SHARDS))
+    timings["cluster_balance_pack_targets"] = time.time() - t
+    return timings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ranks", type=int, default=1, help="processes per node (CPU ranks or GPUs)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo's data and steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--views", type=int, default=0, help="also prepare packed shards with K stored views")
+    parser.add_argument("--teachers", type=int, default=1, choices=(1, 2), help="2: ... and a second teacher")
     args = parser.parse_args(argv)
     from data_tools.balance import balance
     from data_tools.cluster import cluster
@@ -100,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.time()
         results[label] = train(name, args.out, args.ranks, args.scale, [f"seed={args.seed}"])
         timings[name] = time.time() - t
+    if args.views or args.teachers > 1:
+        timings |= prepare_richer_targets(args, expand_shards(os.path.join(data, "train", "*.tar")),
+                                          results["teacher"]["export"])
 
     rows = {label: headline(res["eval"]) for label, res in results.items()}
     baseline = rows["student baseline"]

@@ -7,7 +7,7 @@ A **view** (MobileCLIP's reinforced data) is one random-resized crop and flip of
 int32 row ``(top, left, height, width, flip)`` in the source image's pixels. ``data_tools.extract --views K``
 draws K per sample (``draw_views``) from an RNG seeded by (seed, key), so the boxes depend on nothing
 else: not on batching, workers, or which teachers embed them. Each teacher embeds each box at its own
-input size, and a loader that replays the box (``ViewTransform`` here, ``fn.slice`` in DALI) gives the
+input size, and a loader that replays the box (``ViewTransform`` here, ``fn.decoders.image_slice`` in DALI) gives the
 student the same pixels the stored embedding describes. In epoch ``e`` both loaders replay stored view
 ``e % K`` (``replay_slot``): the K views are independent draws, so cycling through them is as random as
 picking one, and needs no per-sample state that DALI's graph could not compute.
