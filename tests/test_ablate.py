@@ -1,12 +1,14 @@
 """launch.ablate: one command runs a list of experiments on the same data for the same steps through the
 deepspeed launcher, evaluates each, and writes a Markdown + JSON table with a row per experiment."""
+import glob
 import json
 import os
 
 import pytest
 
+from cid_ds.config import load_config
 from cid_ds.io import read_json
-from launch.ablate import main
+from launch.ablate import main, read_spec
 from tests.helpers import REPO_ROOT, make_data_and_features
 
 
@@ -66,3 +68,11 @@ def test_bad_rows_are_refused_before_anything_trains(dataset, tmp_path, monkeypa
         with pytest.raises(SystemExit, match=message):
             main([write_spec(tmp_path / "bad.yaml", rows), "--out", out, *common])
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("spec", sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "ablations", "*.yaml"))))
+def test_every_shipped_ablation_row_is_a_valid_experiment(spec, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    rows, _ = read_spec(spec)
+    for row in rows:
+        load_config(row.config, row.overrides, check_paths=False)

@@ -5,6 +5,7 @@ replay`` / ``kd.ensemble``; the student must then see exactly the pixels each st
 and an ensemble must reduce to its teacher when that teacher is its only member.
 (The DALI loader's replay is tested in test_dali_loader.py.)"""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from data_tools.cluster import cluster
 from data_tools.extract import Views, extract
 from data_tools.make_demo_data import generate
 from data_tools.pack import pack
+from tests.helpers import run
 
 VIEWS = Views(2, scale=(0.3, 1.0))  # wide crops, so a replayed view is far from the eval view
 BATCH = 32
@@ -200,3 +202,22 @@ def test_ensemble_weights_and_widths_are_checked_against_the_cache(data):
     targets = teacher_targets([members[0], narrow], "per_teacher", [3, 1], None, "mixed")
     assert targets.head_dims == (256, 128) and targets.weights == (0.75, 0.25)
     assert TeacherTargets.single(8).combine(torch.ones(2, 8)).equal(torch.ones(2, 8))
+
+
+def test_training_replays_views_against_one_head_per_teacher(data, tmp_path):
+    """What a user runs: the trainer on an ensemble cache (teacher widths 256 + 128) with replayed views."""
+    mixed = str(tmp_path / "feats_mixed")
+    extract(data["shards"], ["demo-teacher", "demo-student"], None, mixed, batch_size=64, workers=1, views=VIEWS)
+    out = str(tmp_path / "run")
+    run([sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_clipkd.yaml",
+         f"output_dir={out}", f"data.train_shards={data['root']}/data/train/*.tar", f"data.features={mixed}",
+         "data.views=replay", "kd.ensemble=per_teacher", "kd.teacher_weights=[3, 1]", "data.batch_size=32",
+         "data.shuffle_buffer=20", "optim.steps=3", "optim.warmup_steps=1", "checkpoint.every=3",
+         "logging.every=1", "eval.sets=[]"])
+    results = read_json(os.path.join(out, "results.json"))
+    assert results["step"] == 3 and set(results["losses"]) == {"clip", "crd", "fd", "icl", "total"}
+    assert all(np.isfinite(v) for v in results["losses"].values())
+    with pytest.raises(AssertionError, match="kd.ensemble mean averages the teachers' embeddings"):
+        run([sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_clipkd.yaml",
+             f"output_dir={out}_mean", f"data.train_shards={data['root']}/data/train/*.tar",
+             f"data.features={mixed}", "optim.steps=1"])
