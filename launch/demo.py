@@ -8,8 +8,7 @@ every stage resumes: re-running skips what is finished. ``--scale`` shrinks data
 suite runs the demo at a tiny scale).
 
 ``--views K`` / ``--teachers 2`` then prepare richer offline targets for ``ds_configs/ablations/views.yaml``
-(``make ablate-views``): a second teacher (the demo teacher's recipe from another seed, for half the
-steps), a feature cache of both teachers with K stored views per image, its clusters and balance,
+(``make ablate-views``): a second teacher (the demo teacher's recipe from another seed), a feature cache of both teachers with K stored views per image, its clusters and balance,
 and distill-ready shards in ``OUT/packed_targets``.
 """
 from __future__ import annotations
@@ -33,9 +32,6 @@ CLUSTERS = 64
 KEEP_FRACTION = 0.563
 PERCEPTUAL = 0.9999
 TRAIN_SHARDS = 16  # source and packed: enough to split over ranks and loader workers
-
-
-SECOND_TEACHER_STEPS = 0.5  # of the first teacher's
 
 
 def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], run_name: str | None = None) -> dict:
@@ -69,8 +65,8 @@ def prepare_richer_targets(args: argparse.Namespace, shards: list[str], teacher_
     timings, t = {}, time.time()
     teachers = [f"local-dir:{teacher_export}"]
     if args.teachers > 1:
-        second = train("demo_teacher", args.out, args.ranks, args.scale * SECOND_TEACHER_STEPS,
-                       [f"seed={args.seed + 1}"], run_name="teacher_b")
+        second = train("demo_teacher", args.out, args.ranks, args.scale, [f"seed={args.seed + 1}"],
+                       run_name="teacher_b")
         teachers.append(f"local-dir:{second['export']}")
         timings["teacher_b"] = time.time() - t
     t = time.time()

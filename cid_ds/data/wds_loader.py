@@ -144,7 +144,8 @@ def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[Fe
     token ids are used only when they are what ``tokenizer`` makes (another student's tokenizer
     re-tokenises the captions)."""
     fields = packed.lengths()
-    drop = {"t_img", "t_txt", *VIEW_ARRAYS} if cache is not None else set() if replay_views else set(VIEW_ARRAYS)
+    drop = set() if replay_views else set(VIEW_ARRAYS)
+    drop |= {"t_img", "t_txt", *VIEW_ARRAYS} if cache is not None else set()
     drop |= {"cluster"} if clusters is not None else set()
     if not packed.tokens_usable(tokenizer):
         drop.add("tokens")
