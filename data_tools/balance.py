@@ -318,7 +318,7 @@ def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_f
 
 
 def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, dict[str, int], ClusterAssignments]:
-    cache = FeatureCache(features_dir)
+    cache = FeatureCache(features_dir, with_views=False)
     shards = cache_shards(cache)
     assignments = ClusterAssignments(clusters_dir)
     if not assignments.complete:

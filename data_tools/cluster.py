@@ -167,7 +167,7 @@ def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, t
            batch_size: int = 65536, ngpu: int = 0, teacher_index: Optional[int] = None) -> dict:
     """Write ``out_dir/<stem>.npz`` (top-k centroid ids and similarities) for every cache shard that has no
     file yet; returns ``assigned``/``skipped`` stems, ``samples`` and ``seconds``."""
-    cache = FeatureCache(features_dir)
+    cache = FeatureCache(features_dir, with_views=False)
     shards = cache_shards(cache)
     columns = teacher_columns(cache, teacher_index)
     centroids, source = read_centroids(centroids)
@@ -266,7 +266,7 @@ def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
     ngpu = num_gpus(gpu)
-    cache = FeatureCache(features_dir)
+    cache = FeatureCache(features_dir, with_views=False)
     shards = cache_shards(cache)
     columns = teacher_columns(cache, teacher_index)
     params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,

@@ -209,6 +209,8 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         raise ValueError(f"{len(specs)} teachers but {len(weights)} pretrained weights: give one per teacher")
     if views.count < 0:
         raise ValueError(f"views must be >= 0, got {views.count}")
+    if views.count and not 0 < views.scale[0] <= views.scale[1] <= 1:
+        raise ValueError(f"view scale must satisfy 0 < min <= max <= 1 (a fraction of the image), got {views.scale}")
     if backend == "dali" and (len(specs) > 1 or views.count):
         raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
     stems_by_shard(shards)  # unique names, or an error naming both shards

@@ -203,10 +203,11 @@ class ShardFeatures:
 
 
 class FeatureCache:
-    """Read access to a cache folder; opening it checks the manifest."""
+    """Read access to a cache folder; opening it checks the manifest. ``with_views=False`` leaves the
+    stored views unread (stages that need only the eval view's rows: cluster, balance)."""
 
-    def __init__(self, cache_dir: str):
-        self.dir = cache_dir
+    def __init__(self, cache_dir: str, with_views: bool = True):
+        self.dir, self.with_views = cache_dir, with_views
         self.manifest_path = os.path.join(cache_dir, MANIFEST)
         if not os.path.isfile(self.manifest_path):
             raise FileNotFoundError(f"feature cache {cache_dir}: no {MANIFEST} "
@@ -245,14 +246,15 @@ class FeatureCache:
             return None
         with np.load(path) as npz:
             keys, image, text = npz["keys"], npz["image"], npz["text"]
-            views = {name: npz[name] for name in ("view_image", "view_box") if self.views and name in npz}
+            views = {name: npz[name] for name in ("view_image", "view_box")
+                     if self.views and self.with_views and name in npz}
             sha = str(npz["teacher_sha256"])
             skipped = frozenset(npz["corrupt_image"].tolist()) | frozenset(npz["missing_caption"].tolist())
         if sha != self.teacher["weights_sha256"]:
             raise DataError(f"{path}: teacher_sha256 is {_short(sha)} but {self.manifest_path} says "
                              f"{_short(self.teacher['weights_sha256'])}")
         shapes = {"image": (len(keys), self.embed_dim), "text": (len(keys), self.embed_dim)}
-        if self.views:
+        if self.views and self.with_views:
             shapes |= {"view_image": (len(keys), self.views, self.embed_dim), "view_box": (len(keys), self.views, 5)}
         arrays = {"image": image, "text": text} | views
         for name, shape in shapes.items():
