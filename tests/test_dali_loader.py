@@ -383,3 +383,14 @@ def test_replay_views_beyond_what_was_stored_is_refused_clearly(with_views):
     with pytest.raises(DataError, match=re.escape(f"{d['manifest']} stores 2 views")):
         build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=1,
                           device_id=None, replay_views=3)
+
+
+def test_replaying_and_plain_runs_share_one_index_per_shard(with_views, replayed, capsys):
+    """An ablation alternating data.views replay and random on the same shards does not rescan them."""
+    d = with_views
+    capsys.readouterr()
+    plain = build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=1,
+                              device_id=None)
+    batch = next(plain)
+    assert "indexed" not in capsys.readouterr().out  # the replaying epochs' index files were reused
+    assert batch["t_img"].shape == (VIEW_BATCH, 256) and "v_img" not in batch

@@ -291,13 +291,14 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     if replay_views:
         check_stored_views(replay_views, packed.views, manifest)
     replay = (replay_slot(epoch, replay_views), packed.views) if replay_views else None
-    lengths = {name: length for name, length in packed.lengths().items() if replay or name not in VIEW_ARRAYS}
-    fields = list(lengths)
+    fields = [name for name in packed.lengths() if replay or name not in VIEW_ARRAYS]
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or teacher_tokenizer is not None
     rank_shards = shards[rank::world_size]
     random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
-    indexes = shard_indexes(rank_shards, lengths)
+    # indexed for every field the manifest promises, whether read or not: one index serves replaying and
+    # non-replaying runs (an ablation alternating them would otherwise rescan every shard per run)
+    indexes = shard_indexes(rank_shards, packed.lengths())
     shard_set = set(rank_shards)
     spec = image_spec(preprocess)
     device_id = default_device_id() if device_id == "auto" else device_id
