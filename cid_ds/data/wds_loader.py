@@ -29,6 +29,7 @@ from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
 from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot
+from cid_ds.data.tars import TarFormatError, tar_samples
 from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -39,8 +40,8 @@ def read_samples(shards: Iterable[str]) -> Iterator[dict]:
     """Raw samples of the shards in order: ``{ext: bytes, "__key__": str, "__url__": shard}``."""
     for shard in shards:
         try:
-            yield from wds.tarfile_to_samples()([{"url": shard}])
-        except (tarfile.TarError, OSError) as e:
+            yield from tar_samples(shard)
+        except (TarFormatError, tarfile.TarError, OSError) as e:
             raise DataError(f"shard {shard}: cannot read it as a tar: {e.args[0]}") from e
 
 
