@@ -11,6 +11,7 @@ a step. The pre-tokenised path (token ids stored at pack time equal tokenising t
 tested in tests/test_pack.py.
 """
 
+import numpy as np
 import pytest
 import torch
 from open_clip.model import CLIP
@@ -101,3 +102,24 @@ def test_fused_and_foreach_adamw_steps_equal_the_for_loop(impl):
     for name, expected in params["for_loop"].items():
         torch.testing.assert_close(params[impl][name], expected, rtol=1e-6, atol=1e-4 * cfg.optim.lr,
                                    msg=lambda m, name=name: f"{impl} AdamW, {name}: {m}")
+
+
+@pytest.mark.parametrize("view", ["train", "eval"])
+def test_the_loaders_batched_normalisation_equals_the_preprocess_per_image(view):
+    """The wds loader makes uint8 pixels per image and scales + normalises the batch at once: bitwise the
+    same tensors as the open_clip preprocess applied image by image."""
+    from PIL import Image
+
+    from cid_ds.data.preprocess import split_normalize
+    from cid_ds.models import create_model
+    _, preprocess_train, preprocess_val, _ = create_model("demo-student")
+    preprocess = preprocess_train if view == "train" else preprocess_val
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + i, 56, 3), dtype=np.uint8)) for i in range(6)]
+    images.append(images[0].convert("L"))  # a grey image is converted to RGB first, as by the preprocess
+    pixels, normalize = split_normalize(preprocess)
+    assert normalize is not None
+    torch.manual_seed(3)
+    batched = normalize(torch.stack([pixels(image) for image in images]))
+    torch.manual_seed(3)
+    assert torch.equal(batched, torch.stack([preprocess(image) for image in images]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,15 +107,50 @@ def replay_slot(epoch: int, stored: int) -> int:
     return epoch % stored
 
 
+class BatchNormalize:
+    """ToTensor's scaling and Normalize of a whole uint8 batch [B,3,H,W] at once: the same float operations
+    as per image, so the same values, without two tensor ops per image in the loader's hot path."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def split_normalize(preprocess: Callable) -> tuple[Callable[[Image.Image], torch.Tensor], Optional[BatchNormalize]]:
+    """An open_clip preprocess as ``(per-image steps giving uint8 pixels, the batch's normalisation)``; a
+    preprocess that does not end in ToTensor + Normalize is returned whole, with None."""
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize) \
+            or steps[-1].inplace:
+        return preprocess, None
+    return _Pixels(T.Compose(steps[:-2])), BatchNormalize(steps[-1].mean, steps[-1].std)
+
+
+class _Pixels:
+    """The preprocess's steps before ToTensor, then uint8 pixels (a class, not a lambda: loader workers
+    started by spawn pickle it)."""
+
+    def __init__(self, geometry: T.Compose):
+        self.geometry = geometry
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return TF.pil_to_tensor(self.geometry(image))
+
+
 class ViewTransform:
     """A stored view of a PIL image as the model's input tensor: crop the box, flip, resize to the spec's
-    size (antialiased, as torchvision's RandomResizedCrop), normalise."""
+    size (antialiased, as torchvision's RandomResizedCrop), normalise (``pixels`` stops before it)."""
 
     def __init__(self, spec: ImageSpec):
         self.spec = spec
         self.interpolation = T.InterpolationMode(spec.interpolation)
+        self.normalize = BatchNormalize(spec.mean, spec.std)
 
-    def __call__(self, image: Image.Image, view: np.ndarray) -> torch.Tensor:
+    def pixels(self, image: Image.Image, view: np.ndarray) -> torch.Tensor:
+        """uint8 [3,H,W]"""
         top, left, height, width, flip = (int(v) for v in view)
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -123,4 +158,7 @@ class ViewTransform:
                                 antialias=True)
         if flip:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), self.spec.mean, self.spec.std)
+        return TF.pil_to_tensor(image)
+
+    def __call__(self, image: Image.Image, view: np.ndarray) -> torch.Tensor:
+        return self.normalize(self.pixels(image, view)[None])[0]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
-from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot
+from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot, split_normalize
 from cid_ds.data.tars import TarFormatError, tar_samples
 from cid_ds.faults import ignore_stop_signals
 
@@ -160,9 +160,12 @@ class _EpochBatches(IterableDataset):
                  teacher_tokenizer: Optional[Callable], packed: dict[str, int], replay_views: int):
         super().__init__()
         self.shards = list(shards)
-        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
-        self.view_transform = ViewTransform(image_spec(preprocess)) if replay_views else None
+        self.tokenizer, self.batch_size = tokenizer, batch_size
         self.slot = replay_slot(epoch, replay_views) if replay_views else None
+        # per image: decode and geometry to uint8 pixels; per batch: scaling and normalisation
+        self.view_transform = ViewTransform(image_spec(preprocess)) if replay_views else None
+        self.pixels, self.normalize = (None, self.view_transform.normalize) if replay_views \
+            else split_normalize(preprocess)
         self.teacher_tokenizer, self.packed = teacher_tokenizer, packed
         self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
@@ -256,7 +259,8 @@ class _EpochBatches(IterableDataset):
             if image is None:
                 self.n_skipped += 1
                 continue
-            sample["image"] = self.preprocess(image) if self.slot is None else self.view_transform(image, sample["view"])
+            replayed = self.view_transform is not None
+            sample["image"] = self.view_transform.pixels(image, sample["view"]) if replayed else self.pixels(image)
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._collate(batch)
@@ -266,8 +270,9 @@ class _EpochBatches(IterableDataset):
         captions = [s["caption"] for s in batch]
         stacked = {name: np.stack([s[name] for s in batch]) for name in ("tokens", "t_img", "t_txt", "cluster")
                    if name in batch[0]}
+        images = torch.stack([s["image"] for s in batch])
         out = {
-            "image": torch.stack([s["image"] for s in batch]),
+            "image": self.normalize(images) if self.normalize is not None else images,
             "tokens": torch.from_numpy(stacked["tokens"].astype(np.int64)) if "tokens" in stacked
             else self.tokenizer(captions),
             "key": [s["__key__"] for s in batch],
