@@ -323,7 +323,6 @@ def run(cfg: Config) -> dict[str, Any]:
         if None in (scale for _, scale in targets.blocks) and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
             raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
                               "set kd.teacher_logit_scale")
-    cluster_index = None
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import centroid_dim
