@@ -535,18 +535,32 @@ def stored_ids_vs_tokenising(bench: Workbench) -> dict[str, float]:
                        bench.args.reps)
 
 
-def loader_cpu_seconds(bench: Workbench) -> dict[str, float]:
-    """CPU seconds per batch of the webdataset loader (in this process), and of its tar reading alone: on a
-    CPU the loader workers take their cores from the step."""
+def loader_cpu_seconds(bench: Workbench) -> dict[str, dict[str, float]]:
+    """CPU seconds per batch of the webdataset loader (in this process: on a CPU its workers take their cores
+    from the step), and before/after for its two fast paths: reading a batch of samples from a shard with
+    webdataset's tarfile reader and with ours, and the images' transforms per image (open_clip's preprocess)
+    and as uint8 pixels normalised once per batch."""
     import itertools
-    from cid_ds.data.wds_loader import build_train_loader, read_samples
+
+    import torch
+    import webdataset as wds
+
+    from cid_ds.data.preprocess import split_normalize
+    from cid_ds.data.tars import tar_samples
+    from cid_ds.data.wds_loader import build_train_loader, decode_image
     batches = iter(build_train_loader(bench.shards, bench.preprocess, bench.tokenizer, bench.args.batch, workers=0,
                                       features_dir=None, shuffle_buffer=bench.cfg["CID"].data.shuffle_buffer))
 
-    def first_samples() -> list[dict]:
-        return list(itertools.islice(read_samples(bench.shards), bench.args.batch))
-    return interleaved({"batch": clocked(lambda: next(batches), time.process_time),
-                        "tar reading": clocked(first_samples, time.process_time)}, bench.args.reps)
+    def first(samples) -> list[dict]:
+        return list(itertools.islice(samples, bench.args.batch))
+    images = [decode_image(sample) for sample in first(tar_samples(bench.shards[0]))]
+    pixels, normalize = split_normalize(bench.preprocess)
+    cases = {"batch": lambda: next(batches),
+             "tar webdataset": lambda: first(wds.tarfile_to_samples()([{"url": bench.shards[0]}])),
+             "tar ours": lambda: first(tar_samples(bench.shards[0])),
+             "per image": lambda: torch.stack([bench.preprocess(image) for image in images]),
+             "per batch": lambda: normalize(torch.stack([pixels(image) for image in images]))}
+    return interleaved({name: clocked(case, time.process_time) for name, case in cases.items()}, bench.args.reps)
 
 
 def all_finite_seconds(bench: Workbench) -> dict[str, float]:
@@ -631,8 +645,10 @@ def report(results: dict) -> list[str]:
               f"{ms['channels_last_resnet']['on']:.1f} ms",
               f"  token ids per batch: tokenising captions {ms['tokens']['tokenised']:.2f} -> stored ids "
               f"{ms['tokens']['stored']:.2f} ms (in the loader workers)",
-              f"  not changed, for the record: the loader takes {ms['loader']['batch']:.0f} ms of CPU per batch "
-              f"(tar reading alone {ms['loader']['tar reading']:.0f} ms), a worker's core taken from the step",
+              f"  loader CPU per batch: reading the samples, webdataset's tarfile {ms['loader']['tar webdataset']:.1f} "
+              f"-> our tar reader {ms['loader']['tar ours']:.1f} ms; the images' transforms, per image "
+              f"{ms['loader']['per image']:.1f} -> uint8 + one normalise per batch {ms['loader']['per batch']:.1f} ms; "
+              f"the whole loader now {ms['loader']['batch']:.0f} ms per batch, a worker's core taken from the step",
               f"  per-step finiteness check (all_finite): {ms['all_finite']['call']:.3f} ms; logging window "
               f"{ms['log_window']['call']:.1f} ms, read every logging.every steps",
               "  not changed, for the record: the engine step at 1 rank, the YAML's "
