@@ -186,6 +186,10 @@ def _check_existing_manifest(out_dir: str, teacher: dict, views: dict) -> None:
                          f"use another --out or delete {out_dir}")
 
 
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def estimated_samples(shards: list[str]) -> int:
     """The first shard's sample count times the number of shards (read from tar headers only)."""
     try:
@@ -232,8 +236,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     if todo and rank == 0:
         estimate = estimated_samples(shards)
         print(f"extract: {drawn['bytes_per_sample']} bytes per sample ({len(loaded)} teacher(s), {views.count} "
-              f"views) x ~{estimate} samples = ~{drawn['bytes_per_sample'] * estimate / 2**30:.2f} GiB in {out_dir}",
-              flush=True)
+              f"views) x ~{estimate} samples = ~{size(drawn['bytes_per_sample'] * estimate)} in {out_dir}", flush=True)
 
     samples, start = 0, time.time()
     if todo:
@@ -351,7 +354,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if manifest is not None:
         totals = manifest["totals"]
         print(f"feature cache complete: {args.out} ({totals['samples']} samples in {totals['shards']} shards, "
-              f"{totals['bytes'] / 2**30:.2f} GiB of embeddings; skipped {totals['corrupt_image']} corrupt images, "
+              f"{size(totals['bytes'])} of embeddings; skipped {totals['corrupt_image']} corrupt images, "
               f"{totals['missing_caption']} missing captions)")
 
 
