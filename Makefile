@@ -22,7 +22,7 @@ demo: setup
 ablate: demo
 	$(PY) -m launch.ablate ds_configs/ablations/demo.yaml --out runs/demo/ablate
 
-# stored views replayed vs the student's own crops vs the eval view, one teacher vs two (~40 min on 2 cores)
+# stored views replayed vs the student's own crops vs the eval view, one teacher vs two (~20 min after the demo, 2 cores)
 ablate-views: setup
 	$(PY) -m launch.demo --views 2 --teachers 2
 	$(PY) -m launch.ablate ds_configs/ablations/views.yaml --out runs/demo/ablate_views
