@@ -91,3 +91,16 @@ def test_a_field_twice_in_one_sample_is_refused(tmp_path):
             tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(TarFormatError, match="0001.TXT: duplicate file name"):
         list(tar_samples(str(path)))
+
+
+def test_a_bad_pax_header_is_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("é/0001.txt")  # a non-ASCII name: Python writes a pax header for it
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    data = bytearray(path.read_bytes())
+    data[512:520] = b"nonsense"  # the pax record's length field (after the pax header, whose checksum holds)
+    path.write_bytes(bytes(data))
+    with pytest.raises(TarFormatError, match=rf"{path}: bad pax header at byte 0"):
+        list(tar_samples(str(path)))

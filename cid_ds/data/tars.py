@@ -69,8 +69,13 @@ def _members(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
         if kind == b"x":
-            pax = _pax_records(data)
+            try:
+                pax = _pax_records(data)
+            except (ValueError, UnicodeDecodeError):
+                raise TarFormatError(f"{path}: bad pax header at byte {offset - BLOCK - padded}") from None
             continue
+        if kind == b"S":
+            raise TarFormatError(f"{path}: sparse member at byte {offset - BLOCK - padded} (not written by shard writers)")
         if kind in (b"g", b"K"):
             continue
         name = pax.get("path") or long_name
