@@ -323,6 +323,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if None in (scale for _, scale in targets.blocks) and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
             raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
                               "set kd.teacher_logit_scale")
+    cluster_index = None  # the teacher of an ensemble the clusters were fit on; None: all of them
     if cfg.loss.cluster > 0:
         from cid_ds.data.clusters import ClusterAssignments
         from cid_ds.losses.cluster import centroid_dim
@@ -368,7 +369,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.loss.cluster > 0:
         from cid_ds.losses.cluster import ClusterDiscrimination
         cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                             lr_factor, cfg.seed, device)
+                                             lr_factor, cfg.seed, device, cluster_index)
     step, position = resume(engine, cfg, rank, cluster_term)
     writer = None
     if rank == 0:

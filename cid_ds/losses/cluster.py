@@ -8,13 +8,12 @@ over data-parallel ranks, so it has its own (row-wise AdamW) update, follows the
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from cid_ds.config import ClusterConfig
-from cid_ds.io import read_json
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
 
 
@@ -37,10 +36,10 @@ def load_centroids(cluster_dir: str) -> torch.Tensor:
 
 class ClusterDiscrimination:
     def __init__(self, cfg: ClusterConfig, lr: float, betas: tuple[float, float], eps: float,
-                 lr_factor: Callable[[int], float], seed: int, device: torch.device):
+                 lr_factor: Callable[[int], float], seed: int, device: torch.device,
+                 teacher_index: Optional[int] = None):
         self.cfg, self.base_lr, self.lr_factor, self.betas, self.eps = cfg, lr * cfg.lr_mult, lr_factor, betas, eps
-        self.teacher_index = read_json(os.path.join(cfg.dir, "manifest.json")).get("teacher_index") \
-            if os.path.isfile(os.path.join(cfg.dir, "manifest.json")) else None  # clustered one teacher of several
+        self.teacher_index = teacher_index  # the clustering's (ClusterAssignments.teacher_index): one of an ensemble
         self.classifier = ShardedCentroidClassifier(
             load_centroids(cfg.dir), margin=cfg.margin, scale=cfg.scale, margin_value=cfg.margin_value,
             sample_rate=cfg.sample_rate, learnable=cfg.learnable, soft=cfg.soft, seed=seed).to(device)
