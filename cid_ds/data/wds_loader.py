@@ -117,10 +117,13 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     if cache is not None and clusters is not None:
         clusters.check_matches(cache)
     manifest = packed_manifest_path(shards)
-    packed = _packed_fields(PackedShards(manifest), tokenizer, cache, clusters, replay_views) if manifest else {}
-    if replay_views:
-        check_stored_views(replay_views, *((cache.views, cache.manifest_path) if cache is not None else
-                                           (PackedShards(manifest).views, manifest) if manifest else (0, shards[0])))
+    packed_shards = PackedShards(manifest) if manifest else None
+    packed = _packed_fields(packed_shards, tokenizer, cache, clusters, replay_views) if packed_shards else {}
+    if replay_views:  # the views come from the side cache when one is joined, else from the packed shards
+        if cache is not None:
+            check_stored_views(replay_views, cache.views, cache.manifest_path)
+        else:
+            check_stored_views(replay_views, packed_shards.views if packed_shards else 0, manifest or shards[0])
     dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
                             epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer, packed,
                             replay_views)
