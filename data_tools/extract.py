@@ -67,6 +67,11 @@ class Views:
     def draw(self, image, key: str) -> np.ndarray:
         return draw_views(image.width, image.height, self.count, key, self.seed, self.scale, self.ratio, self.flip)
 
+    def manifest_entry(self, embed_dim: int) -> dict:
+        """The cache manifest's ``views`` (as JSON reads it back: lists, not tuples)."""
+        return views_entry(self.count, embed_dim, {"scale": list(self.scale), "ratio": list(self.ratio),
+                                                   "flip": self.flip, "seed": self.seed})
+
 
 class _ShardBatches(IterableDataset):
     """Per worker, whole shards: a shard's batches, then its last (possibly empty) one with ``done``
@@ -224,7 +229,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
     loaded = [load_teacher(spec, weight, device) for spec, weight in zip(specs, weights)]
     info = teacher_set([teacher_info for _, _, _, teacher_info in loaded])
-    drawn = views_entry(views.count, int(info["embed_dim"]), views.scale, views.ratio, views.flip, views.seed)
+    drawn = views.manifest_entry(int(info["embed_dim"]))
     _check_existing_manifest(out_dir, info, drawn)
     write_started_manifest(out_dir, info, drawn)
 

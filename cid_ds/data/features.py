@@ -159,13 +159,12 @@ def _manifest(teacher: dict, views: Optional[dict], shards: dict[str, dict], com
             "complete": complete, "code_version": cid_ds.__version__}
 
 
-def views_entry(count: int, embed_dim: int, scale: tuple[float, float] = (0.9, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, seed: int = 0) -> dict:
-    """The manifest's ``views``: how the augmented views were drawn, and the cache's bytes per sample
-    (image and text rows, plus each view's row and box)."""
+def views_entry(count: int, embed_dim: int, drawn: Optional[dict] = None) -> dict:
+    """The manifest's ``views``: their count, how they were drawn (``drawn``: scale, ratio, flip, seed;
+    recorded when there are views) and the cache's bytes per sample (image and text rows, plus each view's
+    row and box)."""
     per_sample = 2 * 2 * embed_dim + count * (2 * embed_dim + 4 * 5)
-    drawn = {"scale": list(scale), "ratio": list(ratio), "flip": flip, "seed": seed} if count else {}
-    return {"count": count, **drawn, "bytes_per_sample": per_sample}
+    return {"count": count, **(drawn if count else {}), "bytes_per_sample": per_sample}
 
 
 def write_started_manifest(cache_dir: str, teacher: dict, views: Optional[dict] = None) -> None:
