@@ -114,6 +114,7 @@ class PerfConfig:
 class LoggingConfig:
     every: int = 10                     # steps between scalar reads (each read syncs the device)
     tensorboard_dir: Optional[str] = None  # default: <output_dir>/tensorboard
+    profile_steps: int = 0              # > 0: torch.profiler over this many steps after the first window (cid_ds/profiling.py)
 
 
 @dataclass
@@ -307,6 +308,8 @@ def _check_paths(cfg: Config, source: str) -> None:
         if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached" \
                 and packed_manifest_path(shards) is None:
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
+    if cfg.logging.profile_steps < 0:
+        raise ConfigError(f"{source}: key 'logging.profile_steps' must be >= 0 (0: off), got {cfg.logging.profile_steps}")
     if not 0 < cfg.cluster.sample_rate <= 1:
         raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")
     if cfg.checkpoint.resume not in ("auto", "none"):

@@ -24,6 +24,7 @@ from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, loa
 from cid_ds.faults import StopSignal, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
+from cid_ds.profiling import start_profiler
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
@@ -393,6 +394,7 @@ def run(cfg: Config) -> dict[str, Any]:
     engine.train()
     stop = StopSignal()
     nonfinite_in_a_row = 0
+    profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, rank, on_gpu)
     while step < cfg.optim.steps:
         t_wait = time.perf_counter()
         batch = next(data)
@@ -425,6 +427,8 @@ def run(cfg: Config) -> dict[str, Any]:
             cluster_term.step(step)
         step += 1
         window["steps"] += 1
+        if profiler is not None:
+            profiler.step()
 
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
             last_losses = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
@@ -439,6 +443,8 @@ def run(cfg: Config) -> dict[str, Any]:
             return {"step": step, "losses": last_losses, "stopped": True}
 
     seconds = time.perf_counter() - train_start
+    if profiler is not None:
+        profiler.stop()
     results: dict[str, Any] = {"step": step, "losses": last_losses, "train_seconds": seconds,
                                "samples_per_s": (step - first_step) * cfg.data.batch_size * world_size / seconds}
     dist.barrier()

@@ -1,0 +1,45 @@
+"""`logging.profile_steps`: torch.profiler over a few training steps, to see where a step's time goes.
+
+The first logging window (start-up, first batches, cudnn/compile warm-up) is skipped; then one step warms
+the profiler up and ``profile_steps`` steps are recorded. Each rank writes ``<output_dir>/profile/rank<R>.json``
+(a Chrome trace: open it in Perfetto or chrome://tracing) and ``rank<R>_ops.txt``, the ops sorted by their
+own time on the device (GPU) or the CPU; rank 0 also prints the top of that table.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+TOP_OPS_PRINTED = 25
+
+
+def profile_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "profile")
+
+
+def start_profiler(steps: int, skip: int, output_dir: str, rank: int, on_gpu: bool) -> Optional[profile]:
+    """A started profiler to ``.step()`` after every training step (None when ``steps`` is 0); it writes its
+    results itself once the recorded steps are done."""
+    if steps <= 0:
+        return None
+    folder = profile_dir(output_dir)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+
+    def write(prof: profile) -> None:
+        os.makedirs(folder, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(folder, f"rank{rank}.json"))
+        averages = prof.key_averages()
+        with open(os.path.join(folder, f"rank{rank}_ops.txt"), "w") as f:
+            f.write(averages.table(sort_by=sort_by, row_limit=-1))
+        if rank == 0:
+            print(f"[cid_ds] profile of {steps} steps (ops by {sort_by}; all of them in {folder}):\n"
+                  f"{averages.table(sort_by=sort_by, row_limit=TOP_OPS_PRINTED)}", flush=True)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    prof = profile(activities=activities, schedule=schedule(wait=skip, warmup=1, active=steps, repeat=1),
+                   on_trace_ready=write, record_shapes=True)
+    prof.start()
+    return prof
