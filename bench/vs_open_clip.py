@@ -3,6 +3,8 @@ batch, precision and steps, and a before/after line for each fast path of the ci
 
     python bench/vs_open_clip.py [--work runs/bench_vs_open_clip] [--steps 60] [--rounds 3]
     python bench/vs_open_clip.py --student ViT-B-16        # on a GPU machine: the >= 40% MFU target
+    python bench/vs_open_clip.py --systems "cid_ds CID" --no-fast-paths --rounds 1 [--cid-backend wds]
+                                 [--profile-steps 5]       # one system (short GPU leases); where its time goes
 
 Without CUDA: the demo student and teacher (ds_configs/models/demo-*), fp32, batch 128, one loader worker
 per system, the demo data. With CUDA: bf16 (open_clip --precision amp_bf16; DeepSpeed bf16 from the
@@ -143,7 +145,8 @@ def prepare(root: str, teacher: str, student: str, samples: int, workers: int) -
     from data_tools.extract import extract
     from data_tools.make_demo_data import generate
     from data_tools.pack import pack
-    data, feats, clusters, packed = (os.path.join(root, d) for d in ("data", "feats", "clusters", "packed"))
+    data, feats, clusters = (os.path.join(root, d) for d in ("data", "feats", "clusters"))
+    packed = os.path.join(root, f"packed-{student}".replace("/", "_"))  # the tokens are the student's
     generate(data, train_samples=samples, shards=SHARDS, seed=0, eval_scale=0.1, progress=False)
     teacher_dir = save_random_model(teacher, os.path.join(root, "teacher"))
     shards = expand_shards(os.path.join(data, "train", "*.tar"))
@@ -204,10 +207,11 @@ def open_clip_command(python: str, args, paths: dict, cfg: Config, run_dir: str,
 
 def cid_ds_command(args, paths: dict, run_dir: str, experiment: str, extra: list[str]) -> list[str]:
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    deepspeed = deepspeed if os.path.isfile(deepspeed) else shutil.which("deepspeed") or deepspeed
     return [deepspeed, "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 1000), "launch/train.py",
             "--config", EXPERIMENTS[experiment], f"output_dir={run_dir}", f"model.student={args.student}",
             f"data.train_shards={paths['packed']}/*.tar", f"data.batch_size={args.batch}",
-            f"data.workers={args.workers}", f"data.backend={'dali' if on_gpu() else 'wds'}",
+            f"data.workers={args.workers}", f"data.backend={args.cid_backend}",
             f"cluster.dir={paths['clusters']}", f"optim.steps={args.steps}", f"optim.warmup_steps={args.steps // 10}",
             f"logging.every={args.log_every}", f"checkpoint.every={args.steps}", "checkpoint.resume=none",
             "eval.sets=[]", "eval.at_end=false", *extra]
@@ -264,7 +268,7 @@ def steady_state(windows: list[tuple[int, float, float]], batch: int, log: str) 
     return {"samples_per_s": steps * batch / seconds, "data_wait": wait / seconds, "steps": steps}
 
 
-def run_system(name: str, args, paths: dict, cfg: Config, python: str, run_dir: str) -> dict[str, float]:
+def run_system(name: str, args, paths: dict, cfg: Config, python: Optional[str], run_dir: str) -> dict[str, float]:
     shutil.rmtree(run_dir, ignore_errors=True)  # open_clip refuses (exit 0) and TensorBoard mixes an old run
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     log = run_dir + ".log"
@@ -274,7 +278,11 @@ def run_system(name: str, args, paths: dict, cfg: Config, python: str, run_dir: 
     else:
         extra = {"for-loop AdamW": ["perf.adamw=for_loop"], "perf.compile": ["perf.compile=true"]}
         extra = next((v for k, v in extra.items() if name.endswith(k)), [])
+        extra.append(f"logging.profile_steps={args.profile_steps}")
         wall = run_logged(cid_ds_command(args, paths, run_dir, name.split()[1], extra), log)
+        if args.profile_steps:
+            print(f"[bench] {name}: profile of {args.profile_steps} steps in {run_dir}/profile (top ops in {log})",
+                  flush=True)
         windows = cid_ds_windows(run_dir, args.batch)
     # Both trainers save a checkpoint at the end: gigabytes per round on a GPU.
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
@@ -593,7 +601,7 @@ def log_window_seconds(bench: Workbench, engine) -> dict[str, float]:
 
 def report(results: dict) -> list[str]:
     """The lines printed at the end (and kept in results.json)."""
-    peak, runs, per_sample, fp = results["gemm_peak"], results["runs"], results["flops_per_sample"], results["fast"]
+    peak, runs, per_sample = results["gemm_peak"], results["runs"], results["flops_per_sample"]
     batch, cpu = results["setup"]["batch"], not results["setup"]["gpu"]
     median = {name: {k: statistics.median(r[k] for r in rows) for k in ("samples_per_s", "data_wait")}
               for name, rows in runs.items()}
@@ -608,20 +616,33 @@ def report(results: dict) -> list[str]:
         each = " ".join(f"{r['samples_per_s']:.0f}" for r in runs[name])
         lines.append(f"{name:28s} {m['samples_per_s']:10.1f} {each:>24s} {m['data_wait']:9.1%} "
                      f"{per_sample[name] / 1e9:12.3f} {rate / 1e9:8.1f} {rate / peak:7.1%}")
-    cid, compiled = (median[name]["samples_per_s"] for name in ("cid_ds CID", "cid_ds CID perf.compile"))
-    mfu = per_sample["cid_ds CID"] * cid / peak
-    distill, plain = (median[name]["samples_per_s"] for name in ("open_clip --distill", "open_clip"))
-    mfu_target = 0.15 if cpu else 0.40
-    lines += ["",
-              f"cid_ds CID / open_clip --distill: {cid / distill:.2f}x (target >= 2.0x on the CPU: "
-              f"{'met' if cid / distill >= 2 else 'NOT met'}); with perf.compile {compiled / distill:.2f}x",
-              f"cid_ds CID / open_clip:           {cid / plain:.2f}x; with perf.compile {compiled / plain:.2f}x",
-              f"cid_ds CID step: {mfu:.1%} of the GEMM peak (target >= {mfu_target:.0%}: "
-              f"{'met' if mfu >= mfu_target else 'NOT met'})"]
-    if not cpu:
-        wait = median["cid_ds CID"]["data_wait"]
-        lines.append(f"cid_ds CID data wait: {wait:.1%} of step time "
-                     f"(target < 5%: {'met' if wait < 0.05 else 'NOT met'})")
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        return median[a]["samples_per_s"] / median[b]["samples_per_s"] if a in median and b in median else None
+    lines.append("")
+    distill, plain = ratio("cid_ds CID", "open_clip --distill"), ratio("cid_ds CID", "open_clip")
+    if distill is not None:
+        lines.append(f"cid_ds CID / open_clip --distill: {distill:.2f}x" + (
+            f" (target >= 2.0x on the CPU: {'met' if distill >= 2 else 'NOT met'})" if cpu else ""))
+    if plain is not None:
+        lines.append(f"cid_ds CID / open_clip:           {plain:.2f}x")
+    for base in ("open_clip --distill", "open_clip"):
+        if ratio("cid_ds CID perf.compile", base) is not None:
+            lines.append(f"cid_ds CID perf.compile / {base}: {ratio('cid_ds CID perf.compile', base):.2f}x")
+    if "cid_ds CID" in median:
+        mfu = per_sample["cid_ds CID"] * median["cid_ds CID"]["samples_per_s"] / peak
+        mfu_target = 0.15 if cpu else 0.40
+        lines.append(f"cid_ds CID step: {mfu:.1%} of the GEMM peak (target >= {mfu_target:.0%}: "
+                     f"{'met' if mfu >= mfu_target else 'NOT met'})")
+        if not cpu:
+            wait = median["cid_ds CID"]["data_wait"]
+            lines.append(f"cid_ds CID data wait: {wait:.1%} of step time "
+                         f"(target < 5%: {'met' if wait < 0.05 else 'NOT met'})")
+    if "fast" not in results:
+        return lines
+    fp = results["fast"]
+    cid = median["cid_ds CID"]["samples_per_s"]
+    compiled = median["cid_ds CID perf.compile"]["samples_per_s"]
     ms = {k: {case: v * 1e3 for case, v in d.items()} for k, d in fp.items() if not k.endswith("_bytes")}
     mib = {case: v / 2**20 for case, v in fp["grad_checkpointing_bytes"].items()}
     before_loop = median["cid_ds CID for-loop AdamW"]["samples_per_s"]
@@ -669,9 +690,25 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=20 if gpu else 10)
     parser.add_argument("--rounds", type=int, default=3, help="rotations over the systems")
     parser.add_argument("--reps", type=int, default=10, help="repetitions of each in-process measurement")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
+    parser.add_argument("--cid-backend", default="dali" if gpu else "wds", choices=("dali", "wds"),
+                        help="cid_ds's data.backend")
+    parser.add_argument("--no-fast-paths", dest="fast_paths", action="store_false",
+                        help="skip the in-process before/after measurements (they need every system)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="cid_ds runs: torch.profiler over this many steps (logging.profile_steps); the "
+                             "profiled steps are slower, so read their samples/s as such")
     parser.add_argument("--open-clip-env", default=OPEN_CLIP_ENV)
     parser.add_argument("--open-clip-python", default=None, help="an interpreter with webdataset 0.2.x instead")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.systems = [name.strip() for name in args.systems.split(",")]
+    unknown = [name for name in args.systems if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: unknown {unknown}; known: {', '.join(SYSTEMS)}")
+    if args.fast_paths and set(args.systems) != set(SYSTEMS):
+        parser.error("the fast-path lines compare runs of every system: with --systems, add --no-fast-paths")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -679,10 +716,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns at every random-init student built here
     args.work = os.path.abspath(args.work)
     samples = math.ceil(args.steps * args.batch * 1.05 / SHARDS) * SHARDS  # one epoch covers every run
-    prep = os.path.join(args.work, f"{args.teacher}-{args.student}-{samples}".replace("/", "_"))
+    prep = os.path.join(args.work, f"{args.teacher}-{samples}".replace("/", "_"))
     paths = prepare(prep, args.teacher, args.student, samples, args.workers)
-    python = args.open_clip_python or open_clip_python(args.open_clip_env)
-    print(f"[bench] open_clip trainer: {python} ({check_open_clip_python(python)})", flush=True)
+    python = None
+    if any(name.startswith("open_clip") for name in args.systems):
+        python = args.open_clip_python or open_clip_python(args.open_clip_env)
+        print(f"[bench] open_clip trainer: {python} ({check_open_clip_python(python)})", flush=True)
 
     from cid_ds.train import init_distributed
     init_distributed()  # the in-process engines and the cluster term are 1-rank jobs
@@ -690,18 +729,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "setup": {"student": args.student, "teacher": args.teacher, "batch": args.batch,
                          "workers": args.workers, "steps": args.steps, "log_every": args.log_every,
                          "rounds": args.rounds, "reps": args.reps, "samples": samples, "gpu": on_gpu(),
-                         "precision": "bf16" if on_gpu() else "fp32"}}
+                         "precision": "bf16" if on_gpu() else "fp32", "cid_backend": args.cid_backend}}
     cfg = load_experiment("instance", args, paths)
-    runs = {name: [] for name in SYSTEMS}
+    runs = {name: [] for name in args.systems}
     for r in range(args.rounds):
-        for i, name in enumerate(SYSTEMS):
+        for i, name in enumerate(args.systems):
             run_dir = os.path.join(args.work, "runs", f"round{r}-{i}-{name.replace(' ', '_')}")
             runs[name].append(run_system(name, args, paths, cfg, python, run_dir))
             print(f"[bench] round {r + 1}/{args.rounds} {name}: {runs[name][-1]['samples_per_s']:.1f} samples/s, "
                   f"data wait {runs[name][-1]['data_wait']:.1%}", flush=True)
     bench = Workbench(args, paths)
-    results |= {"runs": runs, "flops_per_sample": flops_per_sample(bench, paths["teacher"]), "fast": fast_paths(bench),
-                "gemm_peak_end": gemm_peak()}
+    results |= {"runs": runs, "flops_per_sample": flops_per_sample(bench, paths["teacher"])}
+    if args.fast_paths:
+        results["fast"] = fast_paths(bench)
+    results["gemm_peak_end"] = gemm_peak()
     results["gemm_peak"] = max(results["gemm_peak_start"], results["gemm_peak_end"])
     results["report"] = report(results)
     print("\n" + "\n".join(results["report"]), flush=True)
