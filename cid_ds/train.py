@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -244,6 +245,18 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
     dist.barrier()
 
 
+def check_zero_layout(tag_dir: str, zero_stage: int, ds_path: str) -> None:
+    """A ZeRO checkpoint keeps the optimizer state in per-rank partition files, one without ZeRO in the model
+    states file: DeepSpeed cannot load one layout into an engine of the other (it fails deep inside, or
+    silently starts the optimizer afresh), so say which JSON the checkpoint needs."""
+    saved_zero = bool(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")))
+    if saved_zero != (zero_stage > 0):
+        saved = "with ZeRO (stage 1-3)" if saved_zero else "without ZeRO (stage 0)"
+        raise ConfigError(f"checkpoint.resume: {tag_dir} was saved {saved}, but deepspeed_config {ds_path} runs "
+                          f"ZeRO stage {zero_stage}: resume with a JSON of the stage it was saved with (the run's "
+                          "config.yaml names it)")
+
+
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
     """Load the newest checkpoint if asked to; return (next step, data position)."""
     if cfg.checkpoint.resume == "none":
@@ -259,6 +272,7 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
                 raise ConfigError(f"checkpoint.resume: no complete checkpoint in {root}")
             return 0, DataPosition()
     tag_dir = os.path.join(root, tag)
+    check_zero_layout(tag_dir, engine.zero_optimization_stage(), cfg.deepspeed_config)
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
@@ -520,10 +534,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        return run(load_config(args.config, args.overrides))
+    except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
-    return run(cfg)
 
 
 if __name__ == "__main__":

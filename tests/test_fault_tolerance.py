@@ -90,6 +90,19 @@ def test_a_checkpoint_without_its_completion_marker_is_not_trusted(tmp_path):
     assert newest_complete_tag(str(tmp_path)) == "step00000005"
 
 
+@pytest.mark.parametrize("saved, resumed", [("zero0", "zero2"), ("zero2", "zero0")])
+def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(dataset, tmp_path, saved, resumed):
+    out = str(tmp_path / "run")
+    first = train_one_process(overrides(dataset, out, 2, **{"deepspeed_config": f"ds_configs/{saved}.json"}))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    again = train_one_process(overrides(dataset, out, 4, **{"deepspeed_config": f"ds_configs/{resumed}.json"}))
+    assert again.returncode != 0
+    saved_as = "with ZeRO (stage 1-3)" if saved == "zero2" else "without ZeRO (stage 0)"
+    stage = 2 if resumed == "zero2" else 0
+    assert (f"config error: checkpoint.resume: {out}/checkpoints/step00000002 was saved {saved_as}, but "
+            f"deepspeed_config ds_configs/{resumed}.json runs ZeRO stage {stage}") in again.stderr
+
+
 def poison_cache(feats, shards):
     """Overwrite the teacher image rows of the given cache shards with NaN (a broken extraction)."""
     for stem in shards:
