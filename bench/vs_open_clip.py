@@ -23,6 +23,7 @@ rotation, --rounds times, each run a fresh process through its real entry point:
   cid_ds CID               demo_cid.yaml: + cluster discrimination
   cid_ds CID for-loop AdamW  perf.adamw=for_loop, torch's CPU default (before perf.adamw=fused)
   cid_ds CID perf.compile    perf.compile=true (its compiling falls in the dropped first window)
+  cid_ds CID zero2.json      deepspeed_config=ds_configs/zero2.json (before the demo YAMLs' zero0.json)
 
 Samples/s is the steady state: each run logs every --log-every steps and its first window (start-up,
 first batches) is dropped; the median over rounds is reported with the data-wait fraction. FLOPs per
@@ -31,9 +32,9 @@ the math kernel and nn.MultiheadAttention's slow path, so that every matmul is s
 the matrix-multiply peak measured in the same run (fp32 on CPU, bf16 on GPU).
 
 Then, in this process on the same student and a real batch, interleaved, median of --reps: AdamW
-implementations inside the ZeRO engine step, torch.compile, gradient checkpointing, the SDPA kernel,
-channels-last (the ViT student and a small ResNet), stored token ids against tokenising, the loader's CPU
-time per batch, the per-step finiteness check and the logging window.
+implementations inside the engine step, the engine step at ZeRO stage 2 and 0, torch.compile, gradient
+checkpointing, the SDPA kernel, channels-last (the ViT student and a small ResNet), stored token ids against
+tokenising, the loader's CPU time per batch, the per-step finiteness check and the logging window.
 
 open_clip's trainer needs webdataset 0.2.x (ours is 1.x), so it runs in a virtualenv made here
 (--open-clip-env, default ~/.cache/cid_ds/open_clip_train_env, reused): webdataset 0.2.86 (the newest
@@ -79,7 +80,7 @@ SHARDS = 8
 CLUSTERS = 64
 EXPERIMENTS = {"instance": "ds_configs/experiments/demo_distill.yaml", "CID": "ds_configs/experiments/demo_cid.yaml"}
 SYSTEMS = ("open_clip", "open_clip --distill", "cid_ds instance", "cid_ds CID", "cid_ds CID for-loop AdamW",
-           "cid_ds CID perf.compile")
+           "cid_ds CID perf.compile", "cid_ds CID zero2.json")
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -276,7 +277,8 @@ def run_system(name: str, args, paths: dict, cfg: Config, python: Optional[str],
         wall = run_logged(open_clip_command(python, args, paths, cfg, run_dir, "--distill" in name), log)
         windows = open_clip_windows(log, args.batch)
     else:
-        extra = {"for-loop AdamW": ["perf.adamw=for_loop"], "perf.compile": ["perf.compile=true"]}
+        extra = {"for-loop AdamW": ["perf.adamw=for_loop"], "perf.compile": ["perf.compile=true"],
+                 "zero2.json": ["deepspeed_config=ds_configs/zero2.json"]}
         extra = next((v for k, v in extra.items() if name.endswith(k)), [])
         extra.append(f"logging.profile_steps={args.profile_steps}")
         wall = run_logged(cid_ds_command(args, paths, run_dir, name.split()[1], extra), log)
@@ -382,16 +384,15 @@ class Workbench:
             self.losses(student, experiment, cluster_term, image).backward()
         return run
 
-    def engine(self, adamw: str = "fused", zero_stage: Optional[int] = None):
-        """A DeepSpeed engine as the trainer builds it (the YAML's JSON, 1 rank) with ``perf.adamw``, or with
-        another ZeRO stage."""
+    def engine(self, adamw: str = "fused", deepspeed_json: Optional[str] = None):
+        """A DeepSpeed engine as the trainer builds it (the YAML's JSON or ``deepspeed_json``, 1 rank) with
+        ``perf.adamw``."""
         import deepspeed
         from cid_ds.train import build_optimizer, deepspeed_config
         cfg = copy.deepcopy(self.cfg["instance"])
         cfg.perf.adamw = adamw
+        cfg.deepspeed_config = os.path.join(REPO, deepspeed_json) if deepspeed_json else cfg.deepspeed_config
         ds = deepspeed_config(cfg, on_gpu())
-        if zero_stage is not None:
-            ds["zero_optimization"]["stage"] = zero_stage
         student = self.student(dtype=torch.float32)  # DeepSpeed casts it to bf16 on GPU, as in the trainer
         engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg), config=ds)
         return engine
@@ -425,7 +426,8 @@ def flops_per_sample(bench: Workbench, teacher_dir: str) -> dict[str, float]:
     counted = {"open_clip": flops(open_clip_step(False)), "open_clip --distill": flops(open_clip_step(True)),
                "cid_ds instance": flops(bench.step(bench.student())),
                "cid_ds CID": flops(bench.step(bench.student(), "CID", bench.cluster_term()))}
-    counted["cid_ds CID for-loop AdamW"] = counted["cid_ds CID perf.compile"] = counted["cid_ds CID"]
+    for variant in SYSTEMS[4:]:
+        counted[variant] = counted["cid_ds CID"]
     return {name: value / bench.args.batch for name, value in counted.items()}
 
 
@@ -474,10 +476,9 @@ def fast_paths(bench: Workbench) -> dict[str, dict[str, float]]:
     engines = {impl: bench.engine(impl) for impl in ("for_loop", "foreach", "fused")}
     results["adamw"] = interleaved({impl: lambda e=e: engine_step_seconds(e, bench)
                                     for impl, e in engines.items()}, reps)
-    stage = bench.cfg["instance"].deepspeed_config
-    results["zero_stage"] = interleaved({stage: lambda: engine_step_seconds(engines["fused"], bench),
-                                         "stage 0": lambda e=bench.engine(zero_stage=0): engine_step_seconds(e, bench)},
-                                        reps)
+    engine_with = {name: bench.engine(deepspeed_json=f"ds_configs/{name}") for name in ("zero2.json", "zero0.json")}
+    results["zero_stage"] = interleaved({name: lambda e=e: engine_step_seconds(e, bench)
+                                         for name, e in engine_with.items()}, reps)
 
     eager, compiled = bench.student(), bench.student()
     compiled.compile()
@@ -645,12 +646,12 @@ def report(results: dict) -> list[str]:
     compiled = median["cid_ds CID perf.compile"]["samples_per_s"]
     ms = {k: {case: v * 1e3 for case, v in d.items()} for k, d in fp.items() if not k.endswith("_bytes")}
     mib = {case: v / 2**20 for case, v in fp["grad_checkpointing_bytes"].items()}
-    before_loop = median["cid_ds CID for-loop AdamW"]["samples_per_s"]
+    before_loop, zero2 = (median[f"cid_ds CID {name}"]["samples_per_s"] for name in ("for-loop AdamW", "zero2.json"))
     saved = (ms["compile"]["eager"] - ms["compile"]["compiled"]) / 1e3
     payback = (f"pays back after {ms['compile']['first_call'] / 1e3 / saved:.0f} steps" if saved > 0
                else "never pays back")
     lines += ["", f"fast paths, before -> after (median of {results['setup']['reps']}, interleaved; batch {batch}):",
-              f"  AdamW in the ZeRO engine step (perf.adamw): for_loop {ms['adamw']['for_loop']:.1f} ms -> fused "
+              f"  AdamW in the engine step (perf.adamw): for_loop {ms['adamw']['for_loop']:.1f} ms -> fused "
               f"{ms['adamw']['fused']:.1f} ms (foreach {ms['adamw']['foreach']:.1f} ms); whole trainer, cid_ds CID: "
               f"{before_loop:.1f} -> {cid:.1f} samples/s ({cid / before_loop:.2f}x)",
               f"  torch.compile (perf.compile): forward+backward {ms['compile']['eager']:.1f} -> "
@@ -672,9 +673,10 @@ def report(results: dict) -> list[str]:
               f"the whole loader now {ms['loader']['batch']:.0f} ms per batch, a worker's core taken from the step",
               f"  per-step finiteness check (all_finite): {ms['all_finite']['call']:.3f} ms; logging window "
               f"{ms['log_window']['call']:.1f} ms, read every logging.every steps",
-              "  not changed, for the record: the engine step at 1 rank, the YAML's "
-              + ", the same with ZeRO ".join(f"{k} {v:.1f} ms" for k, v in ms["zero_stage"].items())
-              + " (ZeRO's fp64 gradient norm and flat fp32 copies; ZeRO pays off only across ranks)"]
+              f"  ZeRO at one rank (the demo YAMLs' deepspeed_config): engine step, zero2.json "
+              f"{ms['zero_stage']['zero2.json']:.1f} ms -> zero0.json {ms['zero_stage']['zero0.json']:.1f} ms "
+              f"(ZeRO's flat fp32 copies and fp64 gradient norm); whole trainer, cid_ds CID: {zero2:.1f} -> "
+              f"{cid:.1f} samples/s ({cid / zero2:.2f}x)"]
     return lines
 
 
