@@ -48,10 +48,17 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def mark_complete(tag_dir: str) -> None:
+def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:
+    """Write the completion marker: every file's size, and ``about`` (how the checkpoint was made)."""
     sizes = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
              if name != COMPLETE and os.path.isfile(os.path.join(tag_dir, name))}
-    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes})
+    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes, **(about or {})})
+
+
+def checkpoint_about(tag_dir: str) -> dict:
+    """What ``mark_complete`` recorded besides the files (empty for an older checkpoint)."""
+    marker = read_json(os.path.join(tag_dir, COMPLETE))
+    return {k: v for k, v in marker.items() if k != "files"}
 
 
 def is_complete(tag_dir: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
-from cid_ds.faults import StopSignal, mark_complete, newest_complete_tag
+from cid_ds.faults import StopSignal, checkpoint_about, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
@@ -238,7 +237,7 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
     engine.save_checkpoint(root, tag=tag, client_state={"step": step})
     dist.barrier()
     if rank == 0:
-        mark_complete(os.path.join(root, tag))
+        mark_complete(os.path.join(root, tag), {"zero_stage": engine.zero_optimization_stage()})
         tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-cfg.checkpoint.keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -246,15 +245,15 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
 
 
 def check_zero_layout(tag_dir: str, zero_stage: int, ds_path: str) -> None:
-    """A ZeRO checkpoint keeps the optimizer state in per-rank partition files, one without ZeRO in the model
-    states file: DeepSpeed cannot load one layout into an engine of the other (it fails deep inside, or
-    silently starts the optimizer afresh), so say which JSON the checkpoint needs."""
-    saved_zero = bool(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")))
-    if saved_zero != (zero_stage > 0):
-        saved = "with ZeRO (stage 1-3)" if saved_zero else "without ZeRO (stage 0)"
-        raise ConfigError(f"checkpoint.resume: {tag_dir} was saved {saved}, but deepspeed_config {ds_path} runs "
-                          f"ZeRO stage {zero_stage}: resume with a JSON of the stage it was saved with (the run's "
-                          "config.yaml names it)")
+    """A ZeRO checkpoint keeps the optimizer state in per-rank partitions, one without ZeRO as a whole, and
+    DeepSpeed cannot load one into an engine of the other (it fails deep inside, or starts the optimizer
+    afresh). The file names do not tell them apart with bf16, so the completion marker records the stage."""
+    saved = checkpoint_about(tag_dir).get("zero_stage")
+    if saved is not None and (saved > 0) != (zero_stage > 0):
+        raise ConfigError(f"checkpoint.resume: {tag_dir} was saved " + (
+            f"with ZeRO stage {saved}" if saved else "without ZeRO (stage 0)") + f", but deepspeed_config "
+            f"{ds_path} runs ZeRO stage {zero_stage}: resume with a JSON of the kind it was saved with (the "
+            "run's config.yaml names it)")
 
 
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:

@@ -97,7 +97,7 @@ def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(da
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     again = train_one_process(overrides(dataset, out, 4, **{"deepspeed_config": f"ds_configs/{resumed}.json"}))
     assert again.returncode != 0
-    saved_as = "with ZeRO (stage 1-3)" if saved == "zero2" else "without ZeRO (stage 0)"
+    saved_as = "with ZeRO stage 2" if saved == "zero2" else "without ZeRO (stage 0)"
     stage = 2 if resumed == "zero2" else 0
     assert (f"config error: checkpoint.resume: {out}/checkpoints/step00000002 was saved {saved_as}, but "
             f"deepspeed_config ds_configs/{resumed}.json runs ZeRO stage {stage}") in again.stderr
