@@ -533,9 +533,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
     try:
-        return run(load_config(args.config, args.overrides))
+        results = run(load_config(args.config, args.overrides))
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
+    if torch.distributed.is_initialized():  # NCCL warns of leaked resources at exit otherwise
+        torch.distributed.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

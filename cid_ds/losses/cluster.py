@@ -8,6 +8,7 @@ over data-parallel ranks, so it has its own (row-wise AdamW) update, follows the
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,7 +32,11 @@ def centroid_dim(cluster_dir: str) -> int:
 
 
 def load_centroids(cluster_dir: str) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(_read_centroids(cluster_dir), dtype=np.float32))
+    """The centroids over the read-only memory map: each rank's classifier copies just its own rows (at
+    1M x 512 a full copy per rank would be 2 GB), and nothing writes through this tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(_read_centroids(cluster_dir), dtype=np.float32))
 
 
 class ClusterDiscrimination:
