@@ -56,9 +56,12 @@ def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:
 
 
 def checkpoint_about(tag_dir: str) -> dict:
-    """What ``mark_complete`` recorded besides the files (empty for an older checkpoint)."""
-    marker = read_json(os.path.join(tag_dir, COMPLETE))
-    return {k: v for k, v in marker.items() if k != "files"}
+    """What ``mark_complete`` recorded besides the files: empty for an older checkpoint, and for one without
+    a marker (``checkpoint.resume`` may name any DeepSpeed checkpoint directory)."""
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return {}
+    return {k: v for k, v in read_json(marker).items() if k != "files"}
 
 
 def is_complete(tag_dir: str) -> bool:

@@ -103,6 +103,12 @@ def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(da
             f"deepspeed_config ds_configs/{resumed}.json runs ZeRO stage {stage}") in again.stderr
 
 
+def test_a_checkpoint_named_by_path_without_a_marker_skips_the_layout_check(tmp_path):
+    from cid_ds.train import check_zero_layout
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    check_zero_layout(str(tmp_path), 2, "ds_configs/zero2.json")  # nothing recorded: DeepSpeed decides
+
+
 def poison_cache(feats, shards):
     """Overwrite the teacher image rows of the given cache shards with NaN (a broken extraction)."""
     for stem in shards:
