@@ -279,8 +279,8 @@ def run_system(name: str, args, paths: dict, cfg: Config, python: Optional[str],
     else:
         extra = {"for-loop AdamW": ["perf.adamw=for_loop"], "perf.compile": ["perf.compile=true"],
                  "zero2.json": ["deepspeed_config=ds_configs/zero2.json"]}
-        extra = next((v for k, v in extra.items() if name.endswith(k)), [])
-        extra.append(f"logging.profile_steps={args.profile_steps}")
+        extra = [*next((v for k, v in extra.items() if name.endswith(k)), []),
+                 f"logging.profile_steps={args.profile_steps}"]
         wall = run_logged(cid_ds_command(args, paths, run_dir, name.split()[1], extra), log)
         if args.profile_steps:
             print(f"[bench] {name}: profile of {args.profile_steps} steps in {run_dir}/profile (top ops in {log})",
@@ -426,7 +426,7 @@ def flops_per_sample(bench: Workbench, teacher_dir: str) -> dict[str, float]:
     counted = {"open_clip": flops(open_clip_step(False)), "open_clip --distill": flops(open_clip_step(True)),
                "cid_ds instance": flops(bench.step(bench.student())),
                "cid_ds CID": flops(bench.step(bench.student(), "CID", bench.cluster_term()))}
-    for variant in SYSTEMS[4:]:
+    for variant in (name for name in SYSTEMS if name.startswith("cid_ds CID ")):  # the CID step, run otherwise
         counted[variant] = counted["cid_ds CID"]
     return {name: value / bench.args.batch for name, value in counted.items()}
 
@@ -628,8 +628,9 @@ def report(results: dict) -> list[str]:
     if plain is not None:
         lines.append(f"cid_ds CID / open_clip:           {plain:.2f}x")
     for base in ("open_clip --distill", "open_clip"):
-        if ratio("cid_ds CID perf.compile", base) is not None:
-            lines.append(f"cid_ds CID perf.compile / {base}: {ratio('cid_ds CID perf.compile', base):.2f}x")
+        compiled = ratio("cid_ds CID perf.compile", base)
+        if compiled is not None:
+            lines.append(f"cid_ds CID perf.compile / {base}: {compiled:.2f}x")
     if "cid_ds CID" in median:
         mfu = per_sample["cid_ds CID"] * median["cid_ds CID"]["samples_per_s"] / peak
         mfu_target = 0.15 if cpu else 0.40
