@@ -1,9 +1,22 @@
 """Small real datasets and feature caches shared by the end-to-end tests."""
 import os
+import socket
 import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_rank_env() -> dict:
+    """The environment of one CPU DeepSpeed rank started without the launcher, with the repository importable."""
+    return dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=REPO_ROOT)
 
 
 def make_data_and_features(root: str, train_samples: int = 384, shards: int = 4) -> dict:

@@ -2,7 +2,6 @@
 loads to the same embeddings, written from memory or from a real DeepSpeed checkpoint (ZeRO 0, 2, 3)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from cid_ds.export import export_checkpoint, export_open_clip, main, pretrained_preprocess_cfg
 from cid_ds.models import create_model
+from tests.helpers import one_rank_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = (0, 2, 3)
@@ -61,12 +61,6 @@ for stage in [int(s) for s in sys.argv[2].split(",")]:
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_in_fresh_open_clip(folder, tmp_path):
     out = tmp_path / "plain_open_clip.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -87,11 +81,9 @@ def embed_in_memory(model, preprocess, tokenizer):
 def checkpoints(tmp_path_factory):
     """DeepSpeed checkpoints of one training step at ZeRO stages 0, 2, 3, and the weights they hold."""
     out = tmp_path_factory.mktemp("deepspeed")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=REPO_ROOT)
     # the first DeepSpeed CPU run on a machine compiles its shared-memory comm op (~1 min, then cached)
     run = subprocess.run([sys.executable, "-c", TRAIN_AND_SAVE, str(out), ",".join(map(str, STAGES))],
-                         env=env, capture_output=True, text=True, timeout=400)
+                         env=one_rank_env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 

@@ -5,14 +5,13 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from cid_ds.io import read_json
-from tests.helpers import REPO_ROOT, make_data_and_features
+from tests.helpers import REPO_ROOT, free_port, make_data_and_features
 
 LAUNCH_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
                   "launch/docker_entrypoint.sh"]
@@ -43,11 +42,6 @@ def finish(proc: subprocess.Popen) -> str:
 def launch(cmd: list[str], **env) -> str:
     return finish(start(cmd, **env))
 
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
@@ -140,13 +134,13 @@ def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tm
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one machine, two CPU ranks\nlocalhost slots=2\n")
     two = str(tmp_path / "two")
-    output = launch(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, two)], MASTER_PORT=free_port())
+    output = launch(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, two)], MASTER_PORT=str(free_port()))
     assert "[launch] deepspeed --hostfile" in output and "--no_ssh_check" in output
     assert "world 2" in output
     assert read_json(os.path.join(two, "results.json"))["step"] == 2
 
     one = str(tmp_path / "one")
-    output = launch(["launch/single_node.sh", *tiny_run(dataset, one)], NUM_GPUS="1", MASTER_PORT=free_port())
+    output = launch(["launch/single_node.sh", *tiny_run(dataset, one)], NUM_GPUS="1", MASTER_PORT=str(free_port()))
     assert "[launch] deepspeed --num_gpus 1" in output
     assert "world 1" in output
     assert read_json(os.path.join(one, "results.json"))["step"] == 2
@@ -158,7 +152,7 @@ def test_no_ssh_launch_one_call_per_node_forms_one_job(dataset, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
     out = str(tmp_path / "run")
-    port = free_port()
+    port = str(free_port())
     nodes = [start(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, out)], NODE_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]
     outputs = [finish(node) for node in nodes]

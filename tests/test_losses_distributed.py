@@ -2,7 +2,6 @@
 the same loss and the same gradients as 1 rank on the concatenated batch: the contrastive, instance and
 every CLIP-KD term."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.losses.kd import feature_distillation, gradient_distillation, relational_distillation
+from tests.helpers import free_port
 
 B, D = 4, 8
 SCALE, TEACHER_SCALE = torch.tensor(10.0), 30.0
@@ -54,11 +54,6 @@ def worker(rank, port, out):
     out[rank] = {name: (loss / 2, grads) for name, (loss, grads) in results.items()}
     dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch():

@@ -2,7 +2,6 @@
 same gradients as 1 rank holding the full matrix, for every margin, with and without class sampling,
 hard and soft labels; shards checkpoint per rank and re-shard onto another world size."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier, shard_range
+from tests.helpers import free_port
 
 C, D, B, W = 11, 8, 3, 2  # C % W != 0: rank 0 owns one row more
 
@@ -53,11 +53,6 @@ def worker(rank, port, out):
     out[rank] = results
     dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
