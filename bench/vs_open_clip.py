@@ -7,8 +7,8 @@ batch, precision and steps, and a before/after line for each fast path of the ci
                                  [--profile-steps 5]       # one system (short GPU leases); where its time goes
 
 Without CUDA: the demo student and teacher (ds_configs/models/demo-*), fp32, batch 128, one loader worker
-per system, the demo data. With CUDA: bf16 (open_clip --precision amp_bf16; DeepSpeed bf16 from the
-YAMLs' ds_configs/zero2.json), cid_ds decoding with DALI on the GPU (data.backend=dali), a ViT-B/32 student
+per system, the demo data. With CUDA: bf16 (open_clip --precision amp_bf16; cid_ds torch autocast bf16
+from the YAMLs' ds_configs/zero0.json), cid_ds decoding with DALI on the GPU (data.backend=dali), a ViT-B/32 student
 and a ViT-L/14 teacher with random weights, batch 256 per GPU, 8 loader workers / DALI threads.
 
 Both systems read the same distill-ready shards (data_tools.pack output: open_clip uses their jpg + txt;
@@ -344,7 +344,7 @@ def load_experiment(name: str, args, paths: dict) -> Config:
 
 class Workbench:
     """The student, a real batch of the packed shards and the pieces of one cid_ds step, on the bench's device
-    and dtype (what the trainer runs: fp32 on CPU, bf16 weights on GPU)."""
+    and dtype (fp32 on CPU; on GPU bf16 weights, where the trainer computes in bf16 under autocast)."""
 
     def __init__(self, args, paths: dict):
         from cid_ds.data.packed import PackedShards, packed_manifest_path
@@ -393,7 +393,7 @@ class Workbench:
         cfg.perf.adamw = adamw
         cfg.deepspeed_config = os.path.join(REPO, deepspeed_json) if deepspeed_json else cfg.deepspeed_config
         ds = deepspeed_config(cfg, on_gpu())
-        student = self.student(dtype=torch.float32)  # DeepSpeed casts it to bf16 on GPU, as in the trainer
+        student = self.student(dtype=torch.float32)  # the engine applies the JSON's precision, as in the trainer
         engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg), config=ds)
         return engine
 

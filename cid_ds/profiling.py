@@ -4,6 +4,8 @@ The first logging window (start-up, first batches, cudnn/compile warm-up) is ski
 the profiler up and ``profile_steps`` steps are recorded. Each rank writes ``<output_dir>/profile/rank<R>.json``
 (a Chrome trace: open it in Perfetto or chrome://tracing) and ``rank<R>_ops.txt``, the ops sorted by their
 own time on the device (GPU) or the CPU; rank 0 also prints the top of that table.
+
+``DispatchCount`` counts what a block of code asks of the device rather than timing it (bench and tests).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOP_OPS_PRINTED = 25
 
@@ -43,3 +46,30 @@ def start_profiler(steps: int, skip: int, output_dir: str, rank: int, on_gpu: bo
                    on_trace_ready=write, record_shapes=True)
     prof.start()
     return prof
+
+
+class DispatchCount(TorchDispatchMode):
+    """Within ``with DispatchCount() as count:``, ``count.ops`` is the number of aten ops that compute (views
+    excluded) and ``count.syncs`` the number that make the host wait for the device: a value read back
+    (``.item()``, ``bool(t)``) or an output whose shape depends on values (``nonzero``, boolean indexing). On a
+    GPU each op is at least one kernel launch from Python and each sync stops the host running ahead; a step
+    whose per-GPU work is small is bound by these, not by its FLOPs. The counts are the same on CPU."""
+
+    def __enter__(self) -> "DispatchCount":
+        self.ops = self.syncs = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops += 1
+        if _waits_for_the_device(func, args):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _waits_for_the_device(func, args) -> bool:
+    if func is torch.ops.aten._local_scalar_dense.default:
+        return True
+    if func is torch.ops.aten.index.Tensor:  # tagged dynamic, but only a boolean mask is
+        return any(i is not None and i.dtype == torch.bool for i in args[1])
+    return torch.Tag.dynamic_output_shape in func.tags

@@ -28,6 +28,7 @@ from cid_ds.profiling import start_profiler
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
+FP16_NAMES = ("fp16", "float16", "half", "torch.float16")  # DeepSpeed's spellings of torch_autocast.dtype fp16
 
 
 def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
@@ -44,13 +45,23 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    if cfg.loss.cluster > 0 and ds.get("fp16", {}).get("enabled") and on_gpu:
+    autocast = ds.get("torch_autocast", {})
+    fp16 = ds.get("fp16", {}).get("enabled") or (autocast.get("enabled") and autocast.get("dtype") in FP16_NAMES)
+    if cfg.loss.cluster > 0 and fp16 and on_gpu:
         raise ConfigError(f"{path}: fp16 loss scaling would also scale the centroid classifier's gradients, "
                           "which live outside the engine: use bf16 with the cluster term")
     if not on_gpu:  # bf16/fp16 matmuls on CPU are slower than fp32 and DeepSpeed's CPU path is fp32-tested
-        for precision in ("bf16", "fp16"):
+        for precision in ("bf16", "fp16", "torch_autocast"):
             ds.setdefault(precision, {})["enabled"] = False
     return ds
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """What the student computes in: torch autocast's dtype (the weights stay fp32), or the dtype DeepSpeed
+    cast the weights to (its bf16/fp16 modes). Inputs and an online teacher are sent in it."""
+    if engine.torch_autocast_enabled():
+        return engine.torch_autocast_dtype()
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -375,7 +386,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.perf.compile:
         engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
     device = engine.device
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    dtype = compute_dtype(engine)
     if online_teacher is not None:
         online_teacher.to(device, dtype)
 

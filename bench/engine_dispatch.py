@@ -1,0 +1,156 @@
+"""What a training step asks of the device under each shipped DeepSpeed JSON's GPU precision, before and after
+they moved from DeepSpeed's bf16 mode to torch autocast, against a plain torch autocast step (open_clip's
+``--precision amp_bf16``).
+
+    python bench/engine_dispatch.py [--student ViT-B-32] [--width 64] [--batch 4] [--reps 10]
+
+On a GPU a small student's step can be bound by the host: every op is a kernel launch from Python, and every
+sync (a value read back, ``bool(t)``, ``nonzero``) stops the host running ahead of the device. DeepSpeed's bf16
+mode checks each gradient tensor for inf/NaN before each step (``check_grad_overflow``: amax, amin, isfinite
+per tensor; without ZeRO also a ``bool()`` per tensor, one sync each): about 15 ops per parameter tensor.
+Under torch autocast the weights stay fp32, DeepSpeed makes no such check, and a non-finite gradient norm still
+skips the step. Per configuration this prints the ops (views not counted) and syncs of one step, counted with
+``cid_ds.profiling.DispatchCount`` (the same on CPU and GPU), and the median step time.
+
+Without CUDA the student is ``--student``'s open_clip architecture at ``--width`` (default 64: every layer and
+parameter tensor of ViT-B/32 with little arithmetic) and DeepSpeed runs bf16 on the CPU. The CPU times do not
+show the host-bound case: the CPU runs each op to completion before the next, and these small ones cost it
+about 3 us each. With CUDA: the full-width student at ``--batch`` 256, and its times are the ones that matter.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+
+from cid_ds.config import Config  # noqa: E402
+from cid_ds.losses.clip import clip_loss  # noqa: E402
+from cid_ds.losses.instance import instance_loss  # noqa: E402
+from cid_ds.models import DistillStudent, model_config  # noqa: E402
+from cid_ds.profiling import DispatchCount  # noqa: E402
+from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = ("zero0", "zero1", "zero2", "zero3")
+TEACHER_DIM = 768  # ViT-L/14's
+
+
+def before(shipped: dict) -> dict:
+    """The JSON as it was (f2ecdda): DeepSpeed's bf16 mode where it now says torch autocast."""
+    if not shipped.get("torch_autocast", {}).get("enabled"):
+        return shipped
+    return {k: v for k, v in shipped.items() if k != "torch_autocast"} | {"bf16": {"enabled": True}}
+
+
+def student_factory(name: str, width: int | None) -> Callable[[], DistillStudent]:
+    """``name``'s architecture, random weights (seed 0); ``width`` replaces both towers' widths."""
+    from open_clip.model import CLIP
+    cfg = copy.deepcopy(model_config(name))
+    if width:
+        cfg["vision_cfg"]["width"] = cfg["text_cfg"]["width"] = width
+        cfg["vision_cfg"]["head_width"] = width // 2
+        cfg["text_cfg"]["heads"] = 2
+
+    def make() -> DistillStudent:
+        torch.manual_seed(0)
+        return DistillStudent(CLIP(**cfg), TEACHER_DIM)
+    return make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--student", default="ViT-B-32")
+    parser.add_argument("--width", type=int, default=None if gpu else 64)
+    parser.add_argument("--batch", type=int, default=256 if gpu else 4)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    init_distributed()
+    device = torch.device("cuda" if gpu else "cpu")
+    make_student = student_factory(args.student, args.width)
+    size = model_config(args.student)["vision_cfg"]["image_size"]
+    context = model_config(args.student)["text_cfg"].get("context_length", 77)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(args.batch, 3, size, size, generator=g).to(device)
+    tokens = torch.randint(1, 49000, (args.batch, context), generator=g).to(device)
+    teacher = torch.nn.functional.normalize(torch.randn(2, args.batch, TEACHER_DIM, generator=g), dim=-1).to(device)
+
+    def loss(out: dict) -> torch.Tensor:
+        f = {k: v.float() for k, v in out.items()}
+        return clip_loss(f["image"], f["text"], f["logit_scale"]) + instance_loss(
+            f["image_in_teacher"], f["text_in_teacher"], teacher[0], teacher[1], f["logit_scale"])
+
+    cfg = Config()
+    cfg.data.batch_size = args.batch
+    plain_model = make_student().to(device)
+    plain_optimizer = build_optimizer(plain_model, cfg)
+
+    def plain_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = plain_model(image, tokens)
+        loss(out).backward()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    steps = {"plain torch autocast (open_clip amp_bf16)": plain_step}
+    for name in SHIPPED:
+        cfg.deepspeed_config = os.path.join(REPO, "ds_configs", f"{name}.json")
+        shipped = deepspeed_config(cfg, on_gpu=True)
+        for when, ds in (("before", before(shipped)), ("now", shipped)):
+            if when == "before" and ds is shipped:
+                continue
+            model = make_student()
+            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+
+            def engine_step(engine=engine) -> None:
+                engine.backward(loss(engine(image.to(compute_dtype(engine)), tokens)))
+                engine.step()
+            steps[f"{name}.json {when}"] = engine_step
+
+    counts, times = {}, {name: [] for name in steps}
+    for name, step in steps.items():
+        for _ in range(2):  # optimizer state, DeepSpeed's buffers
+            step()
+        with DispatchCount() as counts[name]:
+            step()
+    for _ in range(args.reps):
+        for name, step in steps.items():
+            sync(gpu)
+            start = time.perf_counter()
+            step()
+            sync(gpu)
+            times[name].append(time.perf_counter() - start)
+
+    parameters = len(list(plain_model.parameters()))
+    print(f"{args.student}{f' at width {args.width}' if args.width else ''}, {parameters} parameter tensors, batch "
+          f"{args.batch}, {torch.cuda.get_device_name() if gpu else 'CPU'}, median of {args.reps} steps each:")
+    plain = "plain torch autocast (open_clip amp_bf16)"
+    for name in steps:
+        ms = statistics.median(times[name]) * 1e3
+        print(f"  {name:42s} {counts[name].ops:6d} ops ({(counts[name].ops - counts[plain].ops) / parameters:+5.1f} "
+              f"per parameter tensor vs plain)  {counts[name].syncs:4d} syncs  {ms:8.1f} ms/step")
+    for name in SHIPPED:
+        if f"{name}.json before" in steps:
+            b, n = f"{name}.json before", f"{name}.json now"
+            print(f"  {name}.json before -> now: ops {counts[b].ops / counts[n].ops:.2f}x fewer, syncs "
+                  f"{counts[b].syncs} -> {counts[n].syncs}, step time before/now "
+                  f"{statistics.median(times[b]) / statistics.median(times[n]):.2f}")
+
+
+def sync(gpu: bool) -> None:
+    if gpu:
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

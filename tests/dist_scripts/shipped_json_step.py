@@ -1,0 +1,88 @@
+"""One CPU rank (the test sets RANK etc.): for each DeepSpeed JSON given, a student trained a step through the
+engine the trainer builds on a GPU (``deepspeed_config(cfg, on_gpu=True)``: its bf16 or autocast, which
+DeepSpeed also runs on CPU), the step's dispatched work counted against a plain torch autocast step of the
+same student (open_clip's ``--precision amp_bf16``), and its checkpoint exported.
+
+    python tests/dist_scripts/shipped_json_step.py OUT ds_configs/zero0.json [...]   -> OUT/<json name without .json>.json
+"""
+import os
+import sys
+
+import deepspeed
+import torch
+
+from cid_ds.config import Config
+from cid_ds.export import export_checkpoint
+from cid_ds.io import write_json
+from cid_ds.losses.clip import clip_loss
+from cid_ds.losses.instance import instance_loss
+from cid_ds.models import DistillStudent, create_model
+from cid_ds.profiling import DispatchCount
+from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config
+
+BATCH, TEACHER_DIM = 4, 256
+out_dir, json_paths = sys.argv[1], sys.argv[2:]
+deepspeed.init_distributed(dist_backend="gloo")
+g = torch.Generator().manual_seed(1)
+image, tokens = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(1, 49000, (BATCH, 24), generator=g)
+teacher = torch.nn.functional.normalize(torch.randn(2, BATCH, TEACHER_DIM, generator=g), dim=-1)
+
+
+def student() -> DistillStudent:
+    torch.manual_seed(0)
+    return DistillStudent(create_model("demo-student")[0], TEACHER_DIM)
+
+
+def loss(out: dict) -> torch.Tensor:
+    f = {k: v.float() for k, v in out.items()}
+    return clip_loss(f["image"], f["text"], f["logit_scale"]) + instance_loss(
+        f["image_in_teacher"], f["text_in_teacher"], teacher[0], teacher[1], f["logit_scale"])
+
+
+def counted(step) -> DispatchCount:
+    for _ in range(2):  # optimizer state and DeepSpeed's buffers are made in the first steps
+        step()
+    with DispatchCount() as count:
+        step()
+    return count
+
+
+cfg = Config()
+cfg.data.batch_size = BATCH
+plain_model = student()
+plain_optimizer = build_optimizer(plain_model, cfg)
+
+
+def plain_step() -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = plain_model(image, tokens)
+    loss(out).backward()
+    plain_optimizer.step()
+    plain_optimizer.zero_grad(set_to_none=True)
+
+
+plain = counted(plain_step)
+for path in json_paths:
+    cfg.deepspeed_config = path
+    model = student()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                      config=deepspeed_config(cfg, on_gpu=True))
+
+    def engine_step() -> None:
+        engine.backward(loss(engine(image.to(compute_dtype(engine)), tokens)))
+        engine.step()
+
+    count = counted(engine_step)
+    name = os.path.splitext(os.path.basename(path))[0]
+    checkpoint = os.path.join(out_dir, name, "checkpoints")
+    engine.save_checkpoint(checkpoint)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # no-op below ZeRO-3
+        trained = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    exported = create_model(f"local-dir:{export_checkpoint(checkpoint, 'demo-student', os.path.join(out_dir, name, 'export'))}")[0]
+    write_json(os.path.join(out_dir, f"{name}.json"), {
+        "ops": count.ops, "syncs": count.syncs, "plain_ops": plain.ops,
+        "parameter_tensors": len(list(model.parameters())), "compute_dtype": str(compute_dtype(engine)),
+        "weights_dtype": str(next(engine.module.parameters()).dtype),
+        "export_max_abs_diff": max((t.float() - trained["clip." + k].reshape(t.shape)).abs().max().item()
+                                   for k, t in exported.state_dict().items()),
+        "largest_weight": max(t.abs().max().item() for t in trained.values())})
