@@ -8,8 +8,13 @@ gradient, like an attention key projection's, carries the rounding of the large 
 for checkpointing (the same ops, recomputed), 1e-5 where other kernels sum in another order (NHWC
 convolutions; inductor's fused ones). The optimizers' parameters agree within 1e-6 relative plus 1e-4 of
 a step. The pre-tokenised path (token ids stored at pack time equal tokenising the caption at load time) is
-tested in tests/test_pack.py.
+tested in tests/test_pack.py. At one rank without ZeRO the engine skips DeepSpeed's all-reduce of the
+gradients with themselves and trains bitwise the same weights.
 """
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +26,7 @@ from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent
 from cid_ds.train import build_optimizer
+from tests.helpers import one_rank_env
 
 BATCH, TEACHER_DIM = 8, 48
 VIT = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}
@@ -40,11 +46,15 @@ def fixed_batch() -> dict:
             "tokens": torch.randint(1, 100, (BATCH, 8), generator=g)}
 
 
+def batch_loss(student: torch.nn.Module, batch: dict, memory_format=torch.preserve_format) -> torch.Tensor:
+    out = student(batch["image"].to(memory_format=memory_format), batch["tokens"])
+    return clip_loss(out["image"], out["text"], out["logit_scale"]) + instance_loss(
+        out["image_in_teacher"], out["text_in_teacher"], batch["t_img"], batch["t_txt"], out["logit_scale"])
+
+
 def loss_and_grads(student: torch.nn.Module, batch: dict, memory_format=torch.preserve_format
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = student(batch["image"].to(memory_format=memory_format), batch["tokens"])
-    loss = clip_loss(out["image"], out["text"], out["logit_scale"]) + instance_loss(
-        out["image_in_teacher"], out["text_in_teacher"], batch["t_img"], batch["t_txt"], out["logit_scale"])
+    loss = batch_loss(student, batch, memory_format)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
 
@@ -123,3 +133,40 @@ def test_the_loaders_batched_normalisation_equals_the_preprocess_per_image(view)
     batched = normalize(torch.stack([pixels(image) for image in images]))
     torch.manual_seed(3)
     assert torch.equal(batched, torch.stack([preprocess(image) for image in images]))
+
+
+# Two one-rank zero0.json engines (fp32 on CPU) from the same weights, one as the trainer sets it up; three
+# steps on one batch each.
+ENGINES_WITH_AND_WITHOUT_ALLREDUCE = r"""
+import json, sys, deepspeed, torch
+from cid_ds.config import Config
+from cid_ds.profiling import DispatchCount
+from cid_ds.train import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
+from tests.test_fast_paths import batch_loss, fixed_batch, tiny_student
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = Config()
+cfg.deepspeed_config, cfg.data.batch_size = "ds_configs/zero0.json", 8
+result = {}
+for skip in (False, True):
+    student = tiny_student()
+    engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg),
+                                      config=deepspeed_config(cfg, on_gpu=False))
+    if skip:
+        skip_allreduce_at_one_rank(engine)
+    for _ in range(3):
+        with DispatchCount() as count:
+            engine.backward(batch_loss(engine, fixed_batch()))
+            engine.step()
+    result[skip] = {"ops": count.ops, "weights": {k: v.tolist() for k, v in student.state_dict().items()}}
+json.dump({"skipped": result[True], "reduced": result[False]}, open(sys.argv[1], "w"))
+"""
+
+
+def test_one_rank_skips_the_gradient_allreduce_and_trains_the_same_weights(tmp_path):
+    out = tmp_path / "engines.json"
+    run = subprocess.run([sys.executable, "-c", ENGINES_WITH_AND_WITHOUT_ALLREDUCE, str(out)], env=one_rank_env(),
+                         cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["skipped"]["weights"] == result["reduced"]["weights"]  # bitwise
+    assert result["skipped"]["ops"] < result["reduced"]["ops"]
