@@ -32,9 +32,10 @@ the math kernel and nn.MultiheadAttention's slow path, so that every matmul is s
 the matrix-multiply peak measured in the same run (fp32 on CPU, bf16 on GPU).
 
 Then, in this process on the same student and a real batch, interleaved, median of --reps: AdamW
-implementations inside the engine step, the engine step at ZeRO stage 2 and 0, torch.compile, gradient
-checkpointing, the SDPA kernel, channels-last (the ViT student and a small ResNet), stored token ids against
-tokenising, the loader's CPU time per batch, the per-step finiteness check and the logging window.
+implementations inside the engine step, the engine step at ZeRO stage 2 and 0, backward + step with and
+without the one-rank gradient all-reduce, torch.compile, gradient checkpointing, the SDPA kernel,
+channels-last (the ViT student and a small ResNet), stored token ids against tokenising, the loader's CPU
+time per batch, the per-step finiteness check and the logging window.
 
 open_clip's trainer needs webdataset 0.2.x (ours is 1.x), so it runs in a virtualenv made here
 (--open-clip-env, default ~/.cache/cid_ds/open_clip_train_env, reused): webdataset 0.2.86 (the newest
@@ -384,17 +385,19 @@ class Workbench:
             self.losses(student, experiment, cluster_term, image).backward()
         return run
 
-    def engine(self, adamw: str = "fused", deepspeed_json: Optional[str] = None):
+    def engine(self, adamw: str = "fused", deepspeed_json: Optional[str] = None, one_rank_allreduce: bool = False):
         """A DeepSpeed engine as the trainer builds it (the YAML's JSON or ``deepspeed_json``, 1 rank) with
-        ``perf.adamw``."""
+        ``perf.adamw``; ``one_rank_allreduce``: as DeepSpeed leaves it (the before of skipping it)."""
         import deepspeed
-        from cid_ds.train import build_optimizer, deepspeed_config
+        from cid_ds.train import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
         cfg = copy.deepcopy(self.cfg["instance"])
         cfg.perf.adamw = adamw
         cfg.deepspeed_config = os.path.join(REPO, deepspeed_json) if deepspeed_json else cfg.deepspeed_config
         ds = deepspeed_config(cfg, on_gpu())
         student = self.student(dtype=torch.float32)  # the engine applies the JSON's precision, as in the trainer
         engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg), config=ds)
+        if not one_rank_allreduce:
+            skip_allreduce_at_one_rank(engine)
         return engine
 
     def cluster_term(self):
@@ -479,6 +482,9 @@ def fast_paths(bench: Workbench) -> dict[str, dict[str, float]]:
     engine_with = {name: bench.engine(deepspeed_json=f"ds_configs/{name}") for name in ("zero2.json", "zero0.json")}
     results["zero_stage"] = interleaved({name: lambda e=e: engine_step_seconds(e, bench)
                                          for name, e in engine_with.items()}, reps)
+    allreduce = {"allreduce": bench.engine(one_rank_allreduce=True), "skipped": engines["fused"]}
+    results["one_rank_allreduce"] = interleaved({name: lambda e=e: engine_step_seconds(e, bench, with_backward=True)
+                                                 for name, e in allreduce.items()}, reps)
 
     eager, compiled = bench.student(), bench.student()
     compiled.compile()
@@ -516,11 +522,15 @@ def fast_paths(bench: Workbench) -> dict[str, dict[str, float]]:
     return results
 
 
-def engine_step_seconds(engine, bench: Workbench) -> float:
-    """Forward and engine.backward untimed, engine.step() timed."""
-    engine.backward(bench.losses(engine))
+def engine_step_seconds(engine, bench: Workbench, with_backward: bool = False) -> float:
+    """Forward untimed; engine.step(), and engine.backward if ``with_backward``, timed."""
+    loss = bench.losses(engine)
     sync()
     start = time.perf_counter()
+    engine.backward(loss)
+    if not with_backward:
+        sync()
+        start = time.perf_counter()
     engine.step()
     sync()
     return time.perf_counter() - start
@@ -677,7 +687,9 @@ def report(results: dict) -> list[str]:
               f"  ZeRO at one rank (the demo YAMLs' deepspeed_config): engine step, zero2.json "
               f"{ms['zero_stage']['zero2.json']:.1f} ms -> zero0.json {ms['zero_stage']['zero0.json']:.1f} ms "
               f"(ZeRO's flat fp32 copies and fp64 gradient norm); whole trainer, cid_ds CID: {zero2:.1f} -> "
-              f"{cid:.1f} samples/s ({cid / zero2:.2f}x)"]
+              f"{cid:.1f} samples/s ({cid / zero2:.2f}x)",
+              f"  one rank without ZeRO: engine backward + step with DeepSpeed's all-reduce of the gradients "
+              f"{ms['one_rank_allreduce']['allreduce']:.1f} ms -> skipped {ms['one_rank_allreduce']['skipped']:.1f} ms"]
     return lines
 
 
