@@ -46,8 +46,11 @@ def fixed_batch() -> dict:
             "tokens": torch.randint(1, 100, (BATCH, 8), generator=g)}
 
 
-def batch_loss(student: torch.nn.Module, batch: dict, memory_format=torch.preserve_format) -> torch.Tensor:
+def batch_loss(student: torch.nn.Module, batch: dict, memory_format=torch.preserve_format,
+               outputs_in_fp32: bool = False) -> torch.Tensor:
+    """CLIP + instance loss; ``outputs_in_fp32``: of the outputs in fp32, as the trainer (a bf16 student)."""
     out = student(batch["image"].to(memory_format=memory_format), batch["tokens"])
+    out = {k: v.float() for k, v in out.items()} if outputs_in_fp32 else out
     return clip_loss(out["image"], out["text"], out["logit_scale"]) + instance_loss(
         out["image_in_teacher"], out["text_in_teacher"], batch["t_img"], batch["t_txt"], out["logit_scale"])
 

@@ -18,7 +18,7 @@ import pytest
 from cid_ds.config import Config
 from cid_ds.io import read_json
 from cid_ds.train import deepspeed_config
-from tests.helpers import REPO_ROOT, one_rank_env
+from tests.helpers import REPO_ROOT, deepspeed_cmd, one_rank_env, run
 
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")
 EXTRA_OPS_PER_PARAMETER_TENSOR = 8
@@ -70,3 +70,13 @@ def test_fp16_autocast_is_refused_with_the_cluster_term(tmp_path):
     cfg.deepspeed_config, cfg.loss.cluster = str(path), 0.1
     with pytest.raises(ConfigError, match="autocast_fp16.json: fp16 loss scaling"):
         deepspeed_config(cfg, on_gpu=True)
+
+
+def test_two_ranks_at_the_gpu_precision_keep_the_same_weights(tmp_path):
+    """ZeRO-1/2 under autocast reduce Linear gradients in bf16 (DeepSpeed's comm_dtype); each rank trains on
+    its own data and the ranks still hold the same weights."""
+    cmd = deepspeed_cmd(2)
+    cmd[-1] = os.path.join(REPO_ROOT, "tests", "dist_scripts", "shipped_json_two_ranks.py")
+    run(cmd + ["--out", str(tmp_path)] + [os.path.join(REPO_ROOT, "ds_configs", f"{n}.json") for n in SHIPPED])
+    result = read_json(str(tmp_path / "two_ranks.json"))
+    assert result == {f"{n}.json": {"ranks_agree": True, "trained": True} for n in SHIPPED}
