@@ -13,6 +13,7 @@ gradients with themselves and trains bitwise the same weights.
 """
 
 import json
+import random
 import subprocess
 import sys
 
@@ -118,12 +119,13 @@ def test_fused_and_foreach_adamw_steps_equal_the_for_loop(impl):
 
 
 @pytest.mark.parametrize("view", ["train", "eval"])
-def test_the_loaders_batched_normalisation_equals_the_preprocess_per_image(view):
-    """The wds loader makes uint8 pixels per image and scales + normalises the batch at once: bitwise the
-    same tensors as the open_clip preprocess applied image by image."""
+def test_the_loaders_batched_normalisation_equals_the_preprocess_per_image(view, monkeypatch):
+    """The wds loader makes uint8 pixels per image (the training crop's box drawn from its own RNG) and
+    scales + normalises the batch at once: bitwise the same tensors as the open_clip preprocess applied image
+    by image to the same boxes."""
     from PIL import Image
 
-    from cid_ds.data.preprocess import split_normalize
+    from cid_ds.data.preprocess import random_resized_box, split_normalize
     from cid_ds.models import create_model
     _, preprocess_train, preprocess_val, _ = create_model("demo-student")
     preprocess = preprocess_train if view == "train" else preprocess_val
@@ -132,10 +134,39 @@ def test_the_loaders_batched_normalisation_equals_the_preprocess_per_image(view)
     images.append(images[0].convert("L"))  # a grey image is converted to RGB first, as by the preprocess
     pixels, normalize = split_normalize(preprocess)
     assert normalize is not None
-    torch.manual_seed(3)
-    batched = normalize(torch.stack([pixels(image) for image in images]))
-    torch.manual_seed(3)
+    batched = normalize(torch.stack([pixels(image, random.Random(3)) for image in images]))
+    if view == "train":
+        crop = preprocess.transforms[0]
+        boxes = iter([random_resized_box(*image.size, crop.scale, crop.ratio, random.Random(3)) for image in images])
+        monkeypatch.setattr(type(crop), "get_params", staticmethod(lambda image, scale, ratio: next(boxes)))
     assert torch.equal(batched, torch.stack([preprocess(image) for image in images]))
+
+
+class TorchvisionDraws:
+    """torchvision's random numbers (one-element torch tensors from torch's RNG) behind random.Random's
+    interface."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return torch.empty(1).uniform_(low, high).item()
+
+    def randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, size=(1,)).item())
+
+
+@pytest.mark.parametrize("size", [(56, 40), (640, 480), (300, 20), (20, 300)])
+def test_the_loaders_crop_box_follows_torchvisions_rule(size):
+    """Given the same random numbers, the loader's box is torchvision's RandomResizedCrop box (wide and
+    tall images exercise its fallback to a centred box)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from cid_ds.data.preprocess import random_resized_box
+    image = Image.new("RGB", size)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        expected = T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+        torch.manual_seed(seed)
+        assert random_resized_box(*size, (0.08, 1.0), (3 / 4, 4 / 3), TorchvisionDraws()) == expected, seed
 
 
 # Two one-rank zero0.json engines (fp32 on CPU) from the same weights, one as the trainer sets it up; three

@@ -119,25 +119,36 @@ class BatchNormalize:
         return pixels.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def split_normalize(preprocess: Callable) -> tuple[Callable[[Image.Image], torch.Tensor], Optional[BatchNormalize]]:
+def split_normalize(preprocess: Callable) -> tuple["Pixels", Optional[BatchNormalize]]:
     """An open_clip preprocess as ``(per-image steps giving uint8 pixels, the batch's normalisation)``; a
-    preprocess that does not end in ToTensor + Normalize is returned whole, with None."""
+    preprocess that does not end in ToTensor + Normalize is applied whole per image, with None."""
     steps = list(getattr(preprocess, "transforms", []))
     if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize) \
             or steps[-1].inplace:
-        return preprocess, None
-    return _Pixels(T.Compose(steps[:-2])), BatchNormalize(steps[-1].mean, steps[-1].std)
+        return Pixels([preprocess], to_uint8=False), None
+    return Pixels(steps[:-2]), BatchNormalize(steps[-1].mean, steps[-1].std)
 
 
-class _Pixels:
-    """The preprocess's steps before ToTensor, then uint8 pixels (a class, not a lambda: loader workers
-    started by spawn pickle it)."""
+class Pixels:
+    """Preprocess steps, then uint8 pixels (a class, not a lambda: loader workers started by spawn pickle it).
 
-    def __init__(self, geometry: T.Compose):
-        self.geometry = geometry
+    A leading RandomResizedCrop draws its box from the ``rng`` each call is given, by torchvision's rule
+    (``random_resized_box``), and crops and resizes as torchvision does: the same pixels for the same box.
+    torchvision draws each of its numbers as a one-element torch tensor, 6 ms of a batch of 128 on a CPU; and
+    a loader's own RNG makes the crops a function of (seed, epoch, rank, worker), whatever the process."""
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return TF.pil_to_tensor(self.geometry(image))
+    def __init__(self, steps: list, to_uint8: bool = True):
+        self.crop = steps[0] if steps and type(steps[0]) is T.RandomResizedCrop else None
+        self.rest = T.Compose(steps[1:] if self.crop is not None else steps)
+        self.to_uint8 = to_uint8
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.crop is not None:
+            top, left, height, width = random_resized_box(*image.size, self.crop.scale, self.crop.ratio, rng)
+            image = TF.resized_crop(image, top, left, height, width, self.crop.size, self.crop.interpolation,
+                                    antialias=self.crop.antialias)
+        image = self.rest(image)
+        return TF.pil_to_tensor(image) if self.to_uint8 else image
 
 
 class ViewTransform:

@@ -194,7 +194,8 @@ class _EpochBatches(IterableDataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{role}")
         samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         samples = itertools.islice(samples, role_skip * self.batch_size, None)
-        yield from pass_data_errors(self._batches(samples))
+        augment = random.Random(f"augment:{self.seed}:{self.epoch}:{self.rank}:{role}")
+        yield from pass_data_errors(self._batches(samples, augment))
 
     def _usable(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
@@ -255,7 +256,7 @@ class _EpochBatches(IterableDataset):
         raise DataError(f"{names[0]} {source.dir}: shard {stem} ({sample['__url__']}) key {key}: "
                          f"{problem} (data.missing_features='skip' skips such samples)")
 
-    def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
+    def _batches(self, samples: Iterator[dict], augment: random.Random) -> Iterator[dict]:
         batch = []
         for sample in samples:
             image = decode_image(sample)
@@ -263,7 +264,8 @@ class _EpochBatches(IterableDataset):
                 self.n_skipped += 1
                 continue
             replayed = self.view_transform is not None
-            sample["image"] = self.view_transform.pixels(image, sample["view"]) if replayed else self.pixels(image)
+            sample["image"] = self.view_transform.pixels(image, sample["view"]) if replayed \
+                else self.pixels(image, augment)
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._collate(batch)
