@@ -64,6 +64,17 @@ def checkpoint_about(tag_dir: str) -> dict:
     return {k: v for k, v in read_json(marker).items() if k != "files"}
 
 
+def bf16_mode_of_files(tag_dir: str) -> Optional[bool]:
+    """Whether DeepSpeed's bf16 mode saved a checkpoint, by the names of its ZeRO optimizer files
+    (``bf16_zero_pp_rank_*`` or ``zero_pp_rank_*``); None where there are none (no ZeRO)."""
+    names = os.listdir(tag_dir)
+    if any(name.startswith("bf16_zero_pp_rank_") for name in names):
+        return True
+    if any(name.startswith("zero_pp_rank_") for name in names):
+        return False
+    return None
+
+
 def is_complete(tag_dir: str) -> bool:
     marker = os.path.join(tag_dir, COMPLETE)
     if not os.path.isfile(marker):

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
-from cid_ds.faults import StopSignal, checkpoint_about, mark_complete, newest_complete_tag
+from cid_ds.faults import StopSignal, bf16_mode_of_files, checkpoint_about, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
@@ -256,23 +256,37 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
     engine.save_checkpoint(root, tag=tag, client_state={"step": step})
     dist.barrier()
     if rank == 0:
-        mark_complete(os.path.join(root, tag), {"zero_stage": engine.zero_optimization_stage()})
+        mark_complete(os.path.join(root, tag), {"zero_stage": engine.zero_optimization_stage(),
+                                                "bf16_mode": engine.bfloat16_enabled()})
         tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-cfg.checkpoint.keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
 
 
-def check_zero_layout(tag_dir: str, zero_stage: int, ds_path: str) -> None:
-    """A ZeRO checkpoint keeps the optimizer state in per-rank partitions, one without ZeRO as a whole, and
-    DeepSpeed cannot load one into an engine of the other (it fails deep inside, or starts the optimizer
-    afresh). The file names do not tell them apart with bf16, so the completion marker records the stage."""
-    saved = checkpoint_about(tag_dir).get("zero_stage")
+def check_checkpoint_layout(tag_dir: str, zero_stage: int, bf16_mode: bool, ds_path: str) -> None:
+    """DeepSpeed cannot load a checkpoint into an engine of another layout: it fails deep inside, or starts the
+    optimizer afresh. A ZeRO checkpoint keeps the optimizer state in per-rank partitions, one without ZeRO as a
+    whole; and DeepSpeed's bf16 mode saves its own optimizer files (``bf16_zero_pp_rank_*``), which an engine
+    without it (torch autocast, or fp32 on CPU) does not look for. With bf16 the file names do not tell the
+    ZeRO stage apart, so the completion marker records both; a checkpoint from before that is judged by its
+    file names where they tell."""
+    about = checkpoint_about(tag_dir)
+    saved = about.get("zero_stage")
     if saved is not None and (saved > 0) != (zero_stage > 0):
         raise ConfigError(f"checkpoint.resume: {tag_dir} was saved " + (
             f"with ZeRO stage {saved}" if saved else "without ZeRO (stage 0)") + f", but deepspeed_config "
             f"{ds_path} runs ZeRO stage {zero_stage}: resume with a JSON of the kind it was saved with (the "
             "run's config.yaml names it)")
+    saved_bf16 = about.get("bf16_mode", bf16_mode_of_files(tag_dir))
+    if saved_bf16 is not None and saved_bf16 != bf16_mode:
+        raise ConfigError(
+            f"checkpoint.resume: {tag_dir} was saved in DeepSpeed's bf16 mode, and deepspeed_config {ds_path} "
+            "does not run it (on CPU the trainer turns bf16 off): resume on GPUs with a JSON that sets \"bf16\": "
+            "{\"enabled\": true} (ds_configs' zero0/1/2.json did before they moved to torch autocast)"
+            if saved_bf16 else
+            f"checkpoint.resume: {tag_dir} was saved without DeepSpeed's bf16 mode, and deepspeed_config {ds_path} "
+            "runs it: resume with a JSON without it (torch_autocast, as ds_configs' zero0/1/2.json)")
 
 
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
@@ -290,7 +304,8 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
                 raise ConfigError(f"checkpoint.resume: no complete checkpoint in {root}")
             return 0, DataPosition()
     tag_dir = os.path.join(root, tag)
-    check_zero_layout(tag_dir, engine.zero_optimization_stage(), cfg.deepspeed_config)
+    check_checkpoint_layout(tag_dir, engine.zero_optimization_stage(), engine.bfloat16_enabled(),
+                            cfg.deepspeed_config)
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")

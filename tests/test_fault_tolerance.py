@@ -12,6 +12,7 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cid_ds.config import ConfigError
 from cid_ds.faults import COMPLETE, newest_complete_tag
 from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
 
@@ -103,9 +104,27 @@ def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(da
 
 
 def test_a_checkpoint_named_by_path_without_a_marker_skips_the_layout_check(tmp_path):
-    from cid_ds.train import check_zero_layout
+    from cid_ds.train import check_checkpoint_layout
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    check_zero_layout(str(tmp_path), 2, "ds_configs/zero2.json")  # nothing recorded: DeepSpeed decides
+    check_checkpoint_layout(str(tmp_path), 2, False, "ds_configs/zero2.json")  # nothing recorded: DeepSpeed decides
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["in the marker", "by its file names"])
+@pytest.mark.parametrize("saved_bf16", [True, False])
+def test_resuming_across_deepspeeds_bf16_mode_is_refused(tmp_path, saved_bf16, recorded):
+    """A checkpoint from DeepSpeed's bf16 mode (the shipped ZeRO JSONs before they moved to torch autocast)
+    has its own optimizer files; an engine without that mode would fail looking for its own names."""
+    from cid_ds.faults import mark_complete
+    from cid_ds.train import check_checkpoint_layout
+    prefix = "bf16_" if saved_bf16 else ""
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tmp_path / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    if recorded:
+        mark_complete(str(tmp_path), {"zero_stage": 2, "bf16_mode": saved_bf16})
+    check_checkpoint_layout(str(tmp_path), 2, saved_bf16, "ds_configs/zero2.json")  # the same mode loads
+    saved_as = "saved in DeepSpeed's bf16 mode" if saved_bf16 else "saved without DeepSpeed's bf16 mode"
+    with pytest.raises(ConfigError, match=f"{tmp_path} was {saved_as}, and deepspeed_config ds_configs/zero2.json"):
+        check_checkpoint_layout(str(tmp_path), 2, not saved_bf16, "ds_configs/zero2.json")
 
 
 def poison_cache(feats, shards):
