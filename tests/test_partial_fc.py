@@ -88,6 +88,13 @@ def test_sampling_keeps_every_positive_class_of_the_global_batch():
     assert not torch.equal(clf.sample(labels, 0), clf.sample(labels, 1))
 
 
+def test_sampling_scores_each_other_class_at_the_sample_rate():
+    labels = torch.tensor([0, 5, 17, 17, 99, 42])
+    clf = ShardedCentroidClassifier(torch.randn(4000, 4), sample_rate=0.25, seed=1, rank=0, world_size=1)
+    others = [len(set(clf.sample(labels, step).tolist()) - set(labels.tolist())) / (4000 - 5) for step in range(10)]
+    assert abs(sum(others) / len(others) - 0.25) < 0.01
+
+
 def test_a_sample_of_its_own_centroid_is_classified_correctly():
     centroids = F.normalize(torch.randn(50, 16), dim=-1)
     labels = torch.arange(50)

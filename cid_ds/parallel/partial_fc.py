@@ -135,10 +135,12 @@ class ShardedCentroidClassifier(nn.Module):
         # world size; on the classifier's device, as at C = 1M a CPU draw took 4.3 ms of the host's step.
         generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + step)
         keep = torch.rand(self.num_classes, generator=generator, device=device)[self.start:self.start + self.num_local]
-        keep = keep < self.sample_rate
-        local = global_labels[(global_labels >= self.start) & (global_labels < self.start + self.num_local)]
-        keep[local - self.start] = True
-        return keep.nonzero().squeeze(1)
+        # every positive class this rank owns is kept; counted with index_add (labels repeat), not selected
+        # with a boolean mask, whose size the host would have to wait for
+        owned = (global_labels >= self.start) & (global_labels < self.start + self.num_local)
+        at = (global_labels - self.start).clamp(0, self.num_local - 1)
+        keep = (keep < self.sample_rate).to(torch.uint8).index_add_(0, at, owned.to(torch.uint8)) > 0
+        return keep.nonzero().squeeze(1)  # the one sync: how many rows this step scores
 
     def _sampled_rows(self, global_labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.sample(global_labels, step)
@@ -179,17 +181,18 @@ class ShardedCentroidClassifier(nn.Module):
         return torch.where(global_index[pos] == global_labels, pos, torch.full_like(pos, -1))
 
     def _with_margin(self, cosine: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
-        rows = (target_col >= 0).nonzero().squeeze(1)
-        if self.margin == "none" or len(rows) == 0:
+        """The margin on each row's target column where this rank owns it; computed for every row and kept
+        by mask, so that the host never waits for which rows those are."""
+        if self.margin == "none" or cosine.shape[1] == 0:
             return cosine * self.scale
-        cols = target_col[rows]
-        target = cosine[rows, cols]
+        cols = target_col.clamp(min=0)[:, None]
+        target = cosine.gather(1, cols)[:, 0]
         if self.margin == "arcface":
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
             adjusted = torch.cos((theta + self.margin_value).clamp(max=math.pi))
         else:
             adjusted = target - self.margin_value
-        cosine = cosine.index_put((rows, cols), adjusted)
+        cosine = cosine.scatter(1, cols, torch.where(target_col >= 0, adjusted, target)[:, None])
         return cosine * self.scale
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
@@ -201,10 +204,11 @@ class ShardedCentroidClassifier(nn.Module):
         target_col = self._local_targets(all_labels, index)
         logits = self._with_margin(cosine, target_col)
         log_probs = dist_log_softmax(logits)
-        owned = target_col >= 0
-        target_log_prob = torch.zeros(len(all_labels), device=logits.device, dtype=log_probs.dtype)
-        target_log_prob = target_log_prob.index_put((owned.nonzero().squeeze(1),),
-                                                   log_probs[owned, target_col[owned]])
+        if log_probs.shape[1] == 0:  # no class of this rank sampled
+            target_log_prob = torch.zeros(len(all_labels), device=logits.device, dtype=log_probs.dtype)
+        else:
+            picked = log_probs.gather(1, target_col.clamp(min=0)[:, None])[:, 0]
+            target_log_prob = torch.where(target_col >= 0, picked, torch.zeros_like(picked))
         # Every rank computes the same mean; each rank's target part only counts once: the all-reduce
         # of the parts is linear and its gradient goes to the owner's copy.
         loss = -sum_over_ranks(target_log_prob).mean()
