@@ -19,16 +19,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 TOP_OPS_PRINTED = 25
 
 
-def profile_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "profile")
-
-
 def start_profiler(steps: int, skip: int, output_dir: str, rank: int, on_gpu: bool) -> Optional[profile]:
     """A started profiler to ``.step()`` after every training step (None when ``steps`` is 0); it writes its
     results itself once the recorded steps are done."""
     if steps <= 0:
         return None
-    folder = profile_dir(output_dir)
+    folder = os.path.join(output_dir, "profile")
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
 
     def write(prof: profile) -> None:

@@ -28,7 +28,6 @@ from cid_ds.profiling import start_profiler
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
-FP16_NAMES = ("fp16", "float16", "half", "torch.float16")  # DeepSpeed's spellings of torch_autocast.dtype fp16
 
 
 def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
@@ -46,7 +45,7 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.optim.grad_clip
     autocast = ds.get("torch_autocast", {})
-    fp16 = ds.get("fp16", {}).get("enabled") or (autocast.get("enabled") and autocast.get("dtype") in FP16_NAMES)
+    fp16 = ds.get("fp16", {}).get("enabled") or (autocast.get("enabled") and _names_fp16(autocast.get("dtype")))
     if cfg.loss.cluster > 0 and fp16 and on_gpu:
         raise ConfigError(f"{path}: fp16 loss scaling would also scale the centroid classifier's gradients, "
                           "which live outside the engine: use bf16 with the cluster term")
@@ -54,6 +53,15 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
         for precision in ("bf16", "fp16", "torch_autocast"):
             ds.setdefault(precision, {})["enabled"] = False
     return ds
+
+
+def _names_fp16(dtype: Optional[str]) -> bool:
+    """Whether a JSON dtype string is fp16, by DeepSpeed's own parser (a string it cannot read is left to it)."""
+    from deepspeed.runtime.config import DtypeEnum
+    try:
+        return DtypeEnum(dtype) is DtypeEnum.fp16
+    except ValueError:
+        return False
 
 
 def compute_dtype(engine) -> torch.dtype:
