@@ -8,7 +8,9 @@ each loader in turn, ``--rounds`` times, alternating: same shards, batch size, o
 (``--size``, the open_clip ViT preprocess: RandomResizedCrop for ``--view train``, resize + centre crop
 for ``eval``) and thread count (``--threads`` DataLoader worker processes for PIL, DALI CPU threads).
 Images/s is the steady rate after the first batch (start-up: worker start, DALI pipeline build, index
-files already made). The best round of each is compared. ``--device auto`` runs DALI's GPU decoding
+files already made). The best round of each is compared. CPU ms/image is the CPU time the epoch took
+in all threads and processes (the PIL loader's workers included), per image delivered: the work each
+loader does for an image, whatever its thread count. ``--device auto`` runs DALI's GPU decoding
 when CUDA is there; the PIL loader keeps ``--threads`` workers either way.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -82,6 +85,13 @@ def steady_rate(loader, batch_size: int) -> tuple[float, int]:
     return (batches - 1) * batch_size / (time.perf_counter() - start), batches
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the PIL loader's workers, which an
+    exhausted DataLoader has joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048)
@@ -112,20 +122,26 @@ def main() -> None:
                                                     epoch=epoch, device_id=device_id, **common),
         }
         rates: dict[str, list[float]] = {name: [] for name in loaders}
+        cpu_ms: dict[str, list[float]] = {name: [] for name in loaders}
         for epoch in range(args.rounds):
             for name, build in loaders.items():
+                start = cpu_seconds()
                 rate, batches = steady_rate(build(epoch), args.batch_size)
                 rates[name].append(rate)
-                print(f"round {epoch}: {name:8} {rate:8.1f} images/s ({batches} batches)", flush=True)
+                cpu_ms[name].append(1e3 * (cpu_seconds() - start) / (batches * args.batch_size))
+                print(f"round {epoch}: {name:8} {rate:8.1f} images/s ({batches} batches), "
+                      f"{cpu_ms[name][-1]:.2f} CPU ms/image", flush=True)
 
     dali_device = f"GPU {torch.cuda.get_device_name(device_id)}" if device_id is not None else "CPU"
     print(f"\n{args.images} images {args.source} JPEG ({mb:.0f} MiB), view {args.view} -> {args.size}x{args.size}, "
           f"batch {args.batch_size}, {args.threads} threads/workers, {os.cpu_count()} CPUs, DALI on {dali_device}")
     best = {name: max(values) for name, values in rates.items()}
-    print(f"{'loader':10} {'images/s':>10}")
+    least_cpu = {name: min(values) for name, values in cpu_ms.items()}
+    print(f"{'loader':10} {'images/s':>10} {'CPU ms/image':>13}")
     for name, rate in best.items():
-        print(f"{name:10} {rate:10.1f}")
-    print(f"ratio DALI / wds+PIL: {best['DALI'] / best['wds+PIL']:.2f}x")
+        print(f"{name:10} {rate:10.1f} {least_cpu[name]:13.2f}")
+    print(f"ratio DALI / wds+PIL: {best['DALI'] / best['wds+PIL']:.2f}x images/s, "
+          f"{least_cpu['wds+PIL'] / least_cpu['DALI']:.2f}x images per CPU second")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The DALI loader (CPU pipeline, real DALI) against the batch contract and the webdataset loader: same
 keys, tokens, embeddings and eval-view pixels; ranks, epochs, resume; bad samples skipped and counted;
 index files cached and rebuilt; stored views replayed as the webdataset loader replays them."""
+import copy
 import io
 import os
 import re
@@ -129,15 +130,31 @@ def test_captions_are_tokenised_for_another_tokenizer_and_for_an_online_teacher(
     assert torch.equal(batch["tokens"], short(captions)) and torch.equal(batch["teacher_tokens"], tokenizer(captions))
 
 
-def test_training_view_is_a_random_crop_fixed_by_seed_and_epoch(shards, student):
+def test_training_view_is_a_random_crop_fixed_by_seed_and_epoch_not_by_threads(shards, student):
     first = dali_epoch(shards, student, augment=True, seed=3)
-    again = dali_epoch(shards, student, augment=True, seed=3)
+    again = dali_epoch(shards, student, augment=True, seed=3, threads=1)
     assert keys_of(first) == keys_of(again)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
     assert first[0]["image"].shape == (BATCH, 3, 32, 32) and torch.isfinite(first[0]["image"]).all()
     next_epoch = dali_epoch(shards, student, augment=True, seed=3, epoch=1)
     assert keys_of(next_epoch) != keys_of(first) and sorted(keys_of(next_epoch)) == sorted(keys_of(first))
     assert keys_of(dali_epoch(shards, student, augment=True, seed=4)) != keys_of(first)
+
+
+def test_a_training_view_cropping_the_whole_image_gives_the_webdataset_loaders_pixels(shards, student):
+    """RandomResizedCrop with one possible box (all of the 72x56 image): DALI's box and resize are
+    torchvision's, within decoder tolerance."""
+    preprocess_train, _, tokenizer = student
+    whole = copy.deepcopy(preprocess_train)
+    whole.transforms[0].scale, whole.transforms[0].ratio = (1.0, 1.0), (72 / 56, 72 / 56)
+    dali = list(build_dali_loader(shards, whole, tokenizer, batch_size=BATCH, threads=2, shuffle_buffer=16))
+    reference = {key: image for batch in build_train_loader(shards, whole, tokenizer, batch_size=BATCH, workers=0,
+                                                             features_dir=None)
+                 for key, image in zip(batch["key"], batch["image"])}
+    std = torch.tensor(image_spec(whole).std).view(3, 1, 1)
+    for batch in dali:
+        for key, image in zip(batch["key"], batch["image"]):
+            assert ((image - reference[key]).abs() * std).mean().item() < 2 / 255, key
 
 
 def test_two_ranks_read_every_sample_once_per_epoch(shards, student):
