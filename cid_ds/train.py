@@ -7,6 +7,7 @@ options, e.g. ``optim.lr=1e-3 data.batch_size=64``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -110,8 +111,9 @@ def cosine_with_warmup(warmup: int, total: int):
     return factor
 
 
-def init_distributed() -> None:
-    """Let a plain ``python -m cid_ds.train`` run as a 1-rank job; the launcher sets these itself."""
+def init_distributed(dist_backend: Optional[str] = None) -> None:
+    """``deepspeed.init_distributed``, letting a plain ``python -m cid_ds.train`` run as a 1-rank job (the
+    launcher sets these variables itself), and on CPU without leaving DeepSpeed's shared memory behind."""
     import deepspeed
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -119,7 +121,24 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(dist_backend=dist_backend)
+    unlink_cpu_allreduce_buffer()
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU all-reduce op, when all ranks share a machine, creates a 66 MB /dev/shm file per rank,
+    maps every rank's, and never unlinks them: each run left them in RAM until reboot (one set per
+    MASTER_PORT). Once every rank is past initialisation (the barrier), every file is mapped, so
+    removing this rank's name changes nothing while the ranks run and frees the memory when they exit."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 class DataPosition:

@@ -152,6 +152,7 @@ def test_a_training_view_cropping_the_whole_image_gives_the_webdataset_loaders_p
                                                              features_dir=None)
                  for key, image in zip(batch["key"], batch["image"])}
     std = torch.tensor(image_spec(whole).std).view(3, 1, 1)
+    assert len(dali) == SHARDS * PER_SHARD // BATCH
     for batch in dali:
         for key, image in zip(batch["key"], batch["image"]):
             assert ((image - reference[key]).abs() * std).mean().item() < 2 / 255, key

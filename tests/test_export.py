@@ -38,8 +38,9 @@ torch.save(result, out)
 TRAIN_AND_SAVE = r"""
 import sys, torch, deepspeed
 from cid_ds.models import DistillStudent, create_model
+from cid_ds.train import init_distributed
 out = sys.argv[1]
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed(dist_backend="gloo")
 for stage in [int(s) for s in sys.argv[2].split(",")]:
     torch.manual_seed(0)
     clip = create_model("demo-student")[0]

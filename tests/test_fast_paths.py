@@ -175,9 +175,9 @@ ENGINES_WITH_AND_WITHOUT_ALLREDUCE = r"""
 import json, sys, deepspeed, torch
 from cid_ds.config import Config
 from cid_ds.profiling import DispatchCount
-from cid_ds.train import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
+from cid_ds.train import build_optimizer, deepspeed_config, init_distributed, skip_allreduce_at_one_rank
 from tests.test_fast_paths import batch_loss, fixed_batch, tiny_student
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed(dist_backend="gloo")
 cfg = Config()
 cfg.deepspeed_config, cfg.data.batch_size = "ds_configs/zero0.json", 8
 result = {}

@@ -1,7 +1,7 @@
 """A real 2-rank DeepSpeed run on CPU (ZeRO-2, gloo) through the ``deepspeed`` launcher with the CLIP-CID
 mix (clip + instance + cluster): the loss decreases, TensorBoard gets every promised scalar, checkpoints
-(engine + one classifier shard per rank) are written, and a second run with ``resume: auto`` continues
-from the saved step."""
+(engine + one classifier shard per rank) are written, no shared memory is left behind, and a second run
+with ``resume: auto`` continues from the saved step."""
 import glob
 import os
 
@@ -39,8 +39,11 @@ def scalars(out: str) -> dict[str, list[tuple[int, float]]]:
 
 def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
     out = str(tmp_path / "run")
-    first = run(deepspeed_cmd(2) + experiment(dataset, out, steps=8))
+    launch = deepspeed_cmd(2)
+    first = run(launch + experiment(dataset, out, steps=8))
     assert "world 2" in first.stdout
+    port = launch[launch.index("--master_port") + 1]
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []  # DeepSpeed's CPU op leaves none
 
     series, acc = scalars(out)
     for tag in ("loss/clip", "loss/instance", "loss/cluster", "cluster/accuracy", "cluster/sampled_fraction",

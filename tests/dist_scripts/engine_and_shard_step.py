@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
+from cid_ds.train import init_distributed
 
 out_dir = sys.argv[sys.argv.index("--out") + 1]
-deepspeed.init_distributed()
+init_distributed()
 rank = dist.get_rank()
 torch.manual_seed(0)
 student = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))

@@ -18,11 +18,11 @@ from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent, create_model
 from cid_ds.profiling import DispatchCount
-from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config
+from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config, init_distributed
 
 BATCH, TEACHER_DIM = 4, 256
 out_dir, json_paths = sys.argv[1], sys.argv[2:]
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed(dist_backend="gloo")
 g = torch.Generator().manual_seed(1)
 image, tokens = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(1, 49000, (BATCH, 24), generator=g)
 teacher = torch.nn.functional.normalize(torch.randn(2, BATCH, TEACHER_DIM, generator=g), dim=-1)
