@@ -43,7 +43,6 @@ def launch(cmd: list[str], **env) -> str:
     return finish(start(cmd, **env))
 
 
-
 @pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
 def test_launch_script_is_valid_bash(script):
     subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], check=True)

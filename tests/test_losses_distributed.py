@@ -55,7 +55,6 @@ def worker(rank, port, out):
     dist.destroy_process_group()
 
 
-
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch():
     out = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), out), nprocs=2)

@@ -54,7 +54,6 @@ def worker(rank, port, out):
     dist.destroy_process_group()
 
 
-
 @pytest.fixture(scope="module")
 def two_rank_results():
     out = mp.Manager().dict()
