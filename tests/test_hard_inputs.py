@@ -63,7 +63,7 @@ def test_a_10_mb_caption_is_cut_to_what_the_tokenizer_keeps(tmp_path, student):
 
 
 @pytest.mark.parametrize("damage", ["empty file", "not a tar", "truncated"])
-def test_a_broken_shard_is_an_error_naming_it(tmp_path, student, damage):
+def test_a_broken_shard_is_recorded_and_its_samples_before_the_damage_used(tmp_path, student, damage):
     good = write_shard_tar(tmp_path / "00000.tar", 0, 8)
     bad = tmp_path / "00001.tar"
     if damage == "empty file":
@@ -72,9 +72,13 @@ def test_a_broken_shard_is_an_error_naming_it(tmp_path, student, damage):
         bad.write_bytes(b"PK\x03\x04 this is a zip file" * 100)
     else:
         write_shard_tar(bad, 8, 8)
-        bad.write_bytes(bad.read_bytes()[:3000])
-    with pytest.raises(DataError, match=f"shard {bad}"):
-        epoch([good, str(bad)], student)
+        bad.write_bytes(bad.read_bytes()[:9000])  # sample 8 whole, sample 9's image (header at 8192) cut
+    batches = epoch([good, str(bad)], student, batch_size=3)
+    keys = sorted(key for batch in batches for key in batch["key"])
+    kept = 1 if damage == "truncated" else 0
+    assert len(keys) == (8 + kept) // 3 * 3 and set(keys) <= {f"{i:09d}" for i in range(8 + kept)}
+    records = [record for batch in batches for record in batch["damaged_shards"]]
+    assert [(r.shard, r.byte, r.samples_kept) for r in records] == [(str(bad), 8192 if kept else 0, kept)]
 
 
 def test_a_valid_tar_with_no_samples_contributes_nothing(tmp_path, student):

@@ -9,7 +9,7 @@ import webdataset as wds
 
 from cid_ds.data.tars import TarFormatError, tar_samples
 from cid_ds.data.wds_loader import read_samples
-from cid_ds.data.features import DataError
+from cid_ds.data.damage import ShardDamage
 
 LONG_DIR = "a-folder-name-long-enough-that-ustar-must-split-or-extend-it/" * 3
 
@@ -78,8 +78,9 @@ def test_a_broken_tar_is_an_error_naming_the_file_and_where(tmp_path):
     corrupt.write_bytes(data[:600] + b"garbage" + data[607:])
     with pytest.raises(TarFormatError, match=rf"{corrupt}: header checksum mismatch at byte 512"):
         list(tar_samples(str(corrupt)))
-    with pytest.raises(DataError, match=rf"shard {corrupt}: cannot read it as a tar: .*checksum"):
-        list(read_samples([str(corrupt)]))
+    damaged = []
+    assert list(read_samples([str(corrupt)], damaged)) == []  # the one sample begun is not whole
+    assert damaged == [ShardDamage(str(corrupt), 512, 0, "header checksum mismatch at byte 512")]
 
 
 def test_a_field_twice_in_one_sample_is_refused(tmp_path):

@@ -3,7 +3,8 @@
 Per DataLoader worker the pipeline is
 
   shards (split by rank, seeded shuffle, split by worker)
-    -> raw samples -> drop unusable (no caption; no cached features or cluster) and join both by key,
+    -> raw samples (a damaged shard's up to the damage, cid_ds.data.damage)
+    -> drop unusable (no caption; no cached features or cluster) and join both by key,
        or, from distill-ready shards (cid_ds.data.packed), read them from the sample itself
     -> seeded shuffle buffer -> skip the samples of already-trained batches (nothing decoded yet)
     -> decode + preprocess, or replay the epoch's stored view (corrupt images dropped)
@@ -16,7 +17,6 @@ from __future__ import annotations
 import io
 import itertools
 import random
-import tarfile
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -26,23 +26,24 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage, count_damage
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
+from cid_ds.data.joins import check_join
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
 from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot, split_normalize
-from cid_ds.data.tars import TarFormatError, tar_samples
+from cid_ds.data.tars import samples_until_damage
 from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def read_samples(shards: Iterable[str]) -> Iterator[dict]:
-    """Raw samples of the shards in order: ``{ext: bytes, "__key__": str, "__url__": shard}``."""
+def read_samples(shards: Iterable[str], damaged: Optional[list[ShardDamage]] = None) -> Iterator[dict]:
+    """Raw samples of the shards in order: ``{ext: bytes, "__key__": str, "__url__": shard}``; a damaged
+    shard's up to the damage, recorded in ``damaged`` (and printed)."""
+    damaged = [] if damaged is None else damaged
     for shard in shards:
-        try:
-            yield from tar_samples(shard)
-        except (TarFormatError, tarfile.TarError, OSError) as e:
-            raise DataError(f"shard {shard}: cannot read it as a tar: {e.args[0]}") from e
+        yield from samples_until_damage(shard, damaged)
 
 
 def pass_data_errors(batches: Iterator[dict]) -> Iterator[dict]:
@@ -94,8 +95,10 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_buffer: int = 1000, skip_batches: int = 0,
                        clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None,
-                       replay_views: int = 0) -> Iterable[dict]:
-    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``, with a
+                       replay_views: int = 0, max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION
+                       ) -> Iterable[dict]:
+    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``,
+    ``damaged_shards`` (the ShardDamage records read since the previous batch), with a
     feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
     [B, topk]), and with a ``teacher_tokenizer`` (online teacher) ``teacher_tokens``. The sequence is fixed
     by (seed, epoch, rank, workers). ``missing_features`` applies to keys missing from either.
@@ -107,6 +110,9 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
     every worker is still producing batches at batch N and the skipped span holds no corrupt image
     that the feature cache does not already list.
+
+    More damaged shards among the rank's than ``max_damaged_fraction`` accepts (cid_ds.data.damage)
+    stop the epoch with TooMuchDamage.
     """
     if missing_features not in ("error", "skip"):
         raise ValueError(f"missing_features must be 'error' or 'skip', got {missing_features!r}")
@@ -114,10 +120,9 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache = FeatureCache(features_dir) if features_dir is not None else None
     clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
-    if cache is not None and clusters is not None:
-        clusters.check_matches(cache)
     manifest = packed_manifest_path(shards)
     packed_shards = PackedShards(manifest) if manifest else None
+    check_join(cache, clusters, packed_shards)
     packed = _packed_fields(packed_shards, tokenizer, cache, clusters, replay_views) if packed_shards else {}
     if replay_views:  # the views come from the side cache when one is joined, else from the packed shards
         if cache is not None:
@@ -131,7 +136,8 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
                         worker_init_fn=ignore_stop_signals)
-    return raise_data_errors(loader)
+    budget = DamageBudget(len(shards[rank::world_size]), max_damaged_fraction, "data.max_damaged_fraction")
+    return count_damage(raise_data_errors(loader), budget)
 
 
 def check_stored_views(replay_views: int, stored: int, source: str) -> None:
@@ -174,9 +180,10 @@ class _EpochBatches(IterableDataset):
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
         self.n_skipped = 0  # per worker process: samples dropped since the last batch
+        self.damaged: list[ShardDamage] = []  # per worker process: damaged shards read since the last batch
 
     def __iter__(self) -> Iterator[dict]:
-        self.n_skipped = 0
+        self.n_skipped, self.damaged = 0, []
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank_shards = self.shards[self.rank::self.world_size]
@@ -190,12 +197,14 @@ class _EpochBatches(IterableDataset):
         role = (worker + self.skip_batches) % producing
         role_skip = len(range(role, self.skip_batches, producing))
 
-        samples = self._usable(read_samples(rank_shards[role::producing]))
+        samples = self._usable(read_samples(rank_shards[role::producing], self.damaged))
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{role}")
         samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         samples = itertools.islice(samples, role_skip * self.batch_size, None)
         augment = random.Random(f"augment:{self.seed}:{self.epoch}:{self.rank}:{role}")
         yield from pass_data_errors(self._batches(samples, augment))
+        if self.damaged:
+            yield {"damaged_shards": self.damaged}
 
     def _usable(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
@@ -282,6 +291,7 @@ class _EpochBatches(IterableDataset):
             else self.tokenizer(captions),
             "key": [s["__key__"] for s in batch],
             "n_skipped": self.n_skipped,
+            "damaged_shards": list(self.damaged),
         }
         if self.teacher_tokenizer is not None:
             out["teacher_tokens"] = self.teacher_tokenizer(captions)
@@ -292,4 +302,5 @@ class _EpochBatches(IterableDataset):
             ids = torch.from_numpy(stacked["cluster"].astype(np.int64))
             out["cluster"] = ids[:, 0] if ids.shape[1] == 1 else ids
         self.n_skipped = 0
+        self.damaged.clear()  # in place: the shard reader appends to this list
         return out
