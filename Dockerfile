@@ -18,9 +18,9 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 
 # g++: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) compiles its small shared-memory comm op on the
-# first launch. pdsh + ssh: launch/multi_node.sh's default (ssh) multi-node start.
+# first launch. pdsh + ssh: launch/multi_node.sh's default (ssh) multi-node start. tini: PID 1 (below).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ openssh-client pdsh \
+    && apt-get install -y --no-install-recommends g++ openssh-client pdsh tini \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 cid \
@@ -41,4 +41,7 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
 
 # TensorBoard: docker exec CONTAINER tensorboard --logdir runs --bind_all --port 6006
 EXPOSE 6006
-ENTRYPOINT ["launch/docker_entrypoint.sh"]
+# tini is PID 1: it passes docker stop's SIGTERM to the entrypoint, whose launch (launch/supervise.py) makes
+# every rank checkpoint and exit, and it reaps what the ranks leave. Give the ranks time to save:
+# docker stop -t 300 (docker's default is 10 s, then SIGKILL).
+ENTRYPOINT ["tini", "--", "launch/docker_entrypoint.sh"]

@@ -1,10 +1,12 @@
 """What keeps a multi-day job alive: a stop signal turned into a checkpoint at a step boundary, and
 checkpoints that are only trusted once complete.
 
-* SIGTERM / SIGUSR1 (SLURM sends USR1 ahead of preemption with ``--signal=USR1@120``) set a flag;
-  every ``stop_check_every`` steps the ranks all-reduce it, so all of them stop after the same step,
-  save one checkpoint together and exit 0. DataLoader workers ignore both signals: the launcher sends
-  SIGTERM to the whole process tree, and the main process, not its workers, decides when to stop.
+* SIGTERM / SIGINT / SIGUSR1 (SLURM sends USR1 ahead of preemption with ``--signal=USR1@120``; launch/
+  supervise.py forwards all three from the launcher to the ranks) set a flag; every ``stop_check_every``
+  steps the ranks all-reduce it, so all of them stop after the same step, save one checkpoint together and
+  exit 0. DataLoader workers ignore these signals: a terminal or DeepSpeed's own launcher signals the whole
+  process tree, and the main process, not its workers, decides when to stop. Once stopped, a rank's exit is
+  bounded (``exit_within``): workers or loader threads stuck in a read cannot keep it alive.
 * A checkpoint is complete when ``checkpoint_complete.json`` (every file of the tag and its size,
   written by rank 0 after all ranks saved) is present and every size still matches. ``resume: auto``
   takes the newest complete one, whatever DeepSpeed's ``latest`` says: a save cut short by a node
@@ -12,16 +14,21 @@ checkpoints that are only trusted once complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
+import threading
+import time
 from typing import Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from cid_ds.io import read_json, write_json
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 COMPLETE = "checkpoint_complete.json"
 
 
@@ -46,6 +53,21 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: leave stopping to the main process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_within(seconds: float, status: int) -> None:
+    """Make sure this process ends ``seconds`` from now with ``status``: its child processes (loader workers)
+    are killed and the interpreter's own shutdown (joining worker processes and threads) is cut short.
+    A daemon thread, so a shutdown that finishes sooner is not held up."""
+    def deadline() -> None:
+        time.sleep(seconds)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        print(f"[cid_ds] exit took longer than {seconds:.0f} s (a loader worker or thread stuck): "
+              "killed its workers and left", file=sys.stderr, flush=True)
+        os._exit(status)
+    threading.Thread(target=deadline, name="exit_within", daemon=True).start()
 
 
 def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:

@@ -12,6 +12,9 @@
 #     machine of NODE_RANK 0). Each call is DeepSpeed's `--no_ssh --node_rank` launch: it starts only
 #     this machine's processes, which inherit this environment (no .deepspeed_env needed).
 # A HOSTFILE with a single host (e.g. "localhost slots=2") runs that host's processes locally.
+# SIGTERM, SIGINT or SIGUSR1 to this script makes every rank save a checkpoint and exit (launch/supervise.py):
+# with one call per machine, on each machine; with pdsh, the ranks are not this machine's processes and
+# DeepSpeed's runner ends them itself, without a checkpoint.
 # MASTER_PORT: rendezvous port (default 29500). Relative paths in the YAML and the overrides are
 # relative to the repository root.
 set -euo pipefail
@@ -57,8 +60,9 @@ fi
 cd "$REPO_ROOT"
 command=("${launcher[@]}" launch/train.py --config "$config" "$@")
 print_command "${command[@]}"
+set_supervisor
 if [[ -n "$env_file" ]]; then
-    "${command[@]}"  # not exec: the EXIT trap removes the env file
+    run_forwarding_signals "${SUPERVISOR[@]}" "${command[@]}"  # not exec: the EXIT trap removes the env file
 else
-    exec "${command[@]}"
+    exec "${SUPERVISOR[@]}" "${command[@]}"
 fi

@@ -4,6 +4,8 @@
 # NUM_GPUS: processes (default: every GPU CUDA_VISIBLE_DEVICES shows; 1 on CPU, where each process is
 # a CPU rank, gloo, with DS_ACCELERATOR=cpu). MASTER_PORT: rendezvous port (default 29500).
 # Relative paths in the YAML and the overrides are relative to the repository root.
+# SIGTERM, SIGINT or SIGUSR1 to this script (docker stop, a scheduler, Ctrl-C) makes every rank save a
+# checkpoint and exit; the script exits with their status (launch/supervise.py, CID_DS_STOP_GRACE).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -22,4 +24,5 @@ fi
 cd "$REPO_ROOT"
 command=(deepspeed "${processes[@]}" --master_port "${MASTER_PORT:-29500}" launch/train.py --config "$config" "$@")
 print_command "${command[@]}"
-exec "${command[@]}"
+set_supervisor
+exec "${SUPERVISOR[@]}" "${command[@]}"

@@ -88,7 +88,9 @@ def test_dockerfile_installs_like_the_makefile_runs_as_a_user_and_starts_the_ent
     users = [args for kind, args in instructions if kind == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert ("EXPOSE", "6006") in instructions
-    assert ("ENTRYPOINT", '["launch/docker_entrypoint.sh"]') in instructions
+    # tini as PID 1 forwards docker stop's SIGTERM to the entrypoint and reaps orphans
+    assert ("ENTRYPOINT", '["tini", "--", "launch/docker_entrypoint.sh"]') in instructions
+    assert " tini" in runs
     assert any(kind == "WORKDIR" for kind in kinds)
     with open(os.path.join(REPO_ROOT, "Makefile")) as f:
         makefile = f.read()
