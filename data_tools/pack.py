@@ -14,8 +14,10 @@ it, every sample the feature cache holds.
 The output order is the input shards' order, and which samples go to output shard ``j`` is planned
 from the cache (and keep-lists) before any tar is read: so a re-run skips finished output shards and
 writes the rest exactly as an uninterrupted run would. A planned sample that is missing from its source
-tar (the tar changed or broke after extraction) is counted and reported, not fatal; so is a source tar
-that cannot be read. ``manifest.json`` chains the manifests of the cache, the clusters and the balance.
+tar (the tar changed or broke after extraction) is counted and reported, not fatal; so is a damaged
+source tar (cid_ds.data.damage): its samples before the damage are written, and the damage (file, byte)
+is listed in the manifest's ``damaged_sources`` and in the output shard's entry. More damaged source
+tars than ``--max-damaged-fraction`` accepts stop the run. ``manifest.json`` chains the manifests of the cache, the clusters and the balance.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem, stems_by_shard
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
@@ -109,29 +112,31 @@ def plan(shards: list[str], cache: FeatureCache, clusters: Optional[ClusterAssig
     return planned, left_out
 
 
-def source_samples(members: list[Planned], problems: dict[str, int]) -> Iterator[tuple[str, dict]]:
+def source_samples(members: list[Planned], damaged: list[ShardDamage]) -> Iterator[tuple[str, dict]]:
     """``(source path, raw sample)`` for each planned sample found in its source tar; each tar is read only
-    up to its last planned key; unreadable tars are counted."""
+    up to its last planned key, a damaged one up to its damage, recorded in ``damaged``."""
     wanted: dict[str, set[str]] = {}
     for planned in members:
         wanted.setdefault(planned.source, set()).add(planned.key)
     for path, keys in wanted.items():
-        try:
-            for sample in read_samples([path]):
-                if sample["__key__"] in keys:
-                    keys.discard(sample["__key__"])
-                    yield path, sample
-                    if not keys:
-                        break
-        except DataError as e:
-            problems["unreadable_source_shards"] += 1
-            tqdm.write(f"pack: {e}: its remaining samples are counted as missing")
+        for sample in read_samples([path], damaged):
+            if sample["__key__"] in keys:
+                keys.discard(sample["__key__"])
+                yield path, sample
+                if not keys:
+                    break
 
 
 def write_output_shard(out_dir: str, index: int, members: list[Planned], cache: FeatureCache,
-                       clusters: Optional[ClusterAssignments], tokenizer, bar: tqdm) -> dict:
-    problems = {"missing_in_source": 0, "unreadable_source_shards": 0}
-    found = {(path, sample["__key__"]): sample for path, sample in source_samples(members, problems)}
+                       clusters: Optional[ClusterAssignments], tokenizer, bar: tqdm, budget: DamageBudget) -> dict:
+    """Write output shard ``index``; its damaged sources are counted in ``budget`` before it is written, so
+    that one past the threshold is not committed."""
+    damaged: list[ShardDamage] = []
+    found = {(path, sample["__key__"]): sample for path, sample in source_samples(members, damaged)}
+    for record in damaged:
+        budget.add(record)
+    problems = {"missing_in_source": 0, "unreadable_source_shards": len(damaged),
+                "damaged_sources": [record.as_dict() for record in damaged]}
     name = f"{index:05d}.tar"
     written = 0
     with atomic_path(os.path.join(out_dir, name)) as tmp:
@@ -173,8 +178,11 @@ def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.n
 
 def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str,
          clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
-         samples_per_shard: int = 10000, progress: bool = True) -> dict:
-    """Write (or finish writing) the distill-ready shards; return the complete manifest."""
+    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
+         samples_per_shard: int = 10000, progress: bool = True,
+         max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
+    """Write (or finish writing) the distill-ready shards; return the complete manifest. More damaged
+    source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     stems_by_shard(shards)
@@ -198,6 +206,8 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
     write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
 
     chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
+                for record in done.get("damaged_sources", []):
+                    budget.add(ShardDamage(**record))
     stats = {}
     with tqdm(total=len(planned), unit="sample", desc="pack", disable=not progress) as bar:
         for index, members in enumerate(chunks):
@@ -206,7 +216,8 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
                 stats[index] = done
                 bar.update(len(members))
                 continue
-            stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar)
+        "damaged_sources": [record.as_dict() for record in budget.damaged.values()],
+            stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar, budget)
     totals = {"planned": len(planned), **left_out,
               **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source",
                                                                  "unreadable_source_shards")}}
@@ -235,6 +246,9 @@ def _check_existing(out_dir: str, identity: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_tools.pack", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="source webdataset tars: brace pattern or glob")
+    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
+                        help="damaged source tars are recorded and read up to their damage; more than this "
+                             "fraction of them (at least one is accepted) stops the run")
     parser.add_argument("--features", required=True, help="feature cache folder (data_tools.extract)")
     parser.add_argument("--tokenizer", required=True, help="the student's model spec: its tokenizer makes the token ids")
     parser.add_argument("--out", required=True, help="folder for the distill-ready shards")
@@ -247,13 +261,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--shards {args.shards!r} matches no file")
     try:
         manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
-                        args.samples_per_shard)
+                        args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"pack: {e}")
     totals = manifest["totals"]
     print(f"packed {totals['samples']} samples into {len(manifest['shards'])} shards in {args.out} "
           f"(removed by balance {totals['removed_by_balance']}, missing in source {totals['missing_in_source']}, "
-          f"unreadable source shards {totals['unreadable_source_shards']})")
+          f"damaged source shards {totals['unreadable_source_shards']}, listed in {os.path.join(args.out, MANIFEST)})")
 
 
 if __name__ == "__main__":

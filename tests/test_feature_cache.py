@@ -75,7 +75,7 @@ def test_manifest_records_teacher_and_counts_skipped_samples(shards, cache_dir):
     assert manifest["shards"]["00001"] == {"source": shards[1], "samples": 38, "corrupt_image": 1, "missing_caption": 1}
     dim = manifest["teacher"]["embed_dim"]
     assert manifest["totals"] == {"shards": 2, "samples": 78, "corrupt_image": 1, "missing_caption": 1,
-                                  "bytes": 78 * 4 * dim}  # fp16 image and text rows
+                                  "damaged_shards": 0, "bytes": 78 * 4 * dim}  # fp16 image and text rows
 
     features = FeatureCache(cache_dir).lookup("00001")
     assert CORRUPT_KEY not in features.row and EMPTY_CAPTION_KEY not in features.row
@@ -170,14 +170,17 @@ def test_feature_cache_names_the_file_when_the_manifest_is_missing_or_broken(cac
         cache.check_teacher({"embed_dim": 256, "weights_sha256": "cd34"})
 
 
-def test_an_unreadable_shard_is_an_error_naming_it_and_finished_shards_are_kept(shards, tmp_path):
+def test_an_unreadable_shard_is_recorded_and_done(shards, tmp_path):
+    """A cut shard gives its whole samples and counts as done (more in tests/test_damaged_shards.py)."""
     broken = tmp_path / "00007.tar"
     with open(shards[0], "rb") as f:
         broken.write_bytes(f.read()[:30000])
     out = str(tmp_path / "feats")
-    with pytest.raises(ValueError, match=f"shard {broken}: cannot read it as a tar"):
-        extract([shards[0], str(broken)], "demo-teacher", None, out, batch_size=16, workers=1)
-    assert os.path.isfile(shard_file(out, "00000")) and not os.path.exists(shard_file(out, "00007"))
+    result = extract([shards[0], str(broken)], "demo-teacher", None, out, batch_size=16, workers=1,
+                     random_teacher_ok=True)
+    assert os.path.isfile(shard_file(out, "00000")) and os.path.isfile(shard_file(out, "00007"))
+    damage = result["manifest"]["shards"]["00007"]["damage"]
+    assert damage["shard"] == str(broken) and 0 < damage["byte"] < 30000 and damage["samples_kept"] > 0
 
 
 def test_a_key_twice_in_a_shard_is_an_error_naming_shard_and_key(tmp_path):

@@ -11,6 +11,8 @@ A cache is a folder with one ``<shard_stem>.npz`` per input shard (``np.savez``,
   missing_caption  [K] str    keys skipped because the caption was missing or empty
   samples          0-d int    N
   teacher_sha256   0-d str    the weights that produced the rows
+  damage           0-d str    only for a damaged shard: its ShardDamage as JSON (cid_ds.data.damage);
+                              the rows are the samples before the damage, and the shard is done
 
 and ``manifest.json``, which names the teacher and the views and is derived from the shard files alone,
 so that any process can (re)write it. ``complete`` is true once every input shard has its file.
@@ -36,6 +38,8 @@ from cid_ds.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from cid_ds.data.damage import ShardDamage
 
 MANIFEST = "manifest.json"
 DTYPE = "float16"
@@ -121,12 +125,14 @@ def _short(value: object) -> str:
 
 def write_shard(cache_dir: str, stem: str, keys: list[str], image: np.ndarray, text: np.ndarray,
                 corrupt_image: list[str], missing_caption: list[str], teacher_sha256: str,
-                view_image: Optional[np.ndarray] = None, view_box: Optional[np.ndarray] = None) -> str:
+                view_image: Optional[np.ndarray] = None, view_box: Optional[np.ndarray] = None,
+                damage: Optional[ShardDamage] = None) -> str:
     """Atomically write one shard's features; ``image``/``text`` (and ``view_image``) must already be
-    L2-normalised."""
+    L2-normalised. ``damage``: the shard is damaged, the rows are the samples before it."""
     path = shard_file(cache_dir, stem)
     views = {} if view_image is None else {"view_image": np.asarray(view_image, dtype=np.float16),
                                            "view_box": np.asarray(view_box, dtype=np.int32)}
+    damaged = {} if damage is None else {"damage": np.asarray(json.dumps(damage.as_dict()))}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
         np.savez(f,
                  keys=np.asarray(keys, dtype=str),
@@ -136,7 +142,7 @@ def write_shard(cache_dir: str, stem: str, keys: list[str], image: np.ndarray, t
                  missing_caption=np.asarray(missing_caption, dtype=str),
                  samples=np.asarray(len(keys)),
                  teacher_sha256=np.asarray(teacher_sha256),
-                 **views)
+                 **views, **damaged)
     return path
 
 
@@ -145,8 +151,9 @@ def _shard_summary(path: str, source: str, teacher_sha256: str) -> dict:
         if str(npz["teacher_sha256"]) != teacher_sha256:
             raise DataError(f"{path}: teacher_sha256 is {_short(str(npz['teacher_sha256']))} but the "
                              f"manifest's teacher is {_short(teacher_sha256)}; delete the file to redo it")
+        damage = {"damage": json.loads(str(npz["damage"]))} if "damage" in npz.files else {}
         return {"source": source, "samples": int(npz["samples"]),
-                "corrupt_image": len(npz["corrupt_image"]), "missing_caption": len(npz["missing_caption"])}
+                "corrupt_image": len(npz["corrupt_image"]), "missing_caption": len(npz["missing_caption"]), **damage}
 
 
 def _manifest(teacher: dict, views: Optional[dict], shards: dict[str, dict], complete: bool) -> dict:
@@ -154,6 +161,7 @@ def _manifest(teacher: dict, views: Optional[dict], shards: dict[str, dict], com
     totals = {"shards": len(shards)}
     for field in ("samples", "corrupt_image", "missing_caption"):
         totals[field] = sum(s[field] for s in shards.values())
+    totals["damaged_shards"] = sum("damage" in s for s in shards.values())
     totals["bytes"] = totals["samples"] * views["bytes_per_sample"]
     return {"teacher": teacher, "views": views, "dtype": DTYPE, "shards": shards, "totals": totals,
             "complete": complete, "code_version": cid_ds.__version__}

@@ -8,7 +8,8 @@ the key and the reason. A decoder failure at run time adds the key to that list 
 
 Per shard ``S.tar`` the cache holds ``S.tar.idx`` (DALI's ``v1.2`` format: per sample, ``ext offset
 size name`` for each component it lists) and ``S.tar.idx.json`` (what the index was built from: shard
-size and mtime, required fields, index version; the kept count and the skipped keys). A shard whose
+size and mtime, required fields, index version; the kept count, the skipped keys, and for a damaged
+shard its ShardDamage: the index lists the samples before the damage, cid_ds.data.damage). A shard whose
 size or mtime changed, or a request for other fields, rebuilds it. The cache lives in ``_dali_index/``
 beside the shards, or, when that folder cannot be written, under
 ``$XDG_CACHE_HOME/cid_ds/dali_index/<hash of the shard folder>/`` (default ``~/.cache``).
@@ -17,18 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
-import tarfile
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from cid_ds.data.damage import ShardDamage
 from cid_ds.data.features import DataError
 from cid_ds.data.packed import decode_array
+from cid_ds.data.tars import Member, tar_sample_members, until_damage
 from cid_ds.data.wds_loader import DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of
 from cid_ds.io import atomic_path, read_json, write_json
 
@@ -46,6 +47,7 @@ class ShardIndex:
     samples: int             # kept samples
     skipped: dict[str, str]  # key -> why the index leaves it out
     signature: dict          # what it was built from (see the module docstring)
+    damage: Optional[ShardDamage] = None  # a damaged shard: the index lists the samples before the damage
 
 
 def image_problem(data: bytes) -> Optional[str]:
@@ -69,52 +71,36 @@ def image_problem(data: bytes) -> Optional[str]:
     return None
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """``(key, {ext: member})`` per sample, grouping consecutive files as webdataset does."""
-    files = ((*base_plus_ext(m.name), m) for m in tar if m.isreg())
-    named = (f for f in files if f[0] is not None and not os.path.basename(f[0]).startswith("."))
-    for key, group in itertools.groupby(named, key=lambda f: f[0]):
-        yield key, {ext: member for _, ext, member in group}
-
-
-def _read(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int = -1) -> bytes:
-    return tar.extractfile(member).read(limit)
-
-
-def _check(shard: str, tar: tarfile.TarFile, key: str, parts: dict[str, tarfile.TarInfo],
-           fields: dict[str, int]) -> tuple[Optional[str], list[tarfile.TarInfo]]:
+def _check(shard: str, key: str, parts: dict[str, Member], fields: dict[str, int]
+           ) -> tuple[Optional[str], list[Member]]:
     """``(reason to skip or None, the members the index lists)``, checked in the webdataset loader's
     order: caption, arrays, image. A wrong-sized array is a DataError: a packing bug, not bad data."""
-    if "txt" not in parts or caption_of({"txt": _read(tar, parts["txt"], MAX_CAPTION_BYTES)}) is None:
+    if "txt" not in parts or caption_of({"txt": parts["txt"].data[:MAX_CAPTION_BYTES]}) is None:
         return NO_CAPTION, []
     for name, length in fields.items():
         if name not in parts:
             return f"no .{name}", []
-        decode_array(_read(tar, parts[name]), name, length, f"shard {shard} key {key}")
+        decode_array(parts[name].data, name, length, f"shard {shard} key {key}")
     image = next((parts[ext] for ext in IMAGE_EXTS if ext in parts), None)
     if image is None:
         return "no image", []
-    problem = image_problem(_read(tar, image))
+    problem = image_problem(image.data)
     return problem, [image, parts["txt"], *(parts[name] for name in fields)]
 
 
-def _scan(shard: str, fields: dict[str, int]) -> tuple[list[str], dict[str, str]]:
-    """The index lines of the usable samples and the skipped keys with their reasons."""
-    lines, skipped = [], {}
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for key, parts in _samples(tar):
-                problem, members = _check(shard, tar, key, parts, fields)
-                if problem is None and any(c.isspace() for m in members for c in m.name):
-                    problem = "a file name with white space (the DALI index is space-separated)"
-                if problem is not None:
-                    skipped[key] = problem
-                    continue
-                lines.append(" ".join(f"{base_plus_ext(m.name)[1]} {m.offset_data} {m.size} {m.name}"
-                                      for m in members))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"shard {shard}: cannot read it as an uncompressed tar (which DALI needs): {e}") from e
-    return lines, skipped
+def _scan(shard: str, fields: dict[str, int]) -> tuple[list[str], dict[str, str], Optional[ShardDamage]]:
+    """The index lines of the usable samples (up to any damage), the skipped keys with their reasons,
+    and the shard's damage."""
+    lines, skipped, damaged = [], {}, []
+    for key, parts in until_damage(shard, tar_sample_members(shard, plain_only=True), damaged):
+        problem, members = _check(shard, key, parts, fields)
+        if problem is None and any(c.isspace() for m in members for c in m.name):
+            problem = "a file name with white space (the DALI index is space-separated)"
+        if problem is not None:
+            skipped[key] = problem
+            continue
+        lines.append(" ".join(f"{base_plus_ext(m.name)[1]} {m.offset} {len(m.data)} {m.name}" for m in members))
+    return lines, skipped, damaged[0] if damaged else None
 
 
 def _signature(shard: str, fields: dict[str, int]) -> dict:
@@ -146,17 +132,19 @@ def _cached(shard: str, signature: dict) -> Optional[ShardIndex]:
         except (OSError, ValueError):
             continue
         if meta.get("signature") == signature and os.path.isfile(path):
-            return ShardIndex(shard, path, meta["samples"], meta["skipped"], signature)
+            damage = ShardDamage(**meta["damage"]) if meta.get("damage") else None
+            return ShardIndex(shard, path, meta["samples"], meta["skipped"], signature, damage)
     return None
 
 
 def _build(shard: str, signature: dict) -> ShardIndex:
-    lines, skipped = _scan(shard, signature["fields"])
+    lines, skipped, damage = _scan(shard, signature["fields"])
     folders = _folders(shard)
     folder = next((f for f in folders if _writable(f)), None)
     if folder is None:
         raise DataError(f"shard {shard}: no writable folder for its DALI index (tried {' and '.join(folders)})")
-    index = ShardIndex(shard, os.path.join(folder, f"{os.path.basename(shard)}.idx"), len(lines), skipped, signature)
+    index = ShardIndex(shard, os.path.join(folder, f"{os.path.basename(shard)}.idx"), len(lines), skipped, signature,
+                       damage)
     _write(index, lines)
     return index
 
@@ -165,7 +153,8 @@ def _write(index: ShardIndex, lines: list[str]) -> None:
     """The index, then its description: a description is only there once its index is complete."""
     write_lines(index.path, lines)
     write_json(index.path + ".json", {"signature": index.signature, "samples": index.samples,
-                                      "skipped": index.skipped})
+                                      "skipped": index.skipped,
+                                      "damage": index.damage.as_dict() if index.damage is not None else None})
 
 
 def write_lines(path: str, lines: list[str]) -> None:
