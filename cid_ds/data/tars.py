@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterator, NamedTuple, Optional, TypeVar
 from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.damage import ShardDamage
+from cid_ds.data.features import DataError
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
@@ -131,14 +132,16 @@ def _members(f: BinaryIO, path: str) -> Iterator[Member]:
             yield Member(name, offset - padded, data)
 
 
-def tar_sample_members(path: str) -> Iterator[tuple[str, dict[str, Member]]]:
-    """``(key, {field: member})`` per sample of a local tar, plain or compressed. A sample is yielded
-    once the next one starts; at damage, the sample begun is yielded only when the member cut is the
-    next sample's (else it may lack a member)."""
+def tar_sample_members(path: str, plain_only: bool = False) -> Iterator[tuple[str, dict[str, Member]]]:
+    """``(key, {field: member})`` per sample of a local tar, plain or compressed (``plain_only``: a
+    compressed one is a DataError). A sample is yielded once the next one starts; at damage, the sample
+    begun is yielded only when the member cut is the next sample's (else it may lack a member)."""
     with open(path, "rb", buffering=1 << 20) as raw:
         magic = raw.read(6)
         raw.seek(0)
         decompress = next((opener for prefix, opener in DECOMPRESSORS.items() if magic.startswith(prefix)), None)
+        if decompress is not None and plain_only:
+            raise DataError(f"shard {path} is compressed; it must be an uncompressed tar")
         f = decompress(raw) if decompress is not None else raw
         key, parts = None, {}
         try:
