@@ -16,6 +16,8 @@ from typing import Any, Optional
 import braceexpand
 import yaml
 
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
+
 
 class ConfigError(ValueError):
     pass
@@ -43,6 +45,9 @@ class DataConfig:
     replay_views: int = 0
     shuffle_buffer: int = 1000
     backend: str = "auto"                 # dali | wds | auto: dali on GPU for packed shards with no side joins, else wds
+    # damaged shards are read up to the damage and counted; more than this fraction of a rank's shards
+    # (at least one is accepted) stops the run: the rule is in cid_ds.data.damage
+    max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION
 
 
 @dataclass
@@ -312,6 +317,9 @@ def _check_paths(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'logging.profile_steps' must be >= 0 (0: off), got {cfg.logging.profile_steps}")
     if not 0 < cfg.cluster.sample_rate <= 1:
         raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")
+    if not 0 <= cfg.data.max_damaged_fraction <= 1:
+        raise ConfigError(f"{source}: key 'data.max_damaged_fraction' must be in [0, 1], "
+                          f"got {cfg.data.max_damaged_fraction}")
     if cfg.checkpoint.resume not in ("auto", "none"):
         must_exist("checkpoint.resume", cfg.checkpoint.resume, "dir")
 

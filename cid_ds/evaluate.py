@@ -16,6 +16,10 @@ embeddings; retrieval Recall@k counts a query as found when any of its positives
 clip_benchmark's ``image_retrieval_recall@k`` is ``text_to_image_R@k`` here, ``text_retrieval_recall@k``
 is ``image_to_text_R@k``.
 
+A damaged shard (cid_ds.data.damage) is read up to its damage; the set's result lists it under
+``damaged_shards`` (file, byte, samples kept). More damaged shards in a set than ``max_damaged_fraction``
+accepts stop the evaluation.
+
     python -m cid_ds.evaluate --model local-dir:runs/x/export --sets data/eval/shapes data/eval/captions
 """
 from __future__ import annotations
@@ -34,6 +38,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
+from cid_ds.data.tars import samples_until_damage
 from cid_ds.io import write_json
 from cid_ds.linear_probe import linear_probe
 from cid_ds.models import create_model
@@ -138,13 +144,30 @@ def _decode(sample: dict, preprocess: Callable, label_ext: str, num_classes: int
     return pixels, label
 
 
-def _collate(samples: list[tuple]) -> tuple[torch.Tensor, list]:
-    return torch.stack([pixels for pixels, _ in samples]), [label for _, label in samples]
+def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:
+    """A pipeline stage: the samples of each shard up to any damage, then the damage record as an item
+    of its own (``_decode_or_damage`` and ``_collate`` pass it through to the main process)."""
+    for shard in shards:
+        damaged: list[ShardDamage] = []
+        yield from samples_until_damage(shard["url"], damaged)
+        yield from ({"damage": record} for record in damaged)
 
 
-def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: int, split: str = "test"
-             ) -> Iterator[tuple[torch.Tensor, list]]:
+def _decode_or_damage(sample: dict, **decode) -> tuple | ShardDamage:
+    return sample["damage"] if "damage" in sample else _decode(sample, **decode)
+
+
+def _collate(items: list) -> tuple[Optional[torch.Tensor], list, list[ShardDamage]]:
+    samples = [item for item in items if not isinstance(item, ShardDamage)]
+    damage = [item for item in items if isinstance(item, ShardDamage)]
+    images = torch.stack([pixels for pixels, _ in samples]) if samples else None
+    return images, [label for _, label in samples], damage
+
+
+def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: int, budget: DamageBudget,
+             split: str = "test") -> Iterator[tuple[torch.Tensor, list]]:
     """Preprocessed ``(images, labels)`` batches of a split; labels are class indices or lists of captions.
+    Damaged shards are counted in ``budget``.
 
     With workers the shards are split between them, so sample order changes but pairs stay together.
     """
@@ -152,12 +175,16 @@ def _batches(eval_set: EvalSet, preprocess: Callable, batch_size: int, workers: 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(eval_set.shards if split == "test" else eval_set.train_shards),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        wds.map(functools.partial(_decode, preprocess=preprocess, label_ext=label_ext,
+        _read_shards,
+        wds.map(functools.partial(_decode_or_damage, preprocess=preprocess, label_ext=label_ext,
                                   num_classes=len(eval_set.classnames))),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
-    return iter(DataLoader(pipeline, batch_size=None, num_workers=workers))
+    for images, labels, damage in DataLoader(pipeline, batch_size=None, num_workers=workers):
+        for record in damage:
+            budget.add(record)
+        if images is not None:
+            yield images, labels
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -185,27 +212,28 @@ def zeroshot_classifier(model: nn.Module, tokenizer: Callable, classnames: list[
 
 
 def _classification(model: nn.Module, preprocess: Callable, tokenizer: Callable, eval_set: EvalSet,
-                    batch_size: int, device: str | torch.device, workers: int) -> dict:
+                    batch_size: int, device: str | torch.device, workers: int, budget: DamageBudget) -> dict:
     classifier = zeroshot_classifier(model, tokenizer, eval_set.classnames, eval_set.templates, device,
                                      batch_size)
     k = min(TOP_K, len(eval_set.classnames))
-    features, labels = _image_features(model, preprocess, eval_set, batch_size, device, workers, "test")
+    features, labels = _image_features(model, preprocess, eval_set, batch_size, device, workers, budget, "test")
     hits = (features @ classifier.T).topk(k, dim=1).indices == labels[:, None]
     result = {"type": "zeroshot_classification", "top1": int(hits[:, 0].sum()) / len(labels)}
     if k > 1:  # with fewer than 5 classes this is top-C, and named so
         result[f"top{k}"] = int(hits.any(dim=1).sum()) / len(labels)
     if eval_set.train_shards:
         train_features, train_labels = _image_features(model, preprocess, eval_set, batch_size, device, workers,
-                                                       "train")
+                                                       budget, "train")
         result.update(linear_probe(train_features, train_labels, features, labels, len(eval_set.classnames)))
     return {**result, "samples": len(labels), "classes": len(eval_set.classnames)}
 
 
 def _image_features(model: nn.Module, preprocess: Callable, eval_set: EvalSet, batch_size: int,
-                    device: str | torch.device, workers: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device, workers: int, budget: DamageBudget, split: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image features [N, D] and class indices [N] of a classification split."""
     features, labels = [], []
-    for images, batch_labels in _batches(eval_set, preprocess, batch_size, workers, split):
+    for images, batch_labels in _batches(eval_set, preprocess, batch_size, workers, budget, split):
         features.append(encode_images(model, images, device))
         labels += batch_labels
     if not labels:
@@ -220,9 +248,9 @@ def _top_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
 
 
 def _retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callable, eval_set: EvalSet,
-               batch_size: int, device: str | torch.device, workers: int) -> dict:
+               batch_size: int, device: str | torch.device, workers: int, budget: DamageBudget) -> dict:
     image_features, text_features, text_owner = [], [], []
-    for images, captions in _batches(eval_set, preprocess, batch_size, workers):
+    for images, captions in _batches(eval_set, preprocess, batch_size, workers, budget):
         first = sum(len(f) for f in image_features)
         image_features.append(encode_images(model, images, device))
         text_features.append(encode_texts(model, tokenizer, [c for cs in captions for c in cs], device,
@@ -246,10 +274,11 @@ def _retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callable, eval
 
 
 def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, sets: list[str],
-             batch_size: int = 256, device: str | torch.device = "cpu", workers: int = 0) -> dict:
+             batch_size: int = 256, device: str | torch.device = "cpu", workers: int = 0,
+             max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Zero-shot metrics of an open_clip model (already on ``device``) for each set folder, keyed by the
-    folder name. Every folder's layout is checked before the model runs; the model's train/eval mode is
-    restored afterwards."""
+    folder name, with ``damaged_shards`` where a set has damaged shards. Every folder's layout is checked
+    before the model runs; the model's train/eval mode is restored afterwards."""
     eval_sets = [read_set(path) for path in sets]
     names = [s.name for s in eval_sets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -263,7 +292,12 @@ def evaluate(model: nn.Module, preprocess: Callable, tokenizer: Callable, sets: 
         with torch.inference_mode():
             for eval_set in eval_sets:
                 run = _retrieval if eval_set.kind == "retrieval" else _classification
-                results[eval_set.name] = run(model, preprocess, tokenizer, eval_set, batch_size, device, workers)
+                budget = DamageBudget(len(eval_set.shards) + len(eval_set.train_shards), max_damaged_fraction,
+                                      "--max-damaged-fraction")
+                results[eval_set.name] = run(model, preprocess, tokenizer, eval_set, batch_size, device, workers,
+                                             budget)
+                if budget.damaged:
+                    results[eval_set.name]["damaged_shards"] = [r.as_dict() for r in budget.damaged.values()]
     finally:
         model.train(was_training)
     return results
@@ -288,7 +322,9 @@ def format_table(results: dict) -> str:
     rows = [("set", "metric", "value")]
     for name, metrics in results.items():
         for metric, value in metrics.items():
-            if metric != "type":
+            if metric == "damaged_shards":
+                rows.append((name, metric, ", ".join(f"{d['shard']} at byte {d['byte']}" for d in value)))
+            elif metric != "type":
                 rows.append((name, metric, f"{value:.4f}" if isinstance(value, float) else str(value)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
@@ -304,12 +340,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
+                        help="damaged shards of a set are recorded and read up to their damage; more than this "
+                             "fraction of them (at least one is accepted) stops the evaluation")
     args = parser.parse_args(argv)
 
     for path in args.sets:  # a layout error should not wait for the model to load
         read_set(path)
     model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=args.device)
-    results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers)
+    results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers,
+                       args.max_damaged_fraction)
     print(format_table(results))
     if args.out:
         write_json(args.out, {"model": args.model, "pretrained": args.pretrained, "results": results})

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
+from cid_ds.data.damage import TooMuchDamage
 from cid_ds.faults import StopSignal, bf16_mode_of_files, checkpoint_about, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
@@ -178,7 +179,7 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
         common = dict(batch_size=cfg.data.batch_size, epoch=position.epoch, seed=cfg.seed, rank=rank,
                       world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
                       skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer,
-                      replay_views=replay_views)
+                      replay_views=replay_views, max_damaged_fraction=cfg.data.max_damaged_fraction)
         if backend == "dali":
             from cid_ds.data.dali_loader import build_dali_loader
             loader = build_dali_loader(shards, preprocess, tokenizer, threads=cfg.data.workers, **common)
@@ -463,7 +464,7 @@ def run(cfg: Config) -> dict[str, Any]:
                    position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
                    cfg.cluster.dir if join_clusters else None, replay_views)
     weights = loss_weights(cfg)
-    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
+    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "damaged": 0, "nonfinite": 0}
     train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
     engine.train()
@@ -475,6 +476,7 @@ def run(cfg: Config) -> dict[str, Any]:
         batch = next(data)
         window["data_wait"] += time.perf_counter() - t_wait
         window["skipped"] += int(batch.get("n_skipped", 0))
+        window["damaged"] += len(batch.get("damaged_shards", ()))
         image = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
         tokens = batch["tokens"].to(device, non_blocking=True)
         for k in ("t_img", "t_txt", "cluster"):
@@ -558,6 +560,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         "perf/data_wait_fraction": window["data_wait"] / elapsed,
         "perf/memory_gib": memory_bytes(device) / 2**30,
         "data/skipped_samples": window["skipped"],
+        "data/damaged_shards": window["damaged"],
         "train/nonfinite_steps_skipped": window["nonfinite"],
     })
     scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
@@ -569,7 +572,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
-    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, nonfinite=0)
+    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, damaged=0, nonfinite=0)
     return {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
 
 
@@ -598,6 +601,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         results = run(load_config(args.config, args.overrides))
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
+    except TooMuchDamage as e:
+        raise SystemExit(f"data error: {e}") from None
     if torch.distributed.is_initialized():  # NCCL warns of leaked resources at exit otherwise
         torch.distributed.destroy_process_group()
     return results

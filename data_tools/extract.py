@@ -14,7 +14,10 @@ cache will take on disk is printed before work starts and recorded in the manife
 Images are decoded by PIL in ``--workers`` processes (``--backend wds``) or by DALI with ``--workers``
 threads, nvJPEG on a GPU (``--backend dali``, one teacher without views; ``auto``: DALI when it can
 serve and the device is a GPU).
-Shards whose .npz exists are skipped, so a re-run resumes. Under torchrun or the deepspeed launcher
+Shards whose .npz exists are skipped, so a re-run resumes. A damaged shard (cid_ds.data.damage) gives
+the rows of the samples before the damage, records the damage in its .npz and the manifest, and is done;
+more damaged shards than ``--max-damaged-fraction`` accepts stop the run (their files are removed, so a
+re-run after fixing the cause reads them again). Under torchrun or the deepspeed launcher
 (RANK/WORLD_SIZE set) each rank takes shards[rank::world] on cuda:LOCAL_RANK; whichever rank finds
 every shard file present at its end writes the complete manifest.
 """
@@ -37,6 +40,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from cid_ds.config import expand_shards
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, TooMuchDamage
 from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, DataError, shard_file, shard_stem,
                                   stems_by_shard, teacher_mismatches, teacher_set, views_entry,
                                   write_complete_manifest, write_shard, write_started_manifest)
@@ -75,7 +79,7 @@ class Views:
 
 class _ShardBatches(IterableDataset):
     """Per worker, whole shards: a shard's batches, then its last (possibly empty) one with ``done``
-    set and the keys that were skipped."""
+    set, the keys that were skipped and the shard's ``damage`` (None when whole)."""
 
     def __init__(self, shards: list[str], teachers: list[TeacherInput], views: Views, batch_size: int):
         super().__init__()
@@ -89,8 +93,8 @@ class _ShardBatches(IterableDataset):
 
     def _shard_batches(self, shard: str) -> Iterator[dict]:
         seen: set[str] = set()
-        samples, corrupt_image, missing_caption = [], [], []
-        for sample in read_samples([shard]):
+        samples, corrupt_image, missing_caption, damaged = [], [], [], []
+        for sample in read_samples([shard], damaged):
             key = sample["__key__"]
             _check_unique(shard, key, seen)
             caption = caption_of(sample)
@@ -106,7 +110,7 @@ class _ShardBatches(IterableDataset):
                 yield self._batch(shard, samples)
                 samples = []
         yield dict(self._batch(shard, samples), done=True, corrupt_image=corrupt_image,
-                   missing_caption=missing_caption)
+                   missing_caption=missing_caption, damage=damaged[0] if damaged else None)
 
     def _batch(self, shard: str, samples: list[tuple[str, object, str]]) -> dict:
         """Per teacher: eval-view images [B,3,H,W], view images [B,K,3,H,W] and tokens; the boxes [B,K,5]."""
@@ -153,7 +157,8 @@ def _dali_shard_batches(shards: list[str], teacher: TeacherInput, batch_size: in
             yield batch(shard, keys, images, captions)
         yield dict(batch(shard, [], None, []), done=True,
                    corrupt_image=[key for key, why in index.skipped.items() if why != NO_CAPTION],
-                   missing_caption=[key for key, why in index.skipped.items() if why == NO_CAPTION])
+                   missing_caption=[key for key, why in index.skipped.items() if why == NO_CAPTION],
+                   damage=index.damage)
 
 
 def _normalized(features: torch.Tensor) -> np.ndarray:
@@ -196,22 +201,27 @@ def size(n_bytes: float) -> str:
 
 
 def estimated_samples(shards: list[str]) -> int:
-    """The first shard's sample count times the number of shards (read from tar headers only)."""
+    """The first shard's sample count times the number of shards (read from tar headers only; a
+    damaged first shard counts up to the damage, which reading it reports)."""
+    keys = set()
     try:
         with tarfile.open(shards[0]) as tar:
-            keys = {base_plus_ext(member.name)[0] for member in tar if member.isfile()}
-    except (tarfile.TarError, OSError) as e:
-        raise DataError(f"shard {shards[0]}: cannot read it as a tar: {e}") from e
+            keys.update(base_plus_ext(member.name)[0] for member in tar if member.isfile())
+    except (tarfile.TarError, OSError, EOFError):
+        pass
     return len(keys) * len(shards)
 
 
 def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
             out_dir: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", rank: int = 0,
-            world_size: int = 1, backend: str = "wds", views: Views = Views()) -> dict:
+            world_size: int = 1, backend: str = "wds", views: Views = Views(),
+            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Write this rank's share of the feature cache; returns what it did (``extracted``/``skipped`` shard
     stems, ``samples``, ``samples_per_s``, ``bytes_per_sample``) and ``manifest`` once the cache is
     complete (else None). ``teacher``/``pretrained``: one, or a list each for an ensemble. ``backend``:
-    "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads; one teacher, no views)."""
+    "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads; one teacher, no views).
+    ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of this rank's shards
+    damaged than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
     specs = [teacher] if isinstance(teacher, str) else list(teacher)
     weights = [pretrained] * len(specs) if pretrained is None or isinstance(pretrained, str) else list(pretrained)
     if len(weights) != len(specs):
@@ -222,6 +232,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         raise ValueError(f"view scale must satisfy 0 < min <= max <= 1 (a fraction of the image), got {views.scale}")
     if backend == "dali" and (len(specs) > 1 or views.count):
         raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
+    budget = DamageBudget(len(shards[rank::world_size]), max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)  # unique names, or an error naming both shards
     missing = [path for path in shards if not os.path.isfile(path)]
     if missing:
@@ -255,7 +266,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             samples = _run([model for model, _, _, _ in loaded], inputs, views, info, todo, out_dir, batch_size,
                            workers, torch.device(device),
                            desc=f"extract rank {rank}" if world_size > 1 else "extract", show=rank == 0,
-                           backend=backend)
+                           backend=backend, budget=budget)
         finally:
             torch.set_num_threads(threads)
     seconds = time.time() - start
@@ -268,12 +279,29 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     return {"extracted": [shard_stem(p) for p in todo],
             "skipped": [shard_stem(p) for p in mine if p not in todo],
             "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds if samples else 0.0,
-            "bytes_per_sample": drawn["bytes_per_sample"], "manifest": manifest}
+            "bytes_per_sample": drawn["bytes_per_sample"], "manifest": manifest,
+            "damaged": [record.as_dict() for record in budget.damaged.values()]}
 
 
 def _run(models: list, inputs: list[TeacherInput], views: Views, info: dict, todo: list[str], out_dir: str,
-         batch_size: int, workers: int, device: torch.device, desc: str, show: bool, backend: str) -> int:
-    """Embed the shards in ``todo``, writing each one's file as soon as its last batch is embedded."""
+         batch_size: int, workers: int, device: torch.device, desc: str, show: bool, backend: str,
+         budget: DamageBudget) -> int:
+    """Embed the shards in ``todo``, writing each one's file as soon as its last batch is embedded; a
+    damaged shard's file records its damage, which ``budget`` counts."""
+    try:
+        return _embed_shards(models, inputs, views, info, todo, out_dir, batch_size, workers, device, desc, show,
+                             backend, budget)
+    except TooMuchDamage as e:
+        for record in budget.damaged.values():
+            if os.path.isfile(shard_file(out_dir, shard_stem(record.shard))):
+                os.remove(shard_file(out_dir, shard_stem(record.shard)))
+        raise TooMuchDamage(f"{e}\nthe damaged shards' files in {out_dir} were removed: a re-run reads them "
+                            "again") from None
+
+
+def _embed_shards(models: list, inputs: list[TeacherInput], views: Views, info: dict, todo: list[str],
+                  out_dir: str, batch_size: int, workers: int, device: torch.device, desc: str, show: bool,
+                  backend: str, budget: DamageBudget) -> int:
     if backend == "dali":
         loader = _dali_shard_batches(todo, inputs[0], batch_size, workers, device)
     else:
@@ -297,13 +325,16 @@ def _run(models: list, inputs: list[TeacherInput], views: Views, info: dict, tod
                 bar.update(len(item["keys"]))
             if item["done"]:
                 del pending[item["shard"]]
+                if item["damage"] is not None:
+                    budget.add(item["damage"])
                 stacked = {name: np.concatenate(acc[name]) if acc[name] else np.zeros((0, *shape), dtype)
                            for name, shape, dtype in (("image", (dim,), np.float16), ("text", (dim,), np.float16),
                                                       ("views", (views.count, dim), np.float16),
                                                       ("box", (views.count, 5), np.int32))}
                 write_shard(out_dir, shard_stem(item["shard"]), acc["keys"], stacked["image"], stacked["text"],
                             item["corrupt_image"], item["missing_caption"], info["weights_sha256"],
-                            **({"view_image": stacked["views"], "view_box": stacked["box"]} if views.count else {}))
+                            **({"view_image": stacked["views"], "view_box": stacked["box"]} if views.count else {}),
+                            damage=item["damage"])
                 written += 1
                 bar.set_postfix(shards=f"{written}/{len(todo)}")
     return samples
@@ -329,6 +360,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-view-flip", dest="view_flip", action="store_false",
                         help="do not flip half of the views horizontally")
     parser.add_argument("--view-seed", type=int, default=0)
+    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
+                        help="damaged shards (empty, cut, not a tar) are recorded and skipped past their damage; "
+                             "more than this fraction of them (at least one is accepted) stops the run")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is read too
     args = parser.parse_args(argv)
@@ -350,17 +384,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     views = Views(args.views, tuple(args.view_scale), flip=args.view_flip, seed=args.view_seed)
     try:
         result = extract(shards, args.teacher, pretrained, args.out, args.batch_size, args.workers,
-                         device, rank, world_size, backend, views)
+                         device, rank, world_size, backend, views,
+                         max_damaged_fraction=args.max_damaged_fraction)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"extract: {e}")
     print(f"rank {rank}: extracted {len(result['extracted'])} shards ({result['samples']} samples, "
-          f"{result['samples_per_s']:.0f} samples/s), {len(result['skipped'])} already done")
+          f"{result['samples_per_s']:.0f} samples/s, {len(result['damaged'])} damaged), "
+          f"{len(result['skipped'])} already done")
     manifest = result["manifest"]
     if manifest is not None:
         totals = manifest["totals"]
         print(f"feature cache complete: {args.out} ({totals['samples']} samples in {totals['shards']} shards, "
               f"{size(totals['bytes'])} of embeddings; skipped {totals['corrupt_image']} corrupt images, "
-              f"{totals['missing_caption']} missing captions)")
+              f"{totals['missing_caption']} missing captions; {totals['damaged_shards']} damaged shards, listed in "
+              f"{os.path.join(args.out, MANIFEST)})")
 
 
 if __name__ == "__main__":
