@@ -65,6 +65,7 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file
+from cid_ds.data.joins import check_join
 from cid_ds.io import atomic_path, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
 from data_tools.outputs import check_rerun, save_figure
@@ -324,7 +325,7 @@ def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, di
     if not assignments.complete:
         raise ValueError(f"cluster assignments {assignments.manifest_path}: complete is false "
                          "(finish python -m data_tools.cluster first)")
-    assignments.check_matches(cache)
+    check_join(cache, assignments)
     return cache, shards, assignments
 
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 from matplotlib.figure import Figure
 
-from cid_ds.data.clusters import teacher_conflicts
 from cid_ds.data.features import FeatureCache
+from cid_ds.data.joins import Artifact, teacher_conflicts
 from cid_ds.io import atomic_path, read_json
 
 MANIFEST = "manifest.json"
@@ -24,7 +24,7 @@ def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[Feature
     lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
              for name, value in identity.items() if manifest.get(name) != value]
     if cache is not None:
-        lines += teacher_conflicts(path, manifest.get("teacher", {}), cache)
+        lines += teacher_conflicts(Artifact("earlier run", path, manifest.get("teacher", {})), cache)
     if lines:
         raise ValueError("\n".join(lines) + f"\nrefusing to mix two {what} in one folder: use another --out "
                          f"or delete {out_dir}")

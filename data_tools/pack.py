@@ -38,6 +38,7 @@ from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem, stems_by_shard
+from cid_ds.data.joins import balance_artifact, check_join
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
 from cid_ds.io import atomic_path, read_json, write_json
@@ -70,20 +71,13 @@ def check_upstream(cache: FeatureCache, clusters: Optional[ClusterAssignments], 
     if clusters is not None:
         if not clusters.complete:
             raise ValueError(f"cluster assignments {clusters.manifest_path} are incomplete: finish data_tools.cluster")
-        clusters.check_matches(cache)
         upstream["clusters"] = read_json(clusters.manifest_path)
-    if balance_dir is not None:
-        path = os.path.join(balance_dir, "manifest.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"balance {balance_dir}: no manifest.json (run python -m data_tools.balance)")
-        manifest = read_json(path)
-        if not manifest.get("complete"):
-            raise ValueError(f"balance {path} is incomplete: finish data_tools.balance first")
-        sha = manifest.get("teacher", {}).get("weights_sha256")
-        if sha != cache.teacher["weights_sha256"]:
-            raise ValueError(f"balance {path}: field 'teacher.weights_sha256' does not match feature cache "
-                             f"{cache.manifest_path}: the keep-lists were made from another teacher's embeddings")
-        upstream["balance"] = manifest
+    balance = balance_artifact(balance_dir) if balance_dir is not None else None
+    if balance is not None:
+        upstream["balance"] = read_json(balance.path)
+        if not upstream["balance"].get("complete"):
+            raise ValueError(f"balance {balance.path} is incomplete: finish data_tools.balance first")
+    check_join(cache, clusters, balance)
     return upstream
 
 

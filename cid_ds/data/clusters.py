@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from cid_ds.data.features import FINGERPRINT_FIELDS, DataError, FeatureCache, _short, shard_file
+from cid_ds.data.features import DataError, _short, shard_file
 from cid_ds.io import atomic_path, read_json
 
 MANIFEST = "manifest.json"
@@ -36,13 +36,6 @@ def write_assignments(out_dir: str, stem: str, keys: list[str], ids: np.ndarray,
                  sims=np.asarray(sims, dtype=np.float16), skipped=np.asarray(sorted(skipped), dtype=str),
                  teacher_sha256=np.asarray(teacher_sha256))
     return path
-
-
-def teacher_conflicts(source: str, teacher: dict, cache: FeatureCache) -> list[str]:
-    """One line per fingerprint field where ``teacher`` (recorded in ``source``) differs from the cache's."""
-    return [f"{source}: teacher.{field} is {_short(teacher.get(field))} but feature cache "
-            f"{cache.manifest_path} has {_short(cache.teacher.get(field))}"
-            for field in FINGERPRINT_FIELDS if teacher.get(field) != cache.teacher.get(field)]
 
 
 @dataclass
@@ -79,13 +72,6 @@ class ClusterAssignments:
         self.centroids_path = os.path.join(clusters_dir, CENTROIDS)
         self._recent_stem: Optional[str] = None
         self._recent: Optional[ShardClusters] = None
-
-    def check_matches(self, cache: FeatureCache) -> None:
-        """Refuse a feature cache from another teacher than the one whose embeddings were clustered."""
-        lines = teacher_conflicts(f"cluster assignments {self.manifest_path}", self.teacher, cache)
-        if lines:
-            raise ValueError("\n".join(lines) + "\nthe clusters were made from another teacher's embeddings: "
-                             f"re-run python -m data_tools.cluster --features {cache.dir}")
 
     def centroids(self) -> np.ndarray:
         """The float32 [k, D] centroids."""

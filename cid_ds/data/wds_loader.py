@@ -122,7 +122,7 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
     manifest = packed_manifest_path(shards)
     packed_shards = PackedShards(manifest) if manifest else None
-    check_join(cache, clusters, packed_shards)
+    check_join(packed_shards, cache, clusters)
     packed = _packed_fields(packed_shards, tokenizer, cache, clusters, replay_views) if packed_shards else {}
     if replay_views:  # the views come from the side cache when one is joined, else from the packed shards
         if cache is not None:
