@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import psutil
 import torch
@@ -27,6 +27,12 @@ from cid_ds.faults import StopSignal, bf16_mode_of_files, checkpoint_about, mark
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
+
+if TYPE_CHECKING:
+    from cid_ds.data.clusters import ClusterAssignments
+    from cid_ds.data.features import FeatureCache
+    from cid_ds.data.packed import PackedShards
+    from cid_ds.teacher import OnlineTeacher
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
@@ -352,6 +358,32 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
+def open_clusters(cfg: Config, packed: Optional[PackedShards]) -> ClusterAssignments:
+    """``cluster.dir``'s assignments, complete, and of the clustering packed shards (if any) carry ids of."""
+    from cid_ds.data.clusters import ClusterAssignments
+    assignments = ClusterAssignments(cfg.cluster.dir)
+    if not assignments.complete:
+        raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
+                          "re-run data_tools.cluster to finish them")
+    if packed is not None and packed.topk and packed.manifest["k"] != assignments.k:
+        raise ConfigError(f"cluster.dir: {assignments.manifest_path} has k = {assignments.k}, but the shards of "
+                          f"{packed.manifest_path} were packed with a clustering of k = {packed.manifest['k']}: "
+                          "point cluster.dir at that one")
+    return assignments
+
+
+def check_teachers(cfg: Config, packed: Optional[PackedShards], cache: Optional[FeatureCache],
+                   assignments: Optional[ClusterAssignments], online_teacher: Optional[OnlineTeacher]) -> None:
+    """Refuse artifacts of the run made from different teachers (cid_ds.data.joins). An online teacher
+    replaces the stored embeddings: packed shards are then joined only for their cluster ids."""
+    from cid_ds.data.joins import Artifact, check_join
+    if online_teacher is None:
+        check_join(packed, cache, assignments)
+        return
+    packed_ids = packed if packed is not None and packed.topk and assignments is not None else None
+    check_join(Artifact("model.teacher", cfg.model.teacher, online_teacher.info), assignments, packed_ids)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
@@ -377,6 +409,7 @@ def run(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"data.train_shards: the distill-ready shards of {packed_path} are incomplete: "
                               "re-run data_tools.pack to finish them")
         teacher, teacher_source, stored_views = packed.teacher, packed_path, packed.views
+    cache = None
     if cfg.data.features is not None:
         cache = FeatureCache(cfg.data.features)
         if not cache.complete:
@@ -388,6 +421,8 @@ def run(cfg: Config) -> dict[str, Any]:
         from cid_ds.teacher import OnlineTeacher
         online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model)
         teacher, teacher_source = online_teacher.info, f"model.teacher {cfg.model.teacher}"
+    assignments = open_clusters(cfg, packed) if cfg.loss.cluster > 0 else None
+    check_teachers(cfg, packed, cache, assignments, online_teacher)
     replay_views = resolve_replay_views(cfg, stored_views, teacher_source)
     targets = None
     if teacher is not None:
@@ -400,17 +435,8 @@ def run(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
                               "set kd.teacher_logit_scale")
     cluster_index = None  # the teacher of an ensemble the clusters were fit on; None: all of them
-    if cfg.loss.cluster > 0:
-        from cid_ds.data.clusters import ClusterAssignments
+    if assignments is not None:
         from cid_ds.losses.cluster import centroid_dim
-        assignments = ClusterAssignments(cfg.cluster.dir)
-        if not assignments.complete:
-            raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
-                              "re-run data_tools.cluster to finish them")
-        if packed is not None and packed.topk and (packed.manifest["k"], packed.teacher["weights_sha256"]) \
-                != (assignments.k, assignments.teacher_sha256):
-            raise ConfigError(f"cluster.dir: {assignments.manifest_path} is not the clustering the shards of "
-                              f"{packed_path} were packed with (k or teacher differ): point cluster.dir at that one")
         cluster_dim, cluster_index = centroid_dim(cfg.cluster.dir), assignments.teacher_index
         if targets is None:
             targets = TeacherTargets.single(cluster_dim)
