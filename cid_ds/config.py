@@ -1,12 +1,16 @@
 """Experiment YAML -> typed config.
 
-Every key is checked before any work starts: an unknown key, a value of the wrong type or a path
-that does not exist is a ``ConfigError`` naming the key and the YAML file. ``key=value`` overrides
-from the command line use the same dotted names (``optim.lr=1e-3``) and the same checks.
+Every key is checked before any work starts: an unknown key, a value of the wrong type, a number that
+cannot work (``RANGES``) or a path that does not exist is a ``ConfigError`` naming the key and the YAML
+file. ``key=value`` overrides from the command line use the same dotted names (``optim.lr=1e-3``) and
+the same checks, and an error in one names the override. The DeepSpeed JSON is checked for keys
+DeepSpeed does not read (a misspelt section it would silently ignore).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import glob
 import os
 import typing
@@ -17,6 +21,7 @@ import braceexpand
 import yaml
 
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
+from cid_ds.io import read_json
 
 
 class ConfigError(ValueError):
@@ -29,6 +34,7 @@ class ModelConfig:
     student_pretrained: Optional[str] = None  # open_clip tag or checkpoint file
     teacher: Optional[str] = None             # only needed for online teacher / extraction
     teacher_pretrained: Optional[str] = None
+    teacher_random_ok: bool = False           # a teacher without trained weights is meant (tests, benchmarks)
 
 
 @dataclass
@@ -169,6 +175,44 @@ CHOICES = {
     "perf.adamw": ("fused", "foreach", "for_loop"),
 }
 
+# What a number must be to work: (the rule as said in an error, its test). A list is checked item by item.
+POSITIVE = ("> 0", lambda v: v > 0)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+OPEN_FRACTION = ("in (0, 1)", lambda v: 0 < v < 1)
+FRACTION = ("in (0, 1]", lambda v: 0 < v <= 1)
+BETA = ("in [0, 1)", lambda v: 0 <= v < 1)
+RANGES = {
+    "seed": NON_NEGATIVE,
+    "data.batch_size": POSITIVE,
+    "data.workers": NON_NEGATIVE,
+    "data.replay_views": NON_NEGATIVE,  # 0: every stored view
+    "data.shuffle_buffer": NON_NEGATIVE,
+    **{f"loss.{term.name}": NON_NEGATIVE for term in dataclasses.fields(LossConfig)},
+    "kd.teacher_logit_scale": POSITIVE,
+    "kd.crd_temperature": POSITIVE,
+    "kd.mask_ratio": OPEN_FRACTION,
+    "kd.teacher_weights": NON_NEGATIVE,
+    "cluster.margin_value": NON_NEGATIVE,
+    "cluster.scale": POSITIVE,
+    "cluster.soft_temperature": POSITIVE,
+    "cluster.sample_rate": FRACTION,
+    "cluster.lr_mult": NON_NEGATIVE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.betas": BETA,
+    "optim.eps": POSITIVE,
+    "optim.steps": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE,  # 0: no clipping
+    "logging.every": POSITIVE,
+    "logging.profile_steps": NON_NEGATIVE,  # 0: off
+    "checkpoint.every": POSITIVE,
+    "checkpoint.keep": POSITIVE,
+    "checkpoint.stop_check_every": POSITIVE,
+    "checkpoint.max_nonfinite_in_a_row": POSITIVE,
+    "eval.batch_size": POSITIVE,
+}
+
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     """Return (ok, coerced value). ints are accepted where floats are expected."""
@@ -226,7 +270,16 @@ def _fill(obj: Any, values: dict, prefix: str, source: str) -> None:
                 f"{source}: key '{dotted}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         if dotted in CHOICES and coerced not in CHOICES[dotted]:
             raise ConfigError(f"{source}: key '{dotted}' must be one of {CHOICES[dotted]}, got {coerced!r}")
+        _check_range(dotted, coerced, source)
         setattr(obj, key, coerced)
+
+
+def _check_range(dotted: str, value: Any, source: str) -> None:
+    if dotted not in RANGES or value is None:
+        return
+    rule, holds = RANGES[dotted]
+    if not all(holds(v) for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{source}: key '{dotted}' must be {rule}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -237,14 +290,18 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-    node[parts[-1]] = value
+def _override_tree(item: str) -> dict:
+    """``a.b=value`` as ``{"a": {"b": value}}``, the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    dotted, raw = item.split("=", 1)
+    try:
+        tree = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML: {e}") from None
+    for part in reversed(dotted.strip().split(".")):
+        tree = {part: tree}
+    return tree
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -254,6 +311,54 @@ def expand_shards(pattern: str) -> list[str]:
         matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
         paths.extend(matches)
     return list(dict.fromkeys(paths))
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """Every top-level key the installed DeepSpeed's config parser looks up, recorded while it parses a
+    minimal config (so the list follows DeepSpeed's version, not a copy of its documentation)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    looked_up: set[str] = set()
+
+    class Keys(set):  # `key in config.keys()`
+        def __contains__(self, key: object) -> bool:
+            looked_up.add(key)
+            return super().__contains__(key)
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            looked_up.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            looked_up.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: object) -> bool:
+            looked_up.add(key)
+            return super().__contains__(key)
+
+        def keys(self) -> Keys:
+            return Keys(super().keys())
+
+    DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return frozenset(looked_up)
+
+
+def check_deepspeed_json(path: str) -> None:
+    """A DeepSpeed JSON with only keys DeepSpeed reads at its top level: it ignores a misspelt section."""
+    try:
+        ds = read_json(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed JSON is an object of sections, got {type(ds).__name__}")
+    known = deepspeed_top_level_keys()
+    for key in ds:
+        if key not in known:
+            nearest = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+            raise ConfigError(f"{path}: unknown DeepSpeed key '{key}'{hint}")
 
 
 def _check_paths(cfg: Config, source: str) -> None:
@@ -266,6 +371,7 @@ def _check_paths(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}")
 
     must_exist("deepspeed_config", cfg.deepspeed_config)
+    check_deepspeed_json(cfg.deepspeed_config)
     if not cfg.data.train_shards:
         raise ConfigError(f"{source}: key 'data.train_shards' is required")
     shards = expand_shards(cfg.data.train_shards)
@@ -286,6 +392,12 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.kd.teacher == "online":
         if not cfg.model.teacher:
             raise ConfigError(f"{source}: key 'kd.teacher' is online but 'model.teacher' is not set")
+        from cid_ds.models import has_trained_weights
+        teacher_weights = cfg.model.teacher, cfg.model.teacher_pretrained
+        if not cfg.model.teacher_random_ok and not has_trained_weights(*teacher_weights):
+            raise ConfigError(f"{source}: key 'model.teacher' {cfg.model.teacher} has no trained weights (no "
+                              "'model.teacher_pretrained', no weights file in its folder), so the student would "
+                              "distil noise: set its weights, or model.teacher_random_ok: true if that is meant")
         if cfg.data.features is not None:
             raise ConfigError(f"{source}: key 'kd.teacher' is online: drop 'data.features' (the cache would be unused)")
     if cfg.loss.instance > 0 and cfg.loss.icl > 0:
@@ -296,16 +408,8 @@ def _check_paths(cfg: Config, source: str) -> None:
                           "online teacher already sees the student's own crops: use data.views random")
     if cfg.data.replay_views and cfg.data.views != "replay":
         raise ConfigError(f"{source}: key 'data.replay_views' is set but data.views is {cfg.data.views}, not replay")
-    if cfg.data.replay_views < 0:
-        raise ConfigError(f"{source}: key 'data.replay_views' must be >= 0 (0: every stored view), "
-                          f"got {cfg.data.replay_views}")
-    if any(w < 0 for w in cfg.kd.teacher_weights) or (cfg.kd.teacher_weights and sum(cfg.kd.teacher_weights) <= 0):
-        raise ConfigError(f"{source}: key 'kd.teacher_weights' must be >= 0 with a positive sum, "
-                          f"got {cfg.kd.teacher_weights}")
-    if not 0 < cfg.kd.mask_ratio < 1:
-        raise ConfigError(f"{source}: key 'kd.mask_ratio' must be in (0, 1), got {cfg.kd.mask_ratio}")
-    if cfg.kd.crd_temperature <= 0:
-        raise ConfigError(f"{source}: key 'kd.crd_temperature' must be > 0, got {cfg.kd.crd_temperature}")
+    if cfg.kd.teacher_weights and sum(cfg.kd.teacher_weights) <= 0:
+        raise ConfigError(f"{source}: key 'kd.teacher_weights' must have a positive sum, got {cfg.kd.teacher_weights}")
     if cfg.loss.cluster > 0:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
@@ -313,10 +417,6 @@ def _check_paths(cfg: Config, source: str) -> None:
         if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached" \
                 and packed_manifest_path(shards) is None:
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
-    if cfg.logging.profile_steps < 0:
-        raise ConfigError(f"{source}: key 'logging.profile_steps' must be >= 0 (0: off), got {cfg.logging.profile_steps}")
-    if not 0 < cfg.cluster.sample_rate <= 1:
-        raise ConfigError(f"{source}: key 'cluster.sample_rate' must be in (0, 1], got {cfg.cluster.sample_rate}")
     if not 0 <= cfg.data.max_damaged_fraction <= 1:
         raise ConfigError(f"{source}: key 'data.max_damaged_fraction' must be in [0, 1], "
                           f"got {cfg.data.max_damaged_fraction}")
@@ -335,13 +435,10 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) 
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     cfg = Config()
     _fill(cfg, tree, "", path)
+    for item in overrides:  # a second pass each, so that an error names the override, not the file
+        _fill(cfg, _override_tree(item), "", f"override '{item}'")
     if check_paths:
-        _check_paths(cfg, path)
+        _check_paths(cfg, f"{path} with overrides {' '.join(overrides)}" if overrides else path)
     return cfg

@@ -4,6 +4,7 @@ A model spec is one of
   * an open_clip built-in name (``ViT-B-32``) with an optional ``pretrained`` tag or checkpoint file,
   * ``local-dir:PATH``: a folder with ``open_clip_config.json`` (+ weights, as ``cid_ds.export`` writes),
   * a bare name of a folder under ``ds_configs/models/`` (small custom architectures; random init).
+The last two take a checkpoint file as ``pretrained`` (loaded over the folder's own weights), not a tag.
 Nothing is downloaded: a pretrained tag whose weights are not in the local open_clip cache fails there.
 """
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import open_clip
 import torch
+from open_clip.factory import _find_checkpoint_in_dir as find_checkpoint_in_dir  # what local-dir: loads
 from open_clip.transformer import PatchDropout
 from torch import nn
 
@@ -36,18 +40,37 @@ def create_model(spec: str, pretrained: Optional[str] = None, device: str | torc
                  ) -> tuple[nn.Module, Callable, Callable, Callable]:
     """Return ``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip spec."""
     resolved = resolve_spec(spec)
+    weights_file = None  # loaded over a local-dir model here: open_clip ignores `pretrained` for one
     if resolved.startswith("local-dir:"):
         path = resolved[len("local-dir:"):]
         if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
             raise FileNotFoundError(f"model '{spec}': no open_clip_config.json in {path}")
-        pretrained = None
+        if pretrained is not None and not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"model '{spec}': pretrained '{pretrained}' is not a file (a local-dir or "
+                                    "ds_configs/models architecture takes a checkpoint file, not an open_clip tag)")
+        weights_file, pretrained = pretrained, None
     elif pretrained is not None and not os.path.isfile(pretrained) \
             and pretrained not in open_clip.list_pretrained_tags_by_model(resolved):
         raise FileNotFoundError(f"model '{spec}': pretrained '{pretrained}' is neither a file nor a known tag")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         resolved, pretrained=pretrained, device=device)
+    if weights_file is not None:
+        try:
+            open_clip.load_checkpoint(model, weights_file, strict=True, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError) as e:
+            raise ValueError(f"model '{spec}': cannot load pretrained '{weights_file}' into it: {e}") from None
     tokenizer = open_clip.get_tokenizer(resolved)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def has_trained_weights(spec: str, pretrained: Optional[str]) -> bool:
+    """Whether ``create_model(spec, pretrained)`` loads trained weights: a pretrained tag or file, or the weights
+    file open_clip finds in a local-dir folder. Otherwise the model is randomly initialised."""
+    if pretrained is not None:
+        return True
+    resolved = resolve_spec(spec)
+    return resolved.startswith("local-dir:") and \
+        find_checkpoint_in_dir(Path(resolved[len("local-dir:"):])) is not None
 
 
 def model_config(spec: str) -> dict:

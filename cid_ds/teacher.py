@@ -2,7 +2,8 @@
 
 Extraction (``data_tools.extract``) and the online teacher both load it here, so a teacher without
 pretrained weights is the same random-init model in both (seeded), and an online run can be compared
-with a run on the cache of that teacher.
+with a run on the cache of that teacher. Such a teacher distils noise: it is refused unless ``random_ok``
+says it is meant (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from cid_ds.data.features import teacher_info
-from cid_ds.models import create_model
+from cid_ds.models import create_model, has_trained_weights
 
 
-def load_teacher(spec: str, pretrained: Optional[str], device: str | torch.device = "cpu"
+def load_teacher(spec: str, pretrained: Optional[str], device: str | torch.device = "cpu", random_ok: bool = False
                  ) -> tuple[nn.Module, Callable, Callable, dict]:
     """``(model, preprocess_val, tokenizer, teacher_info)``, frozen, in eval mode. A teacher without weights
-    is initialised from seed 0 on the CPU, so that every rank and every re-run builds the same one."""
+    (allowed by ``random_ok``) is initialised from seed 0 on the CPU, so that every rank and every re-run
+    builds the same one."""
+    if not random_ok and not has_trained_weights(spec, pretrained):
+        raise ValueError(f"teacher '{spec}' has no trained weights (no pretrained tag or file, no weights file in "
+                         "its folder), so the student would distil noise: give its weights, or say a random "
+                         "teacher is meant (model.teacher_random_ok: true, --random-teacher-ok)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, _, preprocess_val, tokenizer = create_model(spec, pretrained, device="cpu")
@@ -36,8 +42,8 @@ class OnlineTeacher:
     teacher's own tokenizer (the loader's ``teacher_tokens``).
     """
 
-    def __init__(self, spec: str, pretrained: Optional[str], student: nn.Module):
-        self.model, _, self.tokenizer, self.info = load_teacher(spec, pretrained)
+    def __init__(self, spec: str, pretrained: Optional[str], student: nn.Module, random_ok: bool = False):
+        self.model, _, self.tokenizer, self.info = load_teacher(spec, pretrained, random_ok=random_ok)
         self.logit_scale = float(self.info["logit_scale"])
         self.embed_dim = int(self.info["embed_dim"])
         self.image_size = tuple(self.info["image_size"])

@@ -120,15 +120,18 @@ def cosine_with_warmup(warmup: int, total: int):
 
 def init_distributed(dist_backend: Optional[str] = None) -> None:
     """``deepspeed.init_distributed``, letting a plain ``python -m cid_ds.train`` run as a 1-rank job (the
-    launcher sets these variables itself), and on CPU without leaving DeepSpeed's shared memory behind."""
+    launcher sets these variables itself), and on CPU without leaving DeepSpeed's shared memory behind. The
+    rendezvous listens on MASTER_ADDR only (cid_ds.rendezvous), not on every interface as torch's env:// does."""
     import deepspeed
+
+    from cid_ds.rendezvous import bound_init_method
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend=dist_backend)
+    deepspeed.init_distributed(dist_backend=dist_backend, init_method=bound_init_method())
     unlink_cpu_allreduce_buffer()
 
 
@@ -419,7 +422,8 @@ def run(cfg: Config) -> dict[str, Any]:
     online_teacher = None
     if cfg.kd.teacher == "online":
         from cid_ds.teacher import OnlineTeacher
-        online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model)
+        online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model,
+                                       random_ok=cfg.model.teacher_random_ok)
         teacher, teacher_source = online_teacher.info, f"model.teacher {cfg.model.teacher}"
     assignments = open_clusters(cfg, packed) if cfg.loss.cluster > 0 else None
     check_teachers(cfg, packed, cache, assignments, online_teacher)

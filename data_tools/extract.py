@@ -214,12 +214,13 @@ def estimated_samples(shards: list[str]) -> int:
 
 def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
             out_dir: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", rank: int = 0,
-            world_size: int = 1, backend: str = "wds", views: Views = Views(),
+            world_size: int = 1, backend: str = "wds", views: Views = Views(), random_teacher_ok: bool = False,
             max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Write this rank's share of the feature cache; returns what it did (``extracted``/``skipped`` shard
     stems, ``samples``, ``samples_per_s``, ``bytes_per_sample``) and ``manifest`` once the cache is
     complete (else None). ``teacher``/``pretrained``: one, or a list each for an ensemble. ``backend``:
     "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads; one teacher, no views).
+    ``random_teacher_ok``: a teacher without trained weights is meant (tests, benchmarks), else refused.
     ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of this rank's shards
     damaged than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
     specs = [teacher] if isinstance(teacher, str) else list(teacher)
@@ -238,7 +239,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
-    loaded = [load_teacher(spec, weight, device) for spec, weight in zip(specs, weights)]
+    loaded = [load_teacher(spec, weight, device, random_teacher_ok) for spec, weight in zip(specs, weights)]
     info = teacher_set([teacher_info for _, _, _, teacher_info in loaded])
     drawn = views.manifest_entry(int(info["embed_dim"]))
     _check_existing_manifest(out_dir, info, drawn)
@@ -347,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="open_clip name, local-dir:PATH or ds_configs/models name; repeat for an ensemble")
     parser.add_argument("--pretrained", default=None, action="append",
                         help="open_clip pretrained tag or checkpoint file (one per --teacher, in order)")
+    parser.add_argument("--random-teacher-ok", action="store_true",
+                        help="a teacher without trained weights is meant (tests, benchmarks); otherwise refused")
     parser.add_argument("--out", required=True, help="feature cache folder")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
@@ -384,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     views = Views(args.views, tuple(args.view_scale), flip=args.view_flip, seed=args.view_seed)
     try:
         result = extract(shards, args.teacher, pretrained, args.out, args.batch_size, args.workers,
-                         device, rank, world_size, backend, views,
+                         device, rank, world_size, backend, views, args.random_teacher_ok,
                          max_damaged_fraction=args.max_damaged_fraction)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"extract: {e}")

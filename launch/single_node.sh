@@ -22,7 +22,9 @@ else
 fi
 
 cd "$REPO_ROOT"
-command=(deepspeed "${processes[@]}" --master_port "${MASTER_PORT:-29500}" launch/train.py --config "$config" "$@")
+# The rendezvous listens on the loopback address only (cid_ds/rendezvous.py): nothing off this machine joins.
+command=(deepspeed "${processes[@]}" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" launch/train.py
+         --config "$config" "$@")
 print_command "${command[@]}"
 set_supervisor
 exec "${SUPERVISOR[@]}" "${command[@]}"

@@ -1,8 +1,11 @@
 """Small real datasets and feature caches shared by the end-to-end tests."""
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
+from typing import Iterator
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,6 +14,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def listening_addresses(root_pid: int) -> Iterator[set[tuple[str, int]]]:
+    """The (address, port) pairs that ``root_pid`` or any process under it listens on (TCP), sampled in the
+    background while the block runs."""
+    import psutil
+    seen: set[tuple[str, int]] = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(root_pid)
+                pids = {root.pid} | {child.pid for child in root.children(recursive=True)}
+                seen.update((c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                            if c.pid in pids and c.status == psutil.CONN_LISTEN)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
 
 
 def one_rank_env() -> dict:
@@ -27,7 +55,8 @@ def make_data_and_features(root: str, train_samples: int = 384, shards: int = 4)
     data = os.path.join(root, "data")
     generate(data, train_samples=train_samples, shards=shards, seed=0, eval_scale=0.1)
     feats = os.path.join(root, "feats")
-    extract(expand_shards(os.path.join(data, "train", "*.tar")), "demo-teacher", None, feats, batch_size=64, workers=1)
+    extract(expand_shards(os.path.join(data, "train", "*.tar")), "demo-teacher", None, feats, batch_size=64, workers=1,
+            random_teacher_ok=True)
     return {"data": data, "feats": feats, "shards": os.path.join(data, "train", "*.tar"),
             "eval": [os.path.join(data, "eval", s) for s in ("shapes", "colored_shapes", "retrieval")]}
 

@@ -29,7 +29,8 @@ def test_a_tiny_ablation_gives_a_table_row_per_experiment_and_resumes(dataset, t
         {"name": "FD, cached teacher", "config": "ds_configs/experiments/demo_distill.yaml",
          "overrides": ["loss.instance=0", "loss.fd=2000", f"data.features={dataset['feats']}"]},
         {"name": "CLIP-KD mix, online teacher", "config": "ds_configs/experiments/demo_clipkd.yaml",
-         "overrides": ["kd.teacher=online", "model.teacher=demo-teacher", "data.features=null"]},
+         "overrides": ["kd.teacher=online", "model.teacher=demo-teacher",
+                       "model.teacher_random_ok=true", "data.features=null"]},
     ])
     out = str(tmp_path / "out")
     common = [f"data.train_shards={dataset['shards']}", f"eval.sets=[{dataset['eval'][0]}]", "data.batch_size=16",

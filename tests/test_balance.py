@@ -365,7 +365,7 @@ def test_real_teacher_over_real_images_removes_copies_jitter_and_re_encodes(tmp_
     from data_tools.extract import extract
     shards, planted = planted_shards(str(tmp_path / "data"))
     feats, clusters, out = (str(tmp_path / name) for name in ("feats", "clusters", "out"))
-    extract(shards, "demo-teacher", None, feats, batch_size=128, workers=1)
+    extract(shards, "demo-teacher", None, feats, batch_size=128, workers=1, random_teacher_ok=True)
     cluster(feats, 4, clusters, seed=0)
     # The random-init demo teacher puts distinct images up to ~0.996 apart and re-encodes above ~0.9998.
     report = balance(feats, clusters, out, perceptual=0.99995, semantic=0.999, workers=1)

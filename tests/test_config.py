@@ -1,7 +1,13 @@
-"""An experiment YAML is checked before any work starts; errors name the key and the file."""
-import pytest
+"""An experiment YAML is checked before any work starts; errors name the key and the file (or the override)."""
+import glob
+import os
+import shutil
 
-from cid_ds.config import ConfigError, expand_shards, load_config
+import pytest
+import torch
+
+from cid_ds.config import ConfigError, check_deepspeed_json, expand_shards, load_config
+from tests.helpers import REPO_ROOT
 
 
 @pytest.fixture
@@ -61,7 +67,7 @@ def test_every_kd_term_needs_a_teacher_cached_or_online(setup, term):
     with pytest.raises(ConfigError, match=rf"'loss\.{term}' > 0 needs 'data\.features' .* or kd\.teacher: online"):
         load_config(setup(f"loss:\n  {term}: 1.0\n"))
     cfg = load_config(setup(f"loss:\n  {term}: 1.0\nmodel:\n  student: demo-student\n  teacher: demo-teacher\n"
-                            "kd:\n  teacher: online\n"))
+                            "  teacher_random_ok: true\nkd:\n  teacher: online\n"))
     assert getattr(cfg.loss, term) == 1.0 and cfg.kd.teacher == "online"
 
 
@@ -72,7 +78,7 @@ def test_kd_options_are_checked(setup):
         load_config(setup("kd:\n  teacher: online\nloss:\n  fd: 1.0\n"))
     with pytest.raises(ConfigError, match=r"'loss\.instance' and 'loss\.icl' are the same term"):
         load_config(setup("kd:\n  teacher: online\nloss:\n  instance: 1.0\n  icl: 1.0\n"),
-                    ["model.teacher=demo-teacher"])
+                    ["model.teacher=demo-teacher", "model.teacher_random_ok=true"])
     with pytest.raises(ConfigError, match=r"key 'kd\.mask_ratio' must be in \(0, 1\), got 1\.0"):
         load_config(setup("kd:\n  mask_ratio: 1.0\n"))
 
@@ -96,3 +102,80 @@ def test_the_shipped_experiment_yamls_have_only_known_keys():
     import glob
     for path in glob.glob("ds_configs/experiments/*.yaml"):
         load_config(path, check_paths=False)
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("checkpoint.every", 0, "> 0"), ("checkpoint.keep", 0, "> 0"), ("data.batch_size", 0, "> 0"),
+    ("logging.every", 0, "> 0"), ("optim.steps", -1, "> 0"), ("optim.lr", -1e-3, "> 0"), ("optim.lr", 0, "> 0"),
+    ("optim.warmup_steps", -5, ">= 0"), ("optim.betas", [0.9, 1.0], r"in \[0, 1\)"), ("loss.fd", -1, ">= 0"),
+    ("cluster.sample_rate", 1.5, r"in \(0, 1\]"), ("kd.mask_ratio", 0, r"in \(0, 1\)"),
+    ("kd.teacher_weights", [1, -1], ">= 0"),
+])
+def test_a_value_that_cannot_work_is_refused_naming_key_and_file(setup, key, value, rule):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: key '{key}' must be {rule}, got "):
+        load_config(setup(f"{section}:\n  {name}: {value}\n"))
+
+
+def test_an_override_error_names_the_override_not_the_file(setup):
+    for override, message in (("optim.lrr=1", "unknown key 'optim.lrr'"),
+                              ("checkpoint.every=0", "key 'checkpoint.every' must be > 0, got 0"),
+                              ("data.batch_size=many", "key 'data.batch_size' must be int")):
+        with pytest.raises(ConfigError) as refused:
+            load_config(setup(""), [override])
+        assert str(refused.value).startswith(f"override '{override}': {message}")
+
+
+def test_a_deepspeed_json_with_an_unknown_key_is_refused_naming_it_and_the_nearest(setup, tmp_path):
+    ds = tmp_path / "typo.json"
+    ds.write_text('{"zero_optimisation": {"stage": 2}}')
+    with pytest.raises(ConfigError, match=r"typo\.json: unknown DeepSpeed key 'zero_optimisation' "
+                                          r"\(did you mean 'zero_optimization'\?\)"):
+        load_config(setup(""), [f"deepspeed_config={ds}"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json"))),
+                         ids=os.path.basename)
+def test_the_shipped_deepspeed_jsons_have_only_keys_deepspeed_reads(path):
+    check_deepspeed_json(path)
+
+
+def saved_weights(path, seed: int) -> dict:
+    """The state dict of a demo-teacher initialised from ``seed``, saved to ``path`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    from cid_ds.models import create_model
+    torch.manual_seed(seed)
+    state = {k: v.contiguous() for k, v in create_model("demo-teacher")[0].state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def test_pretrained_weights_are_loaded_into_local_dir_and_ds_configs_models(tmp_path):
+    from cid_ds.models import MODEL_CONFIG_DIR, create_model
+    state = saved_weights(tmp_path / "trained.safetensors", seed=7)
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    shutil.copy(os.path.join(MODEL_CONFIG_DIR, "demo-teacher", "open_clip_config.json"), folder)
+    for spec in ("demo-teacher", f"local-dir:{folder}"):
+        model = create_model(spec, str(tmp_path / "trained.safetensors"))[0]
+        torch.testing.assert_close(model.state_dict()["text_projection"], state["text_projection"], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="takes a checkpoint file, not an open_clip tag"):
+        create_model("demo-teacher", "openai")
+
+
+def test_a_teacher_without_trained_weights_is_refused_unless_meant(setup, tmp_path):
+    from cid_ds.teacher import load_teacher
+    from data_tools.extract import main as extract_main
+    with pytest.raises(ValueError, match="teacher 'demo-teacher' has no trained weights"):
+        load_teacher("demo-teacher", None)
+    load_teacher("demo-teacher", None, random_ok=True)
+    saved_weights(tmp_path / "w.safetensors", seed=1)
+    load_teacher("demo-teacher", str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match=r"exp\.yaml with overrides model\.teacher=demo-teacher: "
+                                          r"key 'model\.teacher' demo-teacher has no trained weights"):
+        load_config(setup("kd:\n  teacher: online\n"), ["model.teacher=demo-teacher"])
+    (tmp_path / "00000.tar").write_bytes(b"")
+    with pytest.raises(SystemExit, match="extract: teacher 'demo-teacher' has no trained weights"):
+        extract_main(["--shards", str(tmp_path / "00000.tar"), "--teacher", "demo-teacher",
+                      "--out", str(tmp_path / "feats")])

@@ -309,7 +309,7 @@ def test_extract_with_dali_writes_the_feature_cache_the_wds_backend_writes(tmp_p
     caches = {}
     for backend in ("wds", "dali"):
         out = str(tmp_path / backend)
-        extract(shards, "demo-teacher", None, out, batch_size=4, workers=1, backend=backend)
+        extract(shards, "demo-teacher", None, out, batch_size=4, workers=1, backend=backend, random_teacher_ok=True)
         caches[backend] = FeatureCache(out)
     for stem in ("00000", "00001"):
         wds_rows, dali_rows = caches["wds"].lookup(stem), caches["dali"].lookup(stem)
@@ -336,9 +336,9 @@ def with_views(tmp_path_factory):
     generate(str(root / "data"), train_samples=192, shards=2, seed=0, eval_scale=0.1, progress=False)
     sources = sorted(str(p) for p in (root / "data" / "train").glob("*.tar"))
     extract(sources, "demo-teacher", None, str(root / "feats"), batch_size=64, workers=1,
-            views=Views(2, scale=(0.3, 1.0)))
+            views=Views(2, scale=(0.3, 1.0)), random_teacher_ok=True)
     pack(sources, str(root / "feats"), "demo-teacher", str(root / "packed"), samples_per_shard=96, progress=False)
-    model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None)
+    model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None, random_ok=True)
     return {"shards": sorted(str(p) for p in (root / "packed").glob("*.tar")), "feats": str(root / "feats"),
             "manifest": str(root / "packed" / "manifest.json"), "model": model.eval(), "preprocess": preprocess_val,
             "tokenizer": tokenizer}

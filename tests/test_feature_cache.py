@@ -31,7 +31,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "feats")
-    extract(shards, "demo-teacher", None, out, batch_size=16, workers=2)
+    extract(shards, "demo-teacher", None, out, batch_size=16, workers=2, random_teacher_ok=True)
     return out
 
 
@@ -91,7 +91,7 @@ def test_rerun_after_a_crash_redoes_only_the_unfinished_shard(shards, cache_dir,
         f.write(b"PK\x03\x04 half a zip")
     kept_mtime = os.stat(shard_file(out, "00000")).st_mtime_ns
 
-    result = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1)
+    result = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, random_teacher_ok=True)
 
     assert result["extracted"] == ["00001"] and result["skipped"] == ["00000"] and result["samples"] == 38
     assert os.stat(shard_file(out, "00000")).st_mtime_ns == kept_mtime
@@ -100,16 +100,18 @@ def test_rerun_after_a_crash_redoes_only_the_unfinished_shard(shards, cache_dir,
         np.testing.assert_array_equal(rows(out, "00001")[name], array)
     assert result["manifest"]["complete"] and result["manifest"]["totals"]["samples"] == 78
 
-    again = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1)
+    again = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, random_teacher_ok=True)
     assert again["extracted"] == [] and again["samples"] == 0 and again["manifest"]["complete"]
 
 
 def test_two_ranks_split_the_shards_and_the_last_one_writes_the_manifest(shards, cache_dir, tmp_path):
     out = str(tmp_path / "feats")
-    first = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=0, world_size=2)
+    first = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=0, world_size=2,
+                    random_teacher_ok=True)
     assert first["extracted"] == ["00000"] and first["manifest"] is None
     assert FeatureCache(out).complete is False
-    second = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=1, world_size=2)
+    second = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=1, world_size=2,
+                     random_teacher_ok=True)
     assert second["extracted"] == ["00001"] and second["manifest"]["complete"]
     assert FeatureCache(out).complete
     for stem in ("00000", "00001"):
@@ -126,7 +128,7 @@ def test_a_different_teacher_is_refused_before_any_work(shards, cache_dir, tmp_p
 
     with pytest.raises(ValueError, match=r"manifest.json: teacher.weights_sha256 is [0-9a-f]{12}\.\. "
                                          r"but the teacher given is [0-9a-f]{12}\.\.") as error:
-        extract(shards, "demo-student", None, out, batch_size=16, workers=1)
+        extract(shards, "demo-student", None, out, batch_size=16, workers=1, random_teacher_ok=True)
     assert "teacher.embed_dim is 256 but the teacher given is 128" in str(error.value)
     assert not os.path.exists(shard_file(out, "00001"))
     with open(os.path.join(out, "manifest.json")) as f:

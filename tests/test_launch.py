@@ -2,6 +2,7 @@
 DeepSpeed jobs on CPU (2 processes through a hostfile, 1 through the single-node script); SLURM and
 docker cannot run here, so those are checked for what they pass on."""
 import glob
+import ipaddress
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from cid_ds.io import read_json
-from tests.helpers import REPO_ROOT, free_port, make_data_and_features
+from tests.helpers import REPO_ROOT, free_port, listening_addresses, make_data_and_features
 
 LAUNCH_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
                   "launch/docker_entrypoint.sh"]
@@ -132,10 +133,16 @@ def tiny_run(dataset, out: str) -> list[str]:
 
 
 def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tmp_path):
+    """...and a run on one machine listens on the loopback address only (rendezvous, gloo)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one machine, two CPU ranks\nlocalhost slots=2\n")
     two = str(tmp_path / "two")
-    output = launch(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, two)], MASTER_PORT=str(free_port()))
+    port = free_port()
+    proc = start(["launch/multi_node.sh", str(hostfile), *tiny_run(dataset, two)], MASTER_PORT=str(port))
+    with listening_addresses(proc.pid) as listening:
+        output = finish(proc)
+    assert ("127.0.0.1", port) in listening  # the rendezvous (rank 0's TCPStore)
+    assert all(ipaddress.ip_address(ip).is_loopback for ip, _ in listening), listening
     assert "[launch] deepspeed --hostfile" in output and "--no_ssh_check" in output
     assert "world 2" in output
     assert read_json(os.path.join(two, "results.json"))["step"] == 2

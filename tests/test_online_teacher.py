@@ -19,7 +19,7 @@ def dataset(tmp_path_factory):
 
 def test_online_teacher_reproduces_the_cached_embeddings_of_the_same_pixels(dataset):
     student, _, preprocess_val, tokenizer = create_model("demo-student")
-    teacher = OnlineTeacher("demo-teacher", None, student).to(torch.device("cpu"), torch.float32)
+    teacher = OnlineTeacher("demo-teacher", None, student, random_ok=True).to(torch.device("cpu"), torch.float32)
     loader = build_train_loader(expand_shards(dataset["shards"]), preprocess_val, tokenizer, batch_size=32,
                                 workers=0, features_dir=dataset["feats"], teacher_tokenizer=teacher.tokenizer)
     batch = next(iter(loader))
@@ -37,7 +37,7 @@ def test_online_teacher_sees_the_student_crop_at_its_own_size_and_normalisation(
                       "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}},
         "preprocess_cfg": {"mean": [0.25, 0.25, 0.25], "std": [0.2, 0.2, 0.2]}}))
     student, _, _, _ = create_model("demo-student")  # 32 px, mean 0.5, std 0.5
-    teacher = OnlineTeacher(f"local-dir:{tmp_path}", None, student)
+    teacher = OnlineTeacher(f"local-dir:{tmp_path}", None, student, random_ok=True)
     seen = []
     teacher.model.visual.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     image = torch.zeros(2, 3, 32, 32)  # student-normalised 0 is the raw value 0.5

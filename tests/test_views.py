@@ -38,8 +38,9 @@ def data(tmp_path_factory):
     generate(str(root / "data"), train_samples=128, shards=2, seed=0, eval_scale=0.1)
     shards = expand_shards(str(root / "data" / "train" / "*.tar"))
     single, pair = str(root / "feats"), str(root / "feats_pair")
-    extract(shards, "demo-teacher", None, single, batch_size=64, workers=1, views=VIEWS)
-    extract(shards, ["demo-teacher", "demo-teacher"], None, pair, batch_size=64, workers=1, views=VIEWS)
+    extract(shards, "demo-teacher", None, single, batch_size=64, workers=1, views=VIEWS, random_teacher_ok=True)
+    extract(shards, ["demo-teacher", "demo-teacher"], None, pair, batch_size=64, workers=1, views=VIEWS,
+            random_teacher_ok=True)
     packed = str(root / "packed")
     pack(shards, single, "demo-teacher", packed, samples_per_shard=64, progress=False)
     return {"root": root, "shards": shards, "single": single, "pair": pair,
@@ -48,7 +49,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher():
-    model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None)
+    model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None, random_ok=True)
     return model, preprocess_val, tokenizer
 
 
@@ -70,7 +71,8 @@ def test_extract_stores_each_views_box_flip_and_embedding_and_records_the_cost(d
 
 def test_views_depend_only_on_seed_and_key_not_on_batching(data, tmp_path):
     again = str(tmp_path / "feats")
-    extract(data["shards"][:1], "demo-teacher", None, again, batch_size=7, workers=1, views=VIEWS)
+    extract(data["shards"][:1], "demo-teacher", None, again, batch_size=7, workers=1, views=VIEWS,
+            random_teacher_ok=True)
     first, second = FeatureCache(data["single"]).lookup("00000"), FeatureCache(again).lookup("00000")
     np.testing.assert_array_equal(first.view_box, second.view_box)
     np.testing.assert_allclose(first.view_image.astype(np.float32), second.view_image.astype(np.float32), atol=2e-3)
@@ -186,9 +188,11 @@ def test_clustering_one_teacher_of_an_ensemble_equals_clustering_it_alone(data, 
 
 def test_a_cache_from_another_teacher_set_or_view_setting_is_refused(data):
     with pytest.raises(ValueError, match=r"(?s)teacher.weights_sha256 is .*refusing to mix two teacher sets"):
-        extract(data["shards"], ["demo-teacher", "demo-student"], None, data["pair"], views=VIEWS)
+        extract(data["shards"], ["demo-teacher", "demo-student"], None, data["pair"], views=VIEWS,
+                random_teacher_ok=True)
     with pytest.raises(ValueError, match=r"views.count is 2 but this run asks for 3"):
-        extract(data["shards"], "demo-teacher", None, data["single"], views=Views(3, scale=(0.3, 1.0)))
+        extract(data["shards"], "demo-teacher", None, data["single"], views=Views(3, scale=(0.3, 1.0)),
+                random_teacher_ok=True)
 
 
 def test_ensemble_weights_and_widths_are_checked_against_the_cache(data):
@@ -207,7 +211,8 @@ def test_ensemble_weights_and_widths_are_checked_against_the_cache(data):
 def test_training_replays_views_against_one_head_per_teacher(data, tmp_path):
     """What a user runs: the trainer on an ensemble cache (teacher widths 256 + 128) with replayed views."""
     mixed = str(tmp_path / "feats_mixed")
-    extract(data["shards"], ["demo-teacher", "demo-student"], None, mixed, batch_size=64, workers=1, views=VIEWS)
+    extract(data["shards"], ["demo-teacher", "demo-student"], None, mixed, batch_size=64, workers=1, views=VIEWS,
+            random_teacher_ok=True)
     out = str(tmp_path / "run")
     run([sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_clipkd.yaml",
          f"output_dir={out}", f"data.train_shards={data['root']}/data/train/*.tar", f"data.features={mixed}",
