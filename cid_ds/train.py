@@ -23,7 +23,7 @@ import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
 from cid_ds.data.damage import TooMuchDamage
-from cid_ds.faults import StopSignal, bf16_mode_of_files, checkpoint_about, mark_complete, newest_complete_tag
+from cid_ds.faults import StopSignal, bf16_mode_of_files, exit_within, checkpoint_about, mark_complete, newest_complete_tag
 from cid_ds.io import read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from cid_ds.data.features import FeatureCache
     from cid_ds.data.packed import PackedShards
     from cid_ds.teacher import OnlineTeacher
+
+EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
@@ -387,7 +389,9 @@ def check_teachers(cfg: Config, packed: Optional[PackedShards], cache: Optional[
     check_join(Artifact("model.teacher", cfg.model.teacher, online_teacher.info), assignments, packed_ids)
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
+    """Train as ``cfg`` says. ``stop``: the stop-signal flag, installed by the caller as early as it can (a
+    signal during start-up then stops the run at its first check instead of killing the rank)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -498,7 +502,7 @@ def run(cfg: Config) -> dict[str, Any]:
     train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
     engine.train()
-    stop = StopSignal()
+    stop = stop or StopSignal()
     nonfinite_in_a_row = 0
     profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, rank, on_gpu)
     while step < cfg.optim.steps:
@@ -627,8 +631,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
+    stop = StopSignal()
     try:
-        results = run(load_config(args.config, args.overrides))
+        results = run(load_config(args.config, args.overrides), stop)
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
     except TooMuchDamage as e:
@@ -638,5 +643,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return results
 
 
+def process_main() -> None:
+    """``main`` as a process of its own (the launcher's rank, ``python -m cid_ds.train``): whatever the run
+    left running (loader workers, threads), the process ends within ``EXIT_SECONDS`` of it."""
+    try:
+        main()
+    except BaseException:
+        exit_within(EXIT_SECONDS, 1)
+        raise
+    exit_within(EXIT_SECONDS, 0)
+
+
 if __name__ == "__main__":
-    main()
+    process_main()

@@ -1,11 +1,14 @@
-"""A multi-day job survives: SIGTERM (or SLURM's USR1) turns into a checkpoint at the next step boundary
-and a clean exit, the resumed run continues the same loss curve, a half-written checkpoint is passed
-over on resume, and non-finite losses are skipped and counted (too many in a row stop the job)."""
+"""A multi-day job survives: SIGTERM, SIGINT or SLURM's USR1 to the launcher turns into a checkpoint at the
+next step boundary on every rank and a clean exit (ranks that do not stop in time are killed, nothing outlives
+the launcher), the resumed run continues the same loss curve, a half-written checkpoint is passed over on resume, and non-finite losses are skipped and counted (too many in a row stop the job)."""
+import contextlib
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import psutil
@@ -14,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cid_ds.config import ConfigError
 from cid_ds.faults import COMPLETE, newest_complete_tag
-from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
+from tests.helpers import REPO_ROOT, deepspeed_cmd, free_port, make_data_and_features, run
 
 
 @pytest.fixture(scope="module")
@@ -37,25 +40,59 @@ def losses(out):
     return {e.step: e.value for e in acc.Scalars("loss/total")}
 
 
-def test_sigterm_checkpoints_exits_0_and_the_resumed_curve_matches_an_uninterrupted_run(dataset, tmp_path):
+def start_launcher(script: str, args: list[str], ranks: int, port: int, **env) -> subprocess.Popen:
+    """A launch script started as a user (or docker, whose PID 1 passes on its signals) starts it."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", NUM_GPUS=str(ranks), MASTER_PORT=str(port), **env)
+    return subprocess.Popen([script] + args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def signal_launcher_at(launcher: subprocess.Popen, line: str, sig: signal.Signals) -> tuple[list, list[str], float]:
+    """Read the launch's output until ``line``, send ``sig`` to the launcher process alone; return every
+    process the launch had started by then, the whole output once the launcher has exited, and the seconds
+    from the signal to that exit."""
+    lines = []
+    for out in launcher.stdout:
+        lines.append(out)
+        if line in out:
+            started = psutil.Process(launcher.pid).children(recursive=True)
+            os.kill(launcher.pid, sig)
+            signalled = time.monotonic()
+            break
+    else:
+        raise AssertionError("".join(lines[-40:]))
+    lines.extend(launcher.stdout)
+    try:
+        launcher.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    return started, lines, time.monotonic() - signalled
+
+
+def assert_nothing_outlived_the_launcher(started: list, port: int) -> None:
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+    listening = [c for c in psutil.net_connections("inet") if c.laddr.port == port and c.status == psutil.CONN_LISTEN]
+    assert not listening, listening
+    with socket.socket() as s:  # the next run's rendezvous can bind the port (as TCPStore does, past TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", port))
+
+
+def test_sigterm_to_the_launcher_checkpoints_exits_0_and_the_resumed_curve_matches_an_uninterrupted_run(
+        dataset, tmp_path):
     straight = str(tmp_path / "straight")
     run(deepspeed_cmd(2) + overrides(dataset, straight, 12))
 
     out = str(tmp_path / "interrupted")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    launcher = subprocess.Popen(deepspeed_cmd(2) + overrides(dataset, out, 12), cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in launcher.stdout:
-        lines.append(line)
-        if "[cid_ds] step 4/12" in line:
-            # deepspeed runner -> per-node launcher -> the two rank processes (as SLURM signals the tasks)
-            node_launcher, = psutil.Process(launcher.pid).children()
-            for rank in node_launcher.children():
-                rank.send_signal(signal.SIGTERM)
-            break
-    lines.extend(launcher.stdout)
-    assert launcher.wait(timeout=300) == 0, "".join(lines[-40:])
+    # docker stop: SIGTERM to the entrypoint (it execs single_node.sh, which execs the supervised launch)
+    port = free_port()
+    launcher = start_launcher("launch/docker_entrypoint.sh", overrides(dataset, out, 12)[1:], 2, port)
+    started, lines, _ = signal_launcher_at(launcher, "[cid_ds] step 4/12", signal.SIGTERM)
+    assert launcher.returncode == 0, "".join(lines[-40:])
+    assert_nothing_outlived_the_launcher(started, port)
     stopped = [l for l in lines if "stop signal (SIGTERM)" in l]
     assert stopped, "".join(lines[-40:])
     stop_step = int(stopped[0].split("checkpoint of step ")[1].split()[0])
@@ -76,6 +113,58 @@ def test_sigterm_checkpoints_exits_0_and_the_resumed_curve_matches_an_uninterrup
     assert newest_complete_tag(os.path.join(out, "checkpoints")) == f"step{stop_step:08d}"
     again = run(deepspeed_cmd(2) + overrides(dataset, out, 13))
     assert f"start step {stop_step}/13" in again.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_sigint_and_sigusr1_to_the_launcher_also_checkpoint_and_exit_0(dataset, tmp_path, sig):
+    out, port = str(tmp_path / "run"), free_port()
+    args = overrides(dataset, out, 50, **{"data.batch_size": 8})[1:]
+    started, lines, _ = signal_launcher_at(start_launcher("launch/single_node.sh", args, 2, port),
+                                        "[cid_ds] step 2/50", sig)
+    output = "".join(lines)
+    assert f"stop signal ({sig.name})" in output, output[-3000:]
+    stop_step = int(output.split("checkpoint of step ")[1].split()[0])
+    assert newest_complete_tag(os.path.join(out, "checkpoints")) == f"step{stop_step:08d}"
+    assert_nothing_outlived_the_launcher(started, port)
+
+
+def test_ranks_that_do_not_stop_in_the_grace_period_are_killed_with_everything_they_started(dataset, tmp_path):
+    out, port = str(tmp_path / "run"), free_port()
+    never_checks = overrides(dataset, out, 500, **{"data.batch_size": 8, "data.workers": 2,
+                                                   "checkpoint.stop_check_every": 100000})[1:]
+    launcher = start_launcher("launch/single_node.sh", never_checks, 2, port, CID_DS_STOP_GRACE="3")
+    started, lines, seconds = signal_launcher_at(launcher, "[cid_ds] step 2/500", signal.SIGTERM)
+    assert launcher.returncode == 128 + signal.SIGKILL, "".join(lines[-40:])
+    assert "ranks still running after 3 s: killing the launch" in "".join(lines)
+    assert seconds < 30
+    assert_nothing_outlived_the_launcher(started, port)
+    assert newest_complete_tag(os.path.join(out, "checkpoints")) is None
+
+
+def test_a_rank_whose_worker_ignores_sigterm_and_is_stuck_still_exits_in_time(tmp_path):
+    """multiprocessing's exit joins every daemon worker after a SIGTERM that loader workers ignore: one stuck
+    in a read (a dead mount) would hold the rank forever. ``exit_within`` kills it and ends the process."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import multiprocessing, signal, time\n"
+        "from cid_ds.faults import exit_within, ignore_stop_signals\n"
+        "def stuck():\n"
+        "    ignore_stop_signals()\n"
+        "    open('%s', 'w').close()\n"
+        "    time.sleep(3600)\n"
+        "if __name__ == '__main__':\n"
+        "    worker = multiprocessing.Process(target=stuck, daemon=True)\n"
+        "    worker.start()\n"
+        "    print(worker.pid, flush=True)\n"
+        "    exit_within(2, 0)\n" % (tmp_path / "started"))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 30
+    assert "exit took longer than 2 s" in proc.stderr
+    assert not psutil.pid_exists(int(proc.stdout.split()[0])) or \
+        psutil.Process(int(proc.stdout.split()[0])).status() == psutil.STATUS_ZOMBIE
 
 
 def test_a_checkpoint_without_its_completion_marker_is_not_trusted(tmp_path):
