@@ -38,9 +38,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cid_ds.checkpoint_io import UnsafeCheckpoint
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
 from cid_ds.data.tars import samples_until_damage
-from cid_ds.io import write_json
+from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.linear_probe import linear_probe
 from cid_ds.models import create_model
 
@@ -347,7 +348,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     for path in args.sets:  # a layout error should not wait for the model to load
         read_set(path)
-    model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=args.device)
+    try:
+        if args.out:
+            check_writable(os.path.dirname(os.path.abspath(args.out)))
+        model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=args.device)
+    except (OutputNotWritable, UnsafeCheckpoint) as e:
+        raise SystemExit(f"evaluate: {e}") from None
     results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers,
                        args.max_damaged_fraction)
     print(format_table(results))

@@ -25,7 +25,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import save_file
 from torch import nn
 
-from cid_ds.io import write_json
+from cid_ds.checkpoint_io import checkpoint_files, deepspeed_classes, load_weights, refuse_code
+from cid_ds.io import check_writable, write_json
 from cid_ds.models import create_model, model_config, resolve_spec
 
 CONFIG_NAME = "open_clip_config.json"
@@ -125,9 +126,10 @@ def consolidated_state_dict(checkpoint_dir: str, tag: Optional[str] = None) -> d
                          f"{sorted(d for d in os.listdir(checkpoint_dir) if os.path.isdir(os.path.join(checkpoint_dir, d)))})")
     if not glob.glob(os.path.join(tag_dir, "*model_states.pt")):
         raise ValueError(f"{tag_dir}: no *model_states.pt file (not a DeepSpeed checkpoint)")
+    refuse_code(checkpoint_files(tag_dir), deepspeed_classes())  # zero_to_fp32 unpickles them with weights_only=False
     rank0_states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if os.path.isfile(rank0_states):
-        states = torch.load(rank0_states, map_location="cpu", weights_only=False)
+        states = load_weights(rank0_states, allowed=deepspeed_classes())
         if states.get("param_shapes") is None:  # ZeRO off: zero_to_fp32 has nothing to reassemble
             module = states["module"]
             low_precision = sorted({str(t.dtype) for t in module.values() if t.is_floating_point()} - {"torch.float32"})
@@ -187,7 +189,11 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser.add_argument("--out", required=True, help="the local-dir: folder to write")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.model, args.out, tag=args.tag, pretrained=args.pretrained)
+    try:
+        check_writable(os.path.dirname(os.path.abspath(args.out)))  # the export is written beside --out, then renamed
+        out = export_checkpoint(args.checkpoint, args.model, args.out, tag=args.tag, pretrained=args.pretrained)
+    except ValueError as e:
+        raise SystemExit(f"export: {e}") from None
     print(f"exported to {out}  (load with open_clip.create_model_and_transforms('local-dir:{out}'))")
     return out
 

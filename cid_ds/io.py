@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from typing import Any, Iterator
 
 
@@ -15,10 +16,44 @@ def atomic_path(path: str) -> Iterator[str]:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        fsync_file(tmp)  # else a crash soon after the rename can leave an empty file under the final name
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_space(path: str) -> str:
+    """The free space on the file system of ``path`` (or of its nearest existing parent), for messages."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free on {path}"
+
+
+class OutputNotWritable(ValueError):
+    """An output folder a stage cannot write (read-only, full, not a folder, no permission)."""
+
+
+def check_writable(directory: str) -> None:
+    """Create ``directory`` if needed and write, sync and remove a probe file in it: a stage that cannot write
+    its outputs stops before its work, naming the folder, instead of failing after it."""
+    probe = os.path.join(directory, f".write_probe{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        fsync_file(probe)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputNotWritable(f"{directory}: cannot write there ({e.strerror}; {free_space(directory)})") from None
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -22,6 +22,7 @@ from open_clip.factory import _find_checkpoint_in_dir as find_checkpoint_in_dir 
 from open_clip.transformer import PatchDropout
 from torch import nn
 
+from cid_ds.checkpoint_io import refuse_code_in_weights_file
 from cid_ds.losses.ensemble import normalize_blocks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,8 @@ def resolve_spec(spec: str) -> str:
 def create_model(spec: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu"
                  ) -> tuple[nn.Module, Callable, Callable, Callable]:
     """Return ``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip spec."""
+    if pretrained is not None and os.path.isfile(pretrained):
+        refuse_code_in_weights_file(pretrained)
     resolved = resolve_spec(spec)
     weights_file = None  # loaded over a local-dir model here: open_clip ignores `pretrained` for one
     if resolved.startswith("local-dir:"):

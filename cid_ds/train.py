@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -23,8 +22,8 @@ import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
 from cid_ds.data.damage import TooMuchDamage
-from cid_ds.faults import StopSignal, bf16_mode_of_files, exit_within, checkpoint_about, mark_complete, newest_complete_tag
-from cid_ds.io import read_json, write_json
+from cid_ds.faults import StopSignal, bf16_mode_of_files, exit_within, checkpoint_about, newest_complete_tag
+from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
 
@@ -286,21 +285,23 @@ def checkpoint_dir(cfg: Config) -> str:
 
 
 def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
-    import torch.distributed as dist
+    """Every rank writes its files; once all have, rank 0 marks the checkpoint complete, points ``latest`` at it
+    and only then deletes the stale ones. A failed write on any rank stops every rank, naming the path."""
+    from cid_ds.checkpoint_io import complete_and_rotate, recorded, recording_write_failures, stop_if_any_rank_failed
     tag = f"step{step:08d}"
     root = checkpoint_dir(cfg)
-    write_json(os.path.join(root, tag, f"data_position_rank{rank}.json"), position.state())
-    if cluster_term is not None:
-        cluster_term.save(os.path.join(root, tag))
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step})
-    dist.barrier()
+    tag_dir = os.path.join(root, tag)
+    position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
+    with recording_write_failures(engine) as failures:
+        recorded(failures, position_file, lambda: write_json(position_file, position.state()))
+        if cluster_term is not None:
+            recorded(failures, tag_dir, lambda: cluster_term.save(tag_dir))
+        engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
+    stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
     if rank == 0:
-        mark_complete(os.path.join(root, tag), {"zero_stage": engine.zero_optimization_stage(),
-                                                "bf16_mode": engine.bfloat16_enabled()})
-        tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
-        for old in tags[:-cfg.checkpoint.keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
+        about = {"zero_stage": engine.zero_optimization_stage(), "bf16_mode": engine.bfloat16_enabled()}
+        recorded(failures, tag_dir, lambda: complete_and_rotate(root, tag, about, cfg.checkpoint.keep))
+    stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
 
 
 def check_checkpoint_layout(tag_dir: str, zero_stage: int, bf16_mode: bool, ds_path: str) -> None:
@@ -330,6 +331,7 @@ def check_checkpoint_layout(tag_dir: str, zero_stage: int, bf16_mode: bool, ds_p
 
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
     """Load the newest checkpoint if asked to; return (next step, data position)."""
+    from cid_ds.checkpoint_io import load_deepspeed_files_safely, refuse_code_in_checkpoint
     if cfg.checkpoint.resume == "none":
         return 0, DataPosition()
     root = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else checkpoint_dir(cfg)
@@ -345,6 +347,8 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
     tag_dir = os.path.join(root, tag)
     check_checkpoint_layout(tag_dir, engine.zero_optimization_stage(), engine.bfloat16_enabled(),
                             cfg.deepspeed_config)
+    refuse_code_in_checkpoint(tag_dir)
+    load_deepspeed_files_safely(engine)
     path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
@@ -392,6 +396,10 @@ def check_teachers(cfg: Config, packed: Optional[PackedShards], cache: Optional[
 def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     """Train as ``cfg`` says. ``stop``: the stop-signal flag, installed by the caller as early as it can (a
     signal during start-up then stops the run at its first check instead of killing the rank)."""
+    try:
+        check_writable(cfg.output_dir)  # before start-up, and on every rank: a shared folder may be read-only on one node
+    except OutputNotWritable as e:
+        raise ConfigError(f"output_dir: {e}") from None
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator

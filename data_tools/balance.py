@@ -66,7 +66,7 @@ import cid_ds
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import DataError, FeatureCache, shard_file
 from cid_ds.data.joins import check_join
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
 from data_tools.outputs import check_rerun, save_figure
 
@@ -525,6 +525,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="draw of the tuning clusters")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out)
         report = balance(args.features, args.clusters, args.out, args.perceptual, args.semantic,
                          args.target_keep_fraction, args.workers, args.block_size, args.part_rows, args.tune_samples,
                          args.seed)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
@@ -322,6 +322,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out)
         manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
                            args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True,
                            teacher_index=args.teacher_index)

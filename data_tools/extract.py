@@ -47,7 +47,7 @@ from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, DataError, shard
 from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
 from cid_ds.data.wds_loader import (caption_of, decode_image, pass_data_errors, raise_data_errors,
                                     read_samples)
-from cid_ds.io import read_json
+from cid_ds.io import check_writable, read_json
 from cid_ds.teacher import load_teacher
 
 
@@ -386,6 +386,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--shards {args.shards!r} matches no file")
     views = Views(args.views, tuple(args.view_scale), flip=args.view_flip, seed=args.view_seed)
     try:
+        check_writable(args.out)
         result = extract(shards, args.teacher, pretrained, args.out, args.batch_size, args.workers,
                          device, rank, world_size, backend, views, args.random_teacher_ok,
                          max_damaged_fraction=args.max_damaged_fraction)

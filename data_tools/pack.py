@@ -41,7 +41,7 @@ from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
 from cid_ds.data.joins import balance_artifact, check_join
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from cid_ds.models import resolve_spec
 from data_tools.outputs import check_rerun
 
@@ -254,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not shards:
         parser.error(f"--shards {args.shards!r} matches no file")
     try:
+        check_writable(args.out)
         manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
                         args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction)
     except (ValueError, FileNotFoundError) as e:
