@@ -172,13 +172,13 @@ def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.n
 
 def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str,
          clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
-    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
          samples_per_shard: int = 10000, progress: bool = True,
          max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Write (or finish writing) the distill-ready shards; return the complete manifest. More damaged
     source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)
     cache = FeatureCache(features_dir)
     clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
@@ -200,23 +200,23 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
     write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
 
     chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
-                for record in done.get("damaged_sources", []):
-                    budget.add(ShardDamage(**record))
     stats = {}
     with tqdm(total=len(planned), unit="sample", desc="pack", disable=not progress) as bar:
         for index, members in enumerate(chunks):
             done = _finished_stats(out_dir, index)
             if done is not None:
                 stats[index] = done
+                for record in done.get("damaged_sources", []):
+                    budget.add(ShardDamage(**record))
                 bar.update(len(members))
                 continue
-        "damaged_sources": [record.as_dict() for record in budget.damaged.values()],
             stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar, budget)
     totals = {"planned": len(planned), **left_out,
               **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source",
                                                                  "unreadable_source_shards")}}
     manifest = identity | {
         "shards": [{"name": f"{i:05d}.tar", **stats[i]} for i in range(len(chunks))], "totals": totals,
+        "damaged_sources": [record.as_dict() for record in budget.damaged.values()],
         "upstream": upstream, "code_version": cid_ds.__version__, "complete": True}
     write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
@@ -240,15 +240,15 @@ def _check_existing(out_dir: str, identity: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_tools.pack", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="source webdataset tars: brace pattern or glob")
-    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
-                        help="damaged source tars are recorded and read up to their damage; more than this "
-                             "fraction of them (at least one is accepted) stops the run")
     parser.add_argument("--features", required=True, help="feature cache folder (data_tools.extract)")
     parser.add_argument("--tokenizer", required=True, help="the student's model spec: its tokenizer makes the token ids")
     parser.add_argument("--out", required=True, help="folder for the distill-ready shards")
     parser.add_argument("--clusters", default=None, help="cluster assignments folder (data_tools.cluster)")
     parser.add_argument("--balance", default=None, help="keep-lists folder (data_tools.balance)")
     parser.add_argument("--samples-per-shard", type=int, default=10000)
+    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
+                        help="damaged source tars are recorded and read up to their damage; more than this "
+                             "fraction of them (at least one is accepted) stops the run")
     args = parser.parse_args(argv)
     shards = expand_shards(args.shards)
     if not shards:
