@@ -181,12 +181,14 @@ NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 OPEN_FRACTION = ("in (0, 1)", lambda v: 0 < v < 1)
 FRACTION = ("in (0, 1]", lambda v: 0 < v <= 1)
 BETA = ("in [0, 1)", lambda v: 0 <= v < 1)
+CLOSED_FRACTION = ("in [0, 1]", lambda v: 0 <= v <= 1)
 RANGES = {
     "seed": NON_NEGATIVE,
     "data.batch_size": POSITIVE,
     "data.workers": NON_NEGATIVE,
     "data.replay_views": NON_NEGATIVE,  # 0: every stored view
     "data.shuffle_buffer": NON_NEGATIVE,
+    "data.max_damaged_fraction": CLOSED_FRACTION,
     **{f"loss.{term.name}": NON_NEGATIVE for term in dataclasses.fields(LossConfig)},
     "kd.teacher_logit_scale": POSITIVE,
     "kd.crd_temperature": POSITIVE,
@@ -417,9 +419,6 @@ def _check_paths(cfg: Config, source: str) -> None:
         if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached" \
                 and packed_manifest_path(shards) is None:
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
-    if not 0 <= cfg.data.max_damaged_fraction <= 1:
-        raise ConfigError(f"{source}: key 'data.max_damaged_fraction' must be in [0, 1], "
-                          f"got {cfg.data.max_damaged_fraction}")
     if cfg.checkpoint.resume not in ("auto", "none"):
         must_exist("checkpoint.resume", cfg.checkpoint.resume, "dir")
 
