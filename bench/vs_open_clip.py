@@ -606,7 +606,7 @@ def log_window_seconds(bench: Workbench, engine) -> dict[str, float]:
         from cid_ds.train import log_window
         window = {"t0": time.perf_counter() - 1, "data_wait": 0.0, "steps": 1, "skipped": 0, "nonfinite": 0}
         with contextlib.redirect_stdout(io.StringIO()):
-            log_window(writer, engine, losses, metrics, total, out, window, 1, bench.device, cfg, 1)
+            log_window(writer, engine, losses, metrics, total, out, window, 1, bench.device, cfg, 1, 0)
     return interleaved({"call": clocked(call)}, bench.args.reps)
 
 

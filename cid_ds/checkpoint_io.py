@@ -85,6 +85,8 @@ def refuse_code_in_checkpoint(tag_dir: str) -> None:
         refuse_code(checkpoint_files(tag_dir)[rank::world_size], deepspeed_classes())
     except UnsafeCheckpoint as e:
         refusal = str(e)
+    except Exception as e:  # unreadable (a cut zip, say): shared too, or the other ranks would wait for this one
+        refusal = f"{tag_dir}: a checkpoint file cannot be read ({type(e).__name__}: {e})"
     refusals: list = [None] * world_size
     dist.all_gather_object(refusals, refusal)
     found = next((r for r in refusals if r is not None), None)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cid_ds.checkpoint_io import UnsafeCheckpoint
-from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
+from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage, TooMuchDamage
 from cid_ds.data.tars import samples_until_damage
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.linear_probe import linear_probe
@@ -354,8 +354,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=args.device)
     except (OutputNotWritable, UnsafeCheckpoint) as e:
         raise SystemExit(f"evaluate: {e}") from None
-    results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers,
-                       args.max_damaged_fraction)
+    try:
+        results = evaluate(model, preprocess, tokenizer, args.sets, args.batch_size, args.device, args.workers,
+                           args.max_damaged_fraction)
+    except TooMuchDamage as e:
+        raise SystemExit(f"evaluate: {e}") from None
     print(format_table(results))
     if args.out:
         write_json(args.out, {"model": args.model, "pretrained": args.pretrained, "results": results})

@@ -23,8 +23,6 @@ import time
 from typing import Optional
 
 import psutil
-import torch
-import torch.distributed as dist
 
 from cid_ds.io import read_json, write_json
 
@@ -41,8 +39,10 @@ class StopSignal:
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device) -> bool:
         """True on every rank when any rank received a stop signal (a collective: call on all ranks)."""
+        import torch  # here, not at the top: the rank's entry point installs the handler before torch's import
+        import torch.distributed as dist
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, dist.ReduceOp.MAX)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Iterator
 
 
@@ -45,10 +46,11 @@ class OutputNotWritable(ValueError):
 def check_writable(directory: str) -> None:
     """Create ``directory`` if needed and write, sync and remove a probe file in it: a stage that cannot write
     its outputs stops before its work, naming the folder, instead of failing after it."""
-    probe = os.path.join(directory, f".write_probe{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(probe, "wb") as f:
+        # a unique name: ranks on other machines (same pids in identical containers) probe a shared folder too
+        descriptor, probe = tempfile.mkstemp(prefix=".write_probe", dir=directory)
+        with os.fdopen(descriptor, "wb") as f:
             f.write(b"probe")
         fsync_file(probe)
         os.remove(probe)

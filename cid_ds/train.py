@@ -21,8 +21,9 @@ import torch
 import yaml
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
-from cid_ds.data.damage import TooMuchDamage
-from cid_ds.faults import StopSignal, bf16_mode_of_files, exit_within, checkpoint_about, newest_complete_tag
+from cid_ds.data.damage import RunDamage, TooMuchDamage
+from cid_ds.faults import (StopSignal, bf16_mode_of_files, checkpoint_about, exit_within, is_complete,
+                           newest_complete_tag)
 from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
 from cid_ds.profiling import start_profiler
@@ -189,7 +190,7 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
         common = dict(batch_size=cfg.data.batch_size, epoch=position.epoch, seed=cfg.seed, rank=rank,
                       world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
                       skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer,
-                      replay_views=replay_views, max_damaged_fraction=cfg.data.max_damaged_fraction)
+                      replay_views=replay_views)
         if backend == "dali":
             from cid_ds.data.dali_loader import build_dali_loader
             loader = build_dali_loader(shards, preprocess, tokenizer, threads=cfg.data.workers, **common)
@@ -286,11 +287,18 @@ def checkpoint_dir(cfg: Config) -> str:
 
 def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
     """Every rank writes its files; once all have, rank 0 marks the checkpoint complete, points ``latest`` at it
-    and only then deletes the stale ones. A failed write on any rank stops every rank, naming the path."""
+    and only then deletes the stale ones. A failed write on any rank stops every rank, naming the path.
+    A complete checkpoint of ``step`` is kept as it is: no update happened since (a stop after non-finite
+    steps), and writing over it could lose the only good checkpoint to a full disk."""
+    import torch.distributed as dist
     from cid_ds.checkpoint_io import complete_and_rotate, recorded, recording_write_failures, stop_if_any_rank_failed
     tag = f"step{step:08d}"
     root = checkpoint_dir(cfg)
     tag_dir = os.path.join(root, tag)
+    complete_everywhere = torch.tensor([float(is_complete(tag_dir))], device=engine.device)
+    dist.all_reduce(complete_everywhere, dist.ReduceOp.MIN)  # every rank takes the same branch
+    if complete_everywhere.item():
+        return
     position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
     with recording_write_failures(engine) as failures:
         recorded(failures, position_file, lambda: write_json(position_file, position.state()))
@@ -506,7 +514,8 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
                    position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
                    cfg.cluster.dir if join_clusters else None, replay_views)
     weights = loss_weights(cfg)
-    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "damaged": 0, "nonfinite": 0}
+    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
+    damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
     train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
     engine.train()
@@ -518,7 +527,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         batch = next(data)
         window["data_wait"] += time.perf_counter() - t_wait
         window["skipped"] += int(batch.get("n_skipped", 0))
-        window["damaged"] += len(batch.get("damaged_shards", ()))
+        damage.add(batch["damaged_shards"])
         image = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
         tokens = batch["tokens"].to(device, non_blocking=True)
         for k in ("t_img", "t_txt", "cluster"):
@@ -549,9 +558,11 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         if profiler is not None:
             profiler.step()
 
+        if step % cfg.checkpoint.stop_check_every == 0 or step % cfg.logging.every == 0:
+            damage.check(device)
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
             last_losses = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
-                                     world_size)
+                                     world_size, damage.count)
         stopping = step % cfg.checkpoint.stop_check_every == 0 and stop.agreed(device)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps or stopping:
             save_checkpoint(engine, cfg, step, position, rank, cluster_term)
@@ -581,8 +592,9 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
 
 
 def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor, out: dict, window: dict, step: int,
-               device: torch.device, cfg: Config, world_size: int) -> dict[str, float]:
-    """Read scalars once per logging window (each read is a device sync), average losses over ranks."""
+               device: torch.device, cfg: Config, world_size: int, damaged_shards: int) -> dict[str, float]:
+    """Read scalars once per logging window (each read is a device sync), average losses over ranks.
+    ``damaged_shards``: the run's so far, over every rank (cid_ds.data.damage.RunDamage)."""
     import torch.distributed as dist
     elapsed = time.perf_counter() - window["t0"]
     averaged = {f"loss/{k}": v for k, v in losses.items()} | {"loss/total": total} | metrics
@@ -602,7 +614,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         "perf/data_wait_fraction": window["data_wait"] / elapsed,
         "perf/memory_gib": memory_bytes(device) / 2**30,
         "data/skipped_samples": window["skipped"],
-        "data/damaged_shards": window["damaged"],
+        "data/damaged_shards": damaged_shards,
         "train/nonfinite_steps_skipped": window["nonfinite"],
     })
     scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
@@ -614,7 +626,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
-    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, damaged=0, nonfinite=0)
+    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, nonfinite=0)
     return {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
 
 
@@ -633,33 +645,34 @@ def export_and_evaluate(cfg: Config) -> dict[str, Any]:
     return results
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[list[str]] = None, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
-    stop = StopSignal()
+    stop = stop or StopSignal()
     try:
         results = run(load_config(args.config, args.overrides), stop)
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
     except TooMuchDamage as e:
         raise SystemExit(f"data error: {e}") from None
-    if torch.distributed.is_initialized():  # NCCL warns of leaked resources at exit otherwise
-        torch.distributed.destroy_process_group()
     return results
 
 
-def process_main() -> None:
+def process_main(stop: Optional[StopSignal] = None) -> None:
     """``main`` as a process of its own (the launcher's rank, ``python -m cid_ds.train``): whatever the run
-    left running (loader workers, threads), the process ends within ``EXIT_SECONDS`` of it."""
+    left running (loader workers, threads, the process group's teardown), the process ends within
+    ``EXIT_SECONDS`` of it."""
     try:
-        main()
+        main(stop=stop)
     except BaseException:
         exit_within(EXIT_SECONDS, 1)
         raise
     exit_within(EXIT_SECONDS, 0)
+    if torch.distributed.is_initialized():  # NCCL warns of leaked resources at exit otherwise
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -233,7 +233,9 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         raise ValueError(f"view scale must satisfy 0 < min <= max <= 1 (a fraction of the image), got {views.scale}")
     if backend == "dali" and (len(specs) > 1 or views.count):
         raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
-    budget = DamageBudget(len(shards[rank::world_size]), max_damaged_fraction, "--max-damaged-fraction")
+    # the allowance of all the shards, not of this rank's share: a rank's share is small, and by chance one
+    # rank of many would pass a share's allowance at half the threshold's rate (cid_ds.data.damage.RunDamage)
+    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)  # unique names, or an error naming both shards
     missing = [path for path in shards if not os.path.isfile(path)]
     if missing:

@@ -32,6 +32,7 @@ import psutil
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 POLL_SECONDS = 0.2
+RESEND_SECONDS = 5
 
 
 def ranks(launch: psutil.Process) -> list[psutil.Process]:
@@ -82,7 +83,7 @@ class Supervisor:
     def __init__(self, command: list[str], grace: float):
         self.grace = grace
         self.received: list[int] = []
-        self.signalled: set[int] = set()  # rank pids that got the stop signal
+        self.signalled: dict[int, float] = {}  # pid -> when it was last sent the stop signal
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         self.launch = subprocess.Popen(command, start_new_session=True, preexec_fn=_ignore_usr1)
@@ -97,14 +98,17 @@ class Supervisor:
             # pdsh started every machine's ranks over ssh: none is ours to signal. DeepSpeed's runner then
             # stops them itself (SIGTERM over pdsh, no checkpoint): one launch per machine keeps it.
             self.launch.send_signal(self.received[0])
-            self.signalled.add(self.launch.pid)
+            self.signalled[self.launch.pid] = time.monotonic()
+        now = time.monotonic()
         for rank in found:
-            if rank.pid not in self.signalled:
+            # again every few seconds: a rank still starting may not have its handler yet (and SIGUSR1,
+            # ignored until then, would be lost); to one that has, a repeat changes nothing
+            if now - self.signalled.get(rank.pid, -RESEND_SECONDS) >= RESEND_SECONDS:
                 try:
                     rank.send_signal(self.received[0])
                 except psutil.Error:
                     continue
-                self.signalled.add(rank.pid)
+                self.signalled[rank.pid] = now
 
     def wait(self) -> int:
         """The launch's exit status (128 + signal where it was killed)."""

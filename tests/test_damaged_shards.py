@@ -2,19 +2,23 @@
 DALI training loaders, evaluate. The shards are made here and damaged four ways (empty, random bytes,
 cut mid-member, a .tar.gz cut in the middle); each stage must use the samples before the damage, record
 file and byte, go on, count the shard as done, and stop with a message past the damaged fraction."""
+import glob
 import gzip
 import io
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cid_ds.data.damage import DamageBudget, ShardDamage, TooMuchDamage
+from cid_ds.data.damage import DamageBudget, RunDamage, ShardDamage, TooMuchDamage
 from cid_ds.data.dali_loader import build_dali_loader
 from cid_ds.data.features import shard_file
 from cid_ds.data.tars import samples_until_damage
@@ -24,7 +28,7 @@ from cid_ds.io import read_json
 from cid_ds.models import create_model
 from data_tools.extract import extract
 from data_tools.pack import pack
-from tests.helpers import write_shard_tar
+from tests.helpers import REPO_ROOT, make_data_and_features, write_shard_tar
 
 PER_SHARD = 8
 CUT_AT = 9000  # write_shard_tar's sample 1 image header is at byte 8192: sample 0 whole, then the cut
@@ -175,8 +179,20 @@ def test_the_training_loader_uses_what_precedes_the_damage_and_reports_it_from_i
     assert sorted(k for b in batches for k in b["key"]) == keys(0, PER_SHARD + 1)
     assert [(r.shard, r.byte) for b in batches for r in b["damaged_shards"]] == [(cut, 8192)]
     empty = [damaged_shard(tmp_path, f"0000{i}.tar", "empty", 8 * i) for i in (2, 3)]
-    with pytest.raises(TooMuchDamage, match=r"2 of 4 shards are damaged \(50.0%\)"):
-        loader_epoch([good, cut] + empty, student, workers=0, max_damaged_fraction=0.25)
+    reported = [r.shard for b in loader_epoch([good, cut] + empty, student, workers=0) for r in b["damaged_shards"]]
+    assert sorted(reported) == [cut] + empty  # the loader reports; the trainer counts (RunDamage)
+
+
+def test_the_trainer_counts_each_damaged_shard_once_over_epochs_against_all_the_runs_shards():
+    record = lambda name: ShardDamage(name, 512, 1, "truncated")  # noqa: E731
+    run = RunDamage(shards=200, max_fraction=0.01)  # accepts 2 of the run's 200 shards
+    run.add([record("a.tar"), record("b.tar")])
+    run.add([record("a.tar")])  # the next epoch reads it again
+    run.check("cpu")
+    assert run.count == 2
+    run.add([record("c.tar")])
+    with pytest.raises(TooMuchDamage, match=r"3 of 200 shards are damaged \(1.5%\)"):
+        run.check("cpu")
 
 
 def test_the_dali_loader_on_cpu_reads_a_packed_shard_up_to_its_damage(packed, student, tmp_path):
@@ -222,3 +238,33 @@ def write_classification_tar(path, first: int) -> None:
             buf = io.BytesIO()
             Image.new("RGB", (48, 40), (i * 37 % 256, 90, 160)).save(buf, "JPEG", quality=90)
             tar.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "cls": str(i % 2).encode()})
+
+
+def train_on(data, out: str, extra: dict) -> subprocess.CompletedProcess:
+    items = {"output_dir": out, "data.train_shards": data["shards"], "data.features": data["feats"],
+             "data.batch_size": 16, "data.shuffle_buffer": 10, "data.views": "center", "eval.at_end": "false",
+             "eval.sets": "[]", "optim.steps": 4, "optim.warmup_steps": 1, "logging.every": 2,
+             "checkpoint.every": 1000} | extra
+    return subprocess.run([sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_distill.yaml"]
+                          + [f"{k}={v}" for k, v in items.items()], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=300)
+
+
+def test_training_goes_on_past_a_damaged_shard_counts_it_in_tensorboard_and_stops_when_damage_is_systemic(tmp_path):
+    data = make_data_and_features(str(tmp_path / "data"), train_samples=128, shards=4)
+    shards = sorted(glob.glob(data["shards"]))
+    whole = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(whole[:len(whole) // 2])  # cut after extraction: the cache lists every key
+    out = str(tmp_path / "one")
+    proc = train_on(data, out, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("data/damaged_shards")][-1] == 1
+    assert f"shard {shards[1]} is damaged at byte" in proc.stdout + proc.stderr
+
+    open(shards[2], "wb").close()  # a second of 4: more than max(1, 1% of 4) accepts
+    proc = train_on(data, str(tmp_path / "two"), {"optim.steps": 8})  # an epoch and more: every shard read
+    assert proc.returncode != 0
+    assert "data error: 2 of 4 shards are damaged (50.0%), more than data.max_damaged_fraction = 0.01" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -146,7 +146,7 @@ def test_a_rank_whose_worker_ignores_sigterm_and_is_stuck_still_exits_in_time(tm
     in a read (a dead mount) would hold the rank forever. ``exit_within`` kills it and ends the process."""
     script = tmp_path / "stuck.py"
     script.write_text(
-        "import multiprocessing, signal, time\n"
+        "import multiprocessing, os, time\n"
         "from cid_ds.faults import exit_within, ignore_stop_signals\n"
         "def stuck():\n"
         "    ignore_stop_signals()\n"
@@ -156,7 +156,9 @@ def test_a_rank_whose_worker_ignores_sigterm_and_is_stuck_still_exits_in_time(tm
         "    worker = multiprocessing.Process(target=stuck, daemon=True)\n"
         "    worker.start()\n"
         "    print(worker.pid, flush=True)\n"
-        "    exit_within(2, 0)\n" % (tmp_path / "started"))
+        "    while not os.path.exists('%s'):\n"
+        "        time.sleep(0.01)\n"
+        "    exit_within(2, 0)\n" % (tmp_path / "started", tmp_path / "started"))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
                           capture_output=True, text=True, timeout=60)

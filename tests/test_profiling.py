@@ -37,4 +37,4 @@ def test_a_negative_profile_steps_is_refused_by_name(tmp_path):
     data = make_data_and_features(str(tmp_path / "data"), train_samples=48, shards=1)
     proc = train(data, str(tmp_path / "run"), "logging.profile_steps=-1")
     assert proc.returncode != 0
-    assert "key 'logging.profile_steps' must be >= 0 (0: off), got -1" in proc.stderr
+    assert "override 'logging.profile_steps=-1': key 'logging.profile_steps' must be >= 0, got -1" in proc.stderr

@@ -26,7 +26,7 @@ How it keeps the webdataset loader's promises:
   logged once per key with the shard.
 * **Damaged shards.** A shard's index lists the samples before its damage (cid_ds.data.damage). The
   indexes are built before the epoch starts, so its first batch carries the rank's damage records in
-  ``damaged_shards``, and more damaged shards than ``max_damaged_fraction`` accepts stop it there.
+  ``damaged_shards`` (the trainer counts them against ``data.max_damaged_fraction``, cid_ds.data.damage).
 * **Resume.** ``skip_batches=N`` starts reading at sample ``N * batch_size`` of the rank's read order
   (whole shards dropped, the partly read one through a trimmed index), so nothing is decoded twice.
   Without shuffling it is exact; with it, the samples that were in the shuffle buffer at the cut (at
@@ -56,7 +56,6 @@ from torch.utils.dlpack import to_dlpack
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext
 
-from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, count_damage
 from cid_ds.data.features import DataError
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
 from cid_ds.data.preprocess import ImageSpec, image_spec, replay_slot
@@ -322,8 +321,7 @@ def _pipeline_batches(indexes: list[ShardIndex], start: int, batch_size: int, sh
 def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int, threads: int,
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                       skip_batches: int = 0, teacher_tokenizer: Optional[Callable] = None,
-                      device_id: Union[int, None, str] = "auto", replay_views: int = 0,
-                      max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> Iterator[dict]:
+                      device_id: Union[int, None, str] = "auto", replay_views: int = 0) -> Iterator[dict]:
     """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
     contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``damaged_shards``,
     ``t_img``, ``t_txt``,
@@ -345,7 +343,6 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or teacher_tokenizer is not None
     rank_shards = shards[rank::world_size]
-    budget = DamageBudget(len(rank_shards), max_damaged_fraction, "data.max_damaged_fraction")
     random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
     # indexed for every field the manifest promises, whether read or not: one index serves replaying and
     # non-replaying runs (an ablation alternating them would otherwise rescan every shard per run)
@@ -385,7 +382,7 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
                 if number == skip_batches else []
             yield batch
 
-    return count_damage(epoch_batches(), budget)
+    return epoch_batches()
 
 
 def _captions(out: dict) -> list[str]:

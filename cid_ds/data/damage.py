@@ -7,7 +7,8 @@ training loaders, cid_ds.evaluate) reads it through ``cid_ds.data.tars.until_dam
 samples before the damage are used, a ``ShardDamage`` (file, byte, samples kept) is recorded where the
 stage records what it did, and the shard counts as done.
 
-The threshold (``DamageBudget``): of N shards a stage reads, with a fraction f (``data.max_damaged_fraction``,
+The threshold (``DamageBudget``): of N shards a stage reads (in training: all the run's shards, counted over
+every rank, ``RunDamage``), with a fraction f (``data.max_damaged_fraction``,
 ``--max-damaged-fraction``; default ``DEFAULT_MAX_DAMAGED_FRACTION``), max(1, floor(f * N)) damaged shards
 are accepted when f > 0, none when f = 0; one more stops the job. The floor of one keeps a single bad
 shard of a small set (1 of 4 is 25%) from stopping it, while a wrong path or a dead mount, which
@@ -61,25 +62,50 @@ class DamageBudget:
         """Count a damaged shard (once per shard); raise TooMuchDamage past the threshold."""
         self.damaged.setdefault(record.shard, record)
         if len(self.damaged) > self.allowed:
-            raise TooMuchDamage(self._message())
+            raise TooMuchDamage(self.message(len(self.damaged)))
 
-    def _message(self) -> str:
-        count = len(self.damaged)
+    def message(self, count: int) -> str:
+        """Why ``count`` damaged shards stop the job, listing (some of) the ones recorded here."""
         listed = "\n  ".join(record.describe() for record in list(self.damaged.values())[:5])
         return (f"{count} of {self.shards} shards are damaged ({count / self.shards:.1%}), more than {self.setting} = "
                 f"{self.max_fraction} accepts ({self.allowed}); damage this widespread looks systemic (a wrong path, "
                 f"a dead mount, a copy still running), so the job stops:\n  {listed}")
 
 
-def count_damage(batches: Iterable[dict], budget: DamageBudget) -> Iterator[dict]:
-    """A training loader's batches with each one's ``damaged_shards`` counted against ``budget``; the
-    records of a report-only item (no ``image``: damage after a worker's last batch) go with the next
-    batch."""
+def carry_damage(batches: Iterable[dict]) -> Iterator[dict]:
+    """A training loader's batches; the ``damaged_shards`` of a report-only item (no ``image``: damage found
+    after a worker's last batch) go with the next batch."""
     carried: list[ShardDamage] = []
     for batch in batches:
-        for record in batch["damaged_shards"]:
-            budget.add(record)
         carried += batch["damaged_shards"]
         if "image" in batch:
             batch["damaged_shards"], carried = carried, []
             yield batch
+
+
+class RunDamage:
+    """The training run's threshold, over all its shards and every rank. Ranks read disjoint shards, so the
+    run's damaged shards are the sum of the ranks' distinct ones; ``check`` agrees on that sum (a collective:
+    every rank calls it at the same step) and every rank stops together past the threshold. A per-rank
+    budget would stop a large job by chance (640 shards a rank accept 6; at half the threshold's rate some
+    rank of 64 passes 6 in most epochs) and one rank alone."""
+
+    def __init__(self, shards: int, max_fraction: float):
+        self.budget = DamageBudget(shards, max_fraction, "data.max_damaged_fraction")
+        self.local: dict[str, ShardDamage] = {}  # this rank's, each shard once over all epochs
+        self.count = 0  # the run's, as last agreed
+
+    def add(self, records: Iterable[ShardDamage]) -> None:
+        for record in records:
+            self.local.setdefault(record.shard, record)
+
+    def check(self, device) -> None:
+        import torch
+        import torch.distributed as dist
+        count = torch.tensor([float(len(self.local))], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        self.count = int(count.item())
+        if self.count > self.budget.allowed:
+            self.budget.damaged = dict(self.local)
+            raise TooMuchDamage(self.budget.message(self.count))

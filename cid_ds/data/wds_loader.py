@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
-from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage, count_damage
+from cid_ds.data.damage import ShardDamage, carry_damage
 from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
 from cid_ds.data.joins import check_join
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
@@ -95,8 +95,7 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_buffer: int = 1000, skip_batches: int = 0,
                        clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None,
-                       replay_views: int = 0, max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION
-                       ) -> Iterable[dict]:
+                       replay_views: int = 0) -> Iterable[dict]:
     """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``,
     ``damaged_shards`` (the ShardDamage records read since the previous batch), with a
     feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
@@ -110,9 +109,6 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
     every worker is still producing batches at batch N and the skipped span holds no corrupt image
     that the feature cache does not already list.
-
-    More damaged shards among the rank's than ``max_damaged_fraction`` accepts (cid_ds.data.damage)
-    stop the epoch with TooMuchDamage.
     """
     if missing_features not in ("error", "skip"):
         raise ValueError(f"missing_features must be 'error' or 'skip', got {missing_features!r}")
@@ -136,8 +132,7 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
                         worker_init_fn=ignore_stop_signals)
-    budget = DamageBudget(len(shards[rank::world_size]), max_damaged_fraction, "data.max_damaged_fraction")
-    return count_damage(raise_data_errors(loader), budget)
+    return carry_damage(raise_data_errors(loader))
 
 
 def check_stored_views(replay_views: int, stored: int, source: str) -> None:
