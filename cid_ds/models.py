@@ -51,6 +51,9 @@ def create_model(spec: str, pretrained: Optional[str] = None, device: str | torc
         if pretrained is not None and not os.path.isfile(pretrained):
             raise FileNotFoundError(f"model '{spec}': pretrained '{pretrained}' is not a file (a local-dir or "
                                     "ds_configs/models architecture takes a checkpoint file, not an open_clip tag)")
+        in_folder = find_checkpoint_in_dir(Path(path))  # open_clip loads it weights-only, but names no file
+        if in_folder is not None:
+            refuse_code_in_weights_file(str(in_folder))
         weights_file, pretrained = pretrained, None
     elif pretrained is not None and not os.path.isfile(pretrained) \
             and pretrained not in open_clip.list_pretrained_tags_by_model(resolved):

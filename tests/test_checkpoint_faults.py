@@ -98,6 +98,17 @@ def test_a_crafted_pretrained_file_is_refused_naming_it(tmp_path, spec):
     assert not marker.exists()
 
 
+def test_a_crafted_weights_file_inside_a_local_dir_model_is_refused_naming_it(tmp_path):
+    from cid_ds.models import MODEL_CONFIG_DIR, create_model
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(os.path.join(MODEL_CONFIG_DIR, "demo-student", "open_clip_config.json"), folder)
+    crafted = write_crafted_pickle(folder / "open_clip_pytorch_model.bin", tmp_path / "code_ran")
+    with pytest.raises(UnsafeCheckpoint, match=f"{crafted}: refused, its pickle calls posix.system"):
+        create_model(f"local-dir:{folder}")
+    assert not (tmp_path / "code_ran").exists()
+
+
 def mount_tmpfs(path, size: str) -> None:
     os.makedirs(path, exist_ok=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
