@@ -28,7 +28,7 @@ def worker(model: str, batch: int, out_dir: str) -> None:
 
     from cid_ds.losses.clip import clip_loss
     from cid_ds.models import DistillStudent, create_model
-    from cid_ds.train import init_distributed
+    from cid_ds.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

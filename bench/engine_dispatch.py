@@ -38,7 +38,7 @@ from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.models import DistillStudent, model_config  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
-from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
+from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")

@@ -371,7 +371,7 @@ class Workbench:
     def losses(self, model, experiment: str = "instance", cluster_term=None, image: Optional[torch.Tensor] = None
                ) -> torch.Tensor:
         """The experiment's weighted loss of ``model`` (a student or its engine) on the batch."""
-        from cid_ds.train import compute_losses, loss_weights
+        from cid_ds.objective import compute_losses, loss_weights
         cfg = self.cfg[experiment]
         weights = loss_weights(cfg)
         out = model(self.batch["image"] if image is None else image, self.batch["tokens"])
@@ -390,7 +390,7 @@ class Workbench:
         """A DeepSpeed engine as the trainer builds it (the YAML's JSON or ``deepspeed_json``, 1 rank) with
         ``perf.adamw``; ``one_rank_allreduce``: as DeepSpeed leaves it (the before of skipping it)."""
         import deepspeed
-        from cid_ds.train import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
+        from cid_ds.engine import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
         cfg = copy.deepcopy(self.cfg["instance"])
         cfg.perf.adamw = adamw
         cfg.deepspeed_config = os.path.join(REPO, deepspeed_json) if deepspeed_json else cfg.deepspeed_config
@@ -403,7 +403,7 @@ class Workbench:
 
     def cluster_term(self):
         from cid_ds.losses.cluster import ClusterDiscrimination
-        from cid_ds.train import cosine_with_warmup
+        from cid_ds.engine import cosine_with_warmup
         cfg = self.cfg["CID"]
         return ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
                                      cosine_with_warmup(1, 2), cfg.seed, self.device)
@@ -586,7 +586,7 @@ def loader_cpu_seconds(bench: Workbench) -> dict[str, dict[str, float]]:
 
 def all_finite_seconds(bench: Workbench) -> dict[str, float]:
     """The trainer's per-step check: one all-reduce and one read of the loss."""
-    from cid_ds.train import all_finite
+    from cid_ds.objective import all_finite
     loss = bench.losses(bench.student()).detach()
     return interleaved({"call": clocked(lambda: all_finite(loss))}, 10 * bench.args.reps)
 
@@ -595,7 +595,7 @@ def log_window_seconds(bench: Workbench, engine) -> dict[str, float]:
     """One logging window of the trainer: all-reduce of the losses, samples/s gather, TensorBoard write, print."""
     import io
     from torch.utils.tensorboard import SummaryWriter
-    from cid_ds.train import compute_losses
+    from cid_ds.objective import compute_losses
     cfg = bench.cfg["instance"]
     out = engine(bench.batch["image"], bench.batch["tokens"])
     losses, metrics = compute_losses(cfg, out, bench.batch, None, 0)
@@ -740,7 +740,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         python = args.open_clip_python or open_clip_python(args.open_clip_env)
         print(f"[bench] open_clip trainer: {python} ({check_open_clip_python(python)})", flush=True)
 
-    from cid_ds.train import init_distributed
+    from cid_ds.engine import init_distributed
     init_distributed()  # the in-process engines and the cluster term are 1-rank jobs
     results = {"machine": machine(), "gemm_peak_start": gemm_peak(),
                "setup": {"student": args.student, "teacher": args.teacher, "batch": args.batch,

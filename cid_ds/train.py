@@ -1,4 +1,6 @@
-"""The training loop: ``deepspeed.initialize``, steps, logging, checkpoints, resume, export, eval.
+"""The training loop: the run's sources checked and joined, the engine built, steps, logging, then export and
+eval. Its rooms: cid_ds.engine (DeepSpeed JSON, optimizer, schedule, distributed start-up), cid_ds.checkpoints
+(save, resume, layout), cid_ds.objective (every loss term from one batch).
 
 Run it with the DeepSpeed launcher (``deepspeed --num_gpus N launch/train.py --config X.yaml``) or
 as a single process (``python -m cid_ds.train --config X.yaml``). Overrides: ``key=value`` after the
@@ -7,12 +9,8 @@ options, e.g. ``optim.lr=1e-3 data.batch_size=64``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import math
 import os
-import socket
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -20,12 +18,15 @@ import psutil
 import torch
 import yaml
 
-from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, load_config
+from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
+from cid_ds.config import Config, ConfigError, expand_shards, load_config
 from cid_ds.data.damage import RunDamage, TooMuchDamage
-from cid_ds.faults import (StopSignal, bf16_mode_of_files, checkpoint_about, exit_within, is_complete,
-                           newest_complete_tag)
-from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
-from cid_ds.losses.ensemble import TeacherTargets, split_blocks, teacher_targets
+from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
+                           skip_allreduce_at_one_rank)
+from cid_ds.faults import StopSignal, exit_within
+from cid_ds.io import OutputNotWritable, check_writable, write_json
+from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
+from cid_ds.objective import all_finite, compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 
 if TYPE_CHECKING:
@@ -35,134 +36,6 @@ if TYPE_CHECKING:
     from cid_ds.teacher import OnlineTeacher
 
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
-
-DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                         "gradient_clipping", "optimizer", "scheduler")
-
-
-def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
-    """The DeepSpeed JSON named by the YAML, with the batch and clipping the YAML owns filled in.
-
-    The JSON says *how* to train (ZeRO stage, precision, communication); the YAML says *what* (batch,
-    optimizer, schedule), so each fact lives in one file: a JSON that sets a YAML-owned key is an error.
-    """
-    path = cfg.deepspeed_config
-    ds = read_json(path)
-    for key in DS_KEYS_OWNED_BY_YAML:
-        if key in ds:
-            raise ConfigError(f"{path}: key '{key}' is set by the experiment YAML, remove it from the DeepSpeed JSON")
-    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    autocast = ds.get("torch_autocast", {})
-    fp16 = ds.get("fp16", {}).get("enabled") or (autocast.get("enabled") and _names_fp16(autocast.get("dtype")))
-    if cfg.loss.cluster > 0 and fp16 and on_gpu:
-        raise ConfigError(f"{path}: fp16 loss scaling would also scale the centroid classifier's gradients, "
-                          "which live outside the engine: use bf16 with the cluster term")
-    if not on_gpu:  # bf16/fp16 matmuls on CPU are slower than fp32 and DeepSpeed's CPU path is fp32-tested
-        for precision in ("bf16", "fp16", "torch_autocast"):
-            ds.setdefault(precision, {})["enabled"] = False
-    return ds
-
-
-def _names_fp16(dtype: Optional[str]) -> bool:
-    """Whether a JSON dtype string is fp16, by DeepSpeed's own parser (a string it cannot read is left to it)."""
-    from deepspeed.runtime.config import DtypeEnum
-    try:
-        return DtypeEnum(dtype) is DtypeEnum.fp16
-    except ValueError:
-        return False
-
-
-def compute_dtype(engine) -> torch.dtype:
-    """What the student computes in: torch autocast's dtype (the weights stay fp32), or the dtype DeepSpeed
-    cast the weights to (its bf16/fp16 modes). Inputs and an online teacher are sent in it."""
-    if engine.torch_autocast_enabled():
-        return engine.torch_autocast_dtype()
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
-
-
-def skip_allreduce_at_one_rank(engine) -> None:
-    """Without ZeRO, DeepSpeed all-reduces the gradients after every backward even at one rank, where there is
-    nothing to average: it copies each gradient into a flat buffer, reduces it with itself and copies it back
-    (11 ms of the demo's 154 ms step on 2 CPU cores). ZeRO's own reduction also keeps its books, so it stays."""
-    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
-        engine.enable_backward_allreduce = False
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's rule: no weight decay on gains, biases, embeddings of rank < 2 and the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """torch's AdamW over ``param_groups``, in the implementation ``perf.adamw`` names. torch's own default
-    is the per-tensor for-loop on CPU; inside ZeRO the optimizer sees a few flat tensors, where only
-    ``fused`` (one kernel instead of one op per Adam term) saves time."""
-    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                             eps=cfg.optim.eps, **ADAMW_IMPLEMENTATIONS[cfg.perf.adamw])
-
-
-def cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def init_distributed(dist_backend: Optional[str] = None) -> None:
-    """``deepspeed.init_distributed``, letting a plain ``python -m cid_ds.train`` run as a 1-rank job (the
-    launcher sets these variables itself), and on CPU without leaving DeepSpeed's shared memory behind. The
-    rendezvous listens on MASTER_ADDR only (cid_ds.rendezvous), not on every interface as torch's env:// does."""
-    import deepspeed
-
-    from cid_ds.rendezvous import bound_init_method
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend=dist_backend, init_method=bound_init_method())
-    unlink_cpu_allreduce_buffer()
-
-
-def unlink_cpu_allreduce_buffer() -> None:
-    """DeepSpeed's CPU all-reduce op, when all ranks share a machine, creates a 66 MB /dev/shm file per rank,
-    maps every rank's, and never unlinks them: each run left them in RAM until reboot (one set per
-    MASTER_PORT). Once every rank is past initialisation (the barrier), every file is mapped, so
-    removing this rank's name changes nothing while the ranks run and frees the memory when they exit."""
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() != "cpu":
-        return
-    dist.barrier()
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
-
-
-class DataPosition:
-    """Where this rank is in the data: epoch and batches consumed in it. Saved per rank beside each
-    checkpoint so a resume continues the same batch sequence (the loader's order is a function of
-    seed, epoch, rank and worker count)."""
-
-    def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
 
 def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int:
@@ -208,165 +81,6 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
             raise RuntimeError(f"rank {rank}: an epoch of {cfg.data.train_shards} gave no full batch of "
                                f"{cfg.data.batch_size}; use fewer ranks/workers or a smaller batch")
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
-
-
-def loss_weights(cfg: Config) -> dict[str, float]:
-    """The terms to compute: every ``loss.*`` weight > 0."""
-    return {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
-
-
-def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int,
-                   targets: Optional[TeacherTargets] = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction).
-    ``targets`` says how ``batch``'s teacher rows are split per teacher (each teacher term is the weighted
-    sum over the student's heads) and gives each teacher's logit scale (crd, gd); None: one teacher
-    of the rows' width, without a logit scale."""
-    from cid_ds.losses.clip import clip_loss
-    weights = loss_weights(cfg)
-    f = {k: v.float() for k, v in out.items()}
-    scale = f["logit_scale"]
-    losses, metrics = {}, {}
-    if "clip" in weights:
-        losses["clip"] = clip_loss(f["image"], f["text"], scale)
-    if any(name in weights for name in TEACHER_TERMS):
-        targets = targets or TeacherTargets.single(batch["t_img"].shape[-1])
-        split = {name: split_blocks(tensor, targets.head_dims) for name, tensor in (
-            ("t_img", targets.combine(batch["t_img"].float())), ("t_txt", targets.combine(batch["t_txt"].float())),
-            ("s_img", f["image_in_teacher"]), ("s_txt", f["text_in_teacher"]),
-            ("masked", f.get("masked_image_in_teacher", f["image_in_teacher"])))}
-        for head, (weight, teacher_scale) in enumerate(targets.blocks):
-            per_head = {name: blocks[head] for name, blocks in split.items()}
-            for name, value in _teacher_terms(weights, f, per_head, teacher_scale, cfg.kd.crd_temperature).items():
-                losses[name] = losses.get(name, 0) + weight * value
-    if "afd" in weights:
-        losses["afd"] = clip_loss(f["fused_image"], f["fused_text"], f["fusion_logit_scale"])
-    if cluster_term is not None:
-        targets = targets or TeacherTargets.single(f["image_in_teacher"].shape[-1])
-        student, rows = targets.cluster_view(f["image_in_teacher"], batch.get("t_img"), cluster_term.teacher_index)
-        result = cluster_term(student, batch | {"t_img": rows}, step)
-        losses["cluster"] = result["loss"]
-        metrics = {"cluster/accuracy": result["accuracy"], "cluster/sampled_fraction": result["sampled_fraction"]}
-    return losses, metrics
-
-
-def _teacher_terms(weights: dict[str, float], f: dict[str, torch.Tensor], x: dict[str, torch.Tensor],
-                   teacher_scale: Optional[float], crd_temperature: float) -> dict[str, torch.Tensor]:
-    """The weighted teacher terms against one teacher head: ``x`` holds its targets ``t_img``/``t_txt`` and
-    the student's embeddings in its space ``s_img``/``s_txt``/``masked``."""
-    from cid_ds.losses.instance import instance_loss
-    from cid_ds.losses.kd import feature_distillation, gradient_distillation, relational_distillation
-    terms = {}
-    t_img, t_txt, s_img, s_txt = x["t_img"], x["t_txt"], x["s_img"], x["s_txt"]
-    if "instance" in weights:
-        terms["instance"] = instance_loss(s_img, s_txt, t_img, t_txt, f["logit_scale"])
-    if "icl" in weights:
-        terms["icl"] = instance_loss(s_img, s_txt, t_img, t_txt, f["cross_logit_scale"])
-    if "fd" in weights:
-        terms["fd"] = feature_distillation(s_img, t_img) + feature_distillation(s_txt, t_txt)
-    if "mfd" in weights:
-        terms["mfd"] = feature_distillation(x["masked"], t_img)
-    if "crd" in weights:
-        terms["crd"] = relational_distillation(f["image"], f["text"], f["logit_scale"], t_img, t_txt, teacher_scale,
-                                               crd_temperature)
-    if "gd" in weights:
-        terms["gd"] = gradient_distillation(s_img, s_txt, f["logit_scale"], t_img, t_txt, teacher_scale)
-    return terms
-
-
-def all_finite(total: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (one all-reduce and one device sync per step)."""
-    import torch.distributed as dist
-    finite = torch.isfinite(total.detach()).float().reshape(1)
-    dist.all_reduce(finite, dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def checkpoint_dir(cfg: Config) -> str:
-    return os.path.join(cfg.output_dir, "checkpoints")
-
-
-def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
-    """Every rank writes its files; once all have, rank 0 marks the checkpoint complete, points ``latest`` at it
-    and only then deletes the stale ones. A failed write on any rank stops every rank, naming the path.
-    A complete checkpoint of ``step`` is kept as it is: no update happened since (a stop after non-finite
-    steps), and writing over it could lose the only good checkpoint to a full disk."""
-    import torch.distributed as dist
-    from cid_ds.checkpoint_io import complete_and_rotate, recorded, recording_write_failures, stop_if_any_rank_failed
-    tag = f"step{step:08d}"
-    root = checkpoint_dir(cfg)
-    tag_dir = os.path.join(root, tag)
-    complete_everywhere = torch.tensor([float(is_complete(tag_dir))], device=engine.device)
-    dist.all_reduce(complete_everywhere, dist.ReduceOp.MIN)  # every rank takes the same branch
-    if complete_everywhere.item():
-        return
-    position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
-    with recording_write_failures(engine) as failures:
-        recorded(failures, position_file, lambda: write_json(position_file, position.state()))
-        if cluster_term is not None:
-            recorded(failures, tag_dir, lambda: cluster_term.save(tag_dir))
-        engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
-    stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
-    if rank == 0:
-        about = {"zero_stage": engine.zero_optimization_stage(), "bf16_mode": engine.bfloat16_enabled()}
-        recorded(failures, tag_dir, lambda: complete_and_rotate(root, tag, about, cfg.checkpoint.keep))
-    stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
-
-
-def check_checkpoint_layout(tag_dir: str, zero_stage: int, bf16_mode: bool, ds_path: str) -> None:
-    """DeepSpeed cannot load a checkpoint into an engine of another layout: it fails deep inside, or starts the
-    optimizer afresh. A ZeRO checkpoint keeps the optimizer state in per-rank partitions, one without ZeRO as a
-    whole; and DeepSpeed's bf16 mode saves its own optimizer files (``bf16_zero_pp_rank_*``), which an engine
-    without it (torch autocast, or fp32 on CPU) does not look for. With bf16 the file names do not tell the
-    ZeRO stage apart, so the completion marker records both; a checkpoint from before that is judged by its
-    file names where they tell."""
-    about = checkpoint_about(tag_dir)
-    saved = about.get("zero_stage")
-    if saved is not None and (saved > 0) != (zero_stage > 0):
-        raise ConfigError(f"checkpoint.resume: {tag_dir} was saved " + (
-            f"with ZeRO stage {saved}" if saved else "without ZeRO (stage 0)") + f", but deepspeed_config "
-            f"{ds_path} runs ZeRO stage {zero_stage}: resume with a JSON of the kind it was saved with (the "
-            "run's config.yaml names it)")
-    saved_bf16 = about.get("bf16_mode", bf16_mode_of_files(tag_dir))
-    if saved_bf16 is not None and saved_bf16 != bf16_mode:
-        raise ConfigError(
-            f"checkpoint.resume: {tag_dir} was saved in DeepSpeed's bf16 mode, and deepspeed_config {ds_path} "
-            "does not run it (on CPU the trainer turns bf16 off): resume on GPUs with a JSON that sets \"bf16\": "
-            "{\"enabled\": true} (ds_configs' zero0/1/2.json did before they moved to torch autocast)"
-            if saved_bf16 else
-            f"checkpoint.resume: {tag_dir} was saved without DeepSpeed's bf16 mode, and deepspeed_config {ds_path} "
-            "runs it: resume with a JSON without it (torch_autocast, as ds_configs' zero0/1/2.json)")
-
-
-def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
-    """Load the newest checkpoint if asked to; return (next step, data position)."""
-    from cid_ds.checkpoint_io import load_deepspeed_files_safely, refuse_code_in_checkpoint
-    if cfg.checkpoint.resume == "none":
-        return 0, DataPosition()
-    root = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else checkpoint_dir(cfg)
-    tag = None
-    if cfg.checkpoint.resume != "auto" and os.path.basename(os.path.normpath(root)).startswith("step"):
-        root, tag = os.path.split(os.path.normpath(root))
-    if tag is None:
-        tag = newest_complete_tag(root)
-        if tag is None:
-            if cfg.checkpoint.resume != "auto":
-                raise ConfigError(f"checkpoint.resume: no complete checkpoint in {root}")
-            return 0, DataPosition()
-    tag_dir = os.path.join(root, tag)
-    check_checkpoint_layout(tag_dir, engine.zero_optimization_stage(), engine.bfloat16_enabled(),
-                            cfg.deepspeed_config)
-    refuse_code_in_checkpoint(tag_dir)
-    load_deepspeed_files_safely(engine)
-    path, client = engine.load_checkpoint(root, tag=tag)
-    if path is None:
-        raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
-    if cluster_term is not None:
-        cluster_term.load(tag_dir)
-    position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
-    if not os.path.isfile(position_file):  # saved by fewer ranks: this rank starts its data afresh
-        print(f"[cid_ds] rank {rank}: no {position_file}, starting the data at epoch 0", flush=True)
-        return int(client["step"]), DataPosition()
-    return int(client["step"]), DataPosition(**read_json(position_file))
 
 
 def memory_bytes(device: torch.device) -> int:

@@ -38,7 +38,7 @@ torch.save(result, out)
 TRAIN_AND_SAVE = r"""
 import sys, torch, deepspeed
 from cid_ds.models import DistillStudent, create_model
-from cid_ds.train import init_distributed
+from cid_ds.engine import init_distributed
 out = sys.argv[1]
 init_distributed(dist_backend="gloo")
 for stage in [int(s) for s in sys.argv[2].split(",")]:

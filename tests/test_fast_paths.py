@@ -26,7 +26,7 @@ from cid_ds.config import Config
 from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent
-from cid_ds.train import build_optimizer
+from cid_ds.engine import build_optimizer
 from tests.helpers import one_rank_env
 
 BATCH, TEACHER_DIM = 8, 48
@@ -175,7 +175,7 @@ ENGINES_WITH_AND_WITHOUT_ALLREDUCE = r"""
 import json, sys, deepspeed, torch
 from cid_ds.config import Config
 from cid_ds.profiling import DispatchCount
-from cid_ds.train import build_optimizer, deepspeed_config, init_distributed, skip_allreduce_at_one_rank
+from cid_ds.engine import build_optimizer, deepspeed_config, init_distributed, skip_allreduce_at_one_rank
 from tests.test_fast_paths import batch_loss, fixed_batch, tiny_student
 init_distributed(dist_backend="gloo")
 cfg = Config()

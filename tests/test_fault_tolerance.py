@@ -195,7 +195,7 @@ def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(da
 
 
 def test_a_checkpoint_named_by_path_without_a_marker_skips_the_layout_check(tmp_path):
-    from cid_ds.train import check_checkpoint_layout
+    from cid_ds.checkpoints import check_checkpoint_layout
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
     check_checkpoint_layout(str(tmp_path), 2, False, "ds_configs/zero2.json")  # nothing recorded: DeepSpeed decides
 
@@ -206,7 +206,7 @@ def test_resuming_across_deepspeeds_bf16_mode_is_refused(tmp_path, saved_bf16, r
     """A checkpoint from DeepSpeed's bf16 mode (the shipped ZeRO JSONs before they moved to torch autocast)
     has its own optimizer files; an engine without that mode would fail looking for its own names."""
     from cid_ds.faults import mark_complete
-    from cid_ds.train import check_checkpoint_layout
+    from cid_ds.checkpoints import check_checkpoint_layout
     prefix = "bf16_" if saved_bf16 else ""
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (tmp_path / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")

@@ -8,7 +8,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cid_ds.data.features import DataError
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
 from tests.helpers import write_shard_tar

@@ -12,7 +12,7 @@ from cid_ds.losses.kd import (contrastive_gradients, feature_distillation, gradi
                               relational_distillation)
 from cid_ds.models import DistillStudent, create_model
 from cid_ds.losses.ensemble import TeacherTargets
-from cid_ds.train import compute_losses
+from cid_ds.objective import compute_losses
 
 
 def unit(*shape, seed=0, grad=False):

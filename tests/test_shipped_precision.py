@@ -17,7 +17,7 @@ import pytest
 
 from cid_ds.config import Config
 from cid_ds.io import read_json
-from cid_ds.train import deepspeed_config
+from cid_ds.engine import deepspeed_config
 from tests.helpers import REPO_ROOT, deepspeed_cmd, one_rank_env, run
 
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
-from cid_ds.train import init_distributed
+from cid_ds.engine import init_distributed
 
 out_dir = sys.argv[sys.argv.index("--out") + 1]
 init_distributed()

@@ -18,7 +18,7 @@ from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent, create_model
 from cid_ds.profiling import DispatchCount
-from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config, init_distributed
+from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed
 
 BATCH, TEACHER_DIM = 4, 256
 out_dir, json_paths = sys.argv[1], sys.argv[2:]

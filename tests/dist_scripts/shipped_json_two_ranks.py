@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # for tests.*
 
 from cid_ds.config import Config  # noqa: E402
-from cid_ds.train import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
+from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
 from tests.test_fast_paths import BATCH, batch_loss, fixed_batch, tiny_student  # noqa: E402
 
 out_dir = sys.argv[sys.argv.index("--out") + 1]
