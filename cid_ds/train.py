@@ -1,6 +1,7 @@
 """The training loop: the run's sources checked and joined, the engine built, steps, logging, then export and
-eval. Its rooms: cid_ds.engine (DeepSpeed JSON, optimizer, schedule, distributed start-up), cid_ds.checkpoints
-(save, resume, layout), cid_ds.objective (every loss term from one batch).
+eval. Its rooms: cid_ds.sources (the artifacts trained against, and every cross-check of them), cid_ds.engine
+(DeepSpeed JSON, optimizer, schedule, distributed start-up), cid_ds.checkpoints (save, resume, layout),
+cid_ds.objective (every loss term from one batch).
 
 Run it with the DeepSpeed launcher (``deepspeed --num_gpus N launch/train.py --config X.yaml``) or
 as a single process (``python -m cid_ds.train --config X.yaml``). Overrides: ``key=value`` after the
@@ -12,42 +13,24 @@ import argparse
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import psutil
 import torch
 import yaml
 
 from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
-from cid_ds.config import Config, ConfigError, expand_shards, load_config
+from cid_ds.config import Config, ConfigError, load_config
 from cid_ds.data.damage import RunDamage, TooMuchDamage
 from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
                            skip_allreduce_at_one_rank)
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
-from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 from cid_ds.objective import all_finite, compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
-
-if TYPE_CHECKING:
-    from cid_ds.data.clusters import ClusterAssignments
-    from cid_ds.data.features import FeatureCache
-    from cid_ds.data.packed import PackedShards
-    from cid_ds.teacher import OnlineTeacher
+from cid_ds.sources import open_sources
 
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
-
-
-def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int:
-    """How many stored views ``data.views: replay`` cycles through (0: not replaying)."""
-    if cfg.data.views != "replay":
-        return 0
-    if stored == 0:
-        raise ConfigError(f"data.views is replay, but {source or cfg.data.train_shards} stores no views: extract with "
-                          "data_tools.extract --views K (and pack again), or use data.views random")
-    if cfg.data.replay_views > stored:
-        raise ConfigError(f"data.replay_views is {cfg.data.replay_views} but {source} stores {stored} views per sample")
-    return cfg.data.replay_views or stored
 
 
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
@@ -55,7 +38,7 @@ def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: Dat
             replay_views: int = 0) -> Iterator[dict]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
     ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them).
-    ``replay_views``: replay that many stored views (``resolve_replay_views``).
+    ``replay_views``: replay that many stored views (cid_ds.sources.resolve_replay_views).
     ``cfg.data.backend`` picks the loader (cid_ds.data.dali_loader.resolve_backend)."""
     from cid_ds.data.dali_loader import resolve_backend
     backend = resolve_backend(cfg.data.backend, shards, joins=cfg.data.features is not None or clusters_dir is not None)
@@ -89,32 +72,6 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
-def open_clusters(cfg: Config, packed: Optional[PackedShards]) -> ClusterAssignments:
-    """``cluster.dir``'s assignments, complete, and of the clustering packed shards (if any) carry ids of."""
-    from cid_ds.data.clusters import ClusterAssignments
-    assignments = ClusterAssignments(cfg.cluster.dir)
-    if not assignments.complete:
-        raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
-                          "re-run data_tools.cluster to finish them")
-    if packed is not None and packed.topk and packed.manifest["k"] != assignments.k:
-        raise ConfigError(f"cluster.dir: {assignments.manifest_path} has k = {assignments.k}, but the shards of "
-                          f"{packed.manifest_path} were packed with a clustering of k = {packed.manifest['k']}: "
-                          "point cluster.dir at that one")
-    return assignments
-
-
-def check_teachers(cfg: Config, packed: Optional[PackedShards], cache: Optional[FeatureCache],
-                   assignments: Optional[ClusterAssignments], online_teacher: Optional[OnlineTeacher]) -> None:
-    """Refuse artifacts of the run made from different teachers (cid_ds.data.joins). An online teacher
-    replaces the stored embeddings: packed shards are then joined only for their cluster ids."""
-    from cid_ds.data.joins import Artifact, check_join
-    if online_teacher is None:
-        check_join(packed, cache, assignments)
-        return
-    packed_ids = packed if packed is not None and packed.topk and assignments is not None else None
-    check_join(Artifact("model.teacher", cfg.model.teacher, online_teacher.info), assignments, packed_ids)
-
-
 def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     """Train as ``cfg`` says. ``stop``: the stop-signal flag, installed by the caller as early as it can (a
     signal during start-up then stops the run at its first check instead of killing the rank)."""
@@ -126,8 +83,6 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from cid_ds.data.features import FeatureCache, teacher_members
-    from cid_ds.data.packed import PackedShards, packed_manifest_path
     from cid_ds.models import DistillStudent, create_model
 
     init_distributed()
@@ -137,53 +92,8 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
 
     clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
         cfg.model.student, cfg.model.student_pretrained)
-    shards = expand_shards(cfg.data.train_shards)
-    packed_path = packed_manifest_path(shards)
-    packed = PackedShards(packed_path) if packed_path else None
-    teacher, teacher_source, stored_views = None, None, 0  # the teacher (set) of the embeddings trained against
-    if packed is not None:
-        if not packed.complete:
-            raise ConfigError(f"data.train_shards: the distill-ready shards of {packed_path} are incomplete: "
-                              "re-run data_tools.pack to finish them")
-        teacher, teacher_source, stored_views = packed.teacher, packed_path, packed.views
-    cache = None
-    if cfg.data.features is not None:
-        cache = FeatureCache(cfg.data.features)
-        if not cache.complete:
-            raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
-                              "(extraction still running or interrupted): re-run data_tools.extract to finish it")
-        teacher, teacher_source, stored_views = cache.teacher, cache.manifest_path, cache.views
-    online_teacher = None
-    if cfg.kd.teacher == "online":
-        from cid_ds.teacher import OnlineTeacher
-        online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model,
-                                       random_ok=cfg.model.teacher_random_ok)
-        teacher, teacher_source = online_teacher.info, f"model.teacher {cfg.model.teacher}"
-    assignments = open_clusters(cfg, packed) if cfg.loss.cluster > 0 else None
-    check_teachers(cfg, packed, cache, assignments, online_teacher)
-    replay_views = resolve_replay_views(cfg, stored_views, teacher_source)
-    targets = None
-    if teacher is not None:
-        try:
-            targets = teacher_targets(teacher_members(teacher), cfg.kd.ensemble, cfg.kd.teacher_weights,
-                                      cfg.kd.teacher_logit_scale, teacher_source)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if None in (scale for _, scale in targets.blocks) and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
-            raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
-                              "set kd.teacher_logit_scale")
-    cluster_index = None  # the teacher of an ensemble the clusters were fit on; None: all of them
-    if assignments is not None:
-        from cid_ds.losses.cluster import centroid_dim
-        cluster_dim, cluster_index = centroid_dim(cfg.cluster.dir), assignments.teacher_index
-        if targets is None:
-            targets = TeacherTargets.single(cluster_dim)
-        student_side = sum(targets.head_dims) if cluster_index is None or targets.mode == "mean" \
-            else targets.head_dims[cluster_index]
-        if student_side != cluster_dim:
-            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the student's teacher-space embedding "
-                              f"{student_side}-d (kd.ensemble {cfg.kd.ensemble}, teacher widths {list(targets.dims)}): "
-                              "cluster every teacher with kd.ensemble per_teacher, or one teacher (--teacher-index)")
+    sources = open_sources(cfg, clip_model)
+    shards, online_teacher, targets = sources.shards, sources.online_teacher, sources.targets
     if cfg.perf.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     heads = targets.head_dims if targets is not None else None
@@ -210,7 +120,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     if cfg.loss.cluster > 0:
         from cid_ds.losses.cluster import ClusterDiscrimination
         cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                             lr_factor, cfg.seed, device, cluster_index)
+                                             lr_factor, cfg.seed, device, sources.cluster_index)
     step, position = resume(engine, cfg, rank, cluster_term)
     writer = None
     if rank == 0:
@@ -223,10 +133,9 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         print(f"[cid_ds] {cfg.name}: world {world_size}, device {device}, dtype {dtype}, "
               f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
 
-    join_clusters = cfg.loss.cluster > 0 and not (packed is not None and packed.topk)
     data = batches(cfg, shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
                    position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
-                   cfg.cluster.dir if join_clusters else None, replay_views)
+                   sources.clusters_to_join, sources.replay_views)
     weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)

@@ -124,7 +124,7 @@ def test_trainer_refuses_a_clustering_of_another_teacher_than_the_side_cache(mad
 
 def test_an_online_teacher_is_joined_to_the_clustering(made):
     from cid_ds.teacher import OnlineTeacher
-    from cid_ds.train import check_teachers
+    from cid_ds.sources import check_teachers
     cfg = load_config(os.path.join(REPO_ROOT, "ds_configs/experiments/demo_cid.yaml"),
                       ["kd.teacher=online", f"model.teacher={made['a']['teacher']}"], check_paths=False)
     online = OnlineTeacher(cfg.model.teacher, None, create_model("demo-student")[0])

@@ -20,9 +20,9 @@ from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 from cid_ds.models import DistillStudent, create_model
-from cid_ds.teacher import load_teacher
 from cid_ds.objective import compute_losses
-from cid_ds.train import resolve_replay_views
+from cid_ds.sources import resolve_replay_views
+from cid_ds.teacher import load_teacher
 from data_tools.cluster import cluster
 from data_tools.extract import Views, extract
 from data_tools.make_demo_data import generate

@@ -1,0 +1,126 @@
+"""The run's sources: the shards (packed or not), the side feature cache, the online teacher and the cluster
+assignments, each checked complete, cross-checked with the others (one teacher, one clustering, matching
+widths) and turned into what the trainer needs, before any work."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from cid_ds.config import Config, ConfigError, expand_shards
+from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from cid_ds.data.clusters import ClusterAssignments
+    from cid_ds.data.features import FeatureCache
+    from cid_ds.data.packed import PackedShards
+    from cid_ds.teacher import OnlineTeacher
+
+
+@dataclass
+class Sources:
+    shards: list[str]
+    packed: Optional[PackedShards]
+    cache: Optional[FeatureCache]
+    online_teacher: Optional[OnlineTeacher]
+    assignments: Optional[ClusterAssignments]
+    targets: Optional[TeacherTargets]  # how the batch's teacher rows split per teacher; None: no teacher
+    replay_views: int                  # stored views replayed (0: none)
+    cluster_index: Optional[int]       # the teacher of an ensemble the clusters were fit on; None: all of them
+    clusters_to_join: Optional[str]    # cluster.dir, joined by key (the shards carry no cluster ids)
+
+
+def open_sources(cfg: Config, clip_model: nn.Module) -> Sources:
+    """Open and cross-check everything ``cfg`` trains against (``clip_model``: the student, whose input
+    normalisation an online teacher converts from)."""
+    from cid_ds.data.features import FeatureCache, teacher_members
+    from cid_ds.data.packed import PackedShards, packed_manifest_path
+    shards = expand_shards(cfg.data.train_shards)
+    packed_path = packed_manifest_path(shards)
+    packed = PackedShards(packed_path) if packed_path else None
+    teacher, teacher_source, stored_views = None, None, 0  # the teacher (set) of the embeddings trained against
+    if packed is not None:
+        if not packed.complete:
+            raise ConfigError(f"data.train_shards: the distill-ready shards of {packed_path} are incomplete: "
+                              "re-run data_tools.pack to finish them")
+        teacher, teacher_source, stored_views = packed.teacher, packed_path, packed.views
+    cache = None
+    if cfg.data.features is not None:
+        cache = FeatureCache(cfg.data.features)
+        if not cache.complete:
+            raise ConfigError(f"data.features: the feature cache {cache.manifest_path} is incomplete "
+                              "(extraction still running or interrupted): re-run data_tools.extract to finish it")
+        teacher, teacher_source, stored_views = cache.teacher, cache.manifest_path, cache.views
+    online_teacher = None
+    if cfg.kd.teacher == "online":
+        from cid_ds.teacher import OnlineTeacher
+        online_teacher = OnlineTeacher(cfg.model.teacher, cfg.model.teacher_pretrained, clip_model,
+                                       random_ok=cfg.model.teacher_random_ok)
+        teacher, teacher_source = online_teacher.info, f"model.teacher {cfg.model.teacher}"
+    assignments = open_clusters(cfg, packed) if cfg.loss.cluster > 0 else None
+    check_teachers(cfg, packed, cache, assignments, online_teacher)
+    replay_views = resolve_replay_views(cfg, stored_views, teacher_source)
+    targets = None
+    if teacher is not None:
+        try:
+            targets = teacher_targets(teacher_members(teacher), cfg.kd.ensemble, cfg.kd.teacher_weights,
+                                      cfg.kd.teacher_logit_scale, teacher_source)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if None in (scale for _, scale in targets.blocks) and (cfg.loss.crd > 0 or cfg.loss.gd > 0):
+            raise ConfigError(f"loss.crd/loss.gd need the teacher's logit scale: {teacher_source} predates it, "
+                              "set kd.teacher_logit_scale")
+    cluster_index = None
+    if assignments is not None:
+        from cid_ds.losses.cluster import centroid_dim
+        cluster_dim, cluster_index = centroid_dim(cfg.cluster.dir), assignments.teacher_index
+        if targets is None:
+            targets = TeacherTargets.single(cluster_dim)
+        student_side = sum(targets.head_dims) if cluster_index is None or targets.mode == "mean" \
+            else targets.head_dims[cluster_index]
+        if student_side != cluster_dim:
+            raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the student's teacher-space embedding "
+                              f"{student_side}-d (kd.ensemble {cfg.kd.ensemble}, teacher widths {list(targets.dims)}): "
+                              "cluster every teacher with kd.ensemble per_teacher, or one teacher (--teacher-index)")
+    join_clusters = cfg.loss.cluster > 0 and not (packed is not None and packed.topk)
+    return Sources(shards, packed, cache, online_teacher, assignments, targets, replay_views, cluster_index,
+                   cfg.cluster.dir if join_clusters else None)
+
+
+def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int:
+    """How many stored views ``data.views: replay`` cycles through (0: not replaying)."""
+    if cfg.data.views != "replay":
+        return 0
+    if stored == 0:
+        raise ConfigError(f"data.views is replay, but {source or cfg.data.train_shards} stores no views: extract with "
+                          "data_tools.extract --views K (and pack again), or use data.views random")
+    if cfg.data.replay_views > stored:
+        raise ConfigError(f"data.replay_views is {cfg.data.replay_views} but {source} stores {stored} views per sample")
+    return cfg.data.replay_views or stored
+
+
+def open_clusters(cfg: Config, packed: Optional[PackedShards]) -> ClusterAssignments:
+    """``cluster.dir``'s assignments, complete, and of the clustering packed shards (if any) carry ids of."""
+    from cid_ds.data.clusters import ClusterAssignments
+    assignments = ClusterAssignments(cfg.cluster.dir)
+    if not assignments.complete:
+        raise ConfigError(f"cluster.dir: the cluster assignments in {cfg.cluster.dir} are incomplete: "
+                          "re-run data_tools.cluster to finish them")
+    if packed is not None and packed.topk and packed.manifest["k"] != assignments.k:
+        raise ConfigError(f"cluster.dir: {assignments.manifest_path} has k = {assignments.k}, but the shards of "
+                          f"{packed.manifest_path} were packed with a clustering of k = {packed.manifest['k']}: "
+                          "point cluster.dir at that one")
+    return assignments
+
+
+def check_teachers(cfg: Config, packed: Optional[PackedShards], cache: Optional[FeatureCache],
+                   assignments: Optional[ClusterAssignments], online_teacher: Optional[OnlineTeacher]) -> None:
+    """Refuse artifacts of the run made from different teachers (cid_ds.data.joins). An online teacher
+    replaces the stored embeddings: packed shards are then joined only for their cluster ids."""
+    from cid_ds.data.joins import Artifact, check_join
+    if online_teacher is None:
+        check_join(packed, cache, assignments)
+        return
+    packed_ids = packed if packed is not None and packed.topk and assignments is not None else None
+    check_join(Artifact("model.teacher", cfg.model.teacher, online_teacher.info), assignments, packed_ids)
