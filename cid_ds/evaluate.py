@@ -38,12 +38,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cid_ds.checkpoint_io import UnsafeCheckpoint
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage, TooMuchDamage
 from cid_ds.data.tars import samples_until_damage
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.linear_probe import linear_probe
 from cid_ds.models import create_model
+from cid_ds.safe_load import UnsafeCheckpoint
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 RECALL_KS = (1, 5, 10)

@@ -25,9 +25,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import save_file
 from torch import nn
 
-from cid_ds.checkpoint_io import checkpoint_files, deepspeed_classes, load_weights, refuse_code
 from cid_ds.io import check_writable, write_json
 from cid_ds.models import create_model, model_config, resolve_spec
+from cid_ds.safe_load import checkpoint_files, deepspeed_classes, load_weights, refuse_code
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"

@@ -1,5 +1,5 @@
-"""What keeps a multi-day job alive: a stop signal turned into a checkpoint at a step boundary, and
-checkpoints that are only trusted once complete.
+"""Stopping on a signal: a stop signal turned into a checkpoint at a step boundary, and an exit that cannot
+hang (checkpoint completion and rotation: cid_ds.checkpoints).
 
 * SIGTERM / SIGINT / SIGUSR1 (SLURM sends USR1 ahead of preemption with ``--signal=USR1@120``; launch/
   supervise.py forwards all three from the launcher to the ranks) set a flag; every ``stop_check_every``
@@ -7,10 +7,6 @@ checkpoints that are only trusted once complete.
   exit 0. DataLoader workers ignore these signals: a terminal or DeepSpeed's own launcher signals the whole
   process tree, and the main process, not its workers, decides when to stop. Once stopped, a rank's exit is
   bounded (``exit_within``): workers or loader threads stuck in a read cannot keep it alive.
-* A checkpoint is complete when ``checkpoint_complete.json`` (every file of the tag and its size,
-  written by rank 0 after all ranks saved) is present and every size still matches. ``resume: auto``
-  takes the newest complete one, whatever DeepSpeed's ``latest`` says: a save cut short by a node
-  failure or a full disk is passed over.
 """
 from __future__ import annotations
 
@@ -24,10 +20,7 @@ from typing import Optional
 
 import psutil
 
-from cid_ds.io import read_json, write_json
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-COMPLETE = "checkpoint_complete.json"
 
 
 class StopSignal:
@@ -68,50 +61,3 @@ def exit_within(seconds: float, status: int) -> None:
               "killed its workers and left", file=sys.stderr, flush=True)
         os._exit(status)
     threading.Thread(target=deadline, name="exit_within", daemon=True).start()
-
-
-def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:
-    """Write the completion marker: every file's size, and ``about`` (how the checkpoint was made)."""
-    sizes = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
-             if name != COMPLETE and os.path.isfile(os.path.join(tag_dir, name))}
-    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes, **(about or {})})
-
-
-def checkpoint_about(tag_dir: str) -> dict:
-    """What ``mark_complete`` recorded besides the files: empty for an older checkpoint, and for one without
-    a marker (``checkpoint.resume`` may name any DeepSpeed checkpoint directory)."""
-    marker = os.path.join(tag_dir, COMPLETE)
-    if not os.path.isfile(marker):
-        return {}
-    return {k: v for k, v in read_json(marker).items() if k != "files"}
-
-
-def bf16_mode_of_files(tag_dir: str) -> Optional[bool]:
-    """Whether DeepSpeed's bf16 mode saved a checkpoint, by the names of its ZeRO optimizer files
-    (``bf16_zero_pp_rank_*`` or ``zero_pp_rank_*``); None where there are none (no ZeRO)."""
-    names = os.listdir(tag_dir)
-    if any(name.startswith("bf16_zero_pp_rank_") for name in names):
-        return True
-    if any(name.startswith("zero_pp_rank_") for name in names):
-        return False
-    return None
-
-
-def is_complete(tag_dir: str) -> bool:
-    marker = os.path.join(tag_dir, COMPLETE)
-    if not os.path.isfile(marker):
-        return False
-    try:
-        sizes = read_json(marker)["files"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    return all(os.path.isfile(os.path.join(tag_dir, name)) and os.path.getsize(os.path.join(tag_dir, name)) == size
-               for name, size in sizes.items())
-
-
-def newest_complete_tag(root: str) -> Optional[str]:
-    """The newest ``step*`` checkpoint under ``root`` that is complete, or None."""
-    if not os.path.isdir(root):
-        return None
-    tags = sorted((t for t in os.listdir(root) if t.startswith("step")), reverse=True)
-    return next((t for t in tags if is_complete(os.path.join(root, t))), None)

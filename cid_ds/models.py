@@ -22,8 +22,8 @@ from open_clip.factory import _find_checkpoint_in_dir as find_checkpoint_in_dir 
 from open_clip.transformer import PatchDropout
 from torch import nn
 
-from cid_ds.checkpoint_io import refuse_code_in_weights_file
 from cid_ds.losses.ensemble import normalize_blocks
+from cid_ds.safe_load import refuse_code_in_weights_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIG_DIR = os.path.join(REPO_ROOT, "ds_configs", "models")

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from cid_ds.checkpoint_io import UnsafeCheckpoint, stale_tags
-from cid_ds.faults import COMPLETE, is_complete, mark_complete, newest_complete_tag
+from cid_ds.checkpoints import COMPLETE, is_complete, mark_complete, newest_complete_tag, stale_tags
+from cid_ds.safe_load import UnsafeCheckpoint
 from tests.helpers import REPO_ROOT, make_data_and_features
 
 

@@ -15,8 +15,8 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cid_ds.checkpoints import COMPLETE, newest_complete_tag
 from cid_ds.config import ConfigError
-from cid_ds.faults import COMPLETE, newest_complete_tag
 from tests.helpers import REPO_ROOT, deepspeed_cmd, free_port, make_data_and_features, run
 
 
@@ -174,7 +174,7 @@ def test_a_checkpoint_without_its_completion_marker_is_not_trusted(tmp_path):
         tag = tmp_path / f"step{step:08d}"
         tag.mkdir()
         (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
-    from cid_ds.faults import mark_complete
+    from cid_ds.checkpoints import mark_complete
     mark_complete(str(tmp_path / "step00000005"))
     assert newest_complete_tag(str(tmp_path)) == "step00000005"  # step 10 was never marked complete
     (tmp_path / "step00000010" / COMPLETE).write_text("{not json")
@@ -205,8 +205,7 @@ def test_a_checkpoint_named_by_path_without_a_marker_skips_the_layout_check(tmp_
 def test_resuming_across_deepspeeds_bf16_mode_is_refused(tmp_path, saved_bf16, recorded):
     """A checkpoint from DeepSpeed's bf16 mode (the shipped ZeRO JSONs before they moved to torch autocast)
     has its own optimizer files; an engine without that mode would fail looking for its own names."""
-    from cid_ds.faults import mark_complete
-    from cid_ds.checkpoints import check_checkpoint_layout
+    from cid_ds.checkpoints import check_checkpoint_layout, mark_complete
     prefix = "bf16_" if saved_bf16 else ""
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (tmp_path / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 from cid_ds.config import ConfigError
 from cid_ds.data.clusters import ClusterAssignments
