@@ -64,7 +64,8 @@ from tqdm import tqdm
 
 import cid_ds
 from cid_ds.data.clusters import ClusterAssignments
-from cid_ds.data.features import DataError, FeatureCache, shard_file
+from cid_ds.data.errors import DataError
+from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.joins import check_join
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows

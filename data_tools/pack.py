@@ -37,7 +37,8 @@ import cid_ds
 from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
-from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem, stems_by_shard
+from cid_ds.data.errors import DataError
+from cid_ds.data.features import FeatureCache, shard_file, shard_stem, stems_by_shard
 from cid_ds.data.joins import balance_artifact, check_join
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples

@@ -14,9 +14,9 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from cid_ds.data.dali_loader import build_dali_loader, read_shard, resolve_backend
-from cid_ds.data.preprocess import image_spec
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 from cid_ds.data.packed import FORMAT, encode_array, tokenizer_fingerprint
+from cid_ds.data.preprocess import image_spec
 from cid_ds.data.shard_index import INDEX_FOLDER, image_problem
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json, write_json

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import yaml
 
 from cid_ds.config import ConfigError, expand_shards, load_config
-from cid_ds.data.features import DataError, FeatureCache
+from cid_ds.data.errors import DataError
+from cid_ds.data.features import FeatureCache
 from cid_ds.data.preprocess import draw_views
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json

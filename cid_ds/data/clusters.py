@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from cid_ds.data.features import DataError, _short, shard_file
+from cid_ds.data.errors import DataError
+from cid_ds.data.features import _short, shard_file
 from cid_ds.io import atomic_path, read_json
 
 MANIFEST = "manifest.json"

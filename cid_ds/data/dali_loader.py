@@ -56,7 +56,7 @@ from torch.utils.dlpack import to_dlpack
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext
 
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
 from cid_ds.data.preprocess import ImageSpec, image_spec, replay_slot
 from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines

@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 
 DEFAULT_MAX_DAMAGED_FRACTION = 0.01
 

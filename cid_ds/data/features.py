@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 import cid_ds
+from cid_ds.data.errors import DataError
 from cid_ds.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ MANIFEST = "manifest.json"
 DTYPE = "float16"
 # The teacher fields that decide what the embeddings are; spec and pretrained only record provenance.
 FINGERPRINT_FIELDS = ("weights_sha256", "embed_dim", "image_size", "preprocess", "context_length")
-
-
-class DataError(ValueError):
-    """Bad input data: a shard, a sample key or a cache file; the message names it."""
 
 
 def shard_stem(path: str) -> str:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 from cid_ds.io import read_json
 
 FORMAT = "cid_ds.packed/1"

@@ -27,7 +27,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.damage import ShardDamage
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 from cid_ds.data.packed import decode_array
 from cid_ds.data.tars import Member, tar_sample_members, until_damage
 from cid_ds.data.wds_loader import DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of

@@ -25,7 +25,7 @@ from typing import BinaryIO, Iterator, NamedTuple, Optional, TypeVar
 from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.damage import ShardDamage
-from cid_ds.data.features import DataError
+from cid_ds.data.errors import DataError
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import ShardDamage, carry_damage
-from cid_ds.data.features import DataError, FeatureCache, shard_file, shard_stem
+from cid_ds.data.errors import DataError
+from cid_ds.data.features import FeatureCache, shard_file, shard_stem
 from cid_ds.data.joins import check_join
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
 from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot, split_normalize
