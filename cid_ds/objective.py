@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from cid_ds.config import TEACHER_TERMS, Config
+from cid_ds.data.batch import Batch
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks
 
 def loss_weights(cfg: Config) -> dict[str, float]:
@@ -14,7 +15,7 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
 
 
-def compute_losses(cfg: Config, out: dict, batch: dict, cluster_term, step: int,
+def compute_losses(cfg: Config, out: dict, batch: Batch, cluster_term, step: int,
                    targets: Optional[TeacherTargets] = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every term with a weight > 0, and the metrics they report (batch accuracy, sampled fraction).
     ``targets`` says how ``batch``'s teacher rows are split per teacher (each teacher term is the weighted

@@ -21,6 +21,7 @@ import yaml
 
 from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
 from cid_ds.config import Config, ConfigError, load_config
+from cid_ds.data.batch import Batch
 from cid_ds.data.damage import RunDamage, TooMuchDamage
 from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
                            skip_allreduce_at_one_rank)
@@ -35,7 +36,7 @@ EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exi
 
 def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
             rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None,
-            replay_views: int = 0) -> Iterator[dict]:
+            replay_views: int = 0) -> Iterator[Batch]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
     ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them).
     ``replay_views``: replay that many stored views (cid_ds.sources.resolve_replay_views).

@@ -1,4 +1,4 @@
-"""The DALI loader: the second backend behind the batch contract of ``cid_ds.data.wds_loader``.
+"""The DALI loader: the second backend behind the batch contract (``cid_ds.data.batch.Batch``).
 
 It reads distill-ready shards (``cid_ds.data.packed``) with ``fn.readers.webdataset`` and our own index
 files (``cid_ds.data.shard_index``), decodes JPEGs with nvJPEG (``device="mixed"``) when a GPU is there
@@ -56,6 +56,7 @@ from torch.utils.dlpack import to_dlpack
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext
 
+from cid_ds.data.batch import Batch
 from cid_ds.data.errors import DataError
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
 from cid_ds.data.preprocess import ImageSpec, image_spec, replay_slot
@@ -321,7 +322,7 @@ def _pipeline_batches(indexes: list[ShardIndex], start: int, batch_size: int, sh
 def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int, threads: int,
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                       skip_batches: int = 0, teacher_tokenizer: Optional[Callable] = None,
-                      device_id: Union[int, None, str] = "auto", replay_views: int = 0) -> Iterator[dict]:
+                      device_id: Union[int, None, str] = "auto", replay_views: int = 0) -> Iterator[Batch]:
     """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
     contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``damaged_shards``,
     ``t_img``, ``t_txt``,
@@ -391,8 +392,9 @@ def _captions(out: dict) -> list[str]:
 
 
 def _batch(out: dict, shards: set[str], n_skipped: int, tokenizer: Optional[Callable],
-           teacher_tokenizer: Optional[Callable]) -> dict:
-    """The batch contract from the pipeline's outputs; ``tokenizer`` set: tokens from the captions."""
+           teacher_tokenizer: Optional[Callable]) -> Batch:
+    """The batch (less ``damaged_shards``, which the epoch adds) from the pipeline's outputs; ``tokenizer`` set:
+    tokens from the captions."""
     batch = {"image": out["image"], "tokens": out["tokens"],
              "key": [_split_source(source, shards)[1] for source in _strings(out["source"])],
              "n_skipped": n_skipped}

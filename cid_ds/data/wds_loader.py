@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cid_ds.data.batch import Batch
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import ShardDamage, carry_damage
 from cid_ds.data.errors import DataError
@@ -96,7 +97,7 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
                        epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        shuffle_buffer: int = 1000, skip_batches: int = 0,
                        clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None,
-                       replay_views: int = 0) -> Iterable[dict]:
+                       replay_views: int = 0) -> Iterable[Batch]:
     """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``,
     ``damaged_shards`` (the ShardDamage records read since the previous batch), with a
     feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
@@ -276,7 +277,7 @@ class _EpochBatches(IterableDataset):
                 yield self._collate(batch)
                 batch = []
 
-    def _collate(self, batch: list[dict]) -> dict:
+    def _collate(self, batch: list[dict]) -> Batch:
         captions = [s["caption"] for s in batch]
         stacked = {name: np.stack([s[name] for s in batch]) for name in ("tokens", "t_img", "t_txt", "cluster")
                    if name in batch[0]}
