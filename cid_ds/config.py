@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import glob
+import importlib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -165,15 +166,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The allowed values of string keys. Where the module that uses a key defines them, it is named here
+# ("module:CONSTANT", imported when a config is checked) rather than the list copied.
 CHOICES = {
-    "data.missing_features": ("error", "skip"),
+    "data.missing_features": "cid_ds.data.wds_loader:MISSING_FEATURES",
     "data.backend": ("auto", "dali", "wds"),
     "data.views": ("random", "center", "replay"),
     "kd.ensemble": ("mean", "per_teacher"),
-    "cluster.margin": ("arcface", "cosface", "none"),
+    "cluster.margin": "cid_ds.parallel.partial_fc:MARGINS",
     "kd.teacher": ("cached", "online"),
-    "perf.adamw": ("fused", "foreach", "for_loop"),
+    "perf.adamw": "cid_ds.engine:ADAMW_IMPLEMENTATIONS",
 }
+
+
+def allowed_values(dotted: str) -> Optional[tuple]:
+    """The values ``CHOICES`` allows for a key (None: any)."""
+    choices = CHOICES.get(dotted)
+    if isinstance(choices, str):
+        module, name = choices.split(":")
+        choices = tuple(getattr(importlib.import_module(module), name))
+    return choices
 
 # What a number must be to work: (the rule as said in an error, its test). A list is checked item by item.
 POSITIVE = ("> 0", lambda v: v > 0)
@@ -270,8 +282,9 @@ def _fill(obj: Any, values: dict, prefix: str, source: str) -> None:
         if not ok:
             raise ConfigError(
                 f"{source}: key '{dotted}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-        if dotted in CHOICES and coerced not in CHOICES[dotted]:
-            raise ConfigError(f"{source}: key '{dotted}' must be one of {CHOICES[dotted]}, got {coerced!r}")
+        allowed = allowed_values(dotted)
+        if allowed is not None and coerced not in allowed:
+            raise ConfigError(f"{source}: key '{dotted}' must be one of {allowed}, got {coerced!r}")
         _check_range(dotted, coerced, source)
         setattr(obj, key, coerced)
 

@@ -38,6 +38,7 @@ from cid_ds.faults import ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MISSING_FEATURES = ("error", "skip")  # a key without cached features (or cluster ids): an error, or a counted skip
 
 
 def read_samples(shards: Iterable[str], damaged: Optional[list[ShardDamage]] = None) -> Iterator[dict]:
@@ -112,8 +113,8 @@ def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Calla
     every worker is still producing batches at batch N and the skipped span holds no corrupt image
     that the feature cache does not already list.
     """
-    if missing_features not in ("error", "skip"):
-        raise ValueError(f"missing_features must be 'error' or 'skip', got {missing_features!r}")
+    if missing_features not in MISSING_FEATURES:
+        raise ValueError(f"missing_features must be {' or '.join(map(repr, MISSING_FEATURES))}, got {missing_features!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache = FeatureCache(features_dir) if features_dir is not None else None
