@@ -21,6 +21,11 @@ import torch
 from cid_ds.config import Config, ConfigError
 from cid_ds.io import atomic_path, free_space, fsync_file, read_json, write_json
 
+COMPLETE = "checkpoint_complete.json"
+LATEST = "latest"  # DeepSpeed's name for the file holding the newest tag
+WRITE_ERRORS = (OSError, RuntimeError)  # torch.save reports a failed write as a RuntimeError
+
+
 class DataPosition:
     """Where this rank is in the data: epoch and batches consumed in it. Saved per rank beside each
     checkpoint so a resume continues the same batch sequence (the loader's order is a function of
@@ -35,6 +40,121 @@ class DataPosition:
 
 def checkpoint_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
+
+
+def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:
+    """Write the completion marker: every file's size, and ``about`` (how the checkpoint was made)."""
+    sizes = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
+             if name != COMPLETE and os.path.isfile(os.path.join(tag_dir, name))}
+    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes, **(about or {})})
+
+
+def checkpoint_about(tag_dir: str) -> dict:
+    """What ``mark_complete`` recorded besides the files: empty for an older checkpoint, and for one without
+    a marker (``checkpoint.resume`` may name any DeepSpeed checkpoint directory)."""
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return {}
+    return {k: v for k, v in read_json(marker).items() if k != "files"}
+
+
+def bf16_mode_of_files(tag_dir: str) -> Optional[bool]:
+    """Whether DeepSpeed's bf16 mode saved a checkpoint, by the names of its ZeRO optimizer files
+    (``bf16_zero_pp_rank_*`` or ``zero_pp_rank_*``); None where there are none (no ZeRO)."""
+    names = os.listdir(tag_dir)
+    if any(name.startswith("bf16_zero_pp_rank_") for name in names):
+        return True
+    if any(name.startswith("zero_pp_rank_") for name in names):
+        return False
+    return None
+
+
+def is_complete(tag_dir: str) -> bool:
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        sizes = read_json(marker)["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(os.path.isfile(os.path.join(tag_dir, name)) and os.path.getsize(os.path.join(tag_dir, name)) == size
+               for name, size in sizes.items())
+
+
+def newest_complete_tag(root: str) -> Optional[str]:
+    """The newest ``step*`` checkpoint under ``root`` that is complete, or None."""
+    if not os.path.isdir(root):
+        return None
+    tags = sorted((t for t in os.listdir(root) if t.startswith("step")), reverse=True)
+    return next((t for t in tags if is_complete(os.path.join(root, t))), None)
+
+
+def stale_tags(root: str, keep: int) -> list[str]:
+    """The ``step*`` tags under ``root`` to delete once the newest is complete: complete ones beyond the newest
+    ``keep``, and incomplete ones older than the newest complete one (never counted toward ``keep``)."""
+    tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
+    complete = [t for t in tags if is_complete(os.path.join(root, t))]
+    if not complete:
+        return []
+    kept = set(complete[-keep:])
+    return [t for t in tags if t not in kept and (t in complete or t < complete[-1])]
+
+
+def complete_and_rotate(root: str, tag: str, about: dict, keep: int) -> None:
+    """Once every rank saved ``tag``: its completion marker, then DeepSpeed's ``latest`` pointing at it (the
+    export's default), then the stale tags deleted."""
+    mark_complete(os.path.join(root, tag), about)
+    with atomic_path(os.path.join(root, LATEST)) as tmp, open(tmp, "w") as f:
+        f.write(tag)
+    for stale in stale_tags(root, keep):
+        shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+
+
+def recorded(failures: list[str], path: str, write: Callable[[], Any]) -> None:
+    """Call ``write()``, which writes ``path``; a failure is appended to ``failures`` instead of raised."""
+    try:
+        write()
+    except WRITE_ERRORS as e:
+        failures.append(f"{path}: {e}")
+
+
+def _save_synced(save: Callable, state_dict: Any, path: str) -> None:
+    save(state_dict, path)
+    fsync_file(path)  # the completion marker must not reach the disk before the file's bytes
+
+
+@contextlib.contextmanager
+def recording_write_failures(engine) -> Iterator[list[str]]:
+    """Within the block, the writes of ``engine.save_checkpoint`` (its files, folders and rank 0's copy of
+    the zero_to_fp32 scripts) record their failures in the yielded list instead of raising them."""
+    checkpoint_engine, failures = engine.checkpoint_engine, []
+    save, makedirs = checkpoint_engine.save, checkpoint_engine.makedirs
+    copy_scripts = engine._copy_recovery_script
+    checkpoint_engine.save = lambda state_dict, path: recorded(
+        failures, path, lambda: _save_synced(save, state_dict, path))
+    checkpoint_engine.makedirs = lambda path, exist_ok=False: recorded(
+        failures, path, lambda: makedirs(path, exist_ok=exist_ok))
+    engine._copy_recovery_script = lambda path: recorded(failures, path, lambda: copy_scripts(path))
+    try:
+        yield failures
+    finally:  # the instance attributes shadowed the class's methods
+        del checkpoint_engine.save, checkpoint_engine.makedirs, engine._copy_recovery_script
+
+
+def stop_if_any_rank_failed(failures: list[str], tag_dir: str, rank: int, device: torch.device) -> None:
+    """All ranks learn whether any failed to write ``tag_dir`` (a collective, which also serves as a
+    barrier); on failure rank 0 removes the incomplete tag, and every rank exits naming it."""
+    import torch.distributed as dist
+    failed = torch.tensor([float(bool(failures))], device=device)
+    dist.all_reduce(failed, dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    what = "; ".join(failures) if failures else "the write failed on another rank (see its message)"
+    message = (f"[cid_ds] rank {rank}: checkpoint {tag_dir} could not be saved: {what} ({free_space(tag_dir)}); "
+               "stopped; the incomplete checkpoint was removed, resume takes the newest complete one")
+    if rank == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    raise SystemExit(message)
 
 
 def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
@@ -118,127 +238,3 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
         print(f"[cid_ds] rank {rank}: no {position_file}, starting the data at epoch 0", flush=True)
         return int(client["step"]), DataPosition()
     return int(client["step"]), DataPosition(**read_json(position_file))
-
-
-COMPLETE = "checkpoint_complete.json"
-
-
-def mark_complete(tag_dir: str, about: Optional[dict] = None) -> None:
-    """Write the completion marker: every file's size, and ``about`` (how the checkpoint was made)."""
-    sizes = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in sorted(os.listdir(tag_dir))
-             if name != COMPLETE and os.path.isfile(os.path.join(tag_dir, name))}
-    write_json(os.path.join(tag_dir, COMPLETE), {"files": sizes, **(about or {})})
-
-
-def checkpoint_about(tag_dir: str) -> dict:
-    """What ``mark_complete`` recorded besides the files: empty for an older checkpoint, and for one without
-    a marker (``checkpoint.resume`` may name any DeepSpeed checkpoint directory)."""
-    marker = os.path.join(tag_dir, COMPLETE)
-    if not os.path.isfile(marker):
-        return {}
-    return {k: v for k, v in read_json(marker).items() if k != "files"}
-
-
-def bf16_mode_of_files(tag_dir: str) -> Optional[bool]:
-    """Whether DeepSpeed's bf16 mode saved a checkpoint, by the names of its ZeRO optimizer files
-    (``bf16_zero_pp_rank_*`` or ``zero_pp_rank_*``); None where there are none (no ZeRO)."""
-    names = os.listdir(tag_dir)
-    if any(name.startswith("bf16_zero_pp_rank_") for name in names):
-        return True
-    if any(name.startswith("zero_pp_rank_") for name in names):
-        return False
-    return None
-
-
-def is_complete(tag_dir: str) -> bool:
-    marker = os.path.join(tag_dir, COMPLETE)
-    if not os.path.isfile(marker):
-        return False
-    try:
-        sizes = read_json(marker)["files"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    return all(os.path.isfile(os.path.join(tag_dir, name)) and os.path.getsize(os.path.join(tag_dir, name)) == size
-               for name, size in sizes.items())
-
-
-def newest_complete_tag(root: str) -> Optional[str]:
-    """The newest ``step*`` checkpoint under ``root`` that is complete, or None."""
-    if not os.path.isdir(root):
-        return None
-    tags = sorted((t for t in os.listdir(root) if t.startswith("step")), reverse=True)
-    return next((t for t in tags if is_complete(os.path.join(root, t))), None)
-
-
-LATEST = "latest"  # DeepSpeed's name for the file holding the newest tag
-
-
-WRITE_ERRORS = (OSError, RuntimeError)  # torch.save reports a failed write as a RuntimeError
-
-
-def recorded(failures: list[str], path: str, write: Callable[[], Any]) -> None:
-    """Call ``write()``, which writes ``path``; a failure is appended to ``failures`` instead of raised."""
-    try:
-        write()
-    except WRITE_ERRORS as e:
-        failures.append(f"{path}: {e}")
-
-
-def _save_synced(save: Callable, state_dict: Any, path: str) -> None:
-    save(state_dict, path)
-    fsync_file(path)  # the completion marker must not reach the disk before the file's bytes
-
-
-@contextlib.contextmanager
-def recording_write_failures(engine) -> Iterator[list[str]]:
-    """Within the block, the writes of ``engine.save_checkpoint`` (its files, folders and rank 0's copy of
-    the zero_to_fp32 scripts) record their failures in the yielded list instead of raising them."""
-    checkpoint_engine, failures = engine.checkpoint_engine, []
-    save, makedirs = checkpoint_engine.save, checkpoint_engine.makedirs
-    copy_scripts = engine._copy_recovery_script
-    checkpoint_engine.save = lambda state_dict, path: recorded(
-        failures, path, lambda: _save_synced(save, state_dict, path))
-    checkpoint_engine.makedirs = lambda path, exist_ok=False: recorded(
-        failures, path, lambda: makedirs(path, exist_ok=exist_ok))
-    engine._copy_recovery_script = lambda path: recorded(failures, path, lambda: copy_scripts(path))
-    try:
-        yield failures
-    finally:  # the instance attributes shadowed the class's methods
-        del checkpoint_engine.save, checkpoint_engine.makedirs, engine._copy_recovery_script
-
-
-def stop_if_any_rank_failed(failures: list[str], tag_dir: str, rank: int, device: torch.device) -> None:
-    """All ranks learn whether any failed to write ``tag_dir`` (a collective, which also serves as a
-    barrier); on failure rank 0 removes the incomplete tag, and every rank exits naming it."""
-    import torch.distributed as dist
-    failed = torch.tensor([float(bool(failures))], device=device)
-    dist.all_reduce(failed, dist.ReduceOp.MAX)
-    if not failed.item():
-        return
-    what = "; ".join(failures) if failures else "the write failed on another rank (see its message)"
-    message = (f"[cid_ds] rank {rank}: checkpoint {tag_dir} could not be saved: {what} ({free_space(tag_dir)}); "
-               "stopped; the incomplete checkpoint was removed, resume takes the newest complete one")
-    if rank == 0:
-        shutil.rmtree(tag_dir, ignore_errors=True)
-    raise SystemExit(message)
-
-
-def stale_tags(root: str, keep: int) -> list[str]:
-    """The ``step*`` tags under ``root`` to delete once the newest is complete: complete ones beyond the newest
-    ``keep``, and incomplete ones older than the newest complete one (never counted toward ``keep``)."""
-    tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
-    complete = [t for t in tags if is_complete(os.path.join(root, t))]
-    if not complete:
-        return []
-    kept = set(complete[-keep:])
-    return [t for t in tags if t not in kept and (t in complete or t < complete[-1])]
-
-
-def complete_and_rotate(root: str, tag: str, about: dict, keep: int) -> None:
-    """Once every rank saved ``tag``: its completion marker, then DeepSpeed's ``latest`` pointing at it (the
-    export's default), then the stale tags deleted."""
-    mark_complete(os.path.join(root, tag), about)
-    with atomic_path(os.path.join(root, LATEST)) as tmp, open(tmp, "w") as f:
-        f.write(tag)
-    for stale in stale_tags(root, keep):
-        shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
