@@ -17,7 +17,8 @@ writes the rest exactly as an uninterrupted run would. A planned sample that is 
 tar (the tar changed or broke after extraction) is counted and reported, not fatal; so is a damaged
 source tar (cid_ds.data.damage): its samples before the damage are written, and the damage (file, byte)
 is listed in the manifest's ``damaged_sources`` and in the output shard's entry. More damaged source
-tars than ``--max-damaged-fraction`` accepts stop the run. ``manifest.json`` chains the manifests of the cache, the clusters and the balance.
+tars than ``--max-damaged-fraction`` accepts stop the run. ``manifest.json`` chains the manifests of the
+cache, the clusters and the balance.
 """
 from __future__ import annotations
 
@@ -212,9 +213,9 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
                 bar.update(len(members))
                 continue
             stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar, budget)
-    totals = {"planned": len(planned), **left_out,
-              **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source",
-                                                                 "unreadable_source_shards")}}
+    # a damaged source feeding several output shards is in each one's entry, and once in the totals
+    totals = {"planned": len(planned), **left_out, "unreadable_source_shards": len(budget.damaged),
+              **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source")}}
     manifest = identity | {
         "shards": [{"name": f"{i:05d}.tar", **stats[i]} for i in range(len(chunks))], "totals": totals,
         "damaged_sources": [record.as_dict() for record in budget.damaged.values()],
