@@ -52,8 +52,8 @@ class DataConfig:
     replay_views: int = 0
     shuffle_buffer: int = 1000
     backend: str = "auto"                 # dali | wds | auto: dali on GPU for packed shards with no side joins, else wds
-    # damaged shards are read up to the damage and counted; more than this fraction of a rank's shards
-    # (at least one is accepted) stops the run: the rule is in cid_ds.data.damage
+    # damaged shards are read up to the damage and counted; more than this fraction of the run's shards,
+    # over every rank (at least one is accepted), stops the run: the rule is in cid_ds.data.damage
     max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION
 
 

@@ -222,8 +222,8 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     complete (else None). ``teacher``/``pretrained``: one, or a list each for an ensemble. ``backend``:
     "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads; one teacher, no views).
     ``random_teacher_ok``: a teacher without trained weights is meant (tests, benchmarks), else refused.
-    ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of this rank's shards
-    damaged than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
+    ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of them than
+    ``max_damaged_fraction`` of all the shards accepts raise TooMuchDamage (cid_ds.data.damage)."""
     specs = [teacher] if isinstance(teacher, str) else list(teacher)
     weights = [pretrained] * len(specs) if pretrained is None or isinstance(pretrained, str) else list(pretrained)
     if len(weights) != len(specs):

@@ -120,7 +120,7 @@ class Supervisor:
                     print(f"[supervise] {signal.Signals(self.received[0]).name}: asking the ranks to checkpoint "
                           f"and stop (at most {self.grace:.0f} s)", file=sys.stderr, flush=True)
                 self._forward()
-                again = sum(s in (signal.SIGTERM, signal.SIGINT) for s in self.received[1:])
+                again = any(s in (signal.SIGTERM, signal.SIGINT) for s in self.received[1:])
                 if again or time.monotonic() > deadline:
                     print("[supervise] " + ("second signal" if again else f"ranks still running after "
                           f"{self.grace:.0f} s") + ": killing the launch", file=sys.stderr, flush=True)

@@ -62,11 +62,11 @@ class DamageBudget:
         """Count a damaged shard (once per shard); raise TooMuchDamage past the threshold."""
         self.damaged.setdefault(record.shard, record)
         if len(self.damaged) > self.allowed:
-            raise TooMuchDamage(self.message(len(self.damaged)))
+            raise TooMuchDamage(self.message(len(self.damaged), self.damaged.values()))
 
-    def message(self, count: int) -> str:
-        """Why ``count`` damaged shards stop the job, listing (some of) the ones recorded here."""
-        listed = "\n  ".join(record.describe() for record in list(self.damaged.values())[:5])
+    def message(self, count: int, records: Iterable[ShardDamage]) -> str:
+        """Why ``count`` damaged shards stop the job, listing (the first five of) ``records``."""
+        listed = "\n  ".join(record.describe() for record in list(records)[:5])
         return (f"{count} of {self.shards} shards are damaged ({count / self.shards:.1%}), more than {self.setting} = "
                 f"{self.max_fraction} accepts ({self.allowed}); damage this widespread looks systemic (a wrong path, "
                 f"a dead mount, a copy still running), so the job stops:\n  {listed}")
@@ -107,5 +107,4 @@ class RunDamage:
             dist.all_reduce(count)
         self.count = int(count.item())
         if self.count > self.budget.allowed:
-            self.budget.damaged = dict(self.local)
-            raise TooMuchDamage(self.budget.message(self.count))
+            raise TooMuchDamage(self.budget.message(self.count, self.local.values()))
