@@ -22,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -31,6 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cid_ds.data.batch import LoaderSpec  # noqa: E402
 from cid_ds.data.dali_loader import build_dali_loader, default_device_id  # noqa: E402
 from cid_ds.data.packed import FORMAT, encode_array, tokenizer_fingerprint  # noqa: E402
 from cid_ds.data.shard_index import shard_indexes  # noqa: E402
@@ -109,17 +111,15 @@ def main() -> None:
                                            mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     device_id = default_device_id() if args.device == "auto" else None
-    common = dict(batch_size=args.batch_size, shuffle_buffer=1000, seed=0)
 
     with tempfile.TemporaryDirectory() as folder:
         shards = write_packed_shards(folder, args.images, source, tokenizer)
         shard_indexes(shards, {"tokens": 77, "t_img": EMBED_DIM, "t_txt": EMBED_DIM})
         mb = sum(os.path.getsize(p) for p in shards) / 2**20
+        spec = LoaderSpec(shards, preprocess, tokenizer, args.batch_size, workers=args.threads, shuffle_buffer=1000)
         loaders = {
-            "wds+PIL": lambda epoch: build_train_loader(shards, preprocess, tokenizer, workers=args.threads,
-                                                        features_dir=None, epoch=epoch, **common),
-            "DALI": lambda epoch: build_dali_loader(shards, preprocess, tokenizer, threads=args.threads,
-                                                    epoch=epoch, device_id=device_id, **common),
+            "wds+PIL": lambda epoch: build_train_loader(replace(spec, epoch=epoch)),
+            "DALI": lambda epoch: build_dali_loader(replace(spec, epoch=epoch), device_id=device_id),
         }
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         cpu_ms: dict[str, list[float]] = {name: [] for name in loaders}

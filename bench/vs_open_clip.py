@@ -350,6 +350,7 @@ class Workbench:
 
     def __init__(self, args, paths: dict):
         from cid_ds.data.packed import PackedShards, packed_manifest_path
+        from cid_ds.data.batch import LoaderSpec
         from cid_ds.data.wds_loader import build_train_loader
         self.args, self.paths = args, paths
         self.device = torch.device("cuda" if on_gpu() else "cpu")
@@ -358,8 +359,8 @@ class Workbench:
         self.shards = expand_shards(f"{paths['packed']}/*.tar")
         self.teacher_dim = PackedShards(packed_manifest_path(self.shards)).embed_dim
         _, self.preprocess, _, self.tokenizer = create_model(args.student)
-        batch = next(iter(build_train_loader(self.shards, self.preprocess, self.tokenizer, batch_size=args.batch,
-                                             workers=0, features_dir=None)))
+        batch = next(iter(build_train_loader(LoaderSpec(self.shards, self.preprocess, self.tokenizer,
+                                                        batch_size=args.batch))))
         self.batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         self.batch["image"] = self.batch["image"].to(self.dtype)
 
@@ -542,7 +543,7 @@ def stored_ids_vs_tokenising(bench: Workbench) -> dict[str, float]:
     tests/test_pack.py checks that they are the same ids."""
     import itertools
     from cid_ds.data.packed import decode_array
-    from cid_ds.data.wds_loader import caption_of, read_samples
+    from cid_ds.data.samples import caption_of, read_samples
     samples = list(itertools.islice(read_samples(bench.shards), bench.args.batch))
     captions = [caption_of(s) for s in samples]
     length = bench.batch["tokens"].shape[1]
@@ -567,9 +568,11 @@ def loader_cpu_seconds(bench: Workbench) -> dict[str, dict[str, float]]:
 
     from cid_ds.data.preprocess import split_normalize
     from cid_ds.data.tars import tar_samples
-    from cid_ds.data.wds_loader import build_train_loader, decode_image
-    batches = iter(build_train_loader(bench.shards, bench.preprocess, bench.tokenizer, bench.args.batch, workers=0,
-                                      features_dir=None, shuffle_buffer=bench.cfg["CID"].data.shuffle_buffer))
+    from cid_ds.data.samples import decode_image
+    from cid_ds.data.batch import LoaderSpec
+    from cid_ds.data.wds_loader import build_train_loader
+    batches = iter(build_train_loader(LoaderSpec(bench.shards, bench.preprocess, bench.tokenizer, bench.args.batch,
+                                                 shuffle_buffer=bench.cfg["CID"].data.shuffle_buffer)))
 
     def first(samples) -> list[dict]:
         return list(itertools.islice(samples, bench.args.batch))

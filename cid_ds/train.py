@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Iterator, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import psutil
 import torch
@@ -21,7 +22,7 @@ import yaml
 
 from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
 from cid_ds.config import Config, ConfigError, load_config
-from cid_ds.data.batch import Batch
+from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage, TooMuchDamage
 from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
                            skip_allreduce_at_one_rank)
@@ -31,40 +32,51 @@ from cid_ds.objective import all_finite, compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 from cid_ds.sources import open_sources
 
+if TYPE_CHECKING:
+    from cid_ds.teacher import OnlineTeacher
+
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
 
 
-def batches(cfg: Config, shards: list[str], preprocess, tokenizer, position: DataPosition,
-            rank: int, world_size: int, teacher_tokenizer=None, clusters_dir: Optional[str] = None,
-            replay_views: int = 0) -> Iterator[Batch]:
+def batches(cfg: Config, spec: LoaderSpec, position: DataPosition, clusters_dir: Optional[str] = None) -> Iterator[Batch]:
     """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
-    ``clusters_dir``: cluster assignments to join by key (None: none, or the shards carry them).
-    ``replay_views``: replay that many stored views (cid_ds.sources.resolve_replay_views).
-    ``cfg.data.backend`` picks the loader (cid_ds.data.dali_loader.resolve_backend)."""
+    ``spec``: what every epoch reads (its epoch and skip_batches come from ``position``). ``clusters_dir``:
+    cluster assignments to join by key (None: none, or the shards carry them). ``cfg.data.backend`` picks
+    the loader (cid_ds.data.dali_loader.resolve_backend)."""
     from cid_ds.data.dali_loader import resolve_backend
-    backend = resolve_backend(cfg.data.backend, shards, joins=cfg.data.features is not None or clusters_dir is not None)
+    backend = resolve_backend(cfg.data.backend, spec.shards,
+                              joins=cfg.data.features is not None or clusters_dir is not None)
     while True:
-        common = dict(batch_size=cfg.data.batch_size, epoch=position.epoch, seed=cfg.seed, rank=rank,
-                      world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                      skip_batches=position.batch_in_epoch, teacher_tokenizer=teacher_tokenizer,
-                      replay_views=replay_views)
+        epoch = replace(spec, epoch=position.epoch, skip_batches=position.batch_in_epoch)
         if backend == "dali":
             from cid_ds.data.dali_loader import build_dali_loader
-            loader = build_dali_loader(shards, preprocess, tokenizer, threads=cfg.data.workers, **common)
+            loader = build_dali_loader(epoch)
         else:
             from cid_ds.data.wds_loader import build_train_loader
-            loader = build_train_loader(
-                shards, preprocess, tokenizer, workers=cfg.data.workers, features_dir=cfg.data.features,
-                missing_features=cfg.data.missing_features, clusters_dir=clusters_dir, **common)
+            loader = build_train_loader(epoch, features_dir=cfg.data.features,
+                                        missing_features=cfg.data.missing_features, clusters_dir=clusters_dir)
         produced = False
         for batch in loader:
             produced = True
             position.batch_in_epoch += 1
             yield batch
         if not produced and position.batch_in_epoch == 0:
-            raise RuntimeError(f"rank {rank}: an epoch of {cfg.data.train_shards} gave no full batch of "
+            raise RuntimeError(f"rank {spec.rank}: an epoch of {cfg.data.train_shards} gave no full batch of "
                                f"{cfg.data.batch_size}; use fewer ranks/workers or a smaller batch")
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def on_device(batch: Batch, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format,
+              online_teacher: Optional[OnlineTeacher]) -> Batch:
+    """A new batch: the loader's tensors on ``device`` (images in the compute ``dtype`` and ``memory_format``),
+    with an online teacher's ``t_img``/``t_txt`` added."""
+    moved = batch | {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "t_img", "t_txt", "cluster")
+                     if k in batch}
+    moved["image"] = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
+    if online_teacher is not None:
+        moved["t_img"], moved["t_txt"] = online_teacher(moved["image"],
+                                                        batch["teacher_tokens"].to(device, non_blocking=True))
+    return moved
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -134,9 +146,11 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         print(f"[cid_ds] {cfg.name}: world {world_size}, device {device}, dtype {dtype}, "
               f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
 
-    data = batches(cfg, shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
-                   position, rank, world_size, online_teacher.tokenizer if online_teacher is not None else None,
-                   sources.clusters_to_join, sources.replay_views)
+    spec = LoaderSpec(shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
+                      cfg.data.batch_size, workers=cfg.data.workers, seed=cfg.seed, rank=rank, world_size=world_size,
+                      shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
+                      teacher_tokenizer=online_teacher.tokenizer if online_teacher is not None else None)
+    data = batches(cfg, spec, position, sources.clusters_to_join)
     weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
@@ -152,15 +166,9 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         window["data_wait"] += time.perf_counter() - t_wait
         window["skipped"] += int(batch.get("n_skipped", 0))
         damage.add(batch["damaged_shards"])
-        image = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        for k in ("t_img", "t_txt", "cluster"):
-            if k in batch:
-                batch[k] = batch[k].to(device, non_blocking=True)
-        if online_teacher is not None:
-            batch["t_img"], batch["t_txt"] = online_teacher(image, batch["teacher_tokens"].to(device, non_blocking=True))
+        batch = on_device(batch, device, dtype, memory_format, online_teacher)
         fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
-        out = engine(image, tokens, *fusion_inputs)
+        out = engine(batch["image"], batch["tokens"], *fusion_inputs)
         losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
         total = sum(weights[k] * v for k, v in losses.items())
         if not all_finite(total):

@@ -41,13 +41,12 @@ from webdataset.tariterators import base_plus_ext
 
 from cid_ds.config import expand_shards
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, TooMuchDamage
-from cid_ds.data.errors import DataError
+from cid_ds.data.errors import DataError, pass_data_errors, raise_data_errors
 from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, shard_file, shard_stem, stems_by_shard,
                                   teacher_mismatches, teacher_set, views_entry, write_complete_manifest, write_shard,
                                   write_started_manifest)
 from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
-from cid_ds.data.wds_loader import (caption_of, decode_image, pass_data_errors, raise_data_errors,
-                                    read_samples)
+from cid_ds.data.samples import caption_of, decode_image, read_samples
 from cid_ds.io import check_writable, read_json
 from cid_ds.teacher import load_teacher
 

@@ -42,7 +42,7 @@ from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem, stems_by_shard
 from cid_ds.data.joins import balance_artifact, check_join
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
-from cid_ds.data.wds_loader import IMAGE_EXTS, caption_of, read_samples
+from cid_ds.data.samples import IMAGE_EXTS, caption_of, read_samples
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from cid_ds.models import resolve_spec
 from data_tools.outputs import check_rerun

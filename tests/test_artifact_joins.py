@@ -14,6 +14,7 @@ import torch
 from cid_ds.config import ConfigError, expand_shards, load_config
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_stem
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
 from data_tools.balance import balance
@@ -138,7 +139,7 @@ def test_an_online_teacher_is_joined_to_the_clustering(made):
 
 def loader(made, features: str) -> list[dict]:
     _, preprocess, _, tokenizer = create_model("demo-student")
-    return list(build_train_loader(made["packed_shards"], preprocess, tokenizer, batch_size=4, workers=0,
+    return list(build_train_loader(LoaderSpec(made["packed_shards"], preprocess, tokenizer, batch_size=4),
                                    features_dir=features))
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.dali_loader import build_dali_loader, read_shard, resolve_backend
 from cid_ds.data.errors import DataError
 from cid_ds.data.packed import FORMAT, encode_array, tokenizer_fingerprint
@@ -89,8 +90,10 @@ def shards(student, tmp_path_factory):
 
 def dali_epoch(shards, student, augment=False, **kwargs):
     preprocess_train, preprocess_val, tokenizer = student
-    options = dict(batch_size=BATCH, threads=2, shuffle_buffer=16) | kwargs
-    return list(build_dali_loader(shards, preprocess_train if augment else preprocess_val, tokenizer, **options))
+    device = {"device_id": kwargs.pop("device_id")} if "device_id" in kwargs else {}
+    options = dict(batch_size=BATCH, workers=2, shuffle_buffer=16) | kwargs
+    return list(build_dali_loader(LoaderSpec(shards, preprocess_train if augment else preprocess_val, tokenizer,
+                                             **options), **device))
 
 
 def keys_of(batches):
@@ -101,8 +104,7 @@ def test_dali_and_webdataset_loaders_give_the_same_samples(shards, student):
     """Augmentation off: same keys, tokens, embeddings and cluster ids; pixels within decoder tolerance."""
     _, preprocess_val, tokenizer = student
     dali = dali_epoch(shards, student)
-    reference = list(build_train_loader(shards, preprocess_val, tokenizer, batch_size=BATCH, workers=0,
-                                        features_dir=None))
+    reference = list(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, batch_size=BATCH)))
     assert len(dali) == len(reference) == SHARDS * PER_SHARD // BATCH
     assert sorted(keys_of(dali)) == sorted(keys_of(reference))
     by_key = {key: (batch, i) for batch in reference for i, key in enumerate(batch["key"])}
@@ -124,15 +126,15 @@ def test_dali_and_webdataset_loaders_give_the_same_samples(shards, student):
 def test_captions_are_tokenised_for_another_tokenizer_and_for_an_online_teacher(shards, student):
     _, preprocess_val, tokenizer = student
     short = lambda texts: tokenizer(texts)[:, :10]  # noqa: E731  (not the packer's tokenizer)
-    batch = next(build_dali_loader(shards, preprocess_val, short, batch_size=BATCH, threads=1,
-                                   teacher_tokenizer=tokenizer))
+    batch = next(build_dali_loader(LoaderSpec(shards, preprocess_val, short, batch_size=BATCH, workers=1,
+                                              teacher_tokenizer=tokenizer)))
     captions = [f"a drawing, number {int(key)}" for key in batch["key"]]
     assert torch.equal(batch["tokens"], short(captions)) and torch.equal(batch["teacher_tokens"], tokenizer(captions))
 
 
 def test_training_view_is_a_random_crop_fixed_by_seed_and_epoch_not_by_threads(shards, student):
     first = dali_epoch(shards, student, augment=True, seed=3)
-    again = dali_epoch(shards, student, augment=True, seed=3, threads=1)
+    again = dali_epoch(shards, student, augment=True, seed=3, workers=1)
     assert keys_of(first) == keys_of(again)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
     assert first[0]["image"].shape == (BATCH, 3, 32, 32) and torch.isfinite(first[0]["image"]).all()
@@ -147,9 +149,8 @@ def test_a_training_view_cropping_the_whole_image_gives_the_webdataset_loaders_p
     preprocess_train, _, tokenizer = student
     whole = copy.deepcopy(preprocess_train)
     whole.transforms[0].scale, whole.transforms[0].ratio = (1.0, 1.0), (72 / 56, 72 / 56)
-    dali = list(build_dali_loader(shards, whole, tokenizer, batch_size=BATCH, threads=2, shuffle_buffer=16))
-    reference = {key: image for batch in build_train_loader(shards, whole, tokenizer, batch_size=BATCH, workers=0,
-                                                             features_dir=None)
+    dali = list(build_dali_loader(LoaderSpec(shards, whole, tokenizer, batch_size=BATCH, workers=2, shuffle_buffer=16)))
+    reference = {key: image for batch in build_train_loader(LoaderSpec(shards, whole, tokenizer, batch_size=BATCH))
                  for key, image in zip(batch["key"], batch["image"])}
     std = torch.tensor(image_spec(whole).std).view(3, 1, 1)
     assert len(dali) == SHARDS * PER_SHARD // BATCH
@@ -186,12 +187,13 @@ def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, stu
     cfg = Config()
     cfg.data.batch_size, cfg.data.workers, cfg.data.shuffle_buffer, cfg.data.backend = BATCH, 1, 16, "dali"
     position = DataPosition(epoch=3, batch_in_epoch=2)
-    stream = batches(cfg, shards, student[1], student[2], position, rank=0, world_size=1)
+    spec = LoaderSpec(shards, student[1], student[2], BATCH, workers=1, seed=cfg.seed, shuffle_buffer=16)
+    stream = batches(cfg, spec, position)
     per_epoch = SHARDS * PER_SHARD // BATCH
     got = [next(stream) for _ in range(per_epoch - 2 + 1)]
-    expected = dali_epoch(shards, student, seed=cfg.seed, epoch=3, skip_batches=2, threads=1)
+    expected = dali_epoch(shards, student, seed=cfg.seed, epoch=3, skip_batches=2, workers=1)
     assert [b["key"] for b in got[:-1]] == [b["key"] for b in expected]
-    assert got[-1]["key"] == dali_epoch(shards, student, seed=cfg.seed, epoch=4, threads=1)[0]["key"]
+    assert got[-1]["key"] == dali_epoch(shards, student, seed=cfg.seed, epoch=4, workers=1)[0]["key"]
     assert (position.epoch, position.batch_in_epoch) == (4, 1)
     assert resolve_backend("auto", shards, joins=False) == ("dali" if torch.cuda.is_available() else "wds")
     with pytest.raises(DataError, match="data.backend=dali"):
@@ -283,7 +285,7 @@ def test_unsupported_preprocess_and_plain_shards_are_clear_errors(tmp_path, stud
     with wds.TarWriter(plain) as tar:
         tar.write({"__key__": "a", "jpg": jpeg(0), "txt": b"a caption"})
     with pytest.raises(DataError, match="distill-ready"):
-        build_dali_loader([plain], student[1], student[2], batch_size=1, threads=1)
+        build_dali_loader(LoaderSpec([plain], student[1], student[2], batch_size=1, workers=1))
 
 
 def test_read_shard_gives_every_usable_sample_in_tar_order(tmp_path, student):
@@ -352,10 +354,10 @@ def replayed(with_views):
     d = with_views
     epochs = {}
     for epoch in (0, 1):
-        dali = build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=2,
-                                 epoch=epoch, shuffle_buffer=16, device_id=None, replay_views=2)
-        wds_ = build_train_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, workers=1,
-                                  features_dir=None, epoch=epoch, shuffle_buffer=16, replay_views=2)
+        dali = build_dali_loader(LoaderSpec(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, workers=2,
+                                            epoch=epoch, shuffle_buffer=16, replay_views=2), device_id=None)
+        wds_ = build_train_loader(LoaderSpec(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH,
+                                             workers=1, epoch=epoch, shuffle_buffer=16, replay_views=2))
         for name, loader in (("dali", dali), ("wds", wds_)):
             batches = list(loader)
             assert len(batches) == 192 // VIEW_BATCH
@@ -401,16 +403,16 @@ def test_the_two_loaders_replay_the_same_box_for_the_same_sample_and_epoch(with_
 def test_replay_views_beyond_what_was_stored_is_refused_clearly(with_views):
     d = with_views
     with pytest.raises(DataError, match=re.escape(f"{d['manifest']} stores 2 views")):
-        build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=1,
-                          device_id=None, replay_views=3)
+        build_dali_loader(LoaderSpec(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, workers=1,
+                                     replay_views=3), device_id=None)
 
 
 def test_replaying_and_plain_runs_share_one_index_per_shard(with_views, replayed, capsys):
     """An ablation alternating data.views replay and random on the same shards does not rescan them."""
     d = with_views
     capsys.readouterr()
-    plain = build_dali_loader(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH, threads=1,
-                              device_id=None)
+    plain = build_dali_loader(LoaderSpec(d["shards"], d["preprocess"], d["tokenizer"], batch_size=VIEW_BATCH,
+                                         workers=1), device_id=None)
     batch = next(plain)
     assert "indexed" not in capsys.readouterr().out  # the replaying epochs' index files were reused
     assert batch["t_img"].shape == (VIEW_BATCH, 256) and "v_img" not in batch

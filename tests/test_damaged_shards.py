@@ -19,6 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cid_ds.data.damage import DamageBudget, RunDamage, ShardDamage, TooMuchDamage
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.dali_loader import build_dali_loader
 from cid_ds.data.features import shard_file
 from cid_ds.data.tars import samples_until_damage
@@ -169,7 +170,7 @@ def test_pack_writes_what_precedes_a_source_damaged_after_extraction_and_lists_i
 
 def loader_epoch(shards, student, **kwargs):
     preprocess, tokenizer = student
-    return list(build_train_loader(shards, preprocess, tokenizer, batch_size=3, features_dir=None, **kwargs))
+    return list(build_train_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=3, **kwargs)))
 
 
 def test_the_training_loader_uses_what_precedes_the_damage_and_reports_it_from_its_worker(tmp_path, student):
@@ -201,8 +202,8 @@ def test_the_dali_loader_on_cpu_reads_a_packed_shard_up_to_its_damage(packed, st
     whole = open(shards[0], "rb").read()
     open(shards[0], "wb").write(whole[:len(whole) // 2])
     preprocess, tokenizer = student
-    batches = list(build_dali_loader(shards, preprocess, tokenizer, batch_size=4, threads=1, device_id=None,
-                                     shuffle_buffer=0))
+    batches = list(build_dali_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=4, workers=1,
+                                                shuffle_buffer=0), device_id=None))
     [record] = batches[0]["damaged_shards"]
     assert record.shard == shards[0] and 0 < record.byte < len(whole) and 0 < record.samples_kept < 10
     assert all(not b["damaged_shards"] for b in batches[1:])

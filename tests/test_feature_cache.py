@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem
-from cid_ds.data.wds_loader import read_samples
+from cid_ds.data.samples import read_samples
 from cid_ds.models import MODEL_CONFIG_DIR, create_model, weights_fingerprint
 from data_tools.extract import extract, main
 from tests.helpers import write_shard_tar

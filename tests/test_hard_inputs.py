@@ -8,6 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
 from tests.helpers import write_shard_tar
@@ -34,8 +35,7 @@ def write_samples(path, samples):
 
 def epoch(shards, student, batch_size=4):
     preprocess, tokenizer = student
-    return list(build_train_loader(shards, preprocess, tokenizer, batch_size=batch_size, workers=0,
-                                   features_dir=None))
+    return list(build_train_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=batch_size)))
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, student):

@@ -13,7 +13,9 @@ from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.packed import decode_array
-from cid_ds.data.wds_loader import IMAGE_EXTS, build_train_loader, read_samples
+from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.samples import IMAGE_EXTS, read_samples
+from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.models import create_model
 from data_tools.pack import pack
@@ -89,7 +91,7 @@ def test_the_loader_reads_packed_shards_as_it_joins_the_side_cache(dataset, tmp_
     _, _, preprocess, tokenizer = create_model("demo-student")
 
     def batches(shards, **join):
-        loader = build_train_loader(shards, preprocess, tokenizer, batch_size=16, workers=0, shuffle_buffer=1, **join)
+        loader = build_train_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=16, shuffle_buffer=1), **join)
         return {key: (b["image"][i], b["tokens"][i], b["t_img"][i], b["cluster"][i])
                 for b in loader for i, key in enumerate(b["key"])}
 
@@ -107,8 +109,8 @@ def test_another_students_tokenizer_retokenises_the_captions(dataset, tmp_path):
     out = str(tmp_path / "packed")
     pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out, progress=False)
     _, _, preprocess, tokenizer = create_model("ViT-B-32")  # context length 77, not the demo's 24
-    batch = next(iter(build_train_loader(expand_shards(os.path.join(out, "*.tar")), preprocess, tokenizer,
-                                         batch_size=4, workers=0, features_dir=None)))
+    batch = next(iter(build_train_loader(LoaderSpec(expand_shards(os.path.join(out, "*.tar")), preprocess,
+                                                    tokenizer, batch_size=4))))
     assert batch["tokens"].shape == (4, 77)
 
 

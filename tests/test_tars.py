@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 
 from cid_ds.data.tars import TarFormatError, tar_samples
-from cid_ds.data.wds_loader import read_samples
+from cid_ds.data.samples import read_samples
 from cid_ds.data.damage import ShardDamage
 
 LONG_DIR = "a-folder-name-long-enough-that-ustar-must-split-or-extend-it/" * 3

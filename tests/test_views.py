@@ -17,6 +17,7 @@ from cid_ds.config import ConfigError, expand_shards, load_config
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache
 from cid_ds.data.preprocess import draw_views
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
@@ -93,10 +94,11 @@ def embed(model, images: torch.Tensor) -> torch.Tensor:
 def test_the_replayed_crop_reproduces_the_stored_view(data, teacher, source):
     model, preprocess_val, tokenizer = teacher
     shards, features = (data["shards"], data["single"]) if source == "feature cache" else (data["packed"], None)
-    centre = next(iter(build_train_loader(shards, preprocess_val, tokenizer, BATCH, 1, features, shuffle_buffer=1)))
+    centre = next(iter(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, BATCH, workers=1, shuffle_buffer=1),
+                                          features)))
     for epoch in (0, 1):
-        batch = next(iter(build_train_loader(shards, preprocess_val, tokenizer, BATCH, 1, features, epoch=epoch,
-                                             shuffle_buffer=1, replay_views=2)))
+        batch = next(iter(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, BATCH, workers=1, epoch=epoch,
+                                                        shuffle_buffer=1, replay_views=2), features)))
         cosine = (embed(model, batch["image"]) * F.normalize(batch["t_img"], dim=-1)).sum(-1)
         assert cosine.min() > 0.999, (epoch, cosine.min())
         if epoch == 0:
@@ -110,9 +112,10 @@ def test_the_replayed_crop_reproduces_the_stored_view(data, teacher, source):
 def test_a_view_index_beyond_what_was_stored_is_refused(data, teacher, tmp_path):
     _, preprocess_val, tokenizer = teacher
     with pytest.raises(DataError, match=r"data.replay_views is 3 but .*feats/manifest.json stores 2 views"):
-        build_train_loader(data["shards"], preprocess_val, tokenizer, BATCH, 1, data["single"], replay_views=3)
+        build_train_loader(LoaderSpec(data["shards"], preprocess_val, tokenizer, BATCH, workers=1, replay_views=3),
+                           data["single"])
     with pytest.raises(DataError, match=r"data.replay_views is 3 but .*packed/manifest.json stores 2 views"):
-        build_train_loader(data["packed"], preprocess_val, tokenizer, BATCH, 1, None, replay_views=3)
+        build_train_loader(LoaderSpec(data["packed"], preprocess_val, tokenizer, BATCH, workers=1, replay_views=3))
     cfg = load_config(*write_yaml(tmp_path, data, ["data.views=replay", "data.replay_views=3"]))
     with pytest.raises(ConfigError, match="data.replay_views is 3 but feats stores 2 views per sample"):
         resolve_replay_views(cfg, 2, "feats")

@@ -10,6 +10,7 @@ import torch
 
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_shard
+from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json, write_json
 from cid_ds.models import create_model
@@ -41,8 +42,9 @@ def student():
 
 def batches(shards, student, features_dir, **kwargs):
     preprocess_train, _, tokenizer = student
+    join = {name: kwargs.pop(name) for name in ("missing_features", "clusters_dir") if name in kwargs}
     options = dict(batch_size=BATCH, workers=2, shuffle_buffer=50) | kwargs
-    return list(build_train_loader(shards, preprocess_train, tokenizer, features_dir=features_dir, **options))
+    return list(build_train_loader(LoaderSpec(shards, preprocess_train, tokenizer, **options), features_dir, **join))
 
 
 def keys_of(batch_list):
@@ -95,7 +97,7 @@ def test_skip_batches_resumes_the_same_sequence_without_decoding_the_skipped(sha
         decoded.append(image)
         return preprocess_train(image)
 
-    list(build_train_loader(shards, counting_preprocess, tokenizer, BATCH, 0, features_dir, skip_batches=5))
+    list(build_train_loader(LoaderSpec(shards, counting_preprocess, tokenizer, BATCH, skip_batches=5), features_dir))
     assert len(decoded) == SHARDS * PER_SHARD - 5 * BATCH
 
 

@@ -56,12 +56,12 @@ from torch.utils.dlpack import to_dlpack
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext
 
-from cid_ds.data.batch import Batch
+from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.errors import DataError
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
-from cid_ds.data.preprocess import ImageSpec, image_spec, replay_slot
+from cid_ds.data.preprocess import ImageSpec, check_stored_views, image_spec, replay_slot
 from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines
-from cid_ds.data.wds_loader import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, check_stored_views, decode_image
+from cid_ds.data.samples import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, decode_image
 
 _LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
 
@@ -319,19 +319,15 @@ def _pipeline_batches(indexes: list[ShardIndex], start: int, batch_size: int, sh
             excluded += _exclude_failed(e, indexes, max(0, position - shuffle), 2 * shuffle + 4 * batch_size)
 
 
-def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int, threads: int,
-                      epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                      skip_batches: int = 0, teacher_tokenizer: Optional[Callable] = None,
-                      device_id: Union[int, None, str] = "auto", replay_views: int = 0) -> Iterator[Batch]:
-    """One epoch of full batches for ``rank`` from packed shards, in the webdataset loader's batch
-    contract: ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``, ``damaged_shards``,
-    ``t_img``, ``t_txt``,
-    ``cluster`` (int64 [B] top-1, or [B, topk]) when the shards were packed with clusters, and with a
-    ``teacher_tokenizer`` ``teacher_tokens``. ``threads`` DALI CPU threads; ``device_id`` "auto" (the
-    current GPU, else the CPU), a CUDA device, or None for the CPU. The module docstring says how epochs,
-    order, bad samples and ``skip_batches`` behave."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+def build_dali_loader(spec: LoaderSpec, device_id: Union[int, None, str] = "auto") -> Iterator[Batch]:
+    """One epoch of ``spec``'s full batches from packed shards, in the webdataset loader's batch contract
+    (cid_ds.data.batch): ``image`` (on the GPU with one), ``tokens``, ``key``, ``n_skipped``,
+    ``damaged_shards``, ``t_img``, ``t_txt``, ``cluster`` (int64 [B] top-1, or [B, topk]) when the shards
+    were packed with clusters, and with a teacher tokenizer ``teacher_tokens``. ``spec.workers`` DALI CPU
+    threads; ``device_id`` "auto" (the current GPU, else the CPU), a CUDA device, or None for the CPU. The
+    module docstring says how epochs, order, bad samples and ``skip_batches`` behave."""
+    shards, tokenizer, batch_size = spec.shards, spec.tokenizer, spec.batch_size
+    epoch, seed, rank, replay_views = spec.epoch, spec.seed, spec.rank, spec.replay_views
     manifest = packed_manifest_path(shards)
     if manifest is None:
         raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
@@ -342,31 +338,31 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
     replay = (replay_slot(epoch, replay_views), packed.views) if replay_views else None
     fields = [name for name in packed.lengths() if replay or name not in VIEW_ARRAYS]
     retokenize = not packed.tokens_usable(tokenizer)
-    captions = retokenize or teacher_tokenizer is not None
-    rank_shards = shards[rank::world_size]
+    captions = retokenize or spec.teacher_tokenizer is not None
+    rank_shards = shards[rank::spec.world_size]
     random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
     # indexed for every field the manifest promises, whether read or not: one index serves replaying and
     # non-replaying runs (an ablation alternating them would otherwise rescan every shard per run)
     indexes = shard_indexes(rank_shards, packed.lengths())
     shard_set = set(rank_shards)
-    spec = image_spec(preprocess)
+    image = image_spec(spec.preprocess)
     device_id = default_device_id() if device_id == "auto" else device_id
 
     def make(paths: list[str], index_paths: list[str]):
-        return _pipeline(paths, index_paths, spec, fields, captions, batch_size, max(1, threads), device_id,
-                         shuffle_buffer, seed=random.Random(f"dali:{seed}:{epoch}:{rank}").getrandbits(63),
+        return _pipeline(paths, index_paths, image, fields, captions, batch_size, max(1, spec.workers), device_id,
+                         spec.shuffle_buffer, seed=random.Random(f"dali:{seed}:{epoch}:{rank}").getrandbits(63),
                          replay=replay)
 
     def epoch_batches() -> Iterator[dict]:
-        start = skip_batches * batch_size
+        start = spec.skip_batches * batch_size
         # skipped samples are counted when the reader reaches their shard (those before `start` were)
         pending, position = [], 0
         for index in indexes:
             if position >= start:
                 pending.append((position, index))
             position += index.samples
-        outputs = _pipeline_batches(indexes, start, batch_size, shuffle_buffer, make, _output_names(fields, captions))
-        for number in itertools.count(skip_batches):
+        outputs = _pipeline_batches(indexes, start, batch_size, spec.shuffle_buffer, make, _output_names(fields, captions))
+        for number in itertools.count(spec.skip_batches):
             if number >= sum(index.samples for index in indexes) // batch_size:
                 return
             out, excluded = next(outputs, (None, 0))
@@ -378,9 +374,9 @@ def build_dali_loader(shards: list[str], preprocess: Callable, tokenizer: Callab
                 for key in index.skipped:
                     _log_skipped(index, key)
             n_skipped = excluded + sum(len(index.skipped) for index in reached)
-            batch = _batch(out, shard_set, n_skipped, tokenizer if retokenize else None, teacher_tokenizer)
+            batch = _batch(out, shard_set, n_skipped, tokenizer if retokenize else None, spec.teacher_tokenizer)
             batch["damaged_shards"] = [index.damage for index in indexes if index.damage is not None] \
-                if number == skip_batches else []
+                if number == spec.skip_batches else []
             yield batch
 
     return epoch_batches()

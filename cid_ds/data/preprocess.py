@@ -25,6 +25,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from cid_ds.data.errors import DataError
+
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 # open_clip / torchvision steps that do nothing to an RGB image already decoded to RGB
 _PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")
@@ -105,6 +107,13 @@ def draw_views(width: int, height: int, count: int, key: str, seed: int, scale: 
 def replay_slot(epoch: int, stored: int) -> int:
     """The stored view both loaders replay in ``epoch``."""
     return epoch % stored
+
+
+def check_stored_views(replay_views: int, stored: int, source: str) -> None:
+    """Replaying N views needs at least N stored per sample."""
+    if replay_views > stored:
+        raise DataError(f"data.replay_views is {replay_views} but {source} stores {stored} views per sample "
+                        "(data_tools.extract --views K stores K)")
 
 
 class BatchNormalize:

@@ -30,7 +30,7 @@ from cid_ds.data.damage import ShardDamage
 from cid_ds.data.errors import DataError
 from cid_ds.data.packed import decode_array
 from cid_ds.data.tars import Member, tar_sample_members, until_damage
-from cid_ds.data.wds_loader import DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of
+from cid_ds.data.samples import DECODE_ERRORS, IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of
 from cid_ds.io import atomic_path, read_json, write_json
 
 INDEX_VERSION = 1

@@ -14,7 +14,6 @@ and the DataLoader takes batches from the workers round-robin.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import random
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -22,127 +21,57 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cid_ds.data.batch import Batch
+from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import ShardDamage, carry_damage
-from cid_ds.data.errors import DataError
+from cid_ds.data.errors import DataError, pass_data_errors, raise_data_errors
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem
 from cid_ds.data.joins import check_join
 from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
-from cid_ds.data.preprocess import ViewTransform, image_spec, replay_slot, split_normalize
-from cid_ds.data.tars import samples_until_damage
+from cid_ds.data.preprocess import ViewTransform, check_stored_views, image_spec, replay_slot, split_normalize
+from cid_ds.data.samples import caption_of, decode_image, read_samples
 from cid_ds.faults import ignore_stop_signals
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 MISSING_FEATURES = ("error", "skip")  # a key without cached features (or cluster ids): an error, or a counted skip
 
 
-def read_samples(shards: Iterable[str], damaged: Optional[list[ShardDamage]] = None) -> Iterator[dict]:
-    """Raw samples of the shards in order: ``{ext: bytes, "__key__": str, "__url__": shard}``; a damaged
-    shard's up to the damage, recorded in ``damaged`` (and printed)."""
-    damaged = [] if damaged is None else damaged
-    for shard in shards:
-        yield from samples_until_damage(shard, damaged)
+def build_train_loader(spec: LoaderSpec, features_dir: Optional[str] = None, missing_features: str = "error",
+                       clusters_dir: Optional[str] = None) -> Iterable[Batch]:
+    """One epoch of ``spec``'s full batches (cid_ds.data.batch): ``image``, ``tokens``, ``key``, ``n_skipped``,
+    ``damaged_shards`` (the ShardDamage records read since the previous batch), ``teacher_tokens`` with a
+    teacher tokenizer, and teacher targets and cluster ids when the shards carry them (distill-ready shards,
+    cid_ds.data.packed) or when joined by key: ``t_img``/``t_txt`` from the feature cache in ``features_dir``,
+    ``cluster`` from the assignments in ``clusters_dir``. ``missing_features`` applies to keys missing from
+    either.
 
+    With ``spec.replay_views`` > 0 each sample's stored view ``epoch % replay_views`` is cropped, flipped and
+    resized to ``preprocess``'s size and normalisation, and ``t_img`` is that view's teacher embedding.
 
-def pass_data_errors(batches: Iterator[dict]) -> Iterator[dict]:
-    """In a DataLoader worker: turn a DataError into a ``{"data_error": message}`` item. A worker's
-    exception reaches the main process as a formatted traceback, and formatting one can itself fail
-    (CPython 3.11 up to 3.11.7, gh-106905: a SystemError replaces the message)."""
-    try:
-        yield from batches
-    except DataError as e:
-        yield {"data_error": str(e)}
-
-
-def raise_data_errors(loader: Iterable[dict]) -> Iterator[dict]:
-    """In the main process: re-raise what ``pass_data_errors`` passed on."""
-    for batch in loader:
-        if "data_error" in batch:
-            raise DataError(batch["data_error"])
-        yield batch
-
-
-# Tokenizers keep only the first context_length (77 for CLIP) tokens; BPE over a runaway caption (a
-# scraped 10 MB page) would stall a worker for minutes, so only its head is kept.
-MAX_CAPTION_BYTES = 4096
-
-
-def caption_of(sample: dict) -> Optional[str]:
-    """The sample's caption (non-UTF-8 bytes replaced, at most ``MAX_CAPTION_BYTES`` read), or None
-    when it has no ``.txt`` or only whitespace."""
-    raw = sample.get("txt")
-    text = raw[:MAX_CAPTION_BYTES].decode("utf-8", errors="replace").strip() if raw is not None else ""
-    return text or None
-
-
-def decode_image(sample: dict) -> Optional[Image.Image]:
-    """The sample's image, fully decoded, or None when it has none or PIL cannot read it."""
-    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-    if data is None:
-        return None
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except DECODE_ERRORS:
-        return None
-    return image
-
-
-def build_train_loader(shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                       workers: int, features_dir: Optional[str], missing_features: str = "error",
-                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       shuffle_buffer: int = 1000, skip_batches: int = 0,
-                       clusters_dir: Optional[str] = None, teacher_tokenizer: Optional[Callable] = None,
-                       replay_views: int = 0) -> Iterable[Batch]:
-    """One epoch of full batches for ``rank``: ``image``, ``tokens``, ``key``, ``n_skipped``,
-    ``damaged_shards`` (the ShardDamage records read since the previous batch), with a
-    feature cache ``t_img``/``t_txt``, with cluster assignments ``cluster`` (int64 [B] top-1 ids, or
-    [B, topk]), and with a ``teacher_tokenizer`` (online teacher) ``teacher_tokens``. The sequence is fixed
-    by (seed, epoch, rank, workers). ``missing_features`` applies to keys missing from either.
-
-    ``replay_views`` > 0 replays stored views (cid_ds.data.preprocess): each sample's view
-    ``epoch % replay_views`` is cropped, flipped and resized to ``preprocess``'s size and normalisation,
-    and ``t_img`` is that view's teacher embedding.
-
-    ``skip_batches`` resumes inside the epoch: the first N batches are not decoded. It is exact while
-    every worker is still producing batches at batch N and the skipped span holds no corrupt image
-    that the feature cache does not already list.
+    ``spec.skip_batches`` is exact while every worker is still producing batches at batch N and the skipped
+    span holds no corrupt image that the feature cache does not already list.
     """
     if missing_features not in MISSING_FEATURES:
         raise ValueError(f"missing_features must be {' or '.join(map(repr, MISSING_FEATURES))}, got {missing_features!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache = FeatureCache(features_dir) if features_dir is not None else None
     clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
-    manifest = packed_manifest_path(shards)
+    manifest = packed_manifest_path(spec.shards)
     packed_shards = PackedShards(manifest) if manifest else None
     check_join(packed_shards, cache, clusters)
-    packed = _packed_fields(packed_shards, tokenizer, cache, clusters, replay_views) if packed_shards else {}
-    if replay_views:  # the views come from the side cache when one is joined, else from the packed shards
+    packed = _packed_fields(packed_shards, spec.tokenizer, cache, clusters, spec.replay_views) if packed_shards else {}
+    if spec.replay_views:  # the views come from the side cache when one is joined, else from the packed shards
         if cache is not None:
-            check_stored_views(replay_views, cache.views, cache.manifest_path)
+            check_stored_views(spec.replay_views, cache.views, cache.manifest_path)
         else:
-            check_stored_views(replay_views, packed_shards.views if packed_shards else 0, manifest or shards[0])
-    dataset = _EpochBatches(shards, preprocess, tokenizer, batch_size, cache, clusters, missing_features,
-                            epoch, seed, rank, world_size, shuffle_buffer, skip_batches, teacher_tokenizer, packed,
-                            replay_views)
-    augment_seed = random.Random(f"augment:{seed}:{epoch}:{rank}").getrandbits(63)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+            check_stored_views(spec.replay_views, packed_shards.views if packed_shards else 0,
+                               manifest or spec.shards[0])
+    dataset = _EpochBatches(spec, cache, clusters, missing_features, packed)
+    augment_seed = random.Random(f"augment:{spec.seed}:{spec.epoch}:{spec.rank}").getrandbits(63)
+    loader = DataLoader(dataset, batch_size=None, num_workers=spec.workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
                         worker_init_fn=ignore_stop_signals)
     return carry_damage(raise_data_errors(loader))
-
-
-def check_stored_views(replay_views: int, stored: int, source: str) -> None:
-    """Replaying N views needs at least N stored per sample."""
-    if replay_views > stored:
-        raise DataError(f"data.replay_views is {replay_views} but {source} stores {stored} views per sample "
-                        "(data_tools.extract --views K stores K)")
 
 
 def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[FeatureCache],
@@ -161,22 +90,16 @@ def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[Fe
 
 
 class _EpochBatches(IterableDataset):
-    def __init__(self, shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments], missing_features: str,
-                 epoch: int, seed: int, rank: int, world_size: int, shuffle_buffer: int, skip_batches: int,
-                 teacher_tokenizer: Optional[Callable], packed: dict[str, int], replay_views: int):
+    def __init__(self, spec: LoaderSpec, cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments],
+                 missing_features: str, packed: dict[str, int]):
         super().__init__()
-        self.shards = list(shards)
-        self.tokenizer, self.batch_size = tokenizer, batch_size
-        self.slot = replay_slot(epoch, replay_views) if replay_views else None
+        self.spec = spec
+        self.slot = replay_slot(spec.epoch, spec.replay_views) if spec.replay_views else None
         # per image: decode and geometry to uint8 pixels; per batch: scaling and normalisation
-        self.view_transform = ViewTransform(image_spec(preprocess)) if replay_views else None
-        self.pixels, self.normalize = (None, self.view_transform.normalize) if replay_views \
-            else split_normalize(preprocess)
-        self.teacher_tokenizer, self.packed = teacher_tokenizer, packed
-        self.cache, self.clusters, self.missing_features = cache, clusters, missing_features
-        self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
-        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+        self.view_transform = ViewTransform(image_spec(spec.preprocess)) if spec.replay_views else None
+        self.pixels, self.normalize = (None, self.view_transform.normalize) if spec.replay_views \
+            else split_normalize(spec.preprocess)
+        self.cache, self.clusters, self.missing_features, self.packed = cache, clusters, missing_features, packed
         self.n_skipped = 0  # per worker process: samples dropped since the last batch
         self.damaged: list[ShardDamage] = []  # per worker process: damaged shards read since the last batch
 
@@ -184,22 +107,23 @@ class _EpochBatches(IterableDataset):
         self.n_skipped, self.damaged = 0, []
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank_shards = self.shards[self.rank::self.world_size]
-        random.Random(f"{self.seed}:{self.epoch}:{self.rank}").shuffle(rank_shards)
+        spec = self.spec
+        rank_shards = spec.shards[spec.rank::spec.world_size]
+        random.Random(f"{spec.seed}:{spec.epoch}:{spec.rank}").shuffle(rank_shards)
         # Workers beyond the shard count get nothing and drop out of the DataLoader's round-robin.
         producing = min(workers, len(rank_shards))
         if worker >= producing:
             return
         # The DataLoader asks worker 0 first, so after skipping k batches worker w plays the part of
         # worker (w + k) % producing of the unskipped epoch, which made batch k + w.
-        role = (worker + self.skip_batches) % producing
-        role_skip = len(range(role, self.skip_batches, producing))
+        role = (worker + spec.skip_batches) % producing
+        role_skip = len(range(role, spec.skip_batches, producing))
 
         samples = self._usable(read_samples(rank_shards[role::producing], self.damaged))
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{role}")
-        samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
-        samples = itertools.islice(samples, role_skip * self.batch_size, None)
-        augment = random.Random(f"augment:{self.seed}:{self.epoch}:{self.rank}:{role}")
+        rng = random.Random(f"{spec.seed}:{spec.epoch}:{spec.rank}:{role}")
+        samples = wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)(samples)
+        samples = itertools.islice(samples, role_skip * spec.batch_size, None)
+        augment = random.Random(f"augment:{spec.seed}:{spec.epoch}:{spec.rank}:{role}")
         yield from pass_data_errors(self._batches(samples, augment))
         if self.damaged:
             yield {"damaged_shards": self.damaged}
@@ -274,7 +198,7 @@ class _EpochBatches(IterableDataset):
             sample["image"] = self.view_transform.pixels(image, sample["view"]) if replayed \
                 else self.pixels(image, augment)
             batch.append(sample)
-            if len(batch) == self.batch_size:
+            if len(batch) == self.spec.batch_size:
                 yield self._collate(batch)
                 batch = []
 
@@ -286,13 +210,13 @@ class _EpochBatches(IterableDataset):
         out = {
             "image": self.normalize(images) if self.normalize is not None else images,
             "tokens": torch.from_numpy(stacked["tokens"].astype(np.int64)) if "tokens" in stacked
-            else self.tokenizer(captions),
+            else self.spec.tokenizer(captions),
             "key": [s["__key__"] for s in batch],
             "n_skipped": self.n_skipped,
             "damaged_shards": list(self.damaged),
         }
-        if self.teacher_tokenizer is not None:
-            out["teacher_tokens"] = self.teacher_tokenizer(captions)
+        if self.spec.teacher_tokenizer is not None:
+            out["teacher_tokens"] = self.spec.teacher_tokenizer(captions)
         for name in ("t_img", "t_txt"):
             if name in stacked:
                 out[name] = torch.from_numpy(stacked[name].astype(np.float32))
