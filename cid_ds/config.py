@@ -376,16 +376,19 @@ def check_deepspeed_json(path: str) -> None:
             raise ConfigError(f"{path}: unknown DeepSpeed key '{key}'{hint}")
 
 
-def _check_paths(cfg: Config, source: str) -> None:
-    from cid_ds.data.packed import packed_manifest_path
-    def must_exist(key: str, path: Optional[str], kind: str = "file") -> None:
-        if path is None:
-            return
-        exists = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
-        if not exists:
-            raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}")
+def must_exist(key: str, path: Optional[str], source: str, kind: str = "file") -> None:
+    """A ConfigError naming ``key`` unless ``path`` (None: not set) is an existing file or folder."""
+    if path is None:
+        return
+    exists = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
+    if not exists:
+        raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}")
 
-    must_exist("deepspeed_config", cfg.deepspeed_config)
+
+def _check_paths(cfg: Config, source: str) -> None:
+    """The files the config names exist and its keys agree with each other. What the artifacts hold (a
+    cache's manifest, a teacher's weights) is checked against them by cid_ds.sources.check_sources."""
+    must_exist("deepspeed_config", cfg.deepspeed_config, source)
     check_deepspeed_json(cfg.deepspeed_config)
     if not cfg.data.train_shards:
         raise ConfigError(f"{source}: key 'data.train_shards' is required")
@@ -393,26 +396,13 @@ def _check_paths(cfg: Config, source: str) -> None:
     missing = [p for p in shards if not os.path.isfile(p)]
     if not shards or missing:
         raise ConfigError(f"{source}: key 'data.train_shards': no such shard: {missing[0] if missing else cfg.data.train_shards}")
-    if cfg.data.features is not None:
-        must_exist("data.features", os.path.join(cfg.data.features, "manifest.json"))
     for i, path in enumerate(cfg.eval.sets):
-        must_exist(f"eval.sets[{i}]", path, "dir")
+        must_exist(f"eval.sets[{i}]", path, source, "dir")
     if not cfg.model.student:
         raise ConfigError(f"{source}: key 'model.student' is required")
-    teacher_terms = [name for name in TEACHER_TERMS if getattr(cfg.loss, name) > 0]
-    if teacher_terms and cfg.kd.teacher == "cached" and cfg.data.features is None \
-            and packed_manifest_path(shards) is None:
-        raise ConfigError(f"{source}: key 'loss.{teacher_terms[0]}' > 0 needs 'data.features' (a teacher feature "
-                          "cache), distill-ready shards (data_tools.pack) or kd.teacher: online with model.teacher")
     if cfg.kd.teacher == "online":
         if not cfg.model.teacher:
             raise ConfigError(f"{source}: key 'kd.teacher' is online but 'model.teacher' is not set")
-        from cid_ds.models import has_trained_weights
-        teacher_weights = cfg.model.teacher, cfg.model.teacher_pretrained
-        if not cfg.model.teacher_random_ok and not has_trained_weights(*teacher_weights):
-            raise ConfigError(f"{source}: key 'model.teacher' {cfg.model.teacher} has no trained weights (no "
-                              "'model.teacher_pretrained', no weights file in its folder), so the student would "
-                              "distil noise: set its weights, or model.teacher_random_ok: true if that is meant")
         if cfg.data.features is not None:
             raise ConfigError(f"{source}: key 'kd.teacher' is online: drop 'data.features' (the cache would be unused)")
     if cfg.loss.instance > 0 and cfg.loss.icl > 0:
@@ -428,12 +418,8 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.loss.cluster > 0:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
-        must_exist("cluster.dir", os.path.join(cfg.cluster.dir, "centroids.npy"))
-        if cfg.cluster.soft and cfg.data.features is None and cfg.kd.teacher == "cached" \
-                and packed_manifest_path(shards) is None:
-            raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
     if cfg.checkpoint.resume not in ("auto", "none"):
-        must_exist("checkpoint.resume", cfg.checkpoint.resume, "dir")
+        must_exist("checkpoint.resume", cfg.checkpoint.resume, source, "dir")
 
 
 def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
@@ -452,5 +438,10 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) 
     for item in overrides:  # a second pass each, so that an error names the override, not the file
         _fill(cfg, _override_tree(item), "", f"override '{item}'")
     if check_paths:
-        _check_paths(cfg, f"{path} with overrides {' '.join(overrides)}" if overrides else path)
+        _check_paths(cfg, config_source(path, overrides))
     return cfg
+
+
+def config_source(path: str, overrides: list[str] = ()) -> str:
+    """How errors name a config: its file and the overrides applied."""
+    return f"{path} with overrides {' '.join(overrides)}" if overrides else path

@@ -3,10 +3,11 @@ assignments, each checked complete, cross-checked with the others (one teacher, 
 widths) and turned into what the trainer needs, before any work."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from cid_ds.config import Config, ConfigError, expand_shards
+from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, must_exist
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 
 if TYPE_CHECKING:
@@ -29,6 +30,33 @@ class Sources:
     replay_views: int                  # stored views replayed (0: none)
     cluster_index: Optional[int]       # the teacher of an ensemble the clusters were fit on; None: all of them
     clusters_to_join: Optional[str]    # cluster.dir, joined by key (the shards carry no cluster ids)
+
+
+def check_sources(cfg: Config, source: str) -> None:
+    """Before any work: the artifacts ``cfg`` names are there and can serve its loss terms (a teacher for the
+    teacher terms, trained teacher weights, a clustering). ``source``: how errors name the config
+    (cid_ds.config.config_source)."""
+    from cid_ds.data.clusters import CENTROIDS
+    from cid_ds.data.features import MANIFEST
+    from cid_ds.data.packed import packed_manifest_path
+    if cfg.data.features is not None:
+        must_exist("data.features", os.path.join(cfg.data.features, MANIFEST), source)
+    no_teacher_embeddings = cfg.kd.teacher == "cached" and cfg.data.features is None \
+        and packed_manifest_path(expand_shards(cfg.data.train_shards)) is None
+    teacher_terms = [name for name in TEACHER_TERMS if getattr(cfg.loss, name) > 0]
+    if teacher_terms and no_teacher_embeddings:
+        raise ConfigError(f"{source}: key 'loss.{teacher_terms[0]}' > 0 needs 'data.features' (a teacher feature "
+                          "cache), distill-ready shards (data_tools.pack) or kd.teacher: online with model.teacher")
+    if cfg.kd.teacher == "online" and not cfg.model.teacher_random_ok:
+        from cid_ds.models import has_trained_weights
+        if not has_trained_weights(cfg.model.teacher, cfg.model.teacher_pretrained):
+            raise ConfigError(f"{source}: key 'model.teacher' {cfg.model.teacher} has no trained weights (no "
+                              "'model.teacher_pretrained', no weights file in its folder), so the student would "
+                              "distil noise: set its weights, or model.teacher_random_ok: true if that is meant")
+    if cfg.loss.cluster > 0:
+        must_exist("cluster.dir", os.path.join(cfg.cluster.dir, CENTROIDS), source)
+        if cfg.cluster.soft and no_teacher_embeddings:
+            raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
 
 
 def open_sources(cfg: Config, clip_model: nn.Module) -> Sources:

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
-from cid_ds.config import Config, ConfigError, load_config
+from cid_ds.config import Config, ConfigError, config_source, load_config
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage, TooMuchDamage
 from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
@@ -30,7 +30,7 @@ from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.objective import all_finite, compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
-from cid_ds.sources import open_sources
+from cid_ds.sources import check_sources, open_sources
 
 if TYPE_CHECKING:
     from cid_ds.teacher import OnlineTeacher
@@ -285,7 +285,9 @@ def main(argv: Optional[list[str]] = None, stop: Optional[StopSignal] = None) ->
     args = parser.parse_args(argv)
     stop = stop or StopSignal()
     try:
-        results = run(load_config(args.config, args.overrides), stop)
+        cfg = load_config(args.config, args.overrides)
+        check_sources(cfg, config_source(args.config, args.overrides))
+        results = run(cfg, stop)
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
     except TooMuchDamage as e:

@@ -28,9 +28,10 @@ from typing import Optional
 
 import yaml
 
-from cid_ds.config import ConfigError, load_config
+from cid_ds.config import ConfigError, config_source, load_config
 from cid_ds.evaluate import headline
 from cid_ds.io import atomic_path, write_json
+from cid_ds.sources import check_sources
 from launch.experiments import launch_training, markdown_table
 
 SPEC_KEYS = {"steps", "rows", "description"}
@@ -84,7 +85,7 @@ def row_overrides(row: Row, common: list[str], steps: Optional[int]) -> list[str
         cfg = load_config(row.config, overrides, check_paths=False)
         warmup = round(cfg.optim.warmup_steps * steps / cfg.optim.steps)
         overrides = overrides + [f"optim.steps={steps}", f"optim.warmup_steps={warmup}", f"checkpoint.every={steps}"]
-    load_config(row.config, overrides)
+    check_sources(load_config(row.config, overrides), config_source(row.config, overrides))
     return overrides
 
 

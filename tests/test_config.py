@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from cid_ds.config import ConfigError, check_deepspeed_json, expand_shards, load_config
+from cid_ds.config import Config, ConfigError, check_deepspeed_json, config_source, expand_shards, load_config
+from cid_ds.sources import check_sources
 from tests.helpers import REPO_ROOT
 
 
@@ -25,6 +26,13 @@ def setup(tmp_path):
                         f"data:\n  train_shards: {shards}/{{00000..00002}}.tar\n{body}")
         return str(path)
     return write
+
+
+def load_checked(path: str, overrides: list[str] = ()) -> Config:
+    """As the trainer checks a config before any work: its keys, then the artifacts it names."""
+    cfg = load_config(path, overrides)
+    check_sources(cfg, config_source(path, overrides))
+    return cfg
 
 
 def test_a_valid_yaml_loads_into_typed_sections(setup):
@@ -52,20 +60,20 @@ def test_missing_files_are_named_before_any_work(setup, tmp_path):
     with pytest.raises(ConfigError, match=r"key 'data\.train_shards': no such shard: .*00003\.tar"):
         load_config(setup(""), [f"data.train_shards={tmp_path}/shards/{{00000..00009}}.tar"])
     with pytest.raises(ConfigError, match=r"key 'data\.features': file not found: .*nofeats/manifest\.json"):
-        load_config(setup(""), [f"data.features={tmp_path}/nofeats"])
+        load_checked(setup(""), [f"data.features={tmp_path}/nofeats"])
     with pytest.raises(ConfigError, match=r"key 'eval\.sets\[0\]': dir not found"):
         load_config(setup("eval:\n  sets: [/no/such/set]\n"))
 
 
 def test_instance_distillation_needs_a_feature_cache(setup):
     with pytest.raises(ConfigError, match=r"'loss\.instance' > 0 needs 'data\.features'"):
-        load_config(setup("loss:\n  instance: 1.0\n"))
+        load_checked(setup("loss:\n  instance: 1.0\n"))
 
 
 @pytest.mark.parametrize("term", ["fd", "crd", "icl", "mfd", "gd", "afd"])
 def test_every_kd_term_needs_a_teacher_cached_or_online(setup, term):
     with pytest.raises(ConfigError, match=rf"'loss\.{term}' > 0 needs 'data\.features' .* or kd\.teacher: online"):
-        load_config(setup(f"loss:\n  {term}: 1.0\n"))
+        load_checked(setup(f"loss:\n  {term}: 1.0\n"))
     cfg = load_config(setup(f"loss:\n  {term}: 1.0\nmodel:\n  student: demo-student\n  teacher: demo-teacher\n"
                             "  teacher_random_ok: true\nkd:\n  teacher: online\n"))
     assert getattr(cfg.loss, term) == 1.0 and cfg.kd.teacher == "online"
@@ -174,7 +182,7 @@ def test_a_teacher_without_trained_weights_is_refused_unless_meant(setup, tmp_pa
     load_teacher("demo-teacher", str(tmp_path / "w.safetensors"))
     with pytest.raises(ConfigError, match=r"exp\.yaml with overrides model\.teacher=demo-teacher: "
                                           r"key 'model\.teacher' demo-teacher has no trained weights"):
-        load_config(setup("kd:\n  teacher: online\n"), ["model.teacher=demo-teacher"])
+        load_checked(setup("kd:\n  teacher: online\n"), ["model.teacher=demo-teacher"])
     (tmp_path / "00000.tar").write_bytes(b"")
     with pytest.raises(SystemExit, match="extract: teacher 'demo-teacher' has no trained weights"):
         extract_main(["--shards", str(tmp_path / "00000.tar"), "--teacher", "demo-teacher",
