@@ -1,9 +1,11 @@
 """Cluster the teacher's image embeddings with faiss k-means and assign every sample its nearest centroids.
 
-  python -m data_tools.cluster --features runs/feats --k 1000 --out runs/clusters [--niter 20] \\
+  python -m data_tools.cluster --features runs/feats --out runs/clusters [--k 1000] [--niter 20] \\
       [--max-points-per-centroid 256] [--topk 1] [--batch-size 65536] [--seed 0] [--gpu auto] \\
       [--parts N] [--nredo 1] [--init random] [--teacher-index I]
 
+Without ``--k``, k comes from the cache's sample count by the rule in ``default_k``: one cluster per
+400 samples (CLIP-CID's 1M clusters for LAION-400M), at least 16, at most one per 20 samples.
 Spherical k-means is fitted on k * max-points-per-centroid rows drawn uniformly over the cache (read
 shard by shard); then every row is assigned, shard by shard, to its top-k centroids by inner product.
 A cache of a teacher ensemble is clustered on the concatenation of its teachers' embeddings (the
@@ -42,6 +44,10 @@ from data_tools.outputs import check_rerun, save_figure
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
+# The default k (default_k): CLIP-CID and MLCD cluster ~400M samples into 1M clusters.
+SAMPLES_PER_CLUSTER = 400
+MIN_CLUSTERS = 16  # fewer clusters carry no structure for the classifier to learn
+MIN_SAMPLES_PER_CLUSTER = 20  # smaller clusters starve the classifier's rows
 INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                 "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
 
@@ -54,6 +60,38 @@ def num_gpus(gpu: str) -> int:
     if gpu == "on" and seen == 0:
         raise ValueError("--gpu on: faiss sees no GPU (faiss-cpu installed, or no CUDA device visible)")
     return seen
+
+
+def default_k(samples: int) -> int:
+    """The number of clusters for ``samples`` samples when none is given::
+
+        k = min(max(samples // 400, 16), max(samples // 20, 1))
+
+    One cluster per SAMPLES_PER_CLUSTER (400) samples: CLIP-CID's and MLCD's 1M clusters for ~400M samples.
+    At least MIN_CLUSTERS (16): fewer clusters carry no structure. But never fewer than
+    MIN_SAMPLES_PER_CLUSTER (20) samples per cluster, which would starve the classifier's rows: that bound
+    wins below 320 samples. And at least 1 (so never more than ``samples``)."""
+    return _default_k_and_reason(samples)[0]
+
+
+def _default_k_and_reason(samples: int) -> tuple[int, str]:
+    if samples < 1:
+        raise ValueError(f"no samples to cluster (the feature cache holds {samples})")
+    by_size = samples // SAMPLES_PER_CLUSTER
+    most = max(1, samples // MIN_SAMPLES_PER_CLUSTER)
+    ratio = f"{samples:,} samples / {SAMPLES_PER_CLUSTER} per cluster"
+    if by_size >= MIN_CLUSTERS:
+        return by_size, f"{ratio} (CLIP-CID: 1M clusters for 400M samples)"
+    if MIN_CLUSTERS <= most:
+        return MIN_CLUSTERS, f"{ratio} = {by_size}, raised to the minimum of {MIN_CLUSTERS} clusters"
+    return most, (f"{samples:,} samples: {MIN_CLUSTERS} clusters would hold fewer than {MIN_SAMPLES_PER_CLUSTER} "
+                  f"samples each, so one cluster per {MIN_SAMPLES_PER_CLUSTER} samples (at least 1)")
+
+
+def _announced_default_k(samples: int) -> int:
+    k, reason = _default_k_and_reason(samples)
+    print(f"k = {k}: {reason}; pass --k to choose")
+    return k
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -252,22 +290,27 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, b
                        "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
 
 
-def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
+def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
             topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
             nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None) -> dict:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
-    returns the complete manifest."""
-    for name, value in (("k", k), ("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
+    returns the complete manifest. ``k`` None: ``default_k`` of the cache's sample count, printed with
+    its reason."""
+    for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
                         ("topk", topk), ("batch_size", batch_size), ("parts", parts), ("nredo", nredo)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if topk > k:
-        raise ValueError(f"topk ({topk}) must not exceed k ({k})")
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
     ngpu = num_gpus(gpu)
     cache = FeatureCache(features_dir, with_views=False)
     shards = cache_shards(cache)
+    if k is None:
+        k = _announced_default_k(sum(shards.values()))
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if topk > k:
+        raise ValueError(f"topk ({topk}) must not exceed k ({k})")
     columns = teacher_columns(cache, teacher_index)
     params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,
               "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
@@ -304,7 +347,9 @@ def cluster(features_dir: str, k: int, out_dir: str, niter: int = 20, max_points
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_tools.cluster", description=__doc__.split("\n")[0])
     parser.add_argument("--features", required=True, help="teacher feature cache (python -m data_tools.extract)")
-    parser.add_argument("--k", type=int, required=True, help="number of clusters")
+    parser.add_argument("--k", type=int, default=None,
+                        help=f"number of clusters (default: one per {SAMPLES_PER_CLUSTER} samples, at least "
+                             f"{MIN_CLUSTERS}, at most one per {MIN_SAMPLES_PER_CLUSTER} samples)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--niter", type=int, default=20, help="k-means iterations")
     parser.add_argument("--max-points-per-centroid", type=int, default=256,
@@ -329,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cluster: {e}")
     sizes = manifest["cluster_sizes"]
-    print(f"{args.out}: {sizes['samples']} samples in {args.k} clusters (fit on {manifest['fit_points']}); "
+    print(f"{args.out}: {sizes['samples']} samples in {manifest['k']} clusters (fit on {manifest['fit_points']}); "
           f"sizes min {sizes['min']} median {sizes['median']:g} max {sizes['max']}, {sizes['empty']} empty; "
           f"mean top-1 similarity {sizes['mean_top1_sim']:.3f}")
 

@@ -11,7 +11,7 @@ import pytest
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.data.joins import check_join
-from data_tools.cluster import assign, cluster, main
+from data_tools.cluster import assign, cluster, default_k, main
 
 CLUSTERS, PER_CLUSTER, DIM, SHARDS = 20, 150, 32, 3
 TEACHER = {"weights_sha256": "a" * 64, "embed_dim": DIM}
@@ -197,3 +197,25 @@ def test_bad_input_is_named(cache_dir, tmp_path, capsys):
         main(["--features", str(tmp_path / "none"), "--k", "4", "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match=f"cluster assignments {tmp_path}: no manifest.json"):
         ClusterAssignments(str(tmp_path))
+
+
+@pytest.mark.parametrize("samples, k", [(10, 1), (200, 10), (3000, 16), (20_000, 50), (400_000_000, 1_000_000)])
+def test_default_k_is_one_cluster_per_400_samples_at_least_16_and_at_least_20_samples_each(samples, k):
+    assert default_k(samples) == k
+
+
+def test_without_k_the_rule_chooses_it_says_why_and_a_rerun_resumes_it(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    cache = write_cache(str(tmp_path / "feats"), unit(rng.standard_normal((8000, DIM))))
+    out = str(tmp_path / "c")
+    main(["--features", cache, "--out", out, "--max-points-per-centroid", "20"])
+    assert capsys.readouterr().out.startswith(
+        "k = 20: 8,000 samples / 400 per cluster (CLIP-CID: 1M clusters for 400M samples); pass --k to choose\n")
+    first = ClusterAssignments(out)
+    assert first.k == 20 and first.centroids().shape == (20, DIM)
+
+    fitted = os.stat(os.path.join(out, "centroids.npy")).st_mtime_ns
+    os.remove(shard_file(out, "00002"))
+    main(["--features", cache, "--out", out, "--max-points-per-centroid", "20"])
+    assert "in 20 clusters" in capsys.readouterr().out
+    assert os.stat(os.path.join(out, "centroids.npy")).st_mtime_ns == fitted and os.path.isfile(shard_file(out, "00002"))
