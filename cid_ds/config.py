@@ -3,7 +3,8 @@
 Every key is checked before any work starts: an unknown key, a value of the wrong type, a number that
 cannot work (``RANGES``) or a path that does not exist is a ``ConfigError`` naming the key and the YAML
 file. ``key=value`` overrides from the command line use the same dotted names (``optim.lr=1e-3``) and
-the same checks, and an error in one names the override. The DeepSpeed JSON is checked for keys
+the same checks, and an error in one names the override. A relative path (``PATH_KEYS``), in the YAML or
+an override, is relative to the current directory of the command that loads the config. The DeepSpeed JSON is checked for keys
 DeepSpeed does not read (a misspelt section it would silently ignore).
 """
 from __future__ import annotations
@@ -133,9 +134,12 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 500
     keep: int = 2
-    resume: str = "auto"                # auto | none | path to a checkpoint dir
+    resume: str = "auto"                # auto | none (RESUME_KEYWORDS) | path to a checkpoint dir
     stop_check_every: int = 10          # steps between the ranks' check for SIGTERM/SIGUSR1 (one all-reduce)
     max_nonfinite_in_a_row: int = 10    # a NaN/inf loss skips its step; this many in a row stop the job
+
+
+RESUME_KEYWORDS = ("auto", "none")
 
 
 @dataclass
@@ -226,6 +230,58 @@ RANGES = {
     "checkpoint.max_nonfinite_in_a_row": POSITIVE,
     "eval.batch_size": POSITIVE,
 }
+
+
+def _path(value: str, cwd: str) -> str:
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(cwd, value))
+
+
+def _model_path(spec: str, cwd: str) -> str:
+    """``local-dir:REL`` gets its folder resolved; other specs (open_clip and ``hf-hub:`` names, the names of
+    ds_configs/models folders) are not paths."""
+    prefix = "local-dir:"
+    return prefix + _path(spec[len(prefix):], cwd) if spec.startswith(prefix) else spec
+
+
+def _weights_path(value: str, cwd: str) -> str:
+    """A weights file is resolved; an open_clip pretrained tag is not a path (``create_model`` takes a value
+    that is a file as a file)."""
+    return _path(value, cwd) if os.path.isfile(os.path.join(cwd, value)) else value
+
+
+def _resume_path(value: str, cwd: str) -> str:
+    return value if value in RESUME_KEYWORDS else _path(value, cwd)
+
+
+# The keys that name files or folders, and how a relative value of each is made absolute: against the current
+# directory of the command that loads the config, once, in load_config, so that a later change of directory
+# (a launcher's, a container's) cannot move them.
+PATH_KEYS = {
+    "output_dir": _path,
+    "deepspeed_config": _path,
+    "model.student": _model_path,
+    "model.student_pretrained": _weights_path,
+    "model.teacher": _model_path,
+    "model.teacher_pretrained": _weights_path,
+    "data.train_shards": _path,  # a brace pattern or glob: its relative parts stay patterns under the directory
+    "data.features": _path,
+    "cluster.dir": _path,
+    "logging.tensorboard_dir": _path,
+    "checkpoint.resume": _resume_path,
+    "eval.sets": _path,  # each item
+}
+
+
+def _resolve_paths(cfg: Config, cwd: str) -> None:
+    """Make the relative paths of ``PATH_KEYS`` absolute against ``cwd``; unset and empty values stay."""
+    for dotted, resolve in PATH_KEYS.items():
+        *sections, key = dotted.split(".")
+        owner = functools.reduce(getattr, sections, cfg)
+        value = getattr(owner, key)
+        if isinstance(value, list):
+            setattr(owner, key, [resolve(item, cwd) for item in value])
+        elif value:
+            setattr(owner, key, resolve(value, cwd))
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -418,12 +474,13 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.loss.cluster > 0:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
-    if cfg.checkpoint.resume not in ("auto", "none"):
+    if cfg.checkpoint.resume not in RESUME_KEYWORDS:
         must_exist("checkpoint.resume", cfg.checkpoint.resume, source, "dir")
 
 
 def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Load an experiment YAML, apply ``key=value`` overrides (values parsed as YAML), validate."""
+    """Load an experiment YAML, apply ``key=value`` overrides (values parsed as YAML), make its relative paths
+    absolute against the current directory (``PATH_KEYS``), validate."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
@@ -437,6 +494,7 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) 
     _fill(cfg, tree, "", path)
     for item in overrides:  # a second pass each, so that an error names the override, not the file
         _fill(cfg, _override_tree(item), "", f"override '{item}'")
+    _resolve_paths(cfg, os.getcwd())
     if check_paths:
         _check_paths(cfg, config_source(path, overrides))
     return cfg

@@ -9,16 +9,18 @@ import time
 from cid_ds.io import read_json, write_json
 
 TIMING = "launch_timing.json"
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 def launch_training(config: str, run_dir: str, overrides: list[str], ranks: int) -> dict:
     """Train ``config`` into ``run_dir`` (``key=value`` overrides appended) unless its ``results.json``
-    exists, and return those results with ``wall_seconds``: launch, training, export and eval."""
+    exists, and return those results with ``wall_seconds``: launch, training, export and eval. The ranks run
+    in this process's current directory, which the config's relative paths are relative to."""
     results_file = os.path.join(run_dir, "results.json")
     if not os.path.isfile(results_file):
         deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-               "launch/train.py", "--config", config, f"output_dir={run_dir}", *overrides]
+               TRAIN_SCRIPT, "--config", config, f"output_dir={run_dir}", *overrides]
         print(f"\n[launch] {' '.join(cmd)}", flush=True)
         start = time.time()
         subprocess.run(cmd, check=True)

@@ -100,6 +100,32 @@ def test_command_line_overrides_use_dotted_keys_and_the_same_checks(setup):
         load_config(setup(""), ["optim.lr"])
 
 
+def test_relative_paths_resolve_against_the_current_directory_not_the_yamls_folder(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    for folder in ("shards", "evals/shapes", "runs/x/checkpoints/step00000002"):
+        (work / folder).mkdir(parents=True)
+    for name in ("shards/00000.tar", "shards/00001.tar", "weights.pt"):
+        (work / name).write_bytes(b"")
+    (work / "zero0.json").write_text("{}")
+    yaml_file = tmp_path / "yamls" / "exp.yaml"
+    yaml_file.parent.mkdir()
+    yaml_file.write_text(
+        "output_dir: runs/x\ndeepspeed_config: zero0.json\n"
+        "model:\n  student: local-dir:students/s\n  student_pretrained: weights.pt\n"
+        "  teacher: ViT-B-32\n  teacher_pretrained: openai\n"
+        "data:\n  train_shards: shards/{00000..00001}.tar\n  features: ./feats\n"
+        "cluster:\n  dir: clusters\nlogging:\n  tensorboard_dir: /abs/tb\neval:\n  sets: [evals/shapes]\n")
+    monkeypatch.chdir(work)
+    cfg = load_config(str(yaml_file), ["checkpoint.resume=runs/x/checkpoints/step00000002"])
+    assert cfg.output_dir == f"{work}/runs/x" and cfg.deepspeed_config == f"{work}/zero0.json"
+    assert (cfg.model.student, cfg.model.student_pretrained) == (f"local-dir:{work}/students/s", f"{work}/weights.pt")
+    assert (cfg.model.teacher, cfg.model.teacher_pretrained) == ("ViT-B-32", "openai")  # a name and a tag
+    assert cfg.data.train_shards == f"{work}/shards/{{00000..00001}}.tar" and cfg.data.features == f"{work}/feats"
+    assert cfg.cluster.dir == f"{work}/clusters" and cfg.eval.sets == [f"{work}/evals/shapes"]
+    assert cfg.logging.tensorboard_dir == "/abs/tb" and cfg.checkpoint.resume == f"{work}/runs/x/checkpoints/step00000002"
+    assert load_config(str(yaml_file), check_paths=False).checkpoint.resume == "auto"
+
+
 def test_brace_patterns_and_globs_expand_in_order(setup, tmp_path):
     assert [p[-9:] for p in expand_shards(f"{tmp_path}/shards/{{00000..00002}}.tar")] == \
         ["00000.tar", "00001.tar", "00002.tar"]
