@@ -1,8 +1,8 @@
 """Image semantic balance: inside each cluster, group near-duplicate images and keep one of each group.
 
   python -m data_tools.balance --features runs/feats --clusters runs/clusters --out runs/balance \\
-      [--perceptual 0.98] [--semantic 0.9 | --target-keep-fraction 0.56] [--workers N] \\
-      [--block-size 4096] [--part-rows 65536] [--tune-samples 100000] [--seed 0]
+      [--perceptual 0.98] [--target-keep-fraction 0.563 | --semantic T] [--max-removed-fraction 0.6] \\
+      [--workers N] [--block-size 4096] [--part-rows 65536] [--tune-samples 100000] [--seed 0]
 
 Inside each cluster (the top-1 id written by data_tools.cluster), every pair of samples whose teacher
 image embeddings (float32, L2-normalised) have a cosine similarity above the semantic threshold is
@@ -27,16 +27,25 @@ after a crash or a kill skips finished parts. The result does not depend on --wo
 --block-size (except for a similarity within float rounding of a threshold). A re-run into the same OUT
 refuses other parameters, other inputs or a cache from another teacher.
 
---target-keep-fraction F replaces --semantic: a seeded sample of whole clusters (drawn uniformly until
-it holds --tune-samples samples) is balanced at thresholds chosen by bisection between 0 and
---perceptual, and the lowest threshold found (to 1e-4) at which the sample keeps at least F is used.
+The semantic threshold. By default it is tuned to keep 0.563 of the samples (DEFAULT_KEEP_FRACTION), so
+that it fits the teacher's own similarity distribution: a seeded sample of whole clusters (drawn uniformly
+until it holds --tune-samples samples) is balanced at thresholds chosen by bisection between 0 and
+--perceptual, and the lowest threshold found (to 1e-4) at which the sample keeps at least the fraction is
+used. --target-keep-fraction F tunes for F instead; --semantic T fixes the threshold at T.
+
+The guard. Whatever the mode, a balance that would remove more than --max-removed-fraction of the samples
+(default 0.6) stops with an error that gives the numbers, before it writes a keep-list or a complete
+manifest; its finished parts stay, so a re-run with --max-removed-fraction 1 resumes them. A fixed
+--semantic is first tried on the tuning sample of clusters, which stops it before the full pass; a
+--target-keep-fraction below 1 - --max-removed-fraction is refused before any work.
 
 Output in OUT:
   <shard_stem>.npz     one per cache shard (np.savez): kept [K] str sorted; removed [R] str sorted;
                        merged_into [R] str and merged_into_shard [R] str, the kept sample (key and shard
                        stem) each removed one was grouped with; perceptual [R] bool; teacher_sha256
-  balance_report.json  kept/removed totals and fractions, removed_perceptual / removed_semantic, groups,
-                       thresholds, tuning, per-cluster sizes before and after, largest tile, timing
+  balance_report.json  the kept fraction first, then the mode (how the threshold was chosen), kept/removed
+                       totals, removed_perceptual / removed_semantic, groups, thresholds, tuning, the
+                       guard, largest tile, timing, and last the per-cluster sizes before and after
   balance_sizes.png    cluster sizes before and after, sorted, log-log
   manifest.json        parameters, teacher, inputs and their manifests, totals, complete
   parts/<n>.npz        intermediate: each part's representatives, in cluster order
@@ -49,6 +58,8 @@ import functools
 import gc
 import glob
 import hashlib
+import json
+import math
 import multiprocessing
 import os
 import sys
@@ -78,6 +89,13 @@ BY_CLUSTER = "by_cluster.npy"
 PARTS = "parts"
 SLAB = 1 << 20  # similarity entries compared at a time: bounds the masks and the link arrays of a dense tile
 TUNE_STEPS = 14  # bisection steps: the bracket shrinks to perceptual / 2**14 < 1e-4
+# CLIP-CID (Yang et al., AAAI 2025): its image semantic balance kept 56.3% of LAION-400M.
+DEFAULT_KEEP_FRACTION = 0.563
+DEFAULT_MAX_REMOVED_FRACTION = 0.6
+
+
+class TooMuchRemoved(ValueError):
+    """The balance would remove more than ``max_removed_fraction`` of the samples."""
 
 
 @dataclass
@@ -277,7 +295,7 @@ def tune_semantic(kept_at: Callable[[float], int], samples: int, target: float, 
     if kept_high < target * samples:
         raise ValueError(f"target_keep_fraction {target} is out of reach: with the semantic threshold at the "
                          f"perceptual one ({perceptual}) the tuning sample keeps {kept_high / samples:.4f}; "
-                         "raise --perceptual or lower the target")
+                         "raise --perceptual or lower --target-keep-fraction")
     for _ in range(TUNE_STEPS):
         middle = (low + high) / 2
         kept = kept_at(middle)
@@ -303,7 +321,7 @@ def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
 
 
 def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
-                     **positive: int) -> None:
+                     max_removed_fraction: float, **positive: int) -> None:
     if (semantic is None) == (target_keep_fraction is None):
         raise ValueError("give exactly one of semantic (a threshold) and target_keep_fraction")
     for name, value in (("perceptual", perceptual), ("semantic", semantic)):
@@ -314,9 +332,41 @@ def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_f
                          f"({semantic}): perceptual duplicates are the nearer ones")
     if target_keep_fraction is not None and not 0 < target_keep_fraction <= 1:
         raise ValueError(f"target_keep_fraction must be in (0, 1], got {target_keep_fraction}")
+    if not 0 <= max_removed_fraction <= 1:
+        raise ValueError(f"max_removed_fraction must be in [0, 1], got {max_removed_fraction}")
+    if target_keep_fraction is not None and 1 - target_keep_fraction > max_removed_fraction:
+        raise TooMuchRemoved(f"target_keep_fraction {target_keep_fraction} would remove "
+                             f"{1 - target_keep_fraction:.1%} of the samples, more than --max-removed-fraction "
+                             f"{max_removed_fraction} allows: to accept it, --max-removed-fraction "
+                             f"{1 - target_keep_fraction:.4g} or more")
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _mode(semantic: Optional[float], target_keep_fraction: Optional[float]) -> str:
+    """How the semantic threshold is chosen, in the CLI's words, from the arguments as given."""
+    if semantic is not None:
+        return f"fixed --semantic {semantic}"
+    if target_keep_fraction is None:
+        return f"threshold tuned to keep {DEFAULT_KEEP_FRACTION} (default)"
+    return f"threshold tuned to keep {target_keep_fraction} (--target-keep-fraction)"
+
+
+def _check_removed(kept: int, samples: int, max_removed_fraction: float, semantic: float, mode: str,
+                  scope: str) -> None:
+    """Raise TooMuchRemoved when keeping ``kept`` of ``samples`` removes more than ``max_removed_fraction``;
+    ``scope`` says what was counted and what stays on disk."""
+    removed = samples - kept
+    if removed <= max_removed_fraction * samples:
+        return
+    share = removed / samples
+    raise TooMuchRemoved(
+        f"semantic threshold {semantic:.4f}, {mode}, would keep {kept:,} of {samples:,} samples "
+        f"({kept / samples:.1%}) and remove {share:.1%}, more than --max-removed-fraction {max_removed_fraction} "
+        f"allows ({scope}).\nTo accept it: --max-removed-fraction 1 (or any value from "
+        f"{math.ceil(share * 1e4) / 1e4}); a re-run into the same --out resumes. To keep more: "
+        "--target-keep-fraction F or a higher --semantic, into another --out.")
 
 
 def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, dict[str, int], ClusterAssignments]:
@@ -385,16 +435,21 @@ def write_keep_lists(out_dir: str, layout: Layout, rep: np.ndarray, perceptual_l
 
 
 def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: float = 0.98,
-            semantic: Optional[float] = None, target_keep_fraction: Optional[float] = None, workers: int = 0,
-            block_size: int = 4096, part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0) -> dict:
+            semantic: Optional[float] = None, target_keep_fraction: Optional[float] = None,
+            max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, workers: int = 0, block_size: int = 4096,
+            part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0) -> dict:
     """Balance every cluster (resuming finished parts), write the keep-lists, the report, the plot and the
-    complete manifest; returns the report. Without ``semantic`` or ``target_keep_fraction``, semantic is 0.9;
-    ``workers`` 0 means one per CPU this process may use."""
+    complete manifest; returns the report. The semantic threshold is ``semantic`` when given, otherwise the
+    one tuned to keep ``target_keep_fraction`` (default DEFAULT_KEEP_FRACTION) of a sample of clusters.
+    Raises TooMuchRemoved, having written no keep-list, when the balance would remove more than
+    ``max_removed_fraction`` of the samples (a fixed ``semantic`` is first tried on the tuning sample, before
+    the full pass). ``workers`` 0 means one per CPU this process may use."""
+    mode = _mode(semantic, target_keep_fraction)
     if semantic is None and target_keep_fraction is None:
-        semantic = 0.9
+        target_keep_fraction = DEFAULT_KEEP_FRACTION
     workers = workers or len(os.sched_getaffinity(0))
-    _check_arguments(perceptual, semantic, target_keep_fraction, workers=workers, block_size=block_size,
-                     part_rows=part_rows, tune_samples=tune_samples)
+    _check_arguments(perceptual, semantic, target_keep_fraction, max_removed_fraction, workers=workers,
+                     block_size=block_size, part_rows=part_rows, tune_samples=tune_samples)
     cache, shards, assignments = _open_inputs(features_dir, clusters_dir)
     start = time.time()
     layout = read_layout(assignments, shards)
@@ -434,25 +489,31 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
             timing["tune_s"] = time.time() - start
         semantic = manifest["tuning"]["semantic"] if tuning else semantic
         if todo:
+            if not tuning and max_removed_fraction < 1:
+                _check_estimate(pool, workers, by_cluster, layout, semantic, mode, max_removed_fraction,
+                                tune_samples, seed, block_size)
             start = time.time()
             _balance_parts(pool, todo, functools.partial(_balance_part, by_cluster_path=by_cluster, semantic=semantic,
                                                          perceptual=perceptual, block_size=block_size))
             timing["balance_s"] = time.time() - start
 
+    if os.path.isfile(by_cluster):
+        os.remove(by_cluster)  # every part is written: no re-run needs it
     start = time.time()
     rep, perceptual_link, largest = _assemble(layout, [path for path, _ in parts])
-    write_keep_lists(out_dir, layout, rep, perceptual_link, cache.teacher["weights_sha256"])
     kept = rep == np.arange(len(rep))
+    _check_removed(int(kept.sum()), len(kept), max_removed_fraction, semantic, mode,
+                   f"over all samples; nothing complete is written and the finished parts stay in {parts_dir}")
+    write_keep_lists(out_dir, layout, rep, perceptual_link, cache.teacher["weights_sha256"])
     after = np.bincount(layout.cluster[kept], minlength=assignments.k)
     plot_balance(before, after, os.path.join(out_dir, PLOT))
     timing["write_s"] = time.time() - start
-    report = _report(layout, kept, perceptual_link, rep, before, after, largest)
-    report.update(perceptual=perceptual, semantic=semantic, target_keep_fraction=target_keep_fraction,
-                  tuning=manifest.get("tuning"), block_size=block_size, workers=workers, parts=len(parts),
-                  teacher=cache.teacher, timing=timing, code_version=cid_ds.__version__, complete=True)
-    write_json(os.path.join(out_dir, REPORT), report)
-    if os.path.isfile(by_cluster):
-        os.remove(by_cluster)
+    report = _report(kept, perceptual_link, rep, before, after, largest, mode, settings=dict(
+        semantic=semantic, target_keep_fraction=target_keep_fraction, perceptual=perceptual,
+        max_removed_fraction=max_removed_fraction, tuning=manifest.get("tuning"), block_size=block_size,
+        workers=workers, parts=len(parts), teacher=cache.teacher, timing=timing, code_version=cid_ds.__version__,
+        complete=True))
+    _write_report(os.path.join(out_dir, REPORT), report)
     manifest.update(totals={name: report[name] for name in ("samples", "kept", "removed")}, parts=len(parts),
                     complete=True)
     write_json(os.path.join(out_dir, MANIFEST), manifest)
@@ -468,15 +529,34 @@ def _balance_parts(pool: Optional[Pool], todo: list[tuple[str, np.ndarray]], run
             bar.set_postfix(parts=f"{done}/{len(todo)}")
 
 
-def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,
-          perceptual: float, target: float, tune_samples: int, seed: int, block_size: int) -> dict:
-    sample = tuning_sample(layout.starts, tune_samples, seed)
-    rows = sum(last - first for first, last in sample)
-
+def _sample_counter(pool: Optional[Pool], workers: int, by_cluster: str, sample: list[tuple[int, int]],
+                    block_size: int) -> Callable[[float], int]:
+    """``kept_at(threshold)``: how many samples of the clusters at row bounds ``sample`` the threshold keeps."""
     def kept_at(threshold: float) -> int:
         fn = functools.partial(_kept_in, by_cluster_path=by_cluster, semantic=threshold, block_size=block_size)
         return sum(_run(pool, fn, sample, chunksize=max(1, len(sample) // (8 * workers))))
 
+    return kept_at
+
+
+def _check_estimate(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout, semantic: float,
+                    mode: str, max_removed_fraction: float, tune_samples: int, seed: int, block_size: int) -> None:
+    """The guard on the tuning sample of clusters at a fixed threshold, before the full pass. Skipped when
+    the sample holds every sample: the full pass then costs no more, and its result is checked."""
+    sample = tuning_sample(layout.starts, tune_samples, seed)
+    rows = sum(last - first for first, last in sample)
+    if rows < len(layout.order):
+        kept = _sample_counter(pool, workers, by_cluster, sample, block_size)(semantic)
+        _check_removed(kept, rows, max_removed_fraction, semantic, mode,
+                       f"estimated on a seeded sample of {len(sample):,} clusters ({rows:,} samples), before the "
+                       "full pass")
+
+
+def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,
+          perceptual: float, target: float, tune_samples: int, seed: int, block_size: int) -> dict:
+    sample = tuning_sample(layout.starts, tune_samples, seed)
+    rows = sum(last - first for first, last in sample)
+    kept_at = _sample_counter(pool, workers, by_cluster, sample, block_size)
     steps = tqdm(total=TUNE_STEPS + 1, desc="tune threshold", unit="step")
 
     def counted(threshold: float) -> int:
@@ -490,19 +570,29 @@ def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,
     return dict(result, target_keep_fraction=target, seed=seed, sample_clusters=len(sample), sample_samples=rows)
 
 
-def _report(layout: Layout, kept: np.ndarray, perceptual_link: np.ndarray, rep: np.ndarray, before: np.ndarray,
-            after: np.ndarray, largest: tuple[int, int]) -> dict:
+def _report(kept: np.ndarray, perceptual_link: np.ndarray, rep: np.ndarray, before: np.ndarray, after: np.ndarray,
+            largest: tuple[int, int], mode: str, settings: dict) -> dict:
+    """The report in reading order: the kept fraction and the mode first, the per-cluster sizes (k numbers
+    each) last."""
     samples, removed = len(kept), ~kept
-    return {"samples": samples, "kept": int(kept.sum()), "removed": int(removed.sum()),
-            "kept_fraction": float(kept.mean()) if samples else 1.0,
+    return {"kept_fraction": float(kept.mean()) if samples else 1.0, "mode": mode,
+            "kept": int(kept.sum()), "samples": samples, "removed": int(removed.sum()),
             "removed_fraction": float(removed.mean()) if samples else 0.0,
             "removed_perceptual": int((removed & perceptual_link).sum()),
             "removed_semantic": int((removed & ~perceptual_link).sum()),
             "groups": int(np.unique(rep[removed]).size),
+            **settings,
             "clusters": {"k": len(before), "nonempty": int((before > 0).sum()),
                          "largest_before": int(before.max(initial=0)), "largest_after": int(after.max(initial=0))},
-            "cluster_sizes": {"before": before.tolist(), "after": after.tolist()},
-            "largest_tile": list(largest)}
+            "largest_tile": list(largest),
+            "cluster_sizes": {"before": before.tolist(), "after": after.tolist()}}
+
+
+def _write_report(path: str, report: dict) -> None:
+    """As cid_ds.io.write_json, but in the report's own order rather than sorted."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -513,10 +603,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--perceptual", type=float, default=0.98,
                         help="cosine above which a removed sample counts as a near-identical (perceptual) duplicate")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--semantic", type=float, default=None,
-                       help="cosine above which two samples of a cluster are linked (default 0.9)")
     group.add_argument("--target-keep-fraction", type=float, default=None,
-                       help="instead of --semantic: the threshold that keeps this fraction of a sample of clusters")
+                       help="tune the semantic threshold to keep this fraction of a seeded sample of clusters "
+                            f"(default {DEFAULT_KEEP_FRACTION}: what CLIP-CID kept of LAION-400M)")
+    group.add_argument("--semantic", type=float, default=None,
+                       help="instead: a fixed cosine above which two samples of a cluster are linked")
+    parser.add_argument("--max-removed-fraction", type=float, default=DEFAULT_MAX_REMOVED_FRACTION,
+                        help="stop, writing no keep-list, when the balance would remove more than this fraction of "
+                             "the samples (1 accepts any)")
     parser.add_argument("--workers", type=int, default=0, help="processes balancing clusters (default: one per CPU)")
     parser.add_argument("--block-size", type=int, default=4096,
                         help="side of a similarity tile (float32: 4 x side^2 bytes per process)")
@@ -527,16 +621,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         check_writable(args.out)
-        report = balance(args.features, args.clusters, args.out, args.perceptual, args.semantic,
-                         args.target_keep_fraction, args.workers, args.block_size, args.part_rows, args.tune_samples,
-                         args.seed)
+        report = balance(args.features, args.clusters, args.out, perceptual=args.perceptual, semantic=args.semantic,
+                         target_keep_fraction=args.target_keep_fraction,
+                         max_removed_fraction=args.max_removed_fraction, workers=args.workers,
+                         block_size=args.block_size, part_rows=args.part_rows, tune_samples=args.tune_samples,
+                         seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"balance: {e}")
-    tuned = f" (tuned for keep fraction {args.target_keep_fraction})" if args.target_keep_fraction else ""
-    print(f"{args.out}: kept {report['kept']} of {report['samples']} ({report['kept_fraction']:.1%}); removed "
-          f"{report['removed']} in {report['groups']} groups: {report['removed_perceptual']} perceptual, "
-          f"{report['removed_semantic']} semantic; semantic threshold {report['semantic']:.4f}{tuned}; "
-          f"largest cluster {report['clusters']['largest_before']} -> {report['clusters']['largest_after']}")
+    print(f"kept {report['kept_fraction']:.1%} ({report['kept']:,} of {report['samples']:,}), {report['mode']}: "
+          f"semantic threshold {report['semantic']:.4f}; removed {report['removed']:,} in {report['groups']:,} groups "
+          f"({report['removed_perceptual']:,} perceptual, {report['removed_semantic']:,} semantic); largest cluster "
+          f"{report['clusters']['largest_before']:,} -> {report['clusters']['largest_after']:,}; written to {args.out}")
 
 
 if __name__ == "__main__":

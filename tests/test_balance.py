@@ -1,6 +1,7 @@
 """Image semantic balance: `python -m data_tools.balance` groups near-duplicate images inside each cluster
 (cosine above a threshold, union-find), keeps the member nearest each group's mean and writes a keep-list
-per shard, a report, a plot and a manifest."""
+per shard, a report, a plot and a manifest. By default the threshold is tuned to keep CLIP-CID's fraction,
+and a balance that would remove more than --max-removed-fraction stops before writing anything complete."""
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from PIL import Image
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.io import read_json, write_json
-from data_tools.balance import balance, group_cluster, main
+from data_tools.balance import DEFAULT_KEEP_FRACTION, TooMuchRemoved, balance, group_cluster, main
 from data_tools.cluster import cluster, unit_rows
 from tests.helpers import REPO_ROOT
 
@@ -252,7 +253,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_result(inputs, balanced, tmp_p
 
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"kept {balanced[1]['kept']} of {balanced[1]['samples']}" in result.stdout
+    assert f"({balanced[1]['kept']:,} of {balanced[1]['samples']:,})" in result.stdout
     assert {name: os.stat(os.path.join(parts, name)).st_mtime_ns for name in done} == done
     same_result(out, balanced[0])
     assert not [name for name in os.listdir(out) + os.listdir(parts) if ".tmp" in name]
@@ -277,6 +278,99 @@ def test_target_keep_fraction_finds_the_threshold_that_keeps_it(inputs, tmp_path
     assert sampled[0]["sample_samples"] >= 1000 and abs(sampled[0]["semantic"] - tuning["semantic"]) < 0.05
 
 
+def test_without_threshold_flags_the_threshold_is_tuned_to_keep_clip_cids_fraction(inputs, tmp_path):
+    out = str(tmp_path / "default")
+    report = balance(*inputs, out, workers=1)
+    assert DEFAULT_KEEP_FRACTION == 0.563 and report["target_keep_fraction"] == DEFAULT_KEEP_FRACTION
+    assert report["mode"] == "threshold tuned to keep 0.563 (default)"
+    assert report["tuning"]["sample_samples"] == report["samples"]  # the sample is every cluster here
+    assert DEFAULT_KEEP_FRACTION <= report["kept_fraction"] < DEFAULT_KEEP_FRACTION + 0.01
+    with open(os.path.join(out, "balance_report.json")) as f:
+        assert list(json.load(f))[:2] == ["kept_fraction", "mode"]
+    # the default target is the run's identity: a fixed threshold into the same folder is another run
+    with pytest.raises(ValueError, match="target_keep_fraction is 0.563 but this run has target_keep_fraction = None"):
+        balance(*inputs, out, semantic=SEMANTIC, workers=1)
+
+
+COLLAPSED_CLUSTERS, COLLAPSED_SIZE = 4, 50
+
+
+@pytest.fixture(scope="module")
+def collapsed(tmp_path_factory):
+    """A cache and its clusters where each cluster's images are near-identical (cosine ~0.98 to each other):
+    at semantic 0.5 every cluster is one group, and the balance keeps one sample in COLLAPSED_SIZE."""
+    root = tmp_path_factory.mktemp("collapsed")
+    rng = np.random.default_rng(1)
+    centres = np.repeat(unit(rng.standard_normal((COLLAPSED_CLUSTERS, DIM))), COLLAPSED_SIZE, 0)
+    rows = at_cosine(centres, 0.99, rng)[rng.permutation(len(centres))]
+    cache = write_cache(str(root / "feats"), rows, [f"c{i:04d}" for i in range(len(rows))])
+    cluster(cache, COLLAPSED_CLUSTERS, str(root / "clusters"), **FIT)
+    return cache, str(root / "clusters")
+
+
+def assert_nothing_complete(out):
+    assert not [name for name in os.listdir(out) if name.endswith((".npz", ".json", ".png")) and name != "manifest.json"]
+    assert not read_json(os.path.join(out, "manifest.json"))["complete"]
+
+
+REFUSED_AT_0_5 = ("semantic threshold 0.5000, fixed --semantic 0.5, would keep {kept} of {samples} samples "
+                  "({kept_percent}) and remove {removed_percent}, more than --max-removed-fraction 0.6 allows ({scope})."
+                  "\nTo accept it: --max-removed-fraction 1 (or any value from {least}); a re-run into the same "
+                  "--out resumes. To keep more: --target-keep-fraction F or a higher --semantic, into another --out.")
+
+
+def test_a_fixed_threshold_that_would_remove_most_of_the_data_stops_on_the_tuning_sample_before_the_full_pass(
+        collapsed, tmp_path):
+    out = str(tmp_path / "b")
+    with pytest.raises(TooMuchRemoved) as refused:
+        balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1)  # draws 2 of the 4 clusters
+    assert str(refused.value) == REFUSED_AT_0_5.format(
+        kept=2, samples=100, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
+        scope="estimated on a seeded sample of 2 clusters (100 samples), before the full pass")
+    assert not os.path.exists(os.path.join(out, "parts")) or not os.listdir(os.path.join(out, "parts"))
+    assert_nothing_complete(out)
+
+    report = balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1, max_removed_fraction=1)
+    assert (report["kept"], report["samples"]) == (COLLAPSED_CLUSTERS, COLLAPSED_CLUSTERS * COLLAPSED_SIZE)
+    assert report["max_removed_fraction"] == 1 and read_json(os.path.join(out, "manifest.json"))["complete"]
+
+
+def test_a_balance_that_would_remove_most_of_the_data_writes_nothing_complete_and_resumes_once_accepted(
+        collapsed, tmp_path):
+    out, samples = str(tmp_path / "b"), COLLAPSED_CLUSTERS * COLLAPSED_SIZE
+    # the tuning sample would be every cluster: no estimate, the full pass is checked before anything is written
+    with pytest.raises(TooMuchRemoved) as refused:
+        balance(*collapsed, out, semantic=0.5, workers=1, part_rows=COLLAPSED_SIZE)
+    assert str(refused.value) == REFUSED_AT_0_5.format(
+        kept=4, samples=200, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
+        scope=f"over all samples; nothing complete is written and the finished parts stay in {out}/parts")
+    assert_nothing_complete(out)
+    assert not os.path.exists(os.path.join(out, "by_cluster.npy"))
+    parts = {name: os.stat(os.path.join(out, "parts", name)).st_mtime_ns for name in os.listdir(os.path.join(out, "parts"))}
+    assert len(parts) == COLLAPSED_CLUSTERS
+
+    report = balance(*collapsed, out, semantic=0.5, workers=1, part_rows=COLLAPSED_SIZE, max_removed_fraction=1)
+    assert {name: os.stat(os.path.join(out, "parts", name)).st_mtime_ns for name in parts} == parts
+    assert (report["kept"], report["samples"], report["mode"]) == (COLLAPSED_CLUSTERS, samples, "fixed --semantic 0.5")
+    assert sum(len(shard["kept"]) for shard in keep_lists(out).values()) == COLLAPSED_CLUSTERS
+    assert read_json(os.path.join(out, "manifest.json"))["complete"]
+
+
+def test_the_cli_states_a_refusal_without_a_traceback_and_leads_its_summary_with_the_kept_fraction(
+        collapsed, tmp_path, capsys):
+    argv = ["--features", collapsed[0], "--clusters", collapsed[1], "--out", str(tmp_path / "b"), "--semantic", "0.5",
+            "--workers", "1"]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code.startswith("balance: semantic threshold 0.5000, fixed --semantic 0.5, would keep 4 of "
+                                         "200 samples (2.0%) and remove 98.0%, more than --max-removed-fraction 0.6")
+    assert "To accept it: --max-removed-fraction 1" in refused.value.code
+    capsys.readouterr()
+    main(argv + ["--max-removed-fraction", "1"])
+    assert capsys.readouterr().out.startswith("kept 2.0% (4 of 200), fixed --semantic 0.5: semantic threshold 0.5000; "
+                                              "removed 196 in 4 groups")
+
+
 def test_bad_input_is_named(planted, inputs, balanced, tmp_path):
     cache, clusters = inputs
     out = str(tmp_path / "out")
@@ -286,6 +380,10 @@ def test_bad_input_is_named(planted, inputs, balanced, tmp_path):
             (dict(perceptual=0.8, semantic=0.9), r"perceptual threshold \(0.8\) must not be below the semantic "
                                                  r"threshold \(0.9\)"),
             (dict(target_keep_fraction=1.5), r"target_keep_fraction must be in \(0, 1\], got 1.5"),
+            (dict(max_removed_fraction=1.5), r"max_removed_fraction must be in \[0, 1\], got 1.5"),
+            (dict(target_keep_fraction=0.3), r"target_keep_fraction 0.3 would remove 70.0% of the samples, more than "
+                                             r"--max-removed-fraction 0.6 allows: to accept it, "
+                                             r"--max-removed-fraction 0.7 or more"),
             (dict(semantic=0.9, target_keep_fraction=0.5), "give exactly one of semantic"),
             (dict(block_size=0), "block_size must be >= 1, got 0")):
         with pytest.raises(ValueError, match=message):
