@@ -2,7 +2,7 @@
 
   python -m data_tools.pack --shards '/data/laion/{00000..41407}.tar' --features /data/feats \\
       --tokenizer ViT-B-16 --out /data/distill [--clusters /data/clusters] [--balance /data/balance] \\
-      [--samples-per-shard 10000]
+      [--ranks 8] [--workers 1] [--samples-per-shard S]
 
 Each output sample holds the source image bytes (not re-encoded), the caption, its token ids (by the
 ``--tokenizer`` model's tokenizer: the student's), the teacher's image and caption embeddings from the
@@ -10,6 +10,13 @@ feature cache (and its stored views, when extracted with ``--views``), and, with
 sample's cluster ids; the format is in
 ``cid_ds.data.packed``. With ``--balance`` only the samples the balance stage kept are written; without
 it, every sample the feature cache holds.
+
+The training loader gives each rank whole shards (``shards[rank::world_size]``) and each of its DataLoader
+workers a slice of those: ranks x workers readers. Without ``--samples-per-shard`` the shards are sized
+for ``--ranks`` x ``--workers`` readers (default one 8-GPU node with the trainer's default ``data.workers``)
+by the rule in ``default_samples_per_shard``: N // readers samples per shard, at most 10000, so that there
+are at least as many shards as readers. Fewer shards than readers (too large a ``--samples-per-shard``, or
+fewer samples than readers) is warned about: a reader without a shard sits idle.
 
 The output order is the input shards' order, and which samples go to output shard ``j`` is planned
 from the cache (and keep-lists) before any tar is read: so a re-run skips finished output shards and
@@ -35,7 +42,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 import cid_ds
-from cid_ds.config import expand_shards
+from cid_ds.config import DataConfig, expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
 from cid_ds.data.errors import DataError
@@ -48,6 +55,9 @@ from cid_ds.models import resolve_spec
 from data_tools.outputs import check_rerun
 
 STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
+MAX_SAMPLES_PER_SHARD = 10000  # the cap of the default size
+DEFAULT_RANKS = 8  # one 8-GPU node
+DEFAULT_WORKERS = DataConfig.workers  # the trainer's default DataLoader workers per rank (data.workers)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,35 @@ class Planned:
     """One sample to write: its source shard path and key."""
     source: str
     key: str
+
+
+def default_samples_per_shard(samples: int, readers: int) -> int:
+    """Samples per output shard for ``readers`` loader readers (ranks x DataLoader workers per rank) when
+    none is given: ``min(MAX_SAMPLES_PER_SHARD, max(1, samples // readers))``. Rounding down makes at least
+    ``readers`` shards whenever ``samples >= readers`` (rounding up may not: 100 samples, 32 readers, 4 per
+    shard make 25); below the cap, the shard beyond the first ``readers`` holds the remainder, fewer than
+    ``readers`` samples."""
+    return min(MAX_SAMPLES_PER_SHARD, max(1, samples // readers))
+
+
+def chosen_samples_per_shard(samples: int, ranks: int, workers: int) -> tuple[int, str]:
+    """``default_samples_per_shard`` for ``ranks`` x ``workers`` readers, and the line that says so."""
+    readers = ranks * workers
+    size = default_samples_per_shard(samples, readers)
+    return size, (f"pack: {size} samples per shard: {samples:,} samples / ({ranks} ranks x {workers} workers = "
+                  f"{readers} readers), at most {MAX_SAMPLES_PER_SHARD}; pass --samples-per-shard to choose")
+
+
+def too_few_shards(samples: int, samples_per_shard: int, ranks: int, workers: int) -> Optional[str]:
+    """A warning when the shards are fewer than the loader's ranks x workers readers, else None."""
+    readers = ranks * workers
+    shards = -(-samples // samples_per_shard)
+    if shards >= readers:
+        return None
+    advice = f"use --samples-per-shard <= {samples // readers}" if samples >= readers \
+        else f"{samples} samples cannot feed them all: train on fewer ranks x workers"
+    return (f"pack: warning: {shards} shards for {ranks} ranks x {workers} workers = {readers} readers: ranks or "
+            f"workers with no shard sit idle or the epoch has no full batch; {advice}")
 
 
 def read_keep_list(balance_dir: str, stem: str) -> Optional[frozenset[str]]:
@@ -174,12 +213,15 @@ def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.n
 
 def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str,
          clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
-         samples_per_shard: int = 10000, progress: bool = True,
-         max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
-    """Write (or finish writing) the distill-ready shards; return the complete manifest. More damaged
-    source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+         samples_per_shard: Optional[int] = None, progress: bool = True,
+         max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, ranks: int = DEFAULT_RANKS,
+         workers: int = DEFAULT_WORKERS) -> dict:
+    """Write (or finish writing) the distill-ready shards; return the complete manifest.
+    ``samples_per_shard`` None: sized for ``ranks`` x ``workers`` loader readers (default_samples_per_shard).
+    More damaged source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
+    for name, value in (("samples_per_shard", samples_per_shard), ("ranks", ranks), ("workers", workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)
     cache = FeatureCache(features_dir)
@@ -189,6 +231,12 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
     planned, left_out = plan(shards, cache, clusters, balance_dir)
     if not planned:
         raise ValueError(f"nothing to pack: no sample of {len(shards)} shards is in the cache and kept")
+    if samples_per_shard is None:
+        samples_per_shard, rule = chosen_samples_per_shard(len(planned), ranks, workers)
+        print(rule)
+    warning = too_few_shards(len(planned), samples_per_shard, ranks, workers)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     identity = {
         "format": FORMAT, "sources": [os.path.abspath(p) for p in shards], "samples_per_shard": samples_per_shard,
         "tokenizer": {"spec": tokenizer_spec, "context_length": int(np.asarray(tokenizer(["x"])).shape[1]),
@@ -247,7 +295,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the distill-ready shards")
     parser.add_argument("--clusters", default=None, help="cluster assignments folder (data_tools.cluster)")
     parser.add_argument("--balance", default=None, help="keep-lists folder (data_tools.balance)")
-    parser.add_argument("--samples-per-shard", type=int, default=10000)
+    parser.add_argument("--ranks", type=int, default=DEFAULT_RANKS,
+                        help="the world size the shards will be trained on (default: one 8-GPU node)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="the loader's data.workers per rank (default: the trainer's default, "
+                             f"{DEFAULT_WORKERS}; the shipped clip_cid and clip_kd YAMLs use 8)")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="default: planned samples // (ranks x workers), at most "
+                             f"{MAX_SAMPLES_PER_SHARD}: at least one shard per reader")
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source tars are recorded and read up to their damage; more than this "
                              "fraction of them (at least one is accepted) stops the run")
@@ -258,7 +313,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         check_writable(args.out)
         manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
-                        args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction)
+                        args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction,
+                        ranks=args.ranks, workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"pack: {e}")
     totals = manifest["totals"]

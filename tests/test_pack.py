@@ -18,7 +18,7 @@ from cid_ds.data.samples import IMAGE_EXTS, read_samples
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.models import create_model
-from data_tools.pack import pack
+from data_tools.pack import default_samples_per_shard, pack, too_few_shards
 from tests.helpers import REPO_ROOT, make_data_and_features
 
 
@@ -153,3 +153,28 @@ def test_bad_upstream_is_refused_naming_the_file(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"keep/manifest\.json is incomplete"):
         pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "o"),
              balance_dir=incomplete, progress=False)
+
+
+@pytest.mark.parametrize("samples, readers, size", [(160, 8, 20), (100, 32, 3), (20_000, 32, 625), (5, 8, 1),
+                                                    (400_000_000, 8, 10000)])
+def test_the_default_shard_size_makes_a_shard_for_every_reader_up_to_10000_samples(samples, readers, size):
+    assert default_samples_per_shard(samples, readers) == size
+    assert -(-samples // size) >= min(readers, samples)
+
+
+def test_without_samples_per_shard_pack_sizes_the_shards_for_ranks_x_workers_and_says_so(dataset, tmp_path, capsys):
+    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "packed"),
+                    progress=False, ranks=3, workers=5)
+    assert manifest["samples_per_shard"] == 10 and len(manifest["shards"]) == 16  # 160 samples, 15 readers
+    printed = capsys.readouterr()
+    assert "pack: 10 samples per shard: 160 samples / (3 ranks x 5 workers = 15 readers), at most 10000; " \
+           "pass --samples-per-shard to choose" in printed.out and not printed.err
+
+
+def test_fewer_shards_than_ranks_x_workers_are_warned_about_with_the_numbers(dataset, tmp_path, capsys):
+    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "packed"),
+                    samples_per_shard=80, progress=False, ranks=4, workers=2)
+    assert len(manifest["shards"]) == 2
+    assert "pack: warning: 2 shards for 4 ranks x 2 workers = 8 readers: ranks or workers with no shard sit idle " \
+           "or the epoch has no full batch; use --samples-per-shard <= 20" in capsys.readouterr().err
+    assert too_few_shards(5, 1, 4, 2).endswith("5 samples cannot feed them all: train on fewer ranks x workers")
