@@ -31,7 +31,11 @@ The semantic threshold. By default it is tuned to keep 0.563 of the samples (DEF
 that it fits the teacher's own similarity distribution: a seeded sample of whole clusters (drawn uniformly
 until it holds --tune-samples samples) is balanced at thresholds chosen by bisection between 0 and
 --perceptual, and the lowest threshold found (to 1e-4) at which the sample keeps at least the fraction is
-used. --target-keep-fraction F tunes for F instead; --semantic T fixes the threshold at T.
+used. A teacher that maps most images of a cluster within --perceptual of each other (one barely trained,
+or collapsed) keeps too few even there: the bisection then goes on between --perceptual and 1, and every
+sample removed counts as a perceptual duplicate (the report's tuning says above_perceptual). Only
+identical embeddings can put the fraction out of reach. --target-keep-fraction F tunes for F instead;
+--semantic T fixes the threshold at T.
 
 The guard. Whatever the mode, a balance that would remove more than --max-removed-fraction of the samples
 (default 0.6) stops with an error that gives the numbers, before it writes a keep-list or a complete
@@ -287,15 +291,21 @@ def tuning_sample(starts: np.ndarray, tune_samples: int, seed: int) -> list[tupl
 
 
 def tune_semantic(kept_at: Callable[[float], int], samples: int, target: float, perceptual: float) -> dict:
-    """The lowest semantic threshold (bisection to 1e-4 between 0 and ``perceptual``) at which
-    ``kept_at(threshold)`` (samples kept out of ``samples``, non-decreasing in the threshold) is at least
-    ``target * samples``."""
+    """The lowest semantic threshold (bisection, ``TUNE_STEPS`` steps) at which ``kept_at(threshold)`` (samples
+    kept out of ``samples``, non-decreasing in the threshold) is at least ``target * samples``: between 0
+    and ``perceptual``, or, when even ``perceptual`` keeps too few (a teacher that maps most images of a
+    cluster within ``perceptual`` of each other), between ``perceptual`` and 1, where every removed sample
+    is a perceptual duplicate."""
     low, high = 0.0, perceptual
     kept_high = kept_at(high)
-    if kept_high < target * samples:
-        raise ValueError(f"target_keep_fraction {target} is out of reach: with the semantic threshold at the "
-                         f"perceptual one ({perceptual}) the tuning sample keeps {kept_high / samples:.4f}; "
-                         "raise --perceptual or lower --target-keep-fraction")
+    above_perceptual = kept_high < target * samples
+    if above_perceptual:
+        low, high = perceptual, float(np.nextafter(np.float32(1), np.float32(0)))  # the highest float32 below 1
+        kept_high = kept_at(high)
+        if kept_high < target * samples:
+            raise ValueError(f"target_keep_fraction {target} is out of reach: even at a semantic threshold just "
+                             f"below 1 the tuning sample keeps {kept_high / samples:.4f} (identical embeddings); "
+                             "lower --target-keep-fraction")
     for _ in range(TUNE_STEPS):
         middle = (low + high) / 2
         kept = kept_at(middle)
@@ -303,7 +313,8 @@ def tune_semantic(kept_at: Callable[[float], int], samples: int, target: float, 
             high, kept_high = middle, kept
         else:
             low = middle
-    return {"semantic": high, "sample_keep_fraction": kept_high / samples, "steps": TUNE_STEPS}
+    return {"semantic": high, "sample_keep_fraction": kept_high / samples, "steps": TUNE_STEPS,
+            "above_perceptual": above_perceptual}
 
 
 def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
@@ -632,6 +643,9 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"semantic threshold {report['semantic']:.4f}; removed {report['removed']:,} in {report['groups']:,} groups "
           f"({report['removed_perceptual']:,} perceptual, {report['removed_semantic']:,} semantic); largest cluster "
           f"{report['clusters']['largest_before']:,} -> {report['clusters']['largest_after']:,}; written to {args.out}")
+    if (report["tuning"] or {}).get("above_perceptual"):
+        print(f"note: the threshold lies above --perceptual {report['perceptual']}: this teacher maps most images of "
+              "a cluster within it of each other, so every removed sample counts as a perceptual duplicate")
 
 
 if __name__ == "__main__":

@@ -313,6 +313,15 @@ def assert_nothing_complete(out):
     assert not read_json(os.path.join(out, "manifest.json"))["complete"]
 
 
+def test_a_teacher_that_maps_each_cluster_within_the_perceptual_threshold_is_tuned_above_it(collapsed, tmp_path):
+    """Cosine ~0.98 within every cluster: no threshold up to --perceptual keeps 0.563, so the default's tuning
+    goes on between --perceptual and 1, and every sample it removes is a perceptual duplicate."""
+    report = balance(*collapsed, str(tmp_path / "out"), workers=1)
+    assert report["tuning"]["above_perceptual"] and report["semantic"] > report["perceptual"]
+    assert DEFAULT_KEEP_FRACTION - 0.05 < report["kept_fraction"] < DEFAULT_KEEP_FRACTION + 0.05
+    assert report["removed_perceptual"] == report["removed"] and report["removed_semantic"] == 0
+
+
 REFUSED_AT_0_5 = ("semantic threshold 0.5000, fixed --semantic 0.5, would keep {kept} of {samples} samples "
                   "({kept_percent}) and remove {removed_percent}, more than --max-removed-fraction 0.6 allows ({scope})."
                   "\nTo accept it: --max-removed-fraction 1 (or any value from {least}); a re-run into the same "
@@ -389,8 +398,8 @@ def test_bad_input_is_named(planted, inputs, balanced, tmp_path):
         with pytest.raises(ValueError, match=message):
             balance(cache, clusters, out, **kwargs)
     assert not os.path.exists(out)
-    with pytest.raises(ValueError, match=r"target_keep_fraction 0.999 is out of reach: with the semantic threshold "
-                                         r"at the perceptual one \(0.98\) the tuning sample keeps 0\.[0-9]+"):
+    with pytest.raises(ValueError, match=r"target_keep_fraction 0.999 is out of reach: even at a semantic threshold "
+                                         r"just below 1 the tuning sample keeps 0\.[0-9]+ \(identical embeddings\)"):
         balance(cache, clusters, str(tmp_path / "reach"), target_keep_fraction=0.999, workers=1)
 
     unfinished = str(tmp_path / "unfinished")
