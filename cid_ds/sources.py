@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, must_exist
+from cid_ds.io import read_json
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 
 if TYPE_CHECKING:
@@ -30,6 +31,62 @@ class Sources:
     replay_views: int                  # stored views replayed (0: none)
     cluster_index: Optional[int]       # the teacher of an ensemble the clusters were fit on; None: all of them
     clusters_to_join: Optional[str]    # cluster.dir, joined by key (the shards carry no cluster ids)
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """What the manifests say of the training shards: samples per shard, and what the balance removed
+    before they were packed."""
+    per_shard: Optional[dict[str, int]]  # absolute shard path -> samples; None: plain shards, which nothing counts
+    counted_in: Optional[str]            # the manifest that counts them
+    balance: Optional[tuple[int, int]]   # packed after a balance: (samples it removed, samples it saw)
+
+    def samples(self, shards: list[str]) -> Optional[int]:
+        """The samples ``shards`` hold (None: not counted)."""
+        return None if self.per_shard is None else sum(self.per_shard[os.path.abspath(p)] for p in shards)
+
+    def describe(self, shards: list[str]) -> str:
+        """``shards``, their samples and where that count comes from, in words."""
+        total = self.samples(shards)
+        if total is None:
+            return f"{len(shards)} shards, whose samples no manifest counts (plain webdataset shards)"
+        text = f"{len(shards)} shards holding {total} samples (counted in {self.counted_in})"
+        if self.balance is not None:
+            removed, seen = self.balance
+            text += (f"; before packing, the balance (data_tools.balance) removed {removed} of {seen} samples "
+                     f"({removed / max(seen, 1):.1%})")
+        return text
+
+
+def data_size(shards: list[str], features_dir: Optional[str]) -> DataSize:
+    """What the packed manifest beside ``shards``, else the feature cache in ``features_dir`` (its samples with
+    teacher features), says of ``shards``' size."""
+    from cid_ds.data.features import MANIFEST, shard_stem
+    from cid_ds.data.packed import packed_manifest_path
+    packed_path = packed_manifest_path(shards)
+    if packed_path is not None:
+        manifest, folder = read_json(packed_path), os.path.dirname(os.path.abspath(packed_path))
+        counts = {os.path.join(folder, entry["name"]): entry["samples"] for entry in manifest.get("shards", [])
+                  if "name" in entry}
+        totals = manifest.get("totals", {})
+        balance = None
+        if "balance" in manifest.get("upstream", {}) and "removed_by_balance" in totals:
+            kept = totals["planned"] + totals.get("not_clustered", 0)
+            balance = (totals["removed_by_balance"], totals["removed_by_balance"] + kept)
+        return _counted(shards, counts, packed_path, balance)
+    if features_dir is not None:
+        cache_path = os.path.join(features_dir, MANIFEST)
+        by_stem = read_json(cache_path).get("shards", {})
+        counts = {os.path.abspath(p): by_stem[shard_stem(p)]["samples"] for p in shards if shard_stem(p) in by_stem}
+        return _counted(shards, counts, cache_path, None)
+    return DataSize(None, None, None)
+
+
+def _counted(shards: list[str], counts: dict[str, int], manifest: str, balance: Optional[tuple[int, int]]) -> DataSize:
+    """A DataSize from a manifest's per-shard counts, or an uncounted one if the manifest misses a shard."""
+    if all(os.path.abspath(p) in counts for p in shards):
+        return DataSize(counts, manifest, balance)
+    return DataSize(None, None, None)
 
 
 def check_sources(cfg: Config, source: str) -> None:

@@ -21,16 +21,17 @@ import torch
 import yaml
 
 from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
-from cid_ds.config import Config, ConfigError, config_source, load_config
+from cid_ds.config import Config, ConfigError, DataConfig, config_source, load_config
 from cid_ds.data.batch import Batch, LoaderSpec
-from cid_ds.data.damage import RunDamage, TooMuchDamage
+from cid_ds.data.damage import RunDamage
+from cid_ds.data.errors import DataError
 from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
                            skip_allreduce_at_one_rank)
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.objective import all_finite, compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
-from cid_ds.sources import check_sources, open_sources
+from cid_ds.sources import check_sources, data_size, open_sources
 
 if TYPE_CHECKING:
     from cid_ds.teacher import OnlineTeacher
@@ -61,9 +62,30 @@ def batches(cfg: Config, spec: LoaderSpec, position: DataPosition, clusters_dir:
             position.batch_in_epoch += 1
             yield batch
         if not produced and position.batch_in_epoch == 0:
-            raise RuntimeError(f"rank {spec.rank}: an epoch of {cfg.data.train_shards} gave no full batch of "
-                               f"{cfg.data.batch_size}; use fewer ranks/workers or a smaller batch")
+            raise DataError(no_full_batch(spec, backend, cfg.data))
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def no_full_batch(spec: LoaderSpec, backend: str, data: DataConfig) -> str:
+    """Why an epoch of this rank gave no full batch: what the data holds (and what a balance removed), what a
+    step takes, and how the shards split over ranks and loader workers."""
+    size = data_size(spec.shards, data.features)
+    rank_shards = spec.shards[spec.rank::spec.world_size]
+    if rank_shards:
+        held = size.samples(rank_shards)
+        split = f"this rank reads {len(rank_shards)} of the {len(spec.shards)} shards" + \
+            (f", holding {held} samples" if held is not None else "")
+        workers = 1 if backend == "dali" else min(max(1, spec.workers), len(rank_shards))  # as the loaders split
+        if workers > 1:
+            split += (f", split over {workers} DataLoader workers (data.workers), each of which fills whole batches "
+                      "from its own shards only" + (f" (about {held // workers} samples each)" if held is not None else ""))
+    else:
+        split = f"this rank has none of the {len(spec.shards)} shards"
+    return (f"rank {spec.rank}: an epoch gave no full batch of data.batch_size {spec.batch_size}. The data: "
+            f"data.train_shards {data.train_shards}, {size.describe(spec.shards)}. A step takes {spec.batch_size} x "
+            f"{spec.world_size} ranks = {spec.batch_size * spec.world_size} samples, and each rank fills its batches "
+            f"from its own shards, shards[rank::{spec.world_size}]: {split}. Use more data, a smaller "
+            "data.batch_size, or fewer ranks or data.workers")
 
 
 def on_device(batch: Batch, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format,
@@ -290,7 +312,7 @@ def main(argv: Optional[list[str]] = None, stop: Optional[StopSignal] = None) ->
         results = run(cfg, stop)
     except ConfigError as e:  # a setting or input the run cannot use, found before or after start-up
         raise SystemExit(f"config error: {e}") from None
-    except TooMuchDamage as e:
+    except DataError as e:  # input data the run cannot use (too much damage, too few samples for a batch)
         raise SystemExit(f"data error: {e}") from None
     return results
 

@@ -1,5 +1,5 @@
 """Hard inputs a scraped dataset really contains: each is a clear error naming the shard, or a counted
-skip that lets training go on."""
+skip that lets training go on; and data too small for one batch, an error that says why."""
 import io
 import os
 import time
@@ -8,10 +8,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from cid_ds import train
+from cid_ds.checkpoints import DataPosition
+from cid_ds.config import expand_shards
 from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
-from tests.helpers import write_shard_tar
+from tests.helpers import REPO_ROOT, make_data_and_features, write_shard_tar
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,39 @@ def test_a_valid_tar_with_no_samples_contributes_nothing(tmp_path, student):
     assert os.path.getsize(empty) > 0
     batches = epoch([str(empty), write_shard_tar(tmp_path / "00001.tar", 0, 8)], student, batch_size=8)
     assert len(batches) == 1 and sorted(batches[0]["key"]) == [f"{i:09d}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def balanced_packed(tmp_path_factory) -> str:
+    """48 samples, of which the balance keeps 24, packed 8 to a shard: the packed shards' pattern."""
+    from data_tools.balance import balance
+    from data_tools.cluster import cluster
+    from data_tools.pack import pack
+    root = str(tmp_path_factory.mktemp("balanced"))
+    data = make_data_and_features(root, train_samples=48, shards=2)
+    cluster(data["feats"], 2, os.path.join(root, "clusters"))
+    balance(data["feats"], os.path.join(root, "clusters"), os.path.join(root, "balance"), perceptual=0.9999,
+            target_keep_fraction=0.5, workers=1)
+    pack(expand_shards(data["shards"]), data["feats"], "demo-student", os.path.join(root, "packed"),
+         balance_dir=os.path.join(root, "balance"), samples_per_shard=8, progress=False)
+    return os.path.join(root, "packed", "*.tar")
+
+
+def test_an_epoch_without_a_full_batch_names_the_samples_the_balance_removed_and_what_a_step_needs(
+        balanced_packed, student, tmp_path, monkeypatch):
+    def first_batch_of_rank_0_of_2(cfg, stop):  # run() as far as the loader's first batch
+        spec = LoaderSpec(expand_shards(cfg.data.train_shards), *student, cfg.data.batch_size,
+                          workers=cfg.data.workers, rank=0, world_size=2)
+        return next(train.batches(cfg, spec, DataPosition()))
+    monkeypatch.setattr(train, "run", first_batch_of_rank_0_of_2)
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--config", "ds_configs/experiments/demo_distill.yaml", f"output_dir={tmp_path}",
+                    f"data.train_shards={balanced_packed}", "data.batch_size=16", "data.workers=2", "eval.sets=[]"])
+    message = str(exited.value)
+    assert message.startswith("data error: rank 0: an epoch gave no full batch of data.batch_size 16. The data: "
+                              f"data.train_shards {balanced_packed}, 3 shards holding 24 samples (counted in ")
+    assert "; before packing, the balance (data_tools.balance) removed 24 of 48 samples (50.0%)" in message
+    assert ("A step takes 16 x 2 ranks = 32 samples, and each rank fills its batches from its own shards, "
+            "shards[rank::2]: this rank reads 2 of the 3 shards, holding 16 samples, split over 2 DataLoader "
+            "workers (data.workers)") in message
