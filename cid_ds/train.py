@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -178,6 +179,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
     train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
+    window_rates: list[float] = []  # samples/s over every rank, per logging window
     engine.train()
     stop = stop or StopSignal()
     nonfinite_in_a_row = 0
@@ -215,8 +217,10 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         if step % cfg.checkpoint.stop_check_every == 0 or step % cfg.logging.every == 0:
             damage.check(device)
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
-            last_losses = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
-                                     world_size, damage.count)
+            scalars = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
+                                 world_size, damage.count)
+            last_losses = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
+            window_rates.append(scalars["perf/samples_per_s"])
         stopping = step % cfg.checkpoint.stop_check_every == 0 and stop.agreed(device)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps or stopping:
             save_checkpoint(engine, cfg, step, position, rank, cluster_term)
@@ -229,8 +233,10 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     seconds = time.perf_counter() - train_start
     if profiler is not None:
         profiler.stop()
-    results: dict[str, Any] = {"step": step, "losses": last_losses, "train_seconds": seconds,
-                               "samples_per_s": (step - first_step) * cfg.data.batch_size * world_size / seconds}
+    results: dict[str, Any] = {
+        "step": step, "losses": last_losses, "train_seconds": seconds,
+        "samples_per_s_steady": steady_rate(window_rates),
+        "samples_per_s_run_average": (step - first_step) * cfg.data.batch_size * world_size / seconds}
     dist.barrier()
     if rank == 0:
         results.update(export_and_evaluate(cfg))
@@ -245,10 +251,17 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     return results
 
 
+def steady_rate(window_rates: list[float]) -> Optional[float]:
+    """The median samples/s of the logging windows after the first (whose time holds the loader's start and
+    the first steps' warm-up); None with a single window."""
+    return statistics.median(window_rates[1:]) if len(window_rates) > 1 else None
+
+
 def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor, out: dict, window: dict, step: int,
                device: torch.device, cfg: Config, world_size: int, damaged_shards: int) -> dict[str, float]:
-    """Read scalars once per logging window (each read is a device sync), average losses over ranks.
-    ``damaged_shards``: the run's so far, over every rank (cid_ds.data.damage.RunDamage)."""
+    """Read scalars once per logging window (each read is a device sync), average losses over ranks, and
+    return them by their TensorBoard names. ``damaged_shards``: the run's so far, over every rank
+    (cid_ds.data.damage.RunDamage)."""
     import torch.distributed as dist
     elapsed = time.perf_counter() - window["t0"]
     averaged = {f"loss/{k}": v for k, v in losses.items()} | {"loss/total": total} | metrics
@@ -281,7 +294,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
     window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, nonfinite=0)
-    return {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
+    return scalars
 
 
 def export_and_evaluate(cfg: Config) -> dict[str, Any]:

@@ -15,7 +15,7 @@ is written without a YAML per term):
 Overrides on the command line apply to every row (e.g. your data paths). Every row's config is checked
 before the first one trains. Each row trains through the deepspeed launcher into ``OUT/<row>/``; a
 re-run skips rows that finished. ``OUT/ablation.md`` and ``OUT/ablation.json`` get a row per experiment
-(zero-shot / probe / retrieval numbers, samples/s, wall time) and are rewritten after every row.
+(zero-shot / probe / retrieval numbers, steady samples/s, wall time) and are rewritten after every row.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from cid_ds.sources import check_sources
 from launch.experiments import launch_training, markdown_table
 
 SPEC_KEYS = {"steps", "rows", "description"}
+RATES = ("samples_per_s_steady", "samples_per_s_run_average")  # results.json's, kept in ablation.json
 ROW_KEYS = {"name", "config", "overrides"}
 
 
@@ -101,13 +102,14 @@ def ablate(rows: list[Row], out: str, ranks: int = 1, steps: Optional[int] = Non
     for row, overrides in planned:
         results = launch_training(row.config, os.path.join(out, row.run_name), overrides, ranks)
         table[row.name] = {"config": row.config, "overrides": overrides, "eval": results.get("eval", {}),
-                           "samples_per_s": results.get("samples_per_s"), "wall_seconds": results["wall_seconds"]}
+                           **{k: results.get(k) for k in RATES}, "wall_seconds": results["wall_seconds"]}
         write_tables(out, table)
     return table
 
 
 def write_tables(out: str, table: dict[str, dict]) -> str:
-    rows = {name: headline(entry["eval"]) | {"samples/s": entry["samples_per_s"], "wall s": entry["wall_seconds"]}
+    rows = {name: headline(entry["eval"]) | {"samples/s steady": entry["samples_per_s_steady"],
+                                             "wall s": entry["wall_seconds"]}
             for name, entry in table.items()}
     markdown = markdown_table(rows, "row")
     write_json(os.path.join(out, "ablation.json"), {"rows": table, "table": rows})

@@ -39,12 +39,12 @@ def test_a_tiny_ablation_gives_a_table_row_per_experiment_and_resumes(dataset, t
 
     assert list(table) == ["FD, cached teacher", "CLIP-KD mix, online teacher"]
     markdown = open(os.path.join(out, "ablation.md")).read().splitlines()
-    assert markdown[0] == "| row | shapes top-1 | shapes probe top-1 | samples/s | wall s |"
+    assert markdown[0] == "| row | shapes top-1 | shapes probe top-1 | samples/s steady | wall s |"
     assert [line.split(" | ")[0] for line in markdown[2:]] == ["| FD, cached teacher", "| CLIP-KD mix, online teacher"]
     saved = read_json(os.path.join(out, "ablation.json"))
     for name, entry in saved["rows"].items():
         assert "optim.steps=3" in entry["overrides"]
-        assert 0 <= entry["eval"]["shapes"]["top1"] <= 1 and entry["samples_per_s"] > 0 and entry["wall_seconds"] > 0
+        assert 0 <= entry["eval"]["shapes"]["top1"] <= 1 and entry["samples_per_s_steady"] > 0 and entry["wall_seconds"] > 0
     online = read_json(os.path.join(out, "clip-kd-mix-online-teacher", "results.json"))
     assert set(online["losses"]) == {"clip", "crd", "fd", "icl", "total"} and online["step"] == 3
 

@@ -4,6 +4,7 @@ mix (clip + instance + cluster): the loss decreases, TensorBoard gets every prom
 with ``resume: auto`` continues from the saved step."""
 import glob
 import os
+import statistics
 
 import pytest
 import torch
@@ -66,7 +67,13 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
               for r in (0, 1)]
     assert [s["weight"].shape[0] for s in shards] == [5, 4] and shards[0]["updates"] == 8
     assert os.path.isfile(os.path.join(out, "export", "open_clip_model.safetensors"))
-    assert read_json(os.path.join(out, "results.json"))["eval"]["shapes"]["samples"] > 0
+    results = read_json(os.path.join(out, "results.json"))
+    assert results["eval"]["shapes"]["samples"] > 0
+    # steady: the median of TensorBoard's per-window samples/s after the first window (start-up); the average
+    # over the run's steps counts that first window too
+    window_rates = [v for _, v in series["perf/samples_per_s"]]
+    assert results["samples_per_s_steady"] == pytest.approx(statistics.median(window_rates[1:]), rel=1e-5)
+    assert 0 < results["samples_per_s_run_average"]
 
     second = run(deepspeed_cmd(2) + experiment(dataset, out, steps=11))
     assert "start step 8/11" in second.stdout
