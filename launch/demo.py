@@ -1,5 +1,5 @@
-"""The demo, end to end on generated data: data -> teacher -> feature cache -> clusters -> balance -> packed
-shards -> students -> table.
+"""The demo, end to end on generated data: data -> teacher -> data_tools.prepare (feature cache -> clusters ->
+balance -> packed shards) -> students -> table.
 
     python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0] [--views K] [--teachers 2]
 
@@ -8,8 +8,8 @@ every stage resumes: re-running skips what is finished. ``--scale`` shrinks data
 suite runs the demo at a tiny scale).
 
 ``--views K`` / ``--teachers 2`` then prepare richer offline targets for ``ds_configs/ablations/views.yaml``
-(``make ablate-views``): a second teacher (the demo teacher's recipe from another seed), a feature cache of both teachers with K stored views per image, its clusters and balance,
-and distill-ready shards in ``OUT/packed_targets``.
+(``make ablate-views``) in ``OUT/targets``: a second teacher (the demo teacher's recipe from another seed),
+and prepare run again with both teachers and K stored views per image.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ EXPERIMENTS = "ds_configs/experiments"
 ROWS = (("teacher", "demo_teacher"), ("student baseline", "demo_baseline"), ("student distilled", "demo_distill"),
         ("student CID", "demo_cid"))
 CLUSTERS = 64
-# CLIP-CID's image semantic balance kept 56.3% of LAION-400M; the demo keeps the same fraction. Its renderer
-# makes no copies or re-encodes, so only near-identical embeddings count as perceptual duplicates (and
-# at tiny --scale the barely trained teacher maps most images within cosine 0.99 of each other).
-KEEP_FRACTION = 0.563
+# The demo's renderer makes no copies or re-encodes, so only near-identical embeddings count as perceptual
+# duplicates (and at tiny --scale the barely trained teacher maps most images within cosine 0.99 of each other).
 PERCEPTUAL = 0.9999
-TRAIN_SHARDS = 16  # source and packed: enough to split over ranks and loader workers
+# Source and packed shards: the packed ones sized as for 16 loader readers (1 rank x 16), enough to split
+# over the tests' 2 ranks and any worker count the demo configs use.
+TRAIN_SHARDS = 16
 
 
 def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], run_name: str | None = None) -> dict:
@@ -55,13 +55,19 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], 
     return launch_training(config, os.path.join(out, run_name or cfg.output_dir.split("/")[-1]), overrides, ranks)
 
 
+def prepare_data(args: argparse.Namespace, shards: list[str], teachers: list[str], out: str, views: int = 0) -> dict:
+    """``data_tools.prepare`` as a user runs it, with the demo's k, perceptual threshold and shard count."""
+    from data_tools.extract import Views
+    from data_tools.prepare import prepare, print_summary
+    summary = prepare(shards, teachers, None, "demo-student", out, Views(views), k=CLUSTERS, perceptual=PERCEPTUAL,
+                      ranks=1, workers=TRAIN_SHARDS, seed=args.seed)
+    print_summary(summary)
+    return summary
+
+
 def prepare_richer_targets(args: argparse.Namespace, shards: list[str], teacher_export: str) -> dict:
-    """The second teacher, the feature cache of every teacher with ``args.views`` views, its clusters,
-    balance and packed shards (``OUT/packed_targets``); returns the stage times."""
-    from data_tools.balance import balance
-    from data_tools.cluster import cluster
-    from data_tools.extract import Views, extract
-    from data_tools.pack import pack
+    """The second teacher, and prepare with every teacher and ``args.views`` views into ``OUT/targets``;
+    returns the stage times."""
     timings, t = {}, time.time()
     teachers = [f"local-dir:{teacher_export}"]
     if args.teachers > 1:
@@ -70,16 +76,8 @@ def prepare_richer_targets(args: argparse.Namespace, shards: list[str], teacher_
         teachers.append(f"local-dir:{second['export']}")
         timings["teacher_b"] = time.time() - t
     t = time.time()
-    feats, clusters, balanced = (os.path.join(args.out, f"{stage}_targets") for stage in ("feats", "clusters", "balance"))
-    extract(shards, teachers, None, feats, views=Views(args.views))
-    timings["extract_targets"] = time.time() - t
-    t = time.time()
-    cluster(feats, CLUSTERS, clusters, seed=args.seed)
-    report = balance(feats, clusters, balanced, perceptual=PERCEPTUAL, target_keep_fraction=KEEP_FRACTION,
-                     seed=args.seed)
-    pack(shards, feats, "demo-student", os.path.join(args.out, "packed_targets"), clusters_dir=clusters,
-         balance_dir=balanced, samples_per_shard=-(-report["kept"] // TRAIN_SHARDS))
-    timings["cluster_balance_pack_targets"] = time.time() - t
+    prepare_data(args, shards, teachers, os.path.join(args.out, "targets"), views=args.views)
+    timings["prepare_targets"] = time.time() - t
     return timings
 
 
@@ -92,17 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--views", type=int, default=0, help="also prepare packed shards with K stored views")
     parser.add_argument("--teachers", type=int, default=1, choices=(1, 2), help="2: ... and a second teacher")
     args = parser.parse_args(argv)
-    from data_tools.balance import balance
-    from data_tools.cluster import cluster
-    from data_tools.extract import extract
+    from cid_ds.config import expand_shards
+    from cid_ds.io import read_json
     from data_tools.make_demo_data import generate
-    from data_tools.pack import pack
 
     t0 = time.time()
     timings = {}
     data = os.path.join(args.out, "data")
     generate(data, train_samples=max(256, round(40000 * args.scale)), shards=TRAIN_SHARDS, seed=args.seed,
              eval_scale=min(1.0, max(0.1, args.scale)))
+    shards = expand_shards(os.path.join(data, "train", "*.tar"))
     timings["data"] = time.time() - t0
 
     results = {}
@@ -111,32 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
     timings["teacher"] = time.time() - t
 
     t = time.time()
-    from cid_ds.config import expand_shards
-    feats = os.path.join(args.out, "feats")
-    extract(expand_shards(os.path.join(data, "train", "*.tar")), f"local-dir:{results['teacher']['export']}",
-            None, feats)
-    timings["extract"] = time.time() - t
-    t = time.time()
-    clusters = os.path.join(args.out, "clusters")
-    cluster(feats, CLUSTERS, clusters, seed=args.seed)
-    timings["cluster"] = time.time() - t
-    t = time.time()
-    balanced = os.path.join(args.out, "balance")
-    report = balance(feats, clusters, balanced, perceptual=PERCEPTUAL, target_keep_fraction=KEEP_FRACTION,
-                     seed=args.seed)
-    timings["balance"] = time.time() - t
-    t = time.time()
-    pack(expand_shards(os.path.join(data, "train", "*.tar")), feats, "demo-student", os.path.join(args.out, "packed"),
-         clusters_dir=clusters, balance_dir=balanced, samples_per_shard=-(-report["kept"] // TRAIN_SHARDS))
-    timings["pack"] = time.time() - t
+    prepare_data(args, shards, [f"local-dir:{results['teacher']['export']}"], args.out)
+    report = read_json(os.path.join(args.out, "balance", "balance_report.json"))
+    timings["prepare"] = time.time() - t
 
     for label, name in ROWS[1:]:
         t = time.time()
         results[label] = train(name, args.out, args.ranks, args.scale, [f"seed={args.seed}"])
         timings[name] = time.time() - t
     if args.views or args.teachers > 1:
-        timings |= prepare_richer_targets(args, expand_shards(os.path.join(data, "train", "*.tar")),
-                                          results["teacher"]["export"])
+        timings |= prepare_richer_targets(args, shards, results["teacher"]["export"])
 
     rows = {label: headline(res["eval"]) for label, res in results.items()}
     baseline = rows["student baseline"]

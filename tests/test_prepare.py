@@ -1,0 +1,95 @@
+"""A new user's first try: `data_tools.prepare` on their own shards and teacher with only the defaults, then
+training from the YAML it writes. The teacher here is not the demo's: the demo teacher's architecture with
+random weights from another seed, loaded from a checkpoint file. Its image embeddings all lie close
+together, so a fixed similarity threshold would call nearly every pair a duplicate; the defaults must not."""
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cid_ds.io import read_json
+from tests.helpers import REPO_ROOT, one_rank_env
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    import torch
+    from cid_ds.models import create_model
+    from data_tools.make_demo_data import generate
+    root = tmp_path_factory.mktemp("own")
+    generate(str(root / "data"), train_samples=480, shards=4, seed=3, eval_scale=0.1)
+    torch.manual_seed(7)
+    weights = root / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("demo-teacher")[0].state_dict().items()}, str(weights))
+    return {"shards": str(root / "data" / "train" / "{00000..00003}.tar"), "teacher": str(weights), "root": root}
+
+
+def prepare_args(data: dict, out, *extra: str) -> list[str]:
+    return ["--shards", data["shards"], "--teacher", "demo-teacher", "--pretrained", data["teacher"],
+            "--student", "demo-student", "--out", str(out), "--ranks", "1", "--workers", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def prepared(own_data) -> tuple:
+    """``(out, what it printed)`` of prepare run with the defaults."""
+    from data_tools.prepare import main
+    out, printed = own_data["root"] / "prepared", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(prepare_args(own_data, out))
+    return out, printed.getvalue()
+
+
+def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
+    out, printed = prepared
+
+    for stage, artifact in (("feats", "manifest.json"), ("clusters", "centroids.npy"), ("balance", "manifest.json"),
+                            ("packed", "manifest.json")):
+        assert (out / stage / artifact).is_file(), stage
+    report = read_json(str(out / "balance" / "balance_report.json"))
+    assert 0.4 < report["kept_fraction"] < 0.7  # the default keep fraction, whatever the teacher's similarities
+    packed = read_json(str(out / "packed" / "manifest.json"))
+    assert packed["complete"] and len(packed["shards"]) >= 2  # one shard at least per loader worker
+    clusters = read_json(str(out / "clusters" / "manifest.json"))
+    assert f"k = {clusters['k']} (from the sample count" in printed
+    summary = printed[printed.index("[prepare] "):]
+    assert summary.startswith("[prepare] balance kept ")  # the summary leads with the kept fraction
+
+    config = yaml.safe_load((out / "train.yaml").read_text())
+    assert config["data"]["train_shards"] == str(out / "packed" / "*.tar")
+    assert config["cluster"]["dir"] == str(out / "clusters") and config["model"]["student"] == "demo-student"
+    assert f"--config {out / 'train.yaml'}" in printed
+
+    run = subprocess.run([sys.executable, "-m", "cid_ds.train", "--config", str(out / "train.yaml"),
+                          "optim.steps=2", "checkpoint.every=2", "logging.every=1"],
+                         cwd=REPO_ROOT, env=one_rank_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert os.path.isfile(os.path.join(config["output_dir"], "export", "open_clip_config.json"))
+
+
+def test_a_balance_that_would_remove_most_of_the_data_stops_prepare_with_the_numbers(own_data, prepared, tmp_path):
+    from data_tools.prepare import main
+    out = tmp_path / "strict"
+    for stage in ("feats", "clusters"):  # done before: prepare resumes them
+        shutil.copytree(prepared[0] / stage, out / stage)
+    with pytest.raises(SystemExit) as stop:
+        main(prepare_args(own_data, out, "--semantic", "0.5"))
+    message = str(stop.value)
+    assert message.startswith("prepare: ") and "--max-removed-fraction" in message and "%" in message
+    assert not (out / "packed").exists() and not (out / "train.yaml").exists()
+
+
+def test_the_stages_are_commands_too():
+    from importlib.metadata import entry_points
+    commands = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("cid-ds-")}
+    assert commands == {f"cid-ds-{stage}": f"data_tools.{stage}:main"
+                        for stage in ("prepare", "extract", "cluster", "balance", "pack")}
+    usage = subprocess.run([os.path.join(os.path.dirname(sys.executable), "cid-ds-prepare"), "--help"],
+                           capture_output=True, text=True)
+    assert usage.returncode == 0 and "python -m data_tools.prepare" in usage.stdout
