@@ -4,8 +4,8 @@ Every key is checked before any work starts: an unknown key, a value of the wron
 cannot work (``RANGES``) or a path that does not exist is a ``ConfigError`` naming the key and the YAML
 file. ``key=value`` overrides from the command line use the same dotted names (``optim.lr=1e-3``) and
 the same checks, and an error in one names the override. A relative path (``PATH_KEYS``), in the YAML or
-an override, is relative to the current directory of the command that loads the config. The DeepSpeed JSON is checked for keys
-DeepSpeed does not read (a misspelt section it would silently ignore).
+an override, is relative to the current directory of the command that loads the config. The DeepSpeed JSON
+is checked for keys DeepSpeed does not read (a misspelt section it would silently ignore).
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ PATH_KEYS = {
     "model.student_pretrained": _weights_path,
     "model.teacher": _model_path,
     "model.teacher_pretrained": _weights_path,
-    "data.train_shards": _path,  # a brace pattern or glob: its relative parts stay patterns under the directory
+    "data.train_shards": _path,  # a brace pattern or glob, joined to the directory as a whole
     "data.features": _path,
     "cluster.dir": _path,
     "logging.tensorboard_dir": _path,

@@ -72,16 +72,19 @@ def no_full_batch(spec: LoaderSpec, backend: str, data: DataConfig) -> str:
     step takes, and how the shards split over ranks and loader workers."""
     size = data_size(spec.shards, data.features)
     rank_shards = spec.shards[spec.rank::spec.world_size]
-    if rank_shards:
+    if not rank_shards:
+        split = f"this rank has none of the {len(spec.shards)} shards"
+    else:
         held = size.samples(rank_shards)
-        split = f"this rank reads {len(rank_shards)} of the {len(spec.shards)} shards" + \
-            (f", holding {held} samples" if held is not None else "")
+        split = f"this rank reads {len(rank_shards)} of the {len(spec.shards)} shards"
+        if held is not None:
+            split += f", holding {held} samples"
         workers = 1 if backend == "dali" else min(max(1, spec.workers), len(rank_shards))  # as the loaders split
         if workers > 1:
             split += (f", split over {workers} DataLoader workers (data.workers), each of which fills whole batches "
-                      "from its own shards only" + (f" (about {held // workers} samples each)" if held is not None else ""))
-    else:
-        split = f"this rank has none of the {len(spec.shards)} shards"
+                      "from its own shards only")
+            if held is not None:
+                split += f" (about {held // workers} samples each)"
     return (f"rank {spec.rank}: an epoch gave no full batch of data.batch_size {spec.batch_size}. The data: "
             f"data.train_shards {data.train_shards}, {size.describe(spec.shards)}. A step takes {spec.batch_size} x "
             f"{spec.world_size} ranks = {spec.batch_size * spec.world_size} samples, and each rank fills its batches "
