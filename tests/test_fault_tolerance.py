@@ -191,7 +191,7 @@ def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(da
     saved_as = "with ZeRO stage 2" if saved == "zero2" else "without ZeRO (stage 0)"
     stage = 2 if resumed == "zero2" else 0
     assert (f"config error: checkpoint.resume: {out}/checkpoints/step00000002 was saved {saved_as}, but "
-            f"deepspeed_config ds_configs/{resumed}.json runs ZeRO stage {stage}") in again.stderr
+            f"deepspeed_config {REPO_ROOT}/ds_configs/{resumed}.json runs ZeRO stage {stage}") in again.stderr
 
 
 def test_a_checkpoint_named_by_path_without_a_marker_skips_the_layout_check(tmp_path):
