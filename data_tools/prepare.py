@@ -96,7 +96,7 @@ def write_train_yaml(path: str, packed: str, clusters: str, student: str, summar
     tree = {
         "name": "prepared",
         "output_dir": os.path.join(os.path.dirname(os.path.abspath(path)), "run"),
-        "deepspeed_config": os.path.join(REPO, recipe.deepspeed_config),
+        "deepspeed_config": recipe_path("deepspeed_config"),
         "model": {"student": student},
         "data": {"train_shards": os.path.join(os.path.abspath(packed), "*.tar"), "workers": workers,
                  "batch_size": batch, "shuffle_buffer": recipe.data.shuffle_buffer},
@@ -113,6 +113,13 @@ def write_train_yaml(path: str, packed: str, clusters: str, student: str, summar
               "(docs/configs.md).\n")
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(tree, sort_keys=False))
+
+
+def recipe_path(key: str) -> str:
+    """A path the recipe names, which the shipped YAMLs give relative to the repository (load_config would
+    take it from the current directory)."""
+    with open(RECIPE) as f:
+        return os.path.join(REPO, yaml.safe_load(f)[key])
 
 
 def print_summary(summary: dict) -> None:

@@ -32,6 +32,7 @@ PERCEPTUAL = 0.9999
 # Source and packed shards: the packed ones sized as for 16 loader readers (1 rank x 16), enough to split
 # over the tests' 2 ranks and any worker count the demo configs use.
 TRAIN_SHARDS = 16
+DEFAULT_OUT = os.path.abspath("runs/demo")  # where the demo YAMLs' paths point (resolved as load_config does)
 
 
 def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], run_name: str | None = None) -> dict:
@@ -41,17 +42,17 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], 
     cfg = load_config(config, check_paths=False)
     steps = max(2, round(cfg.optim.steps * scale))
     overrides = [
-        f"data.train_shards={cfg.data.train_shards.replace('runs/demo', out)}",
-        f"eval.sets={json.dumps([s.replace('runs/demo', out) for s in cfg.eval.sets])}",
+        f"data.train_shards={cfg.data.train_shards.replace(DEFAULT_OUT, os.path.abspath(out))}",
+        f"eval.sets={json.dumps([s.replace(DEFAULT_OUT, os.path.abspath(out)) for s in cfg.eval.sets])}",
         f"optim.steps={steps}",
         f"optim.warmup_steps={max(1, round(cfg.optim.warmup_steps * scale))}",
         f"checkpoint.every={steps}",
         f"logging.every={max(1, min(cfg.logging.every, steps // 4))}",
     ] + extra
     if cfg.data.features is not None:
-        overrides.append(f"data.features={cfg.data.features.replace('runs/demo', out)}")
+        overrides.append(f"data.features={cfg.data.features.replace(DEFAULT_OUT, os.path.abspath(out))}")
     if cfg.cluster.dir is not None:
-        overrides.append(f"cluster.dir={cfg.cluster.dir.replace('runs/demo', out)}")
+        overrides.append(f"cluster.dir={cfg.cluster.dir.replace(DEFAULT_OUT, os.path.abspath(out))}")
     return launch_training(config, os.path.join(out, run_name or cfg.output_dir.split("/")[-1]), overrides, ranks)
 
 

@@ -1,5 +1,6 @@
-# Sourced by the launch scripts. They run from the repository root, because the experiment YAMLs and
-# DeepSpeed's remote launch (pdsh: "cd <launch dir>") use repository-relative paths.
+# Sourced by the launch scripts. They run in the caller's directory, against which relative paths in a YAML
+# and its overrides resolve (cid_ds.config); DeepSpeed's remote launch (pdsh) cds to the same directory on
+# every machine, so it must exist there too (a shared filesystem), as the repository must.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
@@ -7,7 +8,7 @@ usage() {
     exit 2
 }
 
-# An argument path made absolute against the caller's directory, before the script moves to REPO_ROOT.
+# An argument path made absolute against the caller's directory.
 absolute() {
     [[ -e "$1" ]] || { echo "no such file: $1" >&2; exit 2; }
     echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
@@ -28,7 +29,7 @@ set_supervisor() {
     read -r shebang < "$deepspeed_cmd"
     python="${shebang#\#!}"
     [[ "$shebang" == "#!/"* && -x "$python" ]] || python=python3
-    SUPERVISOR=("$python" -m launch.supervise --)
+    SUPERVISOR=("$python" "$REPO_ROOT/launch/supervise.py" --)
 }
 
 # Run "$@" in the background and wait for it, passing on TERM, INT and USR1 (for a script that must run

@@ -16,7 +16,7 @@
 # with one call per machine, on each machine; with pdsh, the ranks are not this machine's processes and
 # DeepSpeed's runner ends them itself, without a checkpoint.
 # MASTER_PORT: rendezvous port (default 29500). Relative paths in the YAML and the overrides are
-# relative to the repository root.
+# relative to the directory this script is run from (on every machine: a shared filesystem).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -57,8 +57,7 @@ else
     sed 's/^/    /' "$env_file"
 fi
 
-cd "$REPO_ROOT"
-command=("${launcher[@]}" launch/train.py --config "$config" "$@")
+command=("${launcher[@]}" "$REPO_ROOT/launch/train.py" --config "$config" "$@")
 print_command "${command[@]}"
 set_supervisor
 if [[ -n "$env_file" ]]; then

@@ -20,11 +20,11 @@ YAML_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradie
                    "gradient_clipping", "optimizer", "scheduler")
 
 
-def start(cmd: list[str], **env) -> subprocess.Popen:
+def start(cmd: list[str], cwd: str = REPO_ROOT, **env) -> subprocess.Popen:
     """A launch script started as a user would, with the venv's ``deepspeed`` first on PATH."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -40,8 +40,8 @@ def finish(proc: subprocess.Popen) -> str:
     return output
 
 
-def launch(cmd: list[str], **env) -> str:
-    return finish(start(cmd, **env))
+def launch(cmd: list[str], cwd: str = REPO_ROOT, **env) -> str:
+    return finish(start(cmd, cwd, **env))
 
 
 @pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
@@ -147,11 +147,14 @@ def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tm
     assert "world 2" in output
     assert read_json(os.path.join(two, "results.json"))["step"] == 2
 
-    one = str(tmp_path / "one")
-    output = launch(["launch/single_node.sh", *tiny_run(dataset, one)], NUM_GPUS="1", MASTER_PORT=str(free_port()))
+    # from a directory of the user's: relative paths in the overrides land there, not in the repository
+    config, *overrides = tiny_run(dataset, "one")
+    output = launch([os.path.join(REPO_ROOT, "launch", "single_node.sh"), os.path.join(REPO_ROOT, config), *overrides,
+                     f"deepspeed_config={os.path.join(REPO_ROOT, 'ds_configs', 'zero0.json')}"],
+                    str(tmp_path), NUM_GPUS="1", MASTER_PORT=str(free_port()))
     assert "[launch] deepspeed --num_gpus 1" in output
     assert "world 1" in output
-    assert read_json(os.path.join(one, "results.json"))["step"] == 2
+    assert read_json(str(tmp_path / "one" / "results.json"))["step"] == 2
 
 
 def test_no_ssh_launch_one_call_per_node_forms_one_job(dataset, tmp_path):
