@@ -14,8 +14,8 @@ it, every sample the feature cache holds.
 The training loader gives each rank whole shards (``shards[rank::world_size]``) and each of its DataLoader
 workers a slice of those: ranks x workers readers. Without ``--samples-per-shard`` the shards are sized
 for ``--ranks`` x ``--workers`` readers (default one 8-GPU node with the trainer's default ``data.workers``)
-by the rule in ``default_samples_per_shard``: N // readers samples per shard, at most 10000, so that there
-are at least as many shards as readers. Fewer shards than readers (too large a ``--samples-per-shard``, or
+by the rule in ``default_samples_per_shard``: N / readers samples per shard (rounded up where that still
+makes a shard per reader, else down), at most 10000, so that there are at least as many shards as readers. Fewer shards than readers (too large a ``--samples-per-shard``, or
 fewer samples than readers) is warned about: a reader without a shard sits idle.
 
 The output order is the input shards' order, and which samples go to output shard ``j`` is planned
@@ -69,11 +69,13 @@ class Planned:
 
 def default_samples_per_shard(samples: int, readers: int) -> int:
     """Samples per output shard for ``readers`` loader readers (ranks x DataLoader workers per rank) when
-    none is given: ``min(MAX_SAMPLES_PER_SHARD, max(1, samples // readers))``. Rounding down makes at least
-    ``readers`` shards whenever ``samples >= readers`` (rounding up may not: 100 samples, 32 readers, 4 per
-    shard make 25); below the cap, the shard beyond the first ``readers`` holds the remainder, fewer than
-    ``readers`` samples."""
-    return min(MAX_SAMPLES_PER_SHARD, max(1, samples // readers))
+    none is given: at most ``MAX_SAMPLES_PER_SHARD``, and otherwise the even split ``ceil(samples / readers)``,
+    which makes ``readers`` shards of (nearly) one size; where rounding up makes fewer shards than readers
+    (100 samples, 32 readers: 4 per shard make 25), ``samples // readers``, which makes at least ``readers``
+    whenever ``samples >= readers``."""
+    even = -(-samples // readers)
+    size = even if -(-samples // even) >= readers else max(1, samples // readers)
+    return min(MAX_SAMPLES_PER_SHARD, size)
 
 
 def chosen_samples_per_shard(samples: int, ranks: int, workers: int) -> tuple[int, str]:
@@ -301,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="the loader's data.workers per rank (default: the trainer's default, "
                              f"{DEFAULT_WORKERS}; the shipped clip_cid and clip_kd YAMLs use 8)")
     parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="default: planned samples // (ranks x workers), at most "
+                        help="default: planned samples / (ranks x workers), at most "
                              f"{MAX_SAMPLES_PER_SHARD}: at least one shard per reader")
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source tars are recorded and read up to their damage; more than this "

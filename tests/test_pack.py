@@ -156,7 +156,7 @@ def test_bad_upstream_is_refused_naming_the_file(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("samples, readers, size", [(160, 8, 20), (100, 32, 3), (20_000, 32, 625), (5, 8, 1),
-                                                    (400_000_000, 8, 10000)])
+                                                    (22_524, 16, 1408), (400_000_000, 8, 10000)])
 def test_the_default_shard_size_makes_a_shard_for_every_reader_up_to_10000_samples(samples, readers, size):
     assert default_samples_per_shard(samples, readers) == size
     assert -(-samples // size) >= min(readers, samples)
@@ -165,9 +165,9 @@ def test_the_default_shard_size_makes_a_shard_for_every_reader_up_to_10000_sampl
 def test_without_samples_per_shard_pack_sizes_the_shards_for_ranks_x_workers_and_says_so(dataset, tmp_path, capsys):
     manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "packed"),
                     progress=False, ranks=3, workers=5)
-    assert manifest["samples_per_shard"] == 10 and len(manifest["shards"]) == 16  # 160 samples, 15 readers
+    assert manifest["samples_per_shard"] == 11 and len(manifest["shards"]) == 15  # 160 samples, 15 readers
     printed = capsys.readouterr()
-    assert "pack: 10 samples per shard: 160 samples / (3 ranks x 5 workers = 15 readers), at most 10000; " \
+    assert "pack: 11 samples per shard: 160 samples / (3 ranks x 5 workers = 15 readers), at most 10000; " \
            "pass --samples-per-shard to choose" in printed.out and not printed.err
 
 
