@@ -48,6 +48,9 @@ def batches(cfg: Config, spec: LoaderSpec, position: DataPosition, clusters_dir:
     from cid_ds.data.dali_loader import resolve_backend
     backend = resolve_backend(cfg.data.backend, spec.shards,
                               joins=cfg.data.features is not None or clusters_dir is not None)
+    warning = idle_readers(spec, backend)
+    if warning is not None and spec.rank == 0:
+        print(f"[cid_ds] warning: {warning}", flush=True)
     while True:
         epoch = replace(spec, epoch=position.epoch, skip_batches=position.batch_in_epoch)
         if backend == "dali":
@@ -65,6 +68,20 @@ def batches(cfg: Config, spec: LoaderSpec, position: DataPosition, clusters_dir:
         if not produced and position.batch_in_epoch == 0:
             raise DataError(no_full_batch(spec, backend, cfg.data))
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def idle_readers(spec: LoaderSpec, backend: str) -> Optional[str]:
+    """What goes wrong when the shards are fewer than the loader's readers (each rank's DataLoader workers read
+    whole shards of their own; DALI reads one stream per rank), or None."""
+    per_rank = 1 if backend == "dali" else max(1, spec.workers)
+    readers = spec.world_size * per_rank
+    if len(spec.shards) >= readers:
+        return None
+    return (f"{len(spec.shards)} shards for {spec.world_size} ranks x {per_rank} loader workers = {readers} readers: "
+            "the readers without a shard sit idle" + (", and a rank without one has no batch to train on"
+                                                      if len(spec.shards) < spec.world_size else "") +
+            f"; pack more shards (data_tools.pack --ranks {spec.world_size} --workers {per_rank}) or lower "
+            "data.workers")
 
 
 def no_full_batch(spec: LoaderSpec, backend: str, data: DataConfig) -> str:

@@ -109,7 +109,7 @@ def balanced_packed(tmp_path_factory) -> str:
 
 
 def test_an_epoch_without_a_full_batch_names_the_samples_the_balance_removed_and_what_a_step_needs(
-        balanced_packed, student, tmp_path, monkeypatch):
+        balanced_packed, student, tmp_path, monkeypatch, capsys):
     def first_batch_of_rank_0_of_2(cfg, stop):  # run() as far as the loader's first batch
         spec = LoaderSpec(expand_shards(cfg.data.train_shards), *student, cfg.data.batch_size,
                           workers=cfg.data.workers, rank=0, world_size=2)
@@ -126,3 +126,7 @@ def test_an_epoch_without_a_full_batch_names_the_samples_the_balance_removed_and
     assert ("A step takes 16 x 2 ranks = 32 samples, and each rank fills its batches from its own shards, "
             "shards[rank::2]: this rank reads 2 of the 3 shards, holding 16 samples, split over 2 DataLoader "
             "workers (data.workers)") in message
+    # and before the first epoch, rank 0 warned that 3 shards leave one of the 2 x 2 loader readers idle
+    assert ("[cid_ds] warning: 3 shards for 2 ranks x 2 loader workers = 4 readers: the readers without a shard "
+            "sit idle; pack more shards (data_tools.pack --ranks 2 --workers 2) or lower data.workers") \
+        in capsys.readouterr().out
