@@ -8,6 +8,11 @@ shapes stay distinct after the 32 px downscale the demo models use.
 Everything is a function of ``(seed, stream, shard index)``: each tar can be generated on its own,
 re-running skips finished tars, and the same seed gives byte-identical files.
 
+``--captions web`` gives the training captions web alt-text noise (``WEB_CAPTION_MIX``): some vague (the
+shape named "thing", "item", ...), some generic ("stock photo", "IMG_2041.jpg"), some of another image;
+the images are the same as with clean captions (the noise draws from a stream of its own), and the
+evaluation sets keep their clean labels.
+
     python -m data_tools.make_demo_data --out runs/demo/data --train-samples 50000 --shards 16 --seed 0
 """
 from __future__ import annotations
@@ -74,11 +79,21 @@ ZEROSHOT_TEMPLATES = (
     "there is a {c}.",
 )
 
+# Web alt-text noise (--captions web), as fractions of the training samples. Web captions are often partial
+# or generic and sometimes describe another picture; CLIP-CID's cluster term is meant for exactly that, as
+# it learns image structure the captions miss.
+WEB_CAPTION_MIX = {"clean": 0.4, "vague": 0.25, "generic": 0.2, "wrong": 0.15}
+VAGUE_WORDS = ("thing", "item", "object", "shape", "graphic")
+GENERIC_CAPTIONS = ("stock photo", "IMG_{n:04d}.jpg", "image", "untitled", "click to enlarge", "photo {n}",
+                    "product picture", "free download", "thumbnail", "DSC{n:05d}.JPG")
+CAPTION_KINDS = ("clean", "web")
+
 # Seed streams: training and each evaluation set draw from disjoint random streams.
 TRAIN_STREAM = 0
+CAPTION_NOISE_STREAM = 1000  # the web captions' noise: the images stay those of the clean stream
 EVAL_SAMPLES_PER_SHARD = 256
 LINEAR_PROBE_STREAM_OFFSET = 100  # the train splits of the eval sets draw from stream + this
-MANIFEST_PARAMETERS = ("seed", "train_samples", "shards", "eval_scale", "code_version")
+MANIFEST_PARAMETERS = ("seed", "train_samples", "shards", "eval_scale", "code_version", "captions")
 
 
 @dataclass(frozen=True)
@@ -237,6 +252,19 @@ def caption(spec: ObjectSpec, template_id: int) -> str:
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
 
 
+def web_caption(spec: ObjectSpec, template_id: int, rng: np.random.Generator) -> tuple[str, str]:
+    """``(caption, kind)``: the clean caption, or one of ``WEB_CAPTION_MIX``'s kinds of noise, drawn from ``rng``."""
+    kind = str(rng.choice(list(WEB_CAPTION_MIX), p=list(WEB_CAPTION_MIX.values())))
+    if kind == "vague":
+        vague = ObjectSpec(str(rng.choice(VAGUE_WORDS)), spec.colour, spec.size, spec.position)
+        return caption(vague, template_id), kind
+    if kind == "generic":
+        return str(rng.choice(GENERIC_CAPTIONS)).format(n=int(rng.integers(10000))), kind
+    if kind == "wrong":
+        return caption(random_spec(rng), int(rng.integers(len(CAPTION_TEMPLATES)))), kind
+    return caption(spec, template_id), kind
+
+
 def random_spec(rng: np.random.Generator, shape: Optional[str] = None, colour: Optional[str] = None) -> ObjectSpec:
     """Uniform over the attributes not given; large objects are always centred."""
     u = rng.random(4).tolist()
@@ -256,16 +284,19 @@ def _shard_rng(seed: int, stream: int, shard: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, shard])
 
 
-def train_shard_samples(seed: int, shard: int, count: int) -> Iterator[Sample]:
+def train_shard_samples(seed: int, shard: int, count: int, captions: str = "clean") -> Iterator[Sample]:
     rng = _shard_rng(seed, TRAIN_STREAM, shard)
+    noise = _shard_rng(seed, CAPTION_NOISE_STREAM, shard)
     backgrounds = make_backgrounds(rng)
     for i in range(count):
         key = f"{shard:06d}_{i:08d}"
         spec = random_spec(rng)
         template_id = int(rng.integers(len(CAPTION_TEMPLATES)))
-        text = caption(spec, template_id)
+        text, kind = web_caption(spec, template_id, noise) if captions == "web" else (caption(spec, template_id), None)
         meta = {"key": key, "shape": spec.shape, "colour": spec.colour, "size": spec.size,
                 "position": spec.position, "template": template_id, "caption": text}
+        if kind is not None:
+            meta["caption_kind"] = kind
         image = draw_object(spec, rng, backgrounds)
         yield key, {"jpg": encode_jpeg(image), "txt": text.encode(),
                     "json": json.dumps(meta, sort_keys=True).encode()}
@@ -337,7 +368,7 @@ def eval_set_size(eval_set: EvalSet, eval_scale: float) -> int:
     return max(n_classes, round(eval_set.base_samples * eval_scale))
 
 
-def plan_manifest(n_train: int, shards: int, seed: int, eval_scale: float) -> dict:
+def plan_manifest(n_train: int, shards: int, seed: int, eval_scale: float, captions: str = "clean") -> dict:
     eval_sets = {}
     for s in EVAL_SETS:
         n = eval_set_size(s, eval_scale)
@@ -360,6 +391,7 @@ def plan_manifest(n_train: int, shards: int, seed: int, eval_scale: float) -> di
         "attributes": {"shapes": list(SHAPES), "colours": list(COLOUR_NAMES), "sizes": list(SIZE_NAMES),
                        "positions": list(POSITIONS)},
         "caption_templates": list(CAPTION_TEMPLATES),
+        **({"captions": captions, "web_caption_mix": WEB_CAPTION_MIX} if captions != "clean" else {}),
         "train": {"pattern": f"train/{{{0:05d}..{shards - 1:05d}}}.tar",
                   "samples_per_shard": split_evenly(n_train, shards)},
         "eval": eval_sets,
@@ -370,7 +402,7 @@ def plan_manifest(n_train: int, shards: int, seed: int, eval_scale: float) -> di
 def plan_jobs(out_dir: str, manifest: dict) -> list[TarJob]:
     seed = manifest["seed"]
     jobs = [TarJob(os.path.join(out_dir, "train", f"{shard:05d}.tar"), count,
-                   functools.partial(train_shard_samples, seed, shard, count))
+                   functools.partial(train_shard_samples, seed, shard, count, manifest.get("captions", "clean")))
             for shard, count in enumerate(manifest["train"]["samples_per_shard"])]
     for eval_set in EVAL_SETS:
         info = manifest["eval"][eval_set.name]
@@ -412,11 +444,11 @@ def prepare_out_dir(out_dir: str, manifest: dict) -> None:
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(manifest_path):
         existing = read_json(manifest_path)
-        for field in MANIFEST_PARAMETERS:
-            if existing.get(field) != manifest[field]:
+        for field in MANIFEST_PARAMETERS:  # "captions" is absent for clean captions (as before it existed)
+            if existing.get(field) != manifest.get(field):
                 raise ValueError(
                     f"{manifest_path}: this folder was generated with {field}={existing.get(field)!r}, "
-                    f"asked for {field}={manifest[field]!r}; use another --out or delete the folder")
+                    f"asked for {field}={manifest.get(field)!r}; use another --out or delete the folder")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir}: not empty and has no manifest.json; refusing to write demo data into it")
     for root, _, files in os.walk(out_dir):
@@ -427,7 +459,9 @@ def prepare_out_dir(out_dir: str, manifest: dict) -> None:
         write_json(manifest_path, manifest)
 
 
-def _check_arguments(n_train: int, shards: int, eval_scale: float) -> None:
+def _check_arguments(n_train: int, shards: int, eval_scale: float, captions: str) -> None:
+    if captions not in CAPTION_KINDS:
+        raise ValueError(f"captions must be one of {', '.join(CAPTION_KINDS)}, got {captions!r}")
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if n_train < shards:
@@ -437,13 +471,13 @@ def _check_arguments(n_train: int, shards: int, eval_scale: float) -> None:
 
 
 def generate(out_dir: str, train_samples: int, shards: int, seed: int, eval_scale: float = 1.0,
-             progress: bool = True) -> dict:
+             progress: bool = True, captions: str = "clean") -> dict:
     """Write the demo training shards and evaluation sets under ``out_dir``; return the manifest.
 
     Finished tars are kept (resume); ``out_dir`` holding data from other parameters is refused.
     """
-    _check_arguments(train_samples, shards, eval_scale)
-    manifest = plan_manifest(train_samples, shards, seed, eval_scale)
+    _check_arguments(train_samples, shards, eval_scale, captions)
+    manifest = plan_manifest(train_samples, shards, seed, eval_scale, captions)
     prepare_out_dir(out_dir, manifest)
     write_eval_metadata(out_dir, manifest)
     jobs = plan_jobs(out_dir, manifest)
@@ -473,9 +507,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-samples-scale", type=float, default=1.0,
                         help="multiplies the evaluation set sizes (600 / 720 / 500 images)")
+    parser.add_argument("--captions", default="clean", choices=CAPTION_KINDS,
+                        help="web: training captions with web alt-text noise (WEB_CAPTION_MIX); eval labels stay clean")
     args = parser.parse_args(argv)
     try:
-        generate(args.out, args.train_samples, args.shards, args.seed, args.eval_samples_scale)
+        generate(args.out, args.train_samples, args.shards, args.seed, args.eval_samples_scale, captions=args.captions)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
 

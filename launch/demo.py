@@ -1,11 +1,12 @@
 """The demo, end to end on generated data: data -> teacher -> data_tools.prepare (feature cache -> clusters ->
 balance -> packed shards) -> students -> table.
 
-    python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0] [--views K] [--teachers 2]
+    python -m launch.demo [--out runs/demo] [--ranks 1] [--scale 1.0] [--captions web] [--views K] [--teachers 2]
 
 Every stage is a real command a user would run (the trainer through the ``deepspeed`` launcher), and
 every stage resumes: re-running skips what is finished. ``--scale`` shrinks data and steps (the test
-suite runs the demo at a tiny scale).
+suite runs the demo at a tiny scale). ``--captions web`` trains on the same images with web alt-text noise in the
+training captions (data_tools.make_demo_data); use another ``--out`` for it (``make demo-web``).
 
 ``--views K`` / ``--teachers 2`` then prepare richer offline targets for ``ds_configs/ablations/views.yaml``
 (``make ablate-views``) in ``OUT/targets``: a second teacher (the demo teacher's recipe from another seed),
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ranks", type=int, default=1, help="processes per node (CPU ranks or GPUs)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the demo's data and steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--captions", default="clean", choices=("clean", "web"),
+                        help="web: training captions with web alt-text noise; evaluation labels stay clean")
     parser.add_argument("--views", type=int, default=0, help="also prepare packed shards with K stored views")
     parser.add_argument("--teachers", type=int, default=1, choices=(1, 2), help="2: ... and a second teacher")
     args = parser.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
     data = os.path.join(args.out, "data")
     generate(data, train_samples=max(256, round(40000 * args.scale)), shards=TRAIN_SHARDS, seed=args.seed,
-             eval_scale=min(1.0, max(0.1, args.scale)))
+             eval_scale=min(1.0, max(0.1, args.scale)), captions=args.captions)
     shards = expand_shards(os.path.join(data, "train", "*.tar"))
     timings["data"] = time.time() - t0
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = {label: headline(res["eval"]) for label, res in results.items()}
     baseline = rows["student baseline"]
-    summary = {"table": rows, "eval": {label: res["eval"] for label, res in results.items()},
+    summary = {"captions": args.captions, "table": rows, "eval": {label: res["eval"] for label, res in results.items()},
                "balance": {k: report[k] for k in ("kept_fraction", "removed_fraction", "removed_perceptual",
                                                    "removed_semantic")},
                "beats_baseline": {label: {k: rows[label][k] > baseline[k] for k in baseline}

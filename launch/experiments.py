@@ -43,4 +43,6 @@ def markdown_table(rows: dict[str, dict[str, float]], first_column: str) -> str:
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):  # formatted by the caller (mean ± std)
+        return value
     return f"{value:.3f}" if isinstance(value, float) and abs(value) < 10 else f"{value:.0f}"

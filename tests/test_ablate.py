@@ -5,10 +5,11 @@ import json
 import os
 
 import pytest
+import yaml
 
 from cid_ds.config import load_config
 from cid_ds.io import read_json
-from launch.ablate import main, read_spec
+from launch.ablate import main, read_spec, write_tables
 from tests.helpers import REPO_ROOT, make_data_and_features
 
 
@@ -44,13 +45,41 @@ def test_a_tiny_ablation_gives_a_table_row_per_experiment_and_resumes(dataset, t
     saved = read_json(os.path.join(out, "ablation.json"))
     for name, entry in saved["rows"].items():
         assert "optim.steps=3" in entry["overrides"]
-        assert 0 <= entry["eval"]["shapes"]["top1"] <= 1 and entry["wall_seconds"] > 0
-        assert entry["samples_per_s_steady"] > 0 and entry["samples_per_s_run_average"] > 0
+        [run] = entry["runs"]
+        assert 0 <= run["eval"]["shapes"]["top1"] <= 1 and run["wall_seconds"] > 0
+        assert run["samples_per_s_steady"] > 0 and run["samples_per_s_run_average"] > 0
     online = read_json(os.path.join(out, "clip-kd-mix-online-teacher", "results.json"))
     assert set(online["losses"]) == {"clip", "crd", "fd", "icl", "total"} and online["step"] == 3
 
     again = main([spec, "--out", out, *common])  # finished rows are not trained again
-    assert {k: v["wall_seconds"] for k, v in again.items()} == {k: v["wall_seconds"] for k, v in table.items()}
+    assert again == table
+
+
+def test_seeds_train_every_row_once_per_seed_and_report_mean_and_spread(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = str(tmp_path / "out")
+    table = main(["ds_configs/experiments/demo_baseline.yaml", "--seeds", "2", "--steps", "2", "--out", out,
+                  f"data.train_shards={dataset['shards']}", f"eval.sets=[{dataset['eval'][0]}]", "data.batch_size=16",
+                  "data.shuffle_buffer=20", "logging.every=1"])
+    assert [run["seed"] for run in table["demo_baseline"]["runs"]] == [0, 1]
+    for seed in (0, 1):  # each seed's run in its own folder, trained with that seed
+        with open(os.path.join(out, "demo-baseline", f"seed{seed}", "config.yaml")) as f:
+            assert yaml.safe_load(f)["seed"] == seed
+    assert open(os.path.join(out, "ablation.md")).readline().startswith("| row (mean ± std, 2 seeds) | shapes top-1 |")
+
+
+def test_a_difference_within_the_seed_spread_is_reported_as_such(tmp_path):
+    def row(top1: list[float]) -> dict:
+        return {"runs": [{"seed": s, "eval": {"shapes": {"type": "zeroshot_classification", "top1": v}},
+                          "samples_per_s_steady": 100.0, "samples_per_s_run_average": 90.0, "wall_seconds": 10.0}
+                         for s, v in enumerate(top1)]}
+    markdown = write_tables(str(tmp_path), {"baseline": row([0.50, 0.52, 0.54]), "clear win": row([0.70, 0.71, 0.72]),
+                                            "noise": row([0.51, 0.53, 0.55])})
+    assert "| baseline | 0.520 ± 0.020 |" in markdown and "| clear win | 0.710 ± 0.010 |" in markdown
+    assert "- clear win vs baseline: shapes top-1 +0.190" in markdown
+    assert "- noise vs baseline: no difference beyond the spread (within the seed spread: shapes top-1 +0.010)" \
+        in markdown
 
 
 def test_bad_rows_are_refused_before_anything_trains(dataset, tmp_path, monkeypatch):
@@ -75,6 +104,6 @@ def test_bad_rows_are_refused_before_anything_trains(dataset, tmp_path, monkeypa
 @pytest.mark.parametrize("spec", sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "ablations", "*.yaml"))))
 def test_every_shipped_ablation_row_is_a_valid_experiment(spec, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    rows, _ = read_spec(spec)
+    rows, _, _ = read_spec(spec)
     for row in rows:
         load_config(row.config, row.overrides, check_paths=False)

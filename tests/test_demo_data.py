@@ -211,6 +211,31 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert os.stat(kept).st_mtime_ns == kept_mtime  # finished tars are not rewritten
 
 
+def test_web_captions_keep_the_images_and_eval_labels_and_add_the_stated_noise(data, tmp_path):
+    clean_dir, clean_manifest = data
+    web_dir = str(tmp_path / "web")
+    manifest = demo.generate(web_dir, train_samples=300, shards=4, seed=0, eval_scale=0.5, progress=False,
+                             captions="web")
+    assert manifest["captions"] == "web" and manifest["web_caption_mix"] == demo.WEB_CAPTION_MIX
+    clean, web = all_files(clean_dir), all_files(web_dir)
+    assert {n: b for n, b in web.items() if n.startswith("eval")} == {n: b for n, b in clean.items() if n.startswith("eval")}
+    kinds = []
+    for shard in sorted(glob.glob(os.path.join(web_dir, "train", "*.tar"))):
+        clean_samples = read_tar(os.path.join(clean_dir, "train", os.path.basename(shard)))
+        for key, sample in read_tar(shard).items():
+            assert sample["jpg"] == clean_samples[key]["jpg"]  # the same image
+            meta, text = json.loads(sample["json"]), sample["txt"].decode()
+            kinds.append(meta["caption_kind"])
+            if meta["caption_kind"] == "clean":
+                assert text == clean_samples[key]["txt"].decode()
+            if meta["caption_kind"] == "vague":
+                assert meta["shape"] not in text and meta["colour"] in text
+    share = {kind: kinds.count(kind) / len(kinds) for kind in demo.WEB_CAPTION_MIX}
+    assert all(abs(share[kind] - p) < 0.08 for kind, p in demo.WEB_CAPTION_MIX.items()), share
+    with pytest.raises(ValueError, match="captions"):  # a folder of clean captions is not made web in place
+        demo.generate(clean_dir, train_samples=300, shards=4, seed=0, eval_scale=0.5, progress=False, captions="web")
+
+
 def test_other_parameters_into_the_same_folder_are_refused(tmp_path):
     out = str(tmp_path / "out")
     demo.generate(out, seed=0, progress=False, **SMALL)
