@@ -438,7 +438,10 @@ def must_exist(key: str, path: Optional[str], source: str, kind: str = "file") -
         return
     exists = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
     if not exists:
-        raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}")
+        cwd = os.getcwd()
+        hint = f" (relative paths resolve against the current directory, {cwd})" \
+            if os.path.commonpath([cwd, os.path.abspath(path)]) == cwd else ""
+        raise ConfigError(f"{source}: key '{key}': {kind} not found: {path}{hint}")
 
 
 def _check_paths(cfg: Config, source: str) -> None:

@@ -331,8 +331,8 @@ def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
     save_figure(fig, path)
 
 
-def _check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
-                     max_removed_fraction: float, **positive: int) -> None:
+def check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
+                    max_removed_fraction: float, **positive: int) -> None:
     if (semantic is None) == (target_keep_fraction is None):
         raise ValueError("give exactly one of semantic (a threshold) and target_keep_fraction")
     for name, value in (("perceptual", perceptual), ("semantic", semantic)):
@@ -459,8 +459,8 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
     if semantic is None and target_keep_fraction is None:
         target_keep_fraction = DEFAULT_KEEP_FRACTION
     workers = workers or len(os.sched_getaffinity(0))
-    _check_arguments(perceptual, semantic, target_keep_fraction, max_removed_fraction, workers=workers,
-                     block_size=block_size, part_rows=part_rows, tune_samples=tune_samples)
+    check_arguments(perceptual, semantic, target_keep_fraction, max_removed_fraction, workers=workers,
+                    block_size=block_size, part_rows=part_rows, tune_samples=tune_samples)
     cache, shards, assignments = _open_inputs(features_dir, clusters_dir)
     start = time.time()
     layout = read_layout(assignments, shards)
@@ -560,7 +560,7 @@ def _check_estimate(pool: Optional[Pool], workers: int, by_cluster: str, layout:
         kept = _sample_counter(pool, workers, by_cluster, sample, block_size)(semantic)
         _check_removed(kept, rows, max_removed_fraction, semantic, mode,
                        f"estimated on a seeded sample of {len(sample):,} clusters ({rows:,} samples), before the "
-                       "full pass")
+                       f"full pass; {by_cluster}, the embeddings in cluster order, stays for a re-run here")
 
 
 def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,

@@ -268,15 +268,21 @@ def plot_sizes(sizes: np.ndarray, path: str) -> None:
     save_figure(fig, path)
 
 
-def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, ngpu: int, batch_size: int,
-         verbose: bool) -> tuple[np.ndarray, dict]:
-    """The centroids and the manifest's fit fields."""
+def fit_points(cache: FeatureCache, shards: dict[str, int], params: dict) -> int:
+    """The samples drawn for the fit; a ValueError when they are too few for ``params``' k and parts."""
     k, parts = params["k"], params["parts"]
     total = sum(shards.values())
     n_fit = min(k * params["max_points_per_centroid"], total)
     if n_fit // parts < k:
         raise ValueError(f"feature cache {cache.manifest_path}: {total} samples, {n_fit} drawn for the fit, "
                          f"too few for {parts} part(s) of at least k = {k} points each")
+    return n_fit
+
+
+def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
+         verbose: bool) -> tuple[np.ndarray, dict]:
+    """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields."""
+    k, parts = params["k"], params["parts"]
     start = time.time()
     x = sample_rows(cache, shards, n_fit, params["seed"], teacher_columns(cache, params["teacher_index"]))
     sampled = time.time()
@@ -315,6 +321,7 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
     params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,
               "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
               "nredo": nredo, "init": init, "teacher_index": teacher_index}
+    n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
@@ -328,7 +335,7 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
         manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(features_dir),
                         code_version=cid_ds.__version__, complete=False)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
-        centroids, fit = _fit(cache, shards, params, ngpu, batch_size, verbose)
+        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, batch_size, verbose)
         with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
         manifest.update(fit)

@@ -14,6 +14,14 @@ from cid_ds.io import atomic_path, read_json
 MANIFEST = "manifest.json"
 
 
+class OtherRun(ValueError):
+    """An output folder holds a run of other parameters or inputs."""
+
+    def __init__(self, message: str, out_dir: str):
+        super().__init__(message)
+        self.out_dir = out_dir
+
+
 def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[FeatureCache] = None) -> Optional[dict]:
     """The manifest already in ``out_dir`` (None if there is none), after refusing any field of
     ``identity`` (parameters, inputs) or, given the cache, a teacher that differs from this run's."""
@@ -26,8 +34,8 @@ def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[Feature
     if cache is not None:
         lines += teacher_conflicts(Artifact("earlier run", path, manifest.get("teacher", {})), cache)
     if lines:
-        raise ValueError("\n".join(lines) + f"\nrefusing to mix two {what} in one folder: use another --out "
-                         f"or delete {out_dir}")
+        raise OtherRun("\n".join(lines) + f"\nrefusing to mix two {what} in one folder: use another --out "
+                       f"or delete {out_dir}", out_dir)
     return manifest
 
 

@@ -12,9 +12,10 @@ that accepts what a stage refused, goes on where it stopped. The defaults fit an
 k from the sample count (data_tools.cluster.default_k), a balance threshold tuned to keep CLIP-CID's
 fraction and refused when it would remove more than --max-removed-fraction, and shards enough for
 --ranks x --workers loader readers. At the end: a summary, and OUT/train.yaml, the CLIP-CID recipe
-(ds_configs/experiments/clip_cid.yaml) pointed at the prepared data:
+(ds_configs/experiments/clip_cid.yaml) pointed at the prepared data, with its DeepSpeed JSON copied to
+OUT/deepspeed.json (the folder trains from any checkout or container that sees it):
 
-  deepspeed --num_gpus 8 -m cid_ds.train --config /data/prepared/train.yaml
+  NUM_GPUS=8 launch/single_node.sh /data/prepared/train.yaml
 
 One process extracts on one device. To extract on several GPUs, run data_tools.extract under the
 launcher into OUT/feats first; prepare then finds the cache complete and goes on from there.
@@ -24,17 +25,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 from typing import Optional, Sequence
 
 import yaml
 
-from cid_ds.config import expand_shards, load_config
+from cid_ds.config import Config, expand_shards, load_config
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
 from cid_ds.io import atomic_path, check_writable
-from data_tools.balance import DEFAULT_MAX_REMOVED_FRACTION, balance
+from data_tools.balance import DEFAULT_KEEP_FRACTION, DEFAULT_MAX_REMOVED_FRACTION, TooMuchRemoved, balance
+from data_tools.balance import check_arguments as check_balance_arguments
 from data_tools.cluster import cluster
 from data_tools.extract import Views, extract
+from data_tools.outputs import OtherRun
 from data_tools.pack import pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +46,7 @@ RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
 STAGES = ("feats", "clusters", "balance", "packed")
 EPOCHS = 32  # CLIP-KD's recipe (ViT-L/14 -> ViT-B/16 on CC3M+CC12M: 32 epochs, REFERENCES.md)
 FULL_CLASSIFIER_UP_TO = 100_000  # clusters whose classifier is computed whole; above, MLCD's sampled 0.1
+MIN_CONTRASTIVE_BATCH = 8  # below this a batch holds too few negatives for the contrastive terms to mean much
 
 
 def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
@@ -52,7 +57,14 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             seed: int = 0, random_teacher_ok: bool = False,
             max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
-    ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble)."""
+    ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble). Flags a later
+    stage would refuse are refused before the first starts."""
+    check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
+                            is None else target_keep_fraction, max_removed_fraction)
+    for name, value in (("ranks", ranks), ("workers", workers), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    recipe = load_config(RECIPE, check_paths=False)
     feats, clusters, balanced, packed = (os.path.join(out_dir, stage) for stage in STAGES)
     _stage(1, "extract", feats)
     extracted = extract(shards, teacher, pretrained, feats, batch_size=batch_size, device=device, views=views,
@@ -74,9 +86,9 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         "k": clustering["k"], "k_chosen": k is None,
         "kept": report["kept"], "kept_fraction": report["kept_fraction"], "semantic": report["semantic"],
         "packed_samples": packing["totals"]["samples"], "packed_shards": len(packing["shards"]),
-        "train_yaml": os.path.join(out_dir, "train.yaml"),
+        "train_yaml": os.path.join(out_dir, "train.yaml"), "ranks": ranks,
     }
-    write_train_yaml(summary["train_yaml"], packed, clusters, student, summary, ranks, workers)
+    write_train_yaml(summary["train_yaml"], recipe, packed, clusters, student, summary, ranks, workers)
     return summary
 
 
@@ -84,19 +96,26 @@ def _stage(number: int, name: str, out: str) -> None:
     print(f"\n[prepare {number}/{len(STAGES)}] {name} -> {out}", flush=True)
 
 
-def write_train_yaml(path: str, packed: str, clusters: str, student: str, summary: dict, ranks: int,
+def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, student: str, summary: dict, ranks: int,
                      workers: int) -> None:
     """The CLIP-CID recipe pointed at the prepared data, sized for it: a batch that every loader reader
     (``ranks`` x ``workers``, each reading its own shards) fills at least twice an epoch, ``EPOCHS`` epochs,
-    the recipe's share of warm-up, the whole classifier below ``FULL_CLASSIFIER_UP_TO`` clusters."""
-    recipe = load_config(RECIPE, check_paths=False)
+    the recipe's share of warm-up, the whole classifier below ``FULL_CLASSIFIER_UP_TO`` clusters. The recipe's
+    DeepSpeed JSON is copied beside it, so that the folder trains from any checkout or container."""
     batch = max(1, min(recipe.data.batch_size, summary["packed_samples"] // (2 * ranks * workers)))
+    if batch < MIN_CONTRASTIVE_BATCH:
+        print(f"[prepare] warning: {summary['packed_samples']} packed samples give a batch of {batch} for {ranks} "
+              f"ranks x {workers} workers: a contrastive loss needs more; train on fewer ranks or workers "
+              "(--ranks, --workers) or on more data", flush=True)
+    ds_config = os.path.join(os.path.dirname(os.path.abspath(path)), "deepspeed.json")
+    with atomic_path(ds_config) as tmp:
+        shutil.copyfile(recipe_path("deepspeed_config"), tmp)
     per_step = batch * ranks
     steps = max(1, math.ceil(EPOCHS * summary["packed_samples"] / per_step))
     tree = {
         "name": "prepared",
         "output_dir": os.path.join(os.path.dirname(os.path.abspath(path)), "run"),
-        "deepspeed_config": recipe_path("deepspeed_config"),
+        "deepspeed_config": ds_config,
         "model": {"student": student},
         "data": {"train_shards": os.path.join(os.path.abspath(packed), "*.tar"), "workers": workers,
                  "batch_size": batch, "shuffle_buffer": recipe.data.shuffle_buffer},
@@ -131,7 +150,7 @@ def print_summary(summary: dict) -> None:
           f"{summary['damaged_shards']} damaged shards\n"
           f"[prepare] clusters: k = {summary['k']}{chosen}\n"
           f"[prepare] packed {summary['packed_samples']} samples in {summary['packed_shards']} shards\n"
-          f"[prepare] train with: deepspeed --num_gpus N -m cid_ds.train --config {summary['train_yaml']}")
+          f"[prepare] train with: NUM_GPUS={summary['ranks']} launch/single_node.sh {summary['train_yaml']}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -179,6 +198,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                           ranks=args.ranks, workers=args.workers, samples_per_shard=args.samples_per_shard,
                           device=device, batch_size=args.batch_size, seed=args.seed,
                           random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction)
+    except OtherRun as e:
+        later = STAGES[STAGES.index(os.path.basename(e.out_dir)) + 1:] if os.path.basename(e.out_dir) in STAGES else ()
+        sys.exit(f"prepare: {e}\n(prepare resumes every stage; to redo this one with the new flags, delete "
+                 f"{' and '.join([e.out_dir, *(os.path.join(args.out, s) for s in later)])})")
+    except TooMuchRemoved as e:
+        sys.exit(f"prepare: {e}\n(under prepare, another --target-keep-fraction or --semantic needs "
+                 f"{os.path.join(args.out, 'balance')} deleted first; --max-removed-fraction resumes it)")
     except (ValueError, FileNotFoundError) as e:  # a DataError (damaged shards, ...) is a ValueError
         sys.exit(f"prepare: {e}")
     print_summary(summary)

@@ -47,7 +47,7 @@ else
     env_file="$(mktemp -t deepspeed_env.XXXXXX)"
     export DS_ENV_FILE="$env_file"
     trap 'rm -f "$env_file"' EXIT
-    for own in "$HOME/.deepspeed_env" "$REPO_ROOT/.deepspeed_env"; do
+    for own in "$HOME/.deepspeed_env" "$PWD/.deepspeed_env" "$REPO_ROOT/.deepspeed_env"; do
         [[ ! -f "$own" ]] || grep -v '^[[:space:]]*$' "$own" >> "$env_file" || true
     done
     for name in "${PROPAGATED[@]}"; do

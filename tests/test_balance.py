@@ -335,7 +335,8 @@ def test_a_fixed_threshold_that_would_remove_most_of_the_data_stops_on_the_tunin
         balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1)  # draws 2 of the 4 clusters
     assert str(refused.value) == REFUSED_AT_0_5.format(
         kept=2, samples=100, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
-        scope="estimated on a seeded sample of 2 clusters (100 samples), before the full pass")
+        scope=f"estimated on a seeded sample of 2 clusters (100 samples), before the full pass; {out}/by_cluster.npy, "
+              "the embeddings in cluster order, stays for a re-run here")
     assert not os.path.exists(os.path.join(out, "parts")) or not os.listdir(os.path.join(out, "parts"))
     assert_nothing_complete(out)
 

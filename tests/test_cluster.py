@@ -193,6 +193,7 @@ def test_bad_input_is_named(cache_dir, tmp_path, capsys):
         cluster(unfinished, CLUSTERS, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="3000 samples, 3000 drawn for the fit, too few for 1 part.* k = 5000"):
         cluster(cache_dir, 5000, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")  # nothing written: the corrected k is not refused as another run
     with pytest.raises(SystemExit, match=f"cluster: feature cache {tmp_path}/none: no manifest.json"):
         main(["--features", str(tmp_path / "none"), "--k", "4", "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match=f"cluster assignments {tmp_path}: no manifest.json"):

@@ -10,7 +10,7 @@ FLOORS = ("cid_ds", "data_tools", "launch", "bench")  # each may import those be
 
 def module_imports() -> dict[str, set[str]]:
     """Every module of the four packages, with the modules of the four it imports anywhere in its file."""
-    files = {}
+    files, packages = {}, set()
     for package in FLOORS:
         for folder, _, names in os.walk(os.path.join(REPO_ROOT, package)):
             for name in names:
@@ -18,6 +18,8 @@ def module_imports() -> dict[str, set[str]]:
                     path = os.path.join(folder, name)
                     module = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
                     files[module] = path
+                    if name == "__init__.py":
+                        packages.add(module)
     graph = {}
     for module, path in files.items():
         with open(path) as f:
@@ -26,8 +28,12 @@ def module_imports() -> dict[str, set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 named |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                named |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                # a relative import counts from the module's package (a package's __init__ is its own)
+                package = module.split(".") if module in packages else module.split(".")[:-1]
+                base = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+                source = ".".join(part for part in (base, node.module or "") if part)
+                named |= {source} | {f"{source}.{alias.name}" for alias in node.names}
         graph[module] = {name for name in named if name in files and name != module}
     return graph
 

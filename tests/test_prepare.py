@@ -64,7 +64,8 @@ def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
     config = yaml.safe_load((out / "train.yaml").read_text())
     assert config["data"]["train_shards"] == str(out / "packed" / "*.tar")
     assert config["cluster"]["dir"] == str(out / "clusters") and config["model"]["student"] == "demo-student"
-    assert f"--config {out / 'train.yaml'}" in printed
+    assert config["deepspeed_config"] == str(out / "deepspeed.json") and (out / "deepspeed.json").is_file()
+    assert f"NUM_GPUS=1 launch/single_node.sh {out / 'train.yaml'}" in printed
 
     run = subprocess.run([sys.executable, "-m", "cid_ds.train", "--config", str(out / "train.yaml"),
                           "optim.steps=2", "checkpoint.every=2", "logging.every=1"],
@@ -82,7 +83,22 @@ def test_a_balance_that_would_remove_most_of_the_data_stops_prepare_with_the_num
         main(prepare_args(own_data, out, "--semantic", "0.5"))
     message = str(stop.value)
     assert message.startswith("prepare: ") and "--max-removed-fraction" in message and "%" in message
+    assert f"needs {out / 'balance'} deleted first" in message  # how to change the balance's flags under prepare
     assert not (out / "packed").exists() and not (out / "train.yaml").exists()
+
+
+def test_flags_a_later_stage_refuses_stop_prepare_before_work_or_name_what_to_delete(own_data, prepared, tmp_path):
+    from data_tools.prepare import main
+    never = tmp_path / "never"
+    for flags, message in ((["--workers", "0"], "--workers must be >= 1"),
+                           (["--target-keep-fraction", "0.3"], "would remove 70.0% of the samples")):
+        with pytest.raises(SystemExit, match=message):
+            main(prepare_args(own_data, never, *flags))
+        assert not (never / "feats").exists()  # refused before the first stage
+    out = prepared[0]
+    with pytest.raises(SystemExit) as stop:  # another k into a prepared folder: its clustering is kept, not mixed
+        main(prepare_args(own_data, out, "--k", "20"))
+    assert f"delete {out / 'clusters'} and {out / 'balance'} and {out / 'packed'})" in str(stop.value)
 
 
 def test_the_stages_are_commands_too():
