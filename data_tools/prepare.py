@@ -150,7 +150,8 @@ def print_summary(summary: dict) -> None:
           f"{summary['damaged_shards']} damaged shards\n"
           f"[prepare] clusters: k = {summary['k']}{chosen}\n"
           f"[prepare] packed {summary['packed_samples']} samples in {summary['packed_shards']} shards\n"
-          f"[prepare] train with: NUM_GPUS={summary['ranks']} launch/single_node.sh {summary['train_yaml']}")
+          f"[prepare] train with: NUM_GPUS={summary['ranks']} {os.path.join(REPO, 'launch', 'single_node.sh')} "
+          f"{os.path.abspath(summary['train_yaml'])}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -65,7 +65,7 @@ def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
     assert config["data"]["train_shards"] == str(out / "packed" / "*.tar")
     assert config["cluster"]["dir"] == str(out / "clusters") and config["model"]["student"] == "demo-student"
     assert config["deepspeed_config"] == str(out / "deepspeed.json") and (out / "deepspeed.json").is_file()
-    assert f"NUM_GPUS=1 launch/single_node.sh {out / 'train.yaml'}" in printed
+    assert f"NUM_GPUS=1 {REPO_ROOT}/launch/single_node.sh {out / 'train.yaml'}" in printed
 
     run = subprocess.run([sys.executable, "-m", "cid_ds.train", "--config", str(out / "train.yaml"),
                           "optim.steps=2", "checkpoint.every=2", "logging.every=1"],
