@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import yaml
 
 from cid_ds.config import load_config
 from cid_ds.io import read_json
@@ -53,20 +52,6 @@ def test_a_tiny_ablation_gives_a_table_row_per_experiment_and_resumes(dataset, t
 
     again = main([spec, "--out", out, *common])  # finished rows are not trained again
     assert again == table
-
-
-def test_seeds_train_every_row_once_per_seed_and_report_mean_and_spread(dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    out = str(tmp_path / "out")
-    table = main(["ds_configs/experiments/demo_baseline.yaml", "--seeds", "2", "--steps", "2", "--out", out,
-                  f"data.train_shards={dataset['shards']}", f"eval.sets=[{dataset['eval'][0]}]", "data.batch_size=16",
-                  "data.shuffle_buffer=20", "logging.every=1"])
-    assert [run["seed"] for run in table["demo_baseline"]["runs"]] == [0, 1]
-    for seed in (0, 1):  # each seed's run in its own folder, trained with that seed
-        with open(os.path.join(out, "demo-baseline", f"seed{seed}", "config.yaml")) as f:
-            assert yaml.safe_load(f)["seed"] == seed
-    assert open(os.path.join(out, "ablation.md")).readline().startswith("| row (mean ± std, 2 seeds) | shapes top-1 |")
 
 
 def test_a_difference_within_the_seed_spread_is_reported_as_such(tmp_path):

@@ -24,7 +24,7 @@ def own_data(tmp_path_factory):
     from cid_ds.models import create_model
     from data_tools.make_demo_data import generate
     root = tmp_path_factory.mktemp("own")
-    generate(str(root / "data"), train_samples=480, shards=4, seed=3, eval_scale=0.1)
+    generate(str(root / "data"), train_samples=320, shards=4, seed=3, eval_scale=0.1)
     torch.manual_seed(7)
     weights = root / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in create_model("demo-teacher")[0].state_dict().items()}, str(weights))
@@ -106,6 +106,3 @@ def test_the_stages_are_commands_too():
     commands = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("cid-ds-")}
     assert commands == {f"cid-ds-{stage}": f"data_tools.{stage}:main"
                         for stage in ("prepare", "extract", "cluster", "balance", "pack")}
-    usage = subprocess.run([os.path.join(os.path.dirname(sys.executable), "cid-ds-prepare"), "--help"],
-                           capture_output=True, text=True)
-    assert usage.returncode == 0 and "python -m data_tools.prepare" in usage.stdout
