@@ -5,8 +5,10 @@ balance -> packed shards) -> students -> table.
 
 Every stage is a real command a user would run (the trainer through the ``deepspeed`` launcher), and
 every stage resumes: re-running skips what is finished. ``--scale`` shrinks data and steps (the test
-suite runs the demo at a tiny scale). ``--captions web`` trains on the same images with web alt-text noise in the
-training captions (data_tools.make_demo_data); use another ``--out`` for it (``make demo-web``).
+suite runs the demo at a tiny scale). ``--captions web`` trains the students on the same images with web alt-text noise in
+their captions (data_tools.make_demo_data), and the teacher on clean captions (OUT/teacher_data): it stands
+for a large teacher trained on better data than the students' web captions, as a LAION-400M ViT-L/14 is.
+Use another ``--out`` for it (``make demo-web``).
 
 ``--views K`` / ``--teachers 2`` then prepare richer offline targets for ``ds_configs/ablations/views.yaml``
 (``make ablate-views``) in ``OUT/targets``: a second teacher (the demo teacher's recipe from another seed),
@@ -101,14 +103,19 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     timings = {}
     data = os.path.join(args.out, "data")
-    generate(data, train_samples=max(256, round(40000 * args.scale)), shards=TRAIN_SHARDS, seed=args.seed,
-             eval_scale=min(1.0, max(0.1, args.scale)), captions=args.captions)
+    sizes = dict(train_samples=max(256, round(40000 * args.scale)), shards=TRAIN_SHARDS, seed=args.seed,
+                 eval_scale=min(1.0, max(0.1, args.scale)))
+    generate(data, captions=args.captions, **sizes)
     shards = expand_shards(os.path.join(data, "train", "*.tar"))
+    teacher_data = []
+    if args.captions != "clean":  # the teacher stands for one trained on better data than the students' captions
+        generate(os.path.join(args.out, "teacher_data"), **sizes)
+        teacher_data = [f"data.train_shards={os.path.abspath(os.path.join(args.out, 'teacher_data', 'train', '*.tar'))}"]
     timings["data"] = time.time() - t0
 
     results = {}
     t = time.time()
-    results["teacher"] = train("demo_teacher", args.out, args.ranks, args.scale, [f"seed={args.seed}"])
+    results["teacher"] = train("demo_teacher", args.out, args.ranks, args.scale, [f"seed={args.seed}", *teacher_data])
     timings["teacher"] = time.time() - t
 
     t = time.time()
