@@ -22,8 +22,8 @@ demo: setup
 demo-web: setup
 	$(PY) -m launch.demo --captions web --out runs/demo_web
 
-# no teacher, instance-only, the CLIP-KD mix and the CLIP-CID mix, 3 seeds each, on clean and on web captions
-# (mean ± std; ~2 h on 2 cores after both demos; the eval sets of both are the same images and labels)
+# no teacher, instance-only, the CLIP-KD mix, the CLIP-CID mix and CID + FD, 3 seeds each, on clean and on web captions
+# (mean ± std; ~45 min on 2 cores after both demos; the eval sets of both are the same images and labels)
 ablate-captions: demo demo-web
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo/ablate_captions
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo_web/ablate_captions \
