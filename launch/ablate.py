@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -128,9 +129,7 @@ def row_numbers(entry: dict) -> dict[str, list[float]]:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """The mean and the sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
-    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, spread
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def compare_with_first(numbers: dict[str, dict[str, list[float]]]) -> list[str]:
