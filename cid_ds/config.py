@@ -93,6 +93,10 @@ class KDConfig:
 class ClusterConfig:
     dir: Optional[str] = None     # data_tools.cluster output: centroids.npy + per-shard assignments
     soft: bool = False            # KL to the teacher's softmax over the centroids instead of a hard label
+    positives: int = 1            # > 1: MLCD's multi-label loss over each sample's l nearest centroids (cluster --topk >= l)
+    text_weight: float = 0.0      # > 0: the student's text embedding is classified into its image's cluster too,
+                                  # its rows weighing this much against the image rows in the term's mean
+    warmup_steps: int = 0         # the term's weight rises linearly from 0 over these steps
     margin: str = "arcface"       # arcface | cosface | none (hard labels)
     margin_value: float = 0.3
     scale: float = 32.0
@@ -215,6 +219,9 @@ RANGES = {
     "cluster.soft_temperature": POSITIVE,
     "cluster.sample_rate": FRACTION,
     "cluster.lr_mult": NON_NEGATIVE,
+    "cluster.positives": POSITIVE,
+    "cluster.text_weight": NON_NEGATIVE,
+    "cluster.warmup_steps": NON_NEGATIVE,
     "optim.lr": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.betas": BETA,
@@ -477,6 +484,9 @@ def _check_paths(cfg: Config, source: str) -> None:
     if cfg.loss.cluster > 0:
         if cfg.cluster.dir is None:
             raise ConfigError(f"{source}: key 'loss.cluster' > 0 needs 'cluster.dir' (python -m data_tools.cluster)")
+        if cfg.cluster.soft and cfg.cluster.positives > 1:
+            raise ConfigError(f"{source}: key 'cluster.positives' > 1 is the hard-label multi-label loss; "
+                              "cluster.soft already scores every centroid: set one of them")
     if cfg.checkpoint.resume not in RESUME_KEYWORDS:
         must_exist("checkpoint.resume", cfg.checkpoint.resume, source, "dir")
 

@@ -10,9 +10,13 @@ from cid_ds.config import TEACHER_TERMS, Config
 from cid_ds.data.batch import Batch
 from cid_ds.losses.ensemble import TeacherTargets, split_blocks
 
-def loss_weights(cfg: Config) -> dict[str, float]:
-    """The terms to compute: every ``loss.*`` weight > 0."""
-    return {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
+def loss_weights(cfg: Config, step: Optional[int] = None) -> dict[str, float]:
+    """The terms to compute: every ``loss.*`` weight > 0; at ``step``, the cluster term's weight rises
+    linearly over ``cluster.warmup_steps``."""
+    weights = {name: weight for name, weight in dataclasses.asdict(cfg.loss).items() if weight > 0}
+    if step is not None and "cluster" in weights and cfg.cluster.warmup_steps:
+        weights["cluster"] *= min(1.0, (step + 1) / cfg.cluster.warmup_steps)
+    return weights
 
 
 def compute_losses(cfg: Config, out: dict, batch: Batch, cluster_term, step: int,
@@ -43,7 +47,9 @@ def compute_losses(cfg: Config, out: dict, batch: Batch, cluster_term, step: int
     if cluster_term is not None:
         targets = targets or TeacherTargets.single(f["image_in_teacher"].shape[-1])
         student, rows = targets.cluster_view(f["image_in_teacher"], batch.get("t_img"), cluster_term.teacher_index)
-        result = cluster_term(student, batch | {"t_img": rows}, step)
+        text = targets.cluster_view(f["text_in_teacher"], None, cluster_term.teacher_index)[0] \
+            if cfg.cluster.text_weight > 0 else None
+        result = cluster_term(student, batch | {"t_img": rows}, step, text)
         losses["cluster"] = result["loss"]
         metrics = {"cluster/accuracy": result["accuracy"], "cluster/sampled_fraction": result["sampled_fraction"]}
     return losses, metrics

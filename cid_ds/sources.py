@@ -114,6 +114,7 @@ def check_sources(cfg: Config, source: str) -> None:
         must_exist("cluster.dir", os.path.join(cfg.cluster.dir, CENTROIDS), source)
         if cfg.cluster.soft and no_teacher_embeddings:
             raise ConfigError(f"{source}: key 'cluster.soft' needs 'data.features' (teacher embeddings)")
+        check_stored_positives(cfg, source)
 
 
 def open_sources(cfg: Config, clip_model: nn.Module) -> Sources:
@@ -183,6 +184,24 @@ def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int
     if cfg.data.replay_views > stored:
         raise ConfigError(f"data.replay_views is {cfg.data.replay_views} but {source} stores {stored} views per sample")
     return cfg.data.replay_views or stored
+
+
+def check_stored_positives(cfg: Config, source: str) -> None:
+    """``cluster.positives`` nearest centroids are stored per sample: in the packed shards when they carry
+    cluster ids (those are the ones read), else in ``cluster.dir``."""
+    from cid_ds.data.clusters import MANIFEST as CLUSTER_MANIFEST
+    from cid_ds.data.packed import packed_manifest_path
+    packed = packed_manifest_path(expand_shards(cfg.data.train_shards))
+    where = packed if packed is not None and read_json(packed).get("topk") else \
+        os.path.join(cfg.cluster.dir, CLUSTER_MANIFEST)
+    if not os.path.isfile(where):
+        return  # open_clusters names what is missing
+    stored = int(read_json(where).get("topk", 1))
+    if cfg.cluster.positives > stored:
+        redo = " (and data_tools.pack with it)" if where == packed else ""
+        raise ConfigError(f"{source}: key 'cluster.positives' is {cfg.cluster.positives}, but {where} stores the "
+                          f"{stored} nearest centroid(s) of each sample: re-run data_tools.cluster with --topk "
+                          f"{cfg.cluster.positives}{redo}")
 
 
 def open_clusters(cfg: Config, packed: Optional[PackedShards]) -> ClusterAssignments:

@@ -194,7 +194,6 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
                       shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
                       teacher_tokenizer=online_teacher.tokenizer if online_teacher is not None else None)
     data = batches(cfg, spec, position, sources.clusters_to_join)
-    weights = loss_weights(cfg)
     window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
     damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
     train_start, first_step = time.perf_counter(), step
@@ -214,6 +213,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
         out = engine(batch["image"], batch["tokens"], *fusion_inputs)
         losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
+        weights = loss_weights(cfg, step)
         total = sum(weights[k] * v for k, v in losses.items())
         if not all_finite(total):
             nonfinite_in_a_row += 1

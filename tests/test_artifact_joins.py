@@ -163,3 +163,17 @@ def test_the_loader_refuses_a_side_cache_of_another_teacher_or_over_the_source_s
                                           rf"source shards \(e.g. .*/src/00000.tar\) that the packed shards of "
                                           rf"{manifest(made['packed'])} were made from"):
         loader(made, made["a"]["feats"])
+
+
+def test_more_positives_than_stored_nearest_centroids_are_refused_before_any_work(made):
+    from cid_ds.sources import check_sources
+    packed = [f"data.train_shards={made['packed']}/*.tar", f"cluster.dir={made['a']['clusters']}"]
+    joined = [f"data.train_shards={made['root']}/src/*.tar", f"data.features={made['a']['feats']}",
+              f"cluster.dir={made['a']['clusters']}"]
+    for overrides, where in ((packed, made["packed"]), (joined, made["a"]["clusters"])):
+        cfg = load_config(os.path.join(REPO_ROOT, "ds_configs/experiments/demo_cid.yaml"),
+                          overrides + ["cluster.positives=2"])
+        with pytest.raises(ConfigError, match=f"'cluster.positives' is 2, but {where}/manifest.json stores the 1 "
+                                              "nearest centroid.* --topk 2"):
+            check_sources(cfg, "demo_cid.yaml")
+        check_sources(load_config(os.path.join(REPO_ROOT, "ds_configs/experiments/demo_cid.yaml"), overrides), "x")

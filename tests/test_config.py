@@ -65,6 +65,12 @@ def test_missing_files_are_named_before_any_work(setup, tmp_path):
         load_config(setup("eval:\n  sets: [/no/such/set]\n"))
 
 
+def test_multi_label_positives_and_soft_labels_are_not_combined(setup):
+    with pytest.raises(ConfigError, match=r"exp\.yaml: key 'cluster\.positives' > 1 is the hard-label multi-label "
+                                          r"loss; cluster\.soft already scores every centroid"):
+        load_config(setup("loss:\n  cluster: 0.1\ncluster:\n  dir: c\n  soft: true\n  positives: 8\n"))
+
+
 def test_instance_distillation_needs_a_feature_cache(setup):
     with pytest.raises(ConfigError, match=r"'loss\.instance' > 0 needs 'data\.features'"):
         load_checked(setup("loss:\n  instance: 1.0\n"))
@@ -144,7 +150,7 @@ def test_the_shipped_experiment_yamls_have_only_known_keys():
     ("logging.every", 0, "> 0"), ("optim.steps", -1, "> 0"), ("optim.lr", -1e-3, "> 0"), ("optim.lr", 0, "> 0"),
     ("optim.warmup_steps", -5, ">= 0"), ("optim.betas", [0.9, 1.0], r"in \[0, 1\)"), ("loss.fd", -1, ">= 0"),
     ("cluster.sample_rate", 1.5, r"in \(0, 1\]"), ("kd.mask_ratio", 0, r"in \(0, 1\)"),
-    ("kd.teacher_weights", [1, -1], ">= 0"),
+    ("kd.teacher_weights", [1, -1], ">= 0"), ("cluster.positives", 0, "> 0"), ("cluster.text_weight", -1, ">= 0"),
 ])
 def test_a_value_that_cannot_work_is_refused_naming_key_and_file(setup, key, value, rule):
     section, name = key.split(".")

@@ -1,6 +1,7 @@
-"""The sharded centroid classifier: 2 ranks (real torch.distributed, gloo) give the same loss and the
-same gradients as 1 rank holding the full matrix, for every margin, with and without class sampling,
-hard and soft labels; shards checkpoint per rank and re-shard onto another world size."""
+"""The sharded centroid classifier: on one rank each loss equals a hand-written reference; 2 ranks (real
+torch.distributed, gloo) give the same loss and the same gradients as 1 rank holding the full matrix, for
+every margin, with and without class sampling, hard, multi-label and soft labels, with row weights; shards
+checkpoint per rank and re-shard onto another world size."""
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier, shard_range
 from tests.helpers import free_port
 
-C, D, B, W = 11, 8, 3, 2  # C % W != 0: rank 0 owns one row more
+C, D, B, W, L = 11, 8, 3, 2, 3  # C % W != 0: rank 0 owns one row more; L positives per row (multi-label)
 
 
 def inputs():
@@ -20,19 +21,22 @@ def inputs():
     centroids = torch.randn(C, D, generator=g)
     embeddings = torch.randn(W * B, D, generator=g)
     teacher = torch.randn(W * B, D, generator=g)
-    labels = torch.randint(0, C, (W * B,), generator=g)
-    return centroids, embeddings, teacher, labels
+    labels = torch.stack([torch.randperm(C, generator=g)[:L] for _ in range(W * B)])  # distinct, like top-k ids
+    weights = torch.rand(W * B, generator=g) + 0.5
+    return centroids, embeddings, teacher, labels, weights
 
 
 def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(None)):
-    centroids, embeddings, teacher, labels = inputs()
+    centroids, embeddings, teacher, labels, weights = inputs()
     clf = ShardedCentroidClassifier(centroids, margin=margin, scale=16.0, margin_value=0.3, sample_rate=rate,
                                     soft=kind == "soft", seed=3, rank=rank, world_size=world_size)
     local = embeddings[rows].clone().requires_grad_()
     if kind == "hard":
-        out = clf(local, labels[rows], step=7)
+        out = clf(local, labels[rows, 0], step=7, weights=weights[rows])
+    elif kind == "multi":
+        out = clf(local, labels[rows], step=7, weights=weights[rows])
     else:
-        out = clf.soft_forward(local, teacher[rows], labels[rows], step=7, temperature=0.5)
+        out = clf.soft_forward(local, teacher[rows], labels[rows], step=7, temperature=0.5, weights=weights[rows])
     out["loss"].backward()
     index, row_grad = clf.sampled_grad()
     weight_grad = torch.zeros_like(clf.weight).index_put((index,), row_grad)
@@ -40,7 +44,7 @@ def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(No
             "emb_grad": local.grad, "weight_grad": weight_grad, "sampled": index + clf.start}
 
 
-CASES = [(kind, margin, rate) for kind in ("hard",) for margin in ("arcface", "cosface", "none")
+CASES = [(kind, margin, rate) for kind in ("hard", "multi") for margin in ("arcface", "cosface", "none")
          for rate in (1.0, 0.5)] + [("soft", "none", 1.0), ("soft", "none", 0.5)]
 
 
@@ -75,6 +79,45 @@ def test_two_ranks_match_one_rank_with_the_full_matrix(two_rank_results, case):
         torch.testing.assert_close(part["weight_grad"], full["weight_grad"][start:start + count])
     sampled = torch.cat([two_rank_results[r][case]["sampled"] for r in range(W)])
     assert torch.equal(sampled, full["sampled"])  # the same classes whatever the sharding
+
+
+def reference_logits(centroids, embeddings, labels, margin, scale, margin_value):
+    """Scaled cosines to every class, the margin on each row's labels: written out row by row."""
+    cosine = F.normalize(embeddings, dim=-1) @ F.normalize(centroids, dim=-1).T
+    logits = cosine.clone()
+    for row, positives in enumerate(labels.tolist()):
+        for c in positives:
+            if margin == "arcface":
+                logits[row, c] = torch.cos(torch.acos(cosine[row, c]) + margin_value)
+            elif margin == "cosface":
+                logits[row, c] = cosine[row, c] - margin_value
+    return logits * scale
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface", "none"])
+def test_one_rank_losses_equal_their_written_out_definitions(margin):
+    centroids, embeddings, teacher, labels, weights = inputs()
+    clf = ShardedCentroidClassifier(centroids, margin=margin, scale=16.0, margin_value=0.3, soft=True,
+                                    rank=0, world_size=1)
+    # hard labels: the margin softmax's cross-entropy, weighted mean over rows
+    logits = reference_logits(centroids, embeddings, labels[:, :1], margin, 16.0, 0.3)
+    ce = F.cross_entropy(logits, labels[:, 0], reduction="none")
+    torch.testing.assert_close(clf(embeddings, labels[:, 0], weights=weights)["loss"],
+                               (ce * weights).sum() / weights.sum())
+    # multi-label (MLCD): log(1 + sum over positives e^-s) + log(1 + sum over negatives e^s)
+    logits = reference_logits(centroids, embeddings, labels, margin, 16.0, 0.3)
+    rows = []
+    for row, positives in enumerate(labels.tolist()):
+        negatives = [c for c in range(C) if c not in positives]
+        rows.append(torch.log(1 + torch.exp(-logits[row, positives]).sum())
+                    + torch.log(1 + torch.exp(logits[row, negatives]).sum()))
+    torch.testing.assert_close(clf(embeddings, labels, weights=weights)["loss"],
+                               (torch.stack(rows) * weights).sum() / weights.sum())
+    # soft labels: KL from the teacher's softmax over the fixed centroids, no margin
+    cos = lambda x: F.normalize(x, dim=-1) @ F.normalize(centroids, dim=-1).T  # noqa: E731
+    kl = F.kl_div(F.log_softmax(cos(embeddings) * 8.0, 1), F.log_softmax(cos(teacher) * 8.0, 1),
+                  log_target=True, reduction="none").sum(1)
+    torch.testing.assert_close(clf.soft_forward(embeddings, teacher, labels, temperature=2.0)["loss"], kl.mean())
 
 
 def test_sampling_keeps_every_positive_class_of_the_global_batch():
@@ -145,9 +188,9 @@ def test_bad_options_are_refused():
 def save_worker(rank, port, directory):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=W)
-    centroids, embeddings, _, labels = inputs()
+    centroids, embeddings, _, labels, _ = inputs()
     clf = ShardedCentroidClassifier(centroids, sample_rate=1.0)
-    clf(embeddings[rank * B:(rank + 1) * B], labels[rank * B:(rank + 1) * B])["loss"].backward()
+    clf(embeddings[rank * B:(rank + 1) * B], labels[rank * B:(rank + 1) * B, 0])["loss"].backward()
     clf.update(lr=0.1)
     clf.save(directory)
     dist.destroy_process_group()
@@ -159,7 +202,7 @@ def test_shards_checkpoint_per_rank_and_reshard_onto_one_rank(tmp_path):
     assert [s["weight"].shape[0] for s in saved] == [6, 5]
     assert not torch.allclose(saved[0]["weight"], F.normalize(inputs()[0][:6], dim=-1))  # it trained
 
-    centroids, embeddings, _, labels = inputs()
+    centroids, embeddings, _, labels, _ = inputs()
     one = ShardedCentroidClassifier(centroids, rank=0, world_size=1)
     one.load(str(tmp_path))
     for name in ("weight", "exp_avg", "exp_avg_sq"):

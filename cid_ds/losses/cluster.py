@@ -54,13 +54,22 @@ class ClusterDiscrimination:
     def dim(self) -> int:
         return self.classifier.dim
 
-    def __call__(self, student_image: torch.Tensor, batch: dict, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, student_image: torch.Tensor, batch: dict, step: int,
+                 student_text: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The term on the student's image embeddings; with ``cluster.text_weight`` > 0, on its text embeddings
+        (``student_text``) too, each labelled with its image's cluster, in the same classifier step."""
         labels = batch["cluster"]
-        labels = labels[:, 0] if labels.ndim == 2 else labels  # top-1 of stored top-k ids
+        labels = (labels if labels.ndim == 2 else labels[:, None])[:, :self.cfg.positives]
+        embeddings, teacher, weights = student_image, batch.get("t_img"), None
+        if self.cfg.text_weight > 0:
+            embeddings, labels = torch.cat([student_image, student_text]), torch.cat([labels, labels])
+            teacher = None if teacher is None else torch.cat([teacher, teacher])
+            weights = torch.cat([torch.ones(len(student_image), device=student_image.device),
+                                 torch.full((len(student_text),), self.cfg.text_weight, device=student_image.device)])
         if self.cfg.soft:
-            return self.classifier.soft_forward(student_image, batch["t_img"], labels, step,
-                                                temperature=self.cfg.soft_temperature)
-        return self.classifier(student_image, labels, step)
+            return self.classifier.soft_forward(embeddings, teacher, labels, step,
+                                                temperature=self.cfg.soft_temperature, weights=weights)
+        return self.classifier(embeddings, labels, step, weights=weights)
 
     def step(self, step: int) -> None:
         """Apply this step's gradient to this rank's sampled rows, at the schedule's lr for ``step``."""

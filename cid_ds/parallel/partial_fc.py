@@ -127,7 +127,8 @@ class ShardedCentroidClassifier(nn.Module):
         self._sampled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def sample(self, global_labels: torch.Tensor, step: int) -> torch.Tensor:
-        """Sorted local row indices to score this step (all of them at sample_rate 1)."""
+        """Sorted local row indices to score this step (all of them at sample_rate 1); ``global_labels`` of
+        any shape, each one kept."""
         device = self.weight.device
         if self.sample_rate >= 1:
             return torch.arange(self.num_local, device=device)
@@ -137,6 +138,7 @@ class ShardedCentroidClassifier(nn.Module):
         keep = torch.rand(self.num_classes, generator=generator, device=device)[self.start:self.start + self.num_local]
         # every positive class this rank owns is kept; counted with index_add (labels repeat), not selected
         # with a boolean mask, whose size the host would have to wait for
+        global_labels = global_labels.reshape(-1)
         owned = (global_labels >= self.start) & (global_labels < self.start + self.num_local)
         at = (global_labels - self.start).clamp(0, self.num_local - 1)
         keep = (keep < self.sample_rate).to(torch.uint8).index_add_(0, at, owned.to(torch.uint8)) > 0
@@ -168,59 +170,91 @@ class ShardedCentroidClassifier(nn.Module):
         self.weight[index] -= lr * m_hat / (v_hat.sqrt() + eps)
         self._sampled = None
 
-    def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor):
+    def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None):
         scaled = _ScaleGrad.apply(embeddings, float(self.world_size)) if self.world_size > 1 else embeddings
-        return F.normalize(all_gather_with_grad(scaled), dim=-1), all_gather_no_grad(labels)
+        weights = torch.ones(len(labels), device=embeddings.device) if weights is None else weights.float()
+        return F.normalize(all_gather_with_grad(scaled), dim=-1), all_gather_no_grad(labels), all_gather_no_grad(weights)
 
     def _local_targets(self, global_labels: torch.Tensor, index: torch.Tensor):
-        """Column of each row's label among the sampled local rows, -1 where another rank owns it."""
+        """Column of each label ([N, l]) among the sampled local rows, -1 where another rank owns it."""
         if len(index) == 0:
             return torch.full_like(global_labels, -1)
         global_index = index + self.start
-        pos = torch.searchsorted(global_index, global_labels).clamp(max=len(index) - 1)
+        pos = torch.searchsorted(global_index, global_labels.contiguous()).clamp(max=len(index) - 1)
         return torch.where(global_index[pos] == global_labels, pos, torch.full_like(pos, -1))
 
-    def _with_margin(self, cosine: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
-        """The margin on each row's target column where this rank owns it; computed for every row and kept
-        by mask, so that the host never waits for which rows those are."""
+    def _with_margin(self, cosine: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
+        """The margin on each row's target columns where this rank owns them (``target_cols`` [N, l]); computed
+        for every row and added as a delta (zero where not owned), so that the host never waits for which
+        rows those are and a clamped placeholder column is never overwritten."""
         if self.margin == "none" or cosine.shape[1] == 0:
             return cosine * self.scale
-        cols = target_col.clamp(min=0)[:, None]
-        target = cosine.gather(1, cols)[:, 0]
+        cols = target_cols.clamp(min=0)
+        target = cosine.gather(1, cols)
         if self.margin == "arcface":
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
             adjusted = torch.cos((theta + self.margin_value).clamp(max=math.pi))
         else:
             adjusted = target - self.margin_value
-        cosine = cosine.scatter(1, cols, torch.where(target_col >= 0, adjusted, target)[:, None])
-        return cosine * self.scale
+        delta = torch.where(target_cols >= 0, adjusted - target, torch.zeros_like(target))
+        return cosine.scatter_add(1, cols, delta) * self.scale
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
-        """Hard-label margin softmax. ``embeddings`` [B,D] local rows, ``labels`` [B] global class ids.
-        Returns the loss (same value on every rank), batch top-1 accuracy and the sampled fraction."""
-        all_embeddings, all_labels = self._gather(embeddings, labels)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0,
+                weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``embeddings`` [B,D] local rows; ``labels`` [B] global class ids (margin softmax) or [B, l] with
+        l > 1 (MLCD's multi-label loss: each row's l nearest centroids are all positives); ``weights`` [B]:
+        each row's weight in the mean (default 1). Returns the loss (same value on every rank), the top-1
+        accuracy against each row's first label (weighted like the loss) and the sampled fraction."""
+        labels = labels[:, None] if labels.ndim == 1 else labels
+        all_embeddings, all_labels, all_weights = self._gather(embeddings, labels, weights)
         index, rows = self._sampled_rows(all_labels, step)
         cosine = all_embeddings @ F.normalize(rows, dim=-1).T
-        target_col = self._local_targets(all_labels, index)
-        logits = self._with_margin(cosine, target_col)
+        target_cols = self._local_targets(all_labels, index)
+        logits = self._with_margin(cosine, target_cols)
+        row_loss = self._multi_label_loss(logits, target_cols) if all_labels.shape[1] > 1 \
+            else self._softmax_loss(logits, target_cols[:, 0])
+        return {"loss": (row_loss * all_weights).sum() / all_weights.sum(),
+                "accuracy": self._accuracy(cosine, index, all_labels[:, 0], all_weights),
+                "sampled_fraction": self._sampled_fraction(index)}
+
+    def _softmax_loss(self, logits: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+        """Per row: -log softmax of its target column over every rank's sampled columns."""
         log_probs = dist_log_softmax(logits)
         if log_probs.shape[1] == 0:  # no class of this rank sampled
-            target_log_prob = torch.zeros(len(all_labels), device=logits.device, dtype=log_probs.dtype)
+            target_log_prob = torch.zeros(len(logits), device=logits.device, dtype=log_probs.dtype)
         else:
             picked = log_probs.gather(1, target_col.clamp(min=0)[:, None])[:, 0]
             target_log_prob = torch.where(target_col >= 0, picked, torch.zeros_like(picked))
-        # Every rank computes the same mean; each rank's target part only counts once: the all-reduce
+        # Every rank computes the same rows; each rank's target part only counts once: the all-reduce
         # of the parts is linear and its gradient goes to the owner's copy.
-        loss = -sum_over_ranks(target_log_prob).mean()
-        return {"loss": loss, "accuracy": self._accuracy(cosine, index, all_labels),
-                "sampled_fraction": self._sampled_fraction(index)}
+        return -sum_over_ranks(target_log_prob)
+
+    def _multi_label_loss(self, logits: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
+        """Per row, MLCD's loss: log(1 + sum_pos e^-s) + log(1 + sum_neg e^s) over every rank's sampled
+        columns."""
+        owned = (target_cols >= 0).to(torch.int32)
+        positive = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, target_cols.clamp(min=0), owned) > 0
+        minus_inf = torch.full_like(logits, -math.inf)
+        return (self._log_one_plus_sum_exp(torch.where(positive, -logits, minus_inf))
+                + self._log_one_plus_sum_exp(torch.where(positive, minus_inf, logits)))
+
+    def _log_one_plus_sum_exp(self, x: torch.Tensor) -> torch.Tensor:
+        """log(1 + sum e^x) over every rank's columns, the same value on every rank. Rank 0 adds the zero
+        column and alone carries the gradient: the logsumexp's backward sums the upstream over ranks, so
+        one copy must count (the others stay in the graph with weight 0, to join that all-reduce)."""
+        if self.rank == 0:
+            x = torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)
+        return sum_over_ranks(_DistLogSumExp.apply(x) * float(self.rank == 0))
 
     def soft_forward(self, embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, labels: torch.Tensor,
-                     step: int = 0, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-        """Soft labels: KL(teacher softmax over the centroids || student softmax), both at scale/temperature."""
+                     step: int = 0, temperature: float = 1.0, weights: Optional[torch.Tensor] = None
+                     ) -> dict[str, torch.Tensor]:
+        """Soft labels: KL(teacher softmax over the centroids || student softmax), both at scale/temperature.
+        ``labels`` ([B] or [B, l]) only choose the classes always scored and the accuracy's target."""
         if not self.centroids.numel():
             raise ValueError("soft_forward needs a classifier built with soft=True")
-        all_embeddings, all_labels = self._gather(embeddings, labels)
+        labels = labels[:, None] if labels.ndim == 1 else labels
+        all_embeddings, all_labels, all_weights = self._gather(embeddings, labels, weights)
         all_teacher = F.normalize(all_gather_no_grad(teacher_embeddings.float()), dim=-1)
         index, rows = self._sampled_rows(all_labels, step)
         cosine = all_embeddings @ F.normalize(rows, dim=-1).T
@@ -228,13 +262,14 @@ class ShardedCentroidClassifier(nn.Module):
         with torch.no_grad():
             teacher_log_probs = dist_log_softmax(all_teacher @ self.centroids[index].T * self.scale / temperature)
         kl_parts = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=1)
-        loss = sum_over_ranks(kl_parts).mean()
-        return {"loss": loss, "accuracy": self._accuracy(cosine, index, all_labels),
+        return {"loss": (sum_over_ranks(kl_parts) * all_weights).sum() / all_weights.sum(),
+                "accuracy": self._accuracy(cosine, index, all_labels[:, 0], all_weights),
                 "sampled_fraction": self._sampled_fraction(index)}
 
     @torch.no_grad()
-    def _accuracy(self, cosine: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Top-1 over the sampled classes: the best local class per row, then the best over ranks."""
+    def _accuracy(self, cosine: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+                  ) -> torch.Tensor:
+        """Top-1 over the sampled classes (the best local class per row, then the best over ranks), weighted."""
         if len(index):
             best, col = cosine.max(dim=1)
             best_class = index[col] + self.start
@@ -248,7 +283,7 @@ class ShardedCentroidClassifier(nn.Module):
             dist.all_gather(classes, best_class)
             winner = torch.stack(scores).argmax(dim=0)
             best_class = torch.stack(classes).gather(0, winner[None]).squeeze(0)
-        return (best_class == labels).float().mean()
+        return ((best_class == labels).float() * weights).sum() / weights.sum()
 
     @torch.no_grad()
     def _sampled_fraction(self, index: torch.Tensor) -> torch.Tensor:
