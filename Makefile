@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo demo-web ablate ablate-views ablate-captions test bench clean
+.PHONY: setup demo demo-web ablate ablate-views ablate-captions ablate-cluster test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,18 @@ ablate-captions: demo demo-web
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo/ablate_captions
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo_web/ablate_captions \
 	    'data.train_shards=runs/demo_web/packed/*.tar' cluster.dir=runs/demo_web/clusters
+
+# the cluster term's design space on web captions (ds_configs/ablations/cluster_design.yaml): the web demo's cache
+# clustered at k = 32..256 with the 8 nearest centroids stored, the same balanced samples packed with each as the
+# demo packs them, then 15 rows x 3 seeds (~60 min on 2 cores after demo-web)
+ablate-cluster: demo-web
+	for k in 32 64 128 256; do \
+	    $(PY) -m data_tools.cluster --features runs/demo_web/feats --k $$k --topk 8 --out runs/demo_web/variants/k$$k && \
+	    $(PY) -m data_tools.pack --shards 'runs/demo_web/data/train/*.tar' --features runs/demo_web/feats \
+	        --tokenizer demo-student --clusters runs/demo_web/variants/k$$k --balance runs/demo_web/balance \
+	        --ranks 1 --workers 16 --out runs/demo_web/variants/k$$k/packed || exit 1; \
+	done
+	$(PY) -m launch.ablate ds_configs/ablations/cluster_design.yaml --out runs/demo_web/ablate_cluster
 
 # every CLIP-KD term alone, the CLIP-KD and CLIP-CID mixes and the baseline on the demo data (~25 min on 2 cores)
 ablate: demo
