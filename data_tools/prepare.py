@@ -23,6 +23,7 @@ launcher into OUT/feats first; prepare then finds the cache complete and goes on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -71,7 +72,7 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
                         random_teacher_ok=random_teacher_ok, max_damaged_fraction=max_damaged_fraction)
     cache = extracted["manifest"]
     _stage(2, "cluster", clusters)
-    clustering = cluster(feats, k, clusters, seed=seed)
+    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed)
     _stage(3, "balance", balanced)
     report = balance(feats, clusters, balanced, perceptual=perceptual, semantic=semantic,
                      target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed)
@@ -100,7 +101,8 @@ def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, stud
                      workers: int) -> None:
     """The CLIP-CID recipe pointed at the prepared data, sized for it: a batch that every loader reader
     (``ranks`` x ``workers``, each reading its own shards) fills at least twice an epoch, ``EPOCHS`` epochs,
-    the recipe's share of warm-up, the whole classifier below ``FULL_CLASSIFIER_UP_TO`` clusters. The recipe's
+    the recipe's share of warm-ups, the whole classifier below ``FULL_CLASSIFIER_UP_TO`` clusters; its loss
+    weights and every other cluster key as the recipe has them. The recipe's
     DeepSpeed JSON is copied beside it, so that the folder trains from any checkout or container."""
     batch = max(1, min(recipe.data.batch_size, summary["packed_samples"] // (2 * ranks * workers)))
     if batch < MIN_CONTRASTIVE_BATCH:
@@ -112,6 +114,11 @@ def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, stud
         shutil.copyfile(recipe_path("deepspeed_config"), tmp)
     per_step = batch * ranks
     steps = max(1, math.ceil(EPOCHS * summary["packed_samples"] / per_step))
+
+    def recipe_share(recipe_steps: int) -> int:
+        """A step count of the recipe, as the same share of this run's steps."""
+        return round(steps * recipe_steps / recipe.optim.steps)
+
     tree = {
         "name": "prepared",
         "output_dir": os.path.join(os.path.dirname(os.path.abspath(path)), "run"),
@@ -119,12 +126,12 @@ def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, stud
         "model": {"student": student},
         "data": {"train_shards": os.path.join(os.path.abspath(packed), "*.tar"), "workers": workers,
                  "batch_size": batch, "shuffle_buffer": recipe.data.shuffle_buffer},
-        "loss": {"clip": recipe.loss.clip, "instance": recipe.loss.instance, "cluster": recipe.loss.cluster},
-        "cluster": {"dir": os.path.abspath(clusters), "margin": recipe.cluster.margin,
-                    "margin_value": recipe.cluster.margin_value, "scale": recipe.cluster.scale,
-                    "sample_rate": 1.0 if summary["k"] <= FULL_CLASSIFIER_UP_TO else recipe.cluster.sample_rate},
+        "loss": {name: weight for name, weight in dataclasses.asdict(recipe.loss).items() if weight > 0},
+        "cluster": {**dataclasses.asdict(recipe.cluster), "dir": os.path.abspath(clusters),
+                    "sample_rate": 1.0 if summary["k"] <= FULL_CLASSIFIER_UP_TO else recipe.cluster.sample_rate,
+                    "warmup_steps": recipe_share(recipe.cluster.warmup_steps)},
         "optim": {"lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay, "steps": steps,
-                  "warmup_steps": max(1, round(steps * recipe.optim.warmup_steps / recipe.optim.steps))},
+                  "warmup_steps": max(1, recipe_share(recipe.optim.warmup_steps))},
     }
     header = (f"# Written by data_tools.prepare: the CLIP-CID recipe ({os.path.relpath(RECIPE, REPO)}) on "
               f"{summary['packed_samples']} packed samples,\n# {EPOCHS} epochs at {per_step} samples a step "

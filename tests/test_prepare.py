@@ -3,6 +3,7 @@ training from the YAML it writes. The teacher here is not the demo's: the demo t
 random weights from another seed, loaded from a checkpoint file. Its image embeddings all lie close
 together, so a fixed similarity threshold would call nearly every pair a duplicate; the defaults must not."""
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -12,7 +13,9 @@ import sys
 import pytest
 import yaml
 
+from cid_ds.config import load_config
 from cid_ds.io import read_json
+from data_tools.prepare import RECIPE
 from tests.helpers import REPO_ROOT, one_rank_env
 
 
@@ -64,6 +67,10 @@ def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
     config = yaml.safe_load((out / "train.yaml").read_text())
     assert config["data"]["train_shards"] == str(out / "packed" / "*.tar")
     assert config["cluster"]["dir"] == str(out / "clusters") and config["model"]["student"] == "demo-student"
+    recipe = load_config(RECIPE, check_paths=False)  # its loss weights and cluster keys, pointed at the data
+    assert config["loss"] == {name: w for name, w in dataclasses.asdict(recipe.loss).items() if w > 0}
+    assert {key: config["cluster"][key] for key in ("margin", "scale", "positives", "text_weight")} == \
+        {key: getattr(recipe.cluster, key) for key in ("margin", "scale", "positives", "text_weight")}
     assert config["deepspeed_config"] == str(out / "deepspeed.json") and (out / "deepspeed.json").is_file()
     assert f"NUM_GPUS=1 {REPO_ROOT}/launch/single_node.sh {out / 'train.yaml'}" in printed
 
