@@ -22,8 +22,8 @@ demo: setup
 demo-web: setup
 	$(PY) -m launch.demo --captions web --out runs/demo_web
 
-# no teacher, instance-only, the CLIP-KD mix, the CLIP-CID mix and CID + FD, 3 seeds each, on clean and on web captions
-# (mean ± std; ~45 min on 2 cores after both demos; the eval sets of both are the same images and labels)
+# no teacher, instance-only, the CLIP-KD mix, the CLIP-CID mix at cluster weights 0.1/0.3/1.0, with FD, 3 seeds each,
+# on clean and on web captions (mean ± std; ~65 min on 2 cores after both demos; the eval sets are the same)
 ablate-captions: demo demo-web
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo/ablate_captions
 	$(PY) -m launch.ablate ds_configs/ablations/captions.yaml --out runs/demo_web/ablate_captions \
@@ -31,7 +31,7 @@ ablate-captions: demo demo-web
 
 # the cluster term's design space on web captions (ds_configs/ablations/cluster_design.yaml): the web demo's cache
 # clustered at k = 32..256 with the 8 nearest centroids stored, the same balanced samples packed with each as the
-# demo packs them, then 15 rows x 3 seeds (~60 min on 2 cores after demo-web)
+# demo packs them, then 18 rows x 3 seeds (~70 min on 2 cores after demo-web)
 ablate-cluster: demo-web
 	for k in 32 64 128 256; do \
 	    $(PY) -m data_tools.cluster --features runs/demo_web/feats --k $$k --topk 8 --out runs/demo_web/variants/k$$k && \
