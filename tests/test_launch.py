@@ -14,8 +14,8 @@ import pytest
 from cid_ds.io import read_json
 from tests.helpers import REPO_ROOT, free_port, listening_addresses, make_data_and_features
 
-LAUNCH_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
-                  "launch/docker_entrypoint.sh", "launch/install_faiss_gpu.sh"]
+SHELL_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
+                 "launch/docker_entrypoint.sh", "launch/install_faiss_gpu.sh", "bench/gpu_check.sh"]
 YAML_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "gradient_clipping", "optimizer", "scheduler")
 
@@ -44,8 +44,8 @@ def launch(cmd: list[str], cwd: str = REPO_ROOT, **env) -> str:
     return finish(start(cmd, cwd, **env))
 
 
-@pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
-def test_launch_script_is_valid_bash(script):
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_script_is_valid_bash(script):
     subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], check=True)
 
 
