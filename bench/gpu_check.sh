@@ -55,7 +55,7 @@ else
     echo "no GPU: the CPU fallback (small sizes)" | tee -a "$log"
     export DS_ACCELERATOR=cpu
     step "engine step per JSON (CPU)" 120 "$py" bench/engine_dispatch.py --reps 2
-    step "trainer vs nothing (CPU, cid_ds CID only)" 240 "$py" bench/vs_open_clip.py --work "$out/vs_open_clip" \
+    step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/vs_open_clip.py --work "$out/vs_open_clip" \
         --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths
     step "faiss k-means (CPU)" 60 "$py" bench/kmeans.py --n 50000 --dim 128 --k 500 --niter 10 --gpu off
 fi
