@@ -41,7 +41,7 @@ def loss(out: dict) -> torch.Tensor:
         f["image_in_teacher"], f["text_in_teacher"], teacher[0], teacher[1], f["logit_scale"])
 
 
-def cfg_stage(path: str) -> int:
+def zero_stage(path: str) -> int:
     with open(path) as f:
         return json.load(f).get("zero_optimization", {}).get("stage", 0)
 
@@ -74,7 +74,7 @@ for path in json_paths:
     cfg.deepspeed_config = path
     entry, weights = {}, {}
     # make_step_host_light leaves ZeRO-3 as DeepSpeed runs it: one engine is both
-    for how in ("stock", "cid_ds") if cfg_stage(path) < 3 else ("cid_ds",):
+    for how in ("stock", "cid_ds") if zero_stage(path) < 3 else ("cid_ds",):
         model = student()
         engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                           config=deepspeed_config(cfg, on_gpu=True))
