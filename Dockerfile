@@ -1,4 +1,4 @@
-# cid_ds trainer image: docker build -t cid_ds .
+# cid_ds trainer image: docker build -t cid_ds .      (--build-arg FAISS=cpu: faiss without GPU support)
 #     docker run --gpus all --shm-size 16g -p 6006:6006 -v /data:/data cid_ds ds_configs/experiments/x.yaml [k=v ...]
 # Base: plain Python 3.11 (the version the pins in requirements.txt are tested with) rather than an
 # nvidia/cuda image. The Linux torch wheel from requirements.txt is the CUDA build and brings the CUDA
@@ -33,6 +33,12 @@ WORKDIR /app
 RUN python -m venv /opt/venv && pip install --no-cache-dir --upgrade pip setuptools
 COPY --chown=cid:cid requirements.txt pyproject.toml ./
 RUN pip install --no-cache-dir -r requirements.txt
+# faiss's GPU build (k-means and the balance's searches on the GPUs) unless --build-arg FAISS=cpu, which keeps
+# requirements.txt's faiss-cpu (the version stays the one pinned there).
+ARG FAISS=gpu
+COPY --chown=cid:cid launch/install_faiss_gpu.sh launch/
+RUN case "$FAISS" in gpu) launch/install_faiss_gpu.sh ;; cpu) ;; \
+        *) echo "--build-arg FAISS must be gpu or cpu, got '$FAISS'" >&2; exit 1 ;; esac
 COPY --chown=cid:cid cid_ds cid_ds
 COPY --chown=cid:cid data_tools data_tools
 COPY --chown=cid:cid ds_configs ds_configs

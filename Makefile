@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo demo-web ablate ablate-views ablate-captions ablate-cluster test bench clean
+.PHONY: setup setup-gpu demo demo-web ablate ablate-views ablate-captions ablate-cluster test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# on GPU hosts: faiss's GPU build in place of requirements.txt's faiss-cpu, the same version
+setup-gpu: setup
+	PIP="$(PY) -m pip" launch/install_faiss_gpu.sh
 
 demo: setup
 	$(PY) -m launch.demo

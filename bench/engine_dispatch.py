@@ -1,21 +1,18 @@
-"""What a training step asks of the device under each shipped DeepSpeed JSON's GPU precision, before and after
-they moved from DeepSpeed's bf16 mode to torch autocast, against a plain torch autocast step (open_clip's
-``--precision amp_bf16``).
+"""What a training step asks of the host under each shipped DeepSpeed JSON's GPU precision: DeepSpeed's stock
+engine, and the engine as the trainer runs it (``cid_ds.deepspeed_ops.make_step_host_light``), against a plain
+torch autocast step with gradient clipping (open_clip's ``--precision amp_bf16 --grad-clip-norm 1``).
 
     python bench/engine_dispatch.py [--student ViT-B-32] [--width 64] [--batch 4] [--reps 10]
 
 On a GPU a small student's step can be bound by the host: every op is a kernel launch from Python, and every
-sync (a value read back, ``bool(t)``, ``nonzero``) stops the host running ahead of the device. DeepSpeed's bf16
-mode checks each gradient tensor for inf/NaN before each step (``check_grad_overflow``: amax, amin, isfinite
-per tensor; without ZeRO also a ``bool()`` per tensor, one sync each): about 15 ops per parameter tensor.
-Under torch autocast the weights stay fp32, DeepSpeed makes no such check, and a non-finite gradient norm still
-skips the step. Per configuration this prints the ops (views not counted) and syncs of one step, counted with
-``cid_ds.profiling.DispatchCount`` (the same on CPU and GPU), and the median step time.
+sync (a value read back, ``bool(t)``, ``nonzero``) stops the host running ahead of the device. Per configuration
+this prints the ops (views not counted) and syncs of one step, counted with ``cid_ds.profiling.DispatchCount``
+(the same on CPU and GPU), the ratio to the plain step, and the median step time.
 
 Without CUDA the student is ``--student``'s open_clip architecture at ``--width`` (default 64: every layer and
-parameter tensor of ViT-B/32 with little arithmetic) and DeepSpeed runs bf16 on the CPU. The CPU times do not
-show the host-bound case: the CPU runs each op to completion before the next, and these small ones cost it
-about 3 us each. With CUDA: the full-width student at ``--batch`` 256, and its times are the ones that matter.
+parameter tensor of ViT-B/32 with little arithmetic) and DeepSpeed runs bf16 autocast on the CPU. The CPU times
+do not show the host-bound case: the CPU runs each op to completion before the next, and these small ones cost
+it about 3 us each. With CUDA: the full-width student at ``--batch`` 256, and its times are the ones that matter.
 """
 from __future__ import annotations
 
@@ -38,18 +35,12 @@ from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.models import DistillStudent, model_config  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
+from cid_ds.deepspeed_ops import make_step_host_light  # noqa: E402
 from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")
 TEACHER_DIM = 768  # ViT-L/14's
-
-
-def before(shipped: dict) -> dict:
-    """The JSON as it was (f2ecdda): DeepSpeed's bf16 mode where it now says torch autocast."""
-    if not shipped.get("torch_autocast", {}).get("enabled"):
-        return shipped
-    return {k: v for k, v in shipped.items() if k != "torch_autocast"} | {"bf16": {"enabled": True}}
 
 
 def student_factory(name: str, width: int | None) -> Callable[[], DistillStudent]:
@@ -99,23 +90,25 @@ def main() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = plain_model(image, tokens)
         loss(out).backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.optim.grad_clip, foreach=True)
         plain_optimizer.step()
         plain_optimizer.zero_grad(set_to_none=True)
 
-    steps = {"plain torch autocast (open_clip amp_bf16)": plain_step}
+    plain = "plain torch autocast + clipping"
+    steps = {plain: plain_step}
     for name in SHIPPED:
         cfg.deepspeed_config = os.path.join(REPO, "ds_configs", f"{name}.json")
-        shipped = deepspeed_config(cfg, on_gpu=True)
-        for when, ds in (("before", before(shipped)), ("now", shipped)):
-            if when == "before" and ds is shipped:
-                continue
+        for how in ("stock", "cid_ds"):
             model = make_student()
-            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                              config=deepspeed_config(cfg, on_gpu=True))
+            if how == "cid_ds":
+                make_step_host_light(engine)
 
             def engine_step(engine=engine) -> None:
                 engine.backward(loss(engine(image.to(compute_dtype(engine)), tokens)))
                 engine.step()
-            steps[f"{name}.json {when}"] = engine_step
+            steps[f"{name}.json {how}"] = engine_step
 
     counts, times = {}, {name: [] for name in steps}
     for name, step in steps.items():
@@ -134,17 +127,11 @@ def main() -> None:
     parameters = len(list(plain_model.parameters()))
     print(f"{args.student}{f' at width {args.width}' if args.width else ''}, {parameters} parameter tensors, batch "
           f"{args.batch}, {torch.cuda.get_device_name() if gpu else 'CPU'}, median of {args.reps} steps each:")
-    plain = "plain torch autocast (open_clip amp_bf16)"
     for name in steps:
         ms = statistics.median(times[name]) * 1e3
-        print(f"  {name:42s} {counts[name].ops:6d} ops ({(counts[name].ops - counts[plain].ops) / parameters:+5.1f} "
-              f"per parameter tensor vs plain)  {counts[name].syncs:4d} syncs  {ms:8.1f} ms/step")
-    for name in SHIPPED:
-        if f"{name}.json before" in steps:
-            b, n = f"{name}.json before", f"{name}.json now"
-            print(f"  {name}.json before -> now: ops {counts[b].ops / counts[n].ops:.2f}x fewer, syncs "
-                  f"{counts[b].syncs} -> {counts[n].syncs}, step time before/now "
-                  f"{statistics.median(times[b]) / statistics.median(times[n]):.2f}")
+        print(f"  {name:34s} {counts[name].ops:6d} ops ({counts[name].ops / counts[plain].ops:5.2f}x plain, "
+              f"{(counts[name].ops - counts[plain].ops) / parameters:+5.1f} per parameter tensor)  "
+              f"{counts[name].syncs:4d} syncs  {ms:8.1f} ms/step")
 
 
 def sync(gpu: bool) -> None:

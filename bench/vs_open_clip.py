@@ -391,7 +391,8 @@ class Workbench:
         """A DeepSpeed engine as the trainer builds it (the YAML's JSON or ``deepspeed_json``, 1 rank) with
         ``perf.adamw``; ``one_rank_allreduce``: as DeepSpeed leaves it (the before of skipping it)."""
         import deepspeed
-        from cid_ds.engine import build_optimizer, deepspeed_config, skip_allreduce_at_one_rank
+        from cid_ds.deepspeed_ops import make_step_host_light
+        from cid_ds.engine import build_optimizer, deepspeed_config
         cfg = copy.deepcopy(self.cfg["instance"])
         cfg.perf.adamw = adamw
         cfg.deepspeed_config = os.path.join(REPO, deepspeed_json) if deepspeed_json else cfg.deepspeed_config
@@ -399,7 +400,7 @@ class Workbench:
         student = self.student(dtype=torch.float32)  # the engine applies the JSON's precision, as in the trainer
         engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg), config=ds)
         if not one_rank_allreduce:
-            skip_allreduce_at_one_rank(engine)
+            make_step_host_light(engine)
         return engine
 
     def cluster_term(self):

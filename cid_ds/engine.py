@@ -59,14 +59,6 @@ def compute_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
 
-def skip_allreduce_at_one_rank(engine) -> None:
-    """Without ZeRO, DeepSpeed all-reduces the gradients after every backward even at one rank, where there is
-    nothing to average: it copies each gradient into a flat buffer, reduces it with itself and copies it back
-    (11 ms of the demo's 154 ms step on 2 CPU cores). ZeRO's own reduction also keeps its books, so it stays."""
-    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
-        engine.enable_backward_allreduce = False
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on gains, biases, embeddings of rank < 2 and the logit scale."""
     decay, no_decay = [], []

@@ -26,8 +26,8 @@ from cid_ds.config import Config, ConfigError, DataConfig, config_source, load_c
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage
 from cid_ds.data.errors import DataError
-from cid_ds.engine import (build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed,
-                           skip_allreduce_at_one_rank)
+from cid_ds.deepspeed_ops import make_step_host_light
+from cid_ds.engine import build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.objective import all_finite, compute_losses, loss_weights
@@ -164,7 +164,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu))
-    skip_allreduce_at_one_rank(engine)
+    make_step_host_light(engine)
     if cfg.perf.compile:
         engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
     device = engine.device

@@ -14,8 +14,8 @@ import pytest
 from cid_ds.io import read_json
 from tests.helpers import REPO_ROOT, free_port, listening_addresses, make_data_and_features
 
-LAUNCH_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
-                  "launch/docker_entrypoint.sh"]
+SHELL_SCRIPTS = ["launch/lib.sh", "launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch",
+                 "launch/docker_entrypoint.sh", "launch/install_faiss_gpu.sh", "bench/gpu_check.sh"]
 YAML_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "gradient_clipping", "optimizer", "scheduler")
 
@@ -44,8 +44,8 @@ def launch(cmd: list[str], cwd: str = REPO_ROOT, **env) -> str:
     return finish(start(cmd, cwd, **env))
 
 
-@pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
-def test_launch_script_is_valid_bash(script):
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_script_is_valid_bash(script):
     subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], check=True)
 
 
@@ -93,10 +93,23 @@ def test_dockerfile_installs_like_the_makefile_runs_as_a_user_and_starts_the_ent
     assert ("ENTRYPOINT", '["tini", "--", "launch/docker_entrypoint.sh"]') in instructions
     assert " tini" in runs
     assert any(kind == "WORKDIR" for kind in kinds)
+    # faiss's GPU build by default, from the script GPU hosts run (make setup-gpu), FAISS=cpu to keep faiss-cpu
+    assert ("ARG", "FAISS=gpu") in instructions and "gpu) launch/install_faiss_gpu.sh" in runs
     with open(os.path.join(REPO_ROOT, "Makefile")) as f:
         makefile = f.read()
     assert "pip install --quiet -r requirements.txt" in makefile
     assert "pip install --quiet --no-deps --no-build-isolation -e ." in makefile
+    assert 'PIP="$(PY) -m pip" launch/install_faiss_gpu.sh' in makefile
+
+
+def test_gpu_hosts_swap_faiss_cpu_for_faiss_gpu_of_the_pinned_version():
+    with open(os.path.join(REPO_ROOT, "requirements.txt")) as f:
+        pinned = [line.split("==")[1].strip() for line in f if line.startswith("faiss-cpu==")]
+    assert len(pinned) == 1  # CI and CPU machines install faiss-cpu from requirements.txt
+    out = subprocess.run(["launch/install_faiss_gpu.sh", "--dry-run"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PIP="python -m pip"), check=True).stdout.splitlines()
+    assert out == ["python -m pip uninstall --yes faiss-cpu",
+                   f"python -m pip install --no-cache-dir faiss-gpu=={pinned[0]}"]
 
 
 def test_slurm_script_starts_one_no_ssh_launcher_per_node_with_the_config(tmp_path):

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, sized for 8 minutes on one H100/H200 (a short device lease):
+#     OUT=/tmp/out bench/gpu_check.sh            (default OUT: runs/gpu_check; PY: the interpreter, default python)
+# 1. bench/engine_dispatch.py: ops, syncs and step time of each shipped DeepSpeed JSON's engine, stock and as the
+#    trainer runs it, against a plain torch autocast step, ViT-B/32 and ViT-B/16 at batch 256;
+# 2. bench/vs_open_clip.py: the whole trainer with DALI (cid_ds CID) against open_clip's plain trainer on the
+#    same ViT-B/16 student: samples/s, data wait, MFU against the bf16 GEMM peak measured in the same run, and a
+#    short torch.profiler trace of the cid_ds run (OPEN_CLIP_PYTHON: an interpreter with webdataset 0.2.x, as
+#    vs_open_clip.py's --open-clip-python; without one, open_clip is left out);
+# 3. bench/kmeans.py: data_tools.cluster's faiss k-means (faiss-gpu: make setup-gpu) on 2M synthetic 512-d
+#    embeddings, against a GEMM of the same FLOPs.
+# Each step has its own time limit; a step that fails or runs out is reported and the next one runs. Every line
+# goes to OUT/gpu_check.txt; the summary (the lines each bench ends with) is printed at the end. Without a GPU
+# the same steps run small on the CPU, to check the script and the benches themselves.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${OUT:-runs/gpu_check}"
+py="${PY:-python}"
+mkdir -p "$out"
+log="$out/gpu_check.txt"
+: >"$log"
+summary=()
+
+# step NAME SECONDS CMD...: run CMD under a time limit, its output into the log, its last lines into the summary
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name: $*" | tee -a "$log"
+    local started=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$out/step.txt" 2>&1
+    local status=$?
+    cat "$out/step.txt" >>"$log"
+    local result="exit $status"
+    [[ $status == 124 || $status == 137 ]] && result="ran out of its ${limit}s"
+    summary+=("== $name ($result, $((SECONDS - started))s)" "$(grep -v -i 'warn' "$out/step.txt" | tail -n 12)")
+    rm -f "$out/step.txt"
+}
+
+if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "GPU: $("$py" -c 'import torch; print(torch.cuda.get_device_name())')" | tee -a "$log"
+    open_clip=()
+    if [[ -n "${OPEN_CLIP_PYTHON:-}" ]]; then
+        systems="open_clip,cid_ds CID"
+        open_clip=(--open-clip-python "$OPEN_CLIP_PYTHON")
+    else
+        systems="cid_ds CID"
+    fi
+    step "engine step per JSON, ViT-B/32 batch 256" 75 "$py" bench/engine_dispatch.py --student ViT-B-32 --batch 256 --reps 5
+    step "engine step per JSON, ViT-B/16 batch 256" 90 "$py" bench/engine_dispatch.py --student ViT-B-16 --batch 256 --reps 3
+    step "trainer with DALI vs open_clip plain, ViT-B/16" 210 "$py" bench/vs_open_clip.py --student ViT-B-16 \
+        --work "$out/vs_open_clip" --systems "$systems" "${open_clip[@]}" --rounds 1 --steps 60 --log-every 10 \
+        --no-fast-paths --profile-steps 3
+    step "faiss k-means, 2M x 512 into 20000 clusters" 60 "$py" bench/kmeans.py --n 2000000 --dim 512 --k 20000 --niter 10 --gpu on
+else
+    echo "no GPU: the CPU fallback (small sizes)" | tee -a "$log"
+    export DS_ACCELERATOR=cpu
+    step "engine step per JSON (CPU)" 120 "$py" bench/engine_dispatch.py --reps 2
+    step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/vs_open_clip.py --work "$out/vs_open_clip" \
+        --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths
+    step "faiss k-means (CPU)" 60 "$py" bench/kmeans.py --n 50000 --dim 128 --k 500 --niter 10 --gpu off
+fi
+printf '%s\n' "${summary[@]}" | tee -a "$log"
