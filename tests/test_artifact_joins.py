@@ -167,9 +167,9 @@ def test_the_loader_refuses_a_side_cache_of_another_teacher_or_over_the_source_s
 
 def test_more_positives_than_stored_nearest_centroids_are_refused_before_any_work(made):
     from cid_ds.sources import check_sources
-    packed = [f"data.train_shards={made['packed']}/*.tar", f"cluster.dir={made['a']['clusters']}"]
+    packed = [f"data.train_shards={made['packed']}/*.tar", f"cluster.dir={made['a']['clusters']}", "eval.sets=[]"]
     joined = [f"data.train_shards={made['root']}/src/*.tar", f"data.features={made['a']['feats']}",
-              f"cluster.dir={made['a']['clusters']}"]
+              f"cluster.dir={made['a']['clusters']}", "eval.sets=[]"]
     for overrides, where in ((packed, made["packed"]), (joined, made["a"]["clusters"])):
         cfg = load_config(os.path.join(REPO_ROOT, "ds_configs/experiments/demo_cid.yaml"),
                           overrides + ["cluster.positives=2"])
