@@ -66,6 +66,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -391,6 +392,14 @@ def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, di
     return cache, shards, assignments
 
 
+def _pool_worker_setup() -> None:
+    """One thread per pool process, and SIGTERM's default action: a forked worker inherits the parent's
+    handlers (cid_ds.faults.StopSignal's only sets a flag), and the pool's terminate() at the end of its
+    block then waited forever for a worker that would not end (seen once in a make test run)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threadpool_limits(1)
+
+
 @contextlib.contextmanager
 def _processes(workers: int) -> Iterator[Optional[Pool]]:
     """A pool of ``workers`` processes, or None (this process) for one. Every process multiplies on one
@@ -399,7 +408,7 @@ def _processes(workers: int) -> Iterator[Optional[Pool]]:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         gc.freeze()  # forked workers' garbage collection would otherwise copy every page of the parent's objects
         try:
-            with context.Pool(workers, initializer=threadpool_limits, initargs=(1,)) as pool:
+            with context.Pool(workers, initializer=_pool_worker_setup) as pool:
                 yield pool
         finally:
             gc.unfreeze()
