@@ -394,8 +394,9 @@ def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, di
 
 def _pool_worker_setup() -> None:
     """One thread per pool process, and SIGTERM's default action: a forked worker inherits the parent's
-    handlers (cid_ds.faults.StopSignal's only sets a flag), and the pool's terminate() at the end of its
-    block then waited forever for a worker that would not end (seen once in a make test run)."""
+    handlers (cid_ds.faults.StopSignal's only sets a flag), and the pool's terminate() at the end of its block
+    would then wait forever for a worker that does not end. A make test run hung in that join once, while the
+    disk was also full, so which of the two caused it is not known."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threadpool_limits(1)
 
