@@ -5,7 +5,7 @@ cid_ds step 2.7x open_clip's plain one). Under torch autocast the engine adds, p
 a multiply for clipping (no ZeRO), a copy back from each all-reduce bucket, and in ZeRO-1/2 an fp64 cast and a
 norm per gradient of the partition plus two value reads for a gradient norm that ``step`` already checked.
 ``make_step_host_light`` replaces these methods on the engine and its ZeRO optimizer with ``torch._foreach_*``
-versions that compute the same numbers (the same formulas, in the same order: tests/test_engine_ops.py checks
+versions that compute the same numbers (the same formulas, in the same order: tests/test_shipped_precision.py checks
 equal weights after steps at one and two ranks). Counted with ``cid_ds.profiling.DispatchCount`` in
 ``bench/engine_dispatch.py``.
 
