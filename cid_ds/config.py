@@ -101,7 +101,7 @@ class ClusterConfig:
     margin_value: float = 0.3
     scale: float = 32.0
     soft_temperature: float = 1.0
-    sample_rate: float = 1.0      # fraction of negative classes scored per step (positives always kept)
+    sample_rate: float = 1.0      # fraction of each rank's classes scored per step, a fixed number (positives kept)
     learnable: bool = True        # False: the rows stay the k-means centroids
     lr_mult: float = 1.0          # classifier lr = optim.lr * lr_mult (its own optimizer)
 

@@ -9,19 +9,27 @@ versions that compute the same numbers (the same formulas, in the same order: te
 equal weights after steps at one and two ranks). Counted with ``cid_ds.profiling.DispatchCount`` in
 ``bench/engine_dispatch.py``.
 
+With a ``cid_ds.step_guard.StepGuard`` the global gradient norm, where the engine computes it for clipping, adds its
+verdict to the guard's device flag, and ZeRO-1/2's step no longer reads the norm back to decide on the host.
+
 These are DeepSpeed's private methods, so the DeepSpeed version is pinned (requirements.txt) and
 ``make_step_host_light`` refuses another one rather than guess at its internals.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
+
+from cid_ds.step_guard import StepGuard
 
 DEEPSPEED_VERSION = "0.19.8"  # whose engine and stage_1_and_2 methods are replaced here
 
 
-def make_step_host_light(engine) -> None:
-    """Replace the engine's per-tensor step work (ZeRO 0, 1 and 2; ZeRO-3 is left as it is)."""
+def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> None:
+    """Replace the engine's per-tensor step work (ZeRO 0, 1 and 2; ZeRO-3 is left as it is). ``guard``: the
+    trainer's non-finite step verdict, which the gradient norm joins."""
     import deepspeed
     if deepspeed.__version__ != DEEPSPEED_VERSION:
         raise RuntimeError(f"cid_ds.deepspeed_ops replaces private methods of DeepSpeed {DEEPSPEED_VERSION}, "
@@ -30,12 +38,14 @@ def make_step_host_light(engine) -> None:
     if stage == 0:
         _skip_allreduce_at_one_rank(engine)
         engine.allreduce_and_copy = _engine_allreduce_and_copy(engine)
-        engine.clip_fp32_gradients = _clip_fp32_gradients(engine)
+        engine.clip_fp32_gradients = _clip_fp32_gradients(engine, guard)
     elif stage in (1, 2):
         optimizer = engine.optimizer
         optimizer.allreduce_and_copy = _zero_allreduce_and_copy(optimizer, optimizer.allreduce_and_copy)
         optimizer.get_grad_norm_direct = _zero_grad_norm(optimizer)
-        optimizer.unscale_and_clip_grads = _zero_unscale_and_clip(optimizer)
+        optimizer.unscale_and_clip_grads = _zero_unscale_and_clip(optimizer, guard)
+        if guard is not None and guard.decided_on_device:
+            optimizer.step = _zero_step_without_host_norm_check(optimizer.step)
 
 
 def _skip_allreduce_at_one_rank(engine) -> None:
@@ -54,7 +64,7 @@ def _engine_allreduce_and_copy(engine):
     return allreduce_and_copy
 
 
-def _clip_fp32_gradients(engine):
+def _clip_fp32_gradients(engine, guard: Optional[StepGuard]):
     """engine.clip_fp32_gradients (deepspeed.runtime.utils.clip_grad_norm_ without model parallelism): the
     global norm from one multi-tensor norm, averaged over the data-parallel ranks, and one multiply."""
     from deepspeed.utils import groups
@@ -66,6 +76,8 @@ def _clip_fp32_gradients(engine):
         group = groups._get_data_parallel_group()
         total = total * 1.0 / float(dist.get_world_size(group=group))
         dist.all_reduce(total, group=group)
+        if guard is not None:
+            guard.check_grad_norm(total)
         coefficient = torch.full_like(total, float(engine.gradient_clipping())) / (total + 1e-6)
         torch._foreach_mul_(grads, torch.clamp(coefficient, max=1.0))
     return clip_fp32_gradients
@@ -116,10 +128,13 @@ def _zero_grad_norm(optimizer):
     return get_grad_norm_direct
 
 
-def _zero_unscale_and_clip(optimizer):
+def _zero_unscale_and_clip(optimizer, guard: Optional[StepGuard]):
     """stage_1_and_2's unscale_and_clip_grads without its second read of the norm: ``step`` calls it only
-    after it has checked that norm (a non-finite norm skips the step), so the check is not repeated."""
+    after it has checked that norm (on the host, or through the guard, which it joins here), so the check is
+    not repeated. A norm DeepSpeed marked invalid (-1) leaves the gradients unclipped: the guard skips them."""
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if guard is not None and total_norm is not None:
+            guard.check_grad_norm(total_norm)
         if optimizer.clip_grad == 0.0 and optimizer.loss_scale == 1.0:
             return
         combined_scale = optimizer.loss_scale
@@ -129,3 +144,19 @@ def _zero_unscale_and_clip(optimizer):
         flat = [g.data for group in grad_groups_flat for g in (group if isinstance(group, list) else [group])]
         torch._foreach_mul_(flat, 1.0 / combined_scale)
     return unscale_and_clip_grads
+
+
+def _zero_step_without_host_norm_check(stock_step):
+    """stage_1_and_2's step without its read of the gradient norm (``is_invalid_grad_norm``, a device sync per
+    step): with a guard the fused AdamW skips a non-finite step on the device instead. The module's function is
+    replaced for the call only, so other optimizers in the process keep it."""
+    from deepspeed.runtime.zero import stage_1_and_2
+    host_check = stage_1_and_2.is_invalid_grad_norm
+
+    def step(closure=None):
+        stage_1_and_2.is_invalid_grad_norm = lambda norm: False
+        try:
+            return stock_step(closure)
+        finally:
+            stage_1_and_2.is_invalid_grad_norm = host_check
+    return step

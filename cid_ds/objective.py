@@ -78,10 +78,3 @@ def _teacher_terms(weights: dict[str, float], f: dict[str, torch.Tensor], x: dic
         terms["gd"] = gradient_distillation(s_img, s_txt, f["logit_scale"], t_img, t_txt, teacher_scale)
     return terms
 
-
-def all_finite(total: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (one all-reduce and one device sync per step)."""
-    import torch.distributed as dist
-    finite = torch.isfinite(total.detach()).float().reshape(1)
-    dist.all_reduce(finite, dist.ReduceOp.MIN)
-    return bool(finite.item())

@@ -30,11 +30,13 @@ from cid_ds.deepspeed_ops import make_step_host_light
 from cid_ds.engine import build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
-from cid_ds.objective import all_finite, compute_losses, loss_weights
+from cid_ds.objective import compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 from cid_ds.sources import check_sources, data_size, open_sources
+from cid_ds.step_guard import StepGuard
 
 if TYPE_CHECKING:
+    from cid_ds.losses.ensemble import TeacherTargets
     from cid_ds.teacher import OnlineTeacher
 
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
@@ -164,7 +166,8 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu))
-    make_step_host_light(engine)
+    guard = StepGuard(optimizer, engine.device)
+    make_step_host_light(engine, guard)
     if cfg.perf.compile:
         engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
     device = engine.device
@@ -194,14 +197,13 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
                       shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
                       teacher_tokenizer=online_teacher.tokenizer if online_teacher is not None else None)
     data = batches(cfg, spec, position, sources.clusters_to_join)
-    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0, "nonfinite": 0}
+    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0}
     damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
     train_start, first_step = time.perf_counter(), step
     last_losses: dict[str, float] = {}
     window_rates: list[float] = []  # samples/s over every rank, per logging window
     engine.train()
     stop = stop or StopSignal()
-    nonfinite_in_a_row = 0
     profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, rank, on_gpu)
     while step < cfg.optim.steps:
         t_wait = time.perf_counter()
@@ -210,25 +212,10 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         window["skipped"] += int(batch.get("n_skipped", 0))
         damage.add(batch["damaged_shards"])
         batch = on_device(batch, device, dtype, memory_format, online_teacher)
-        fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
-        out = engine(batch["image"], batch["tokens"], *fusion_inputs)
-        losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
-        weights = loss_weights(cfg, step)
-        total = sum(weights[k] * v for k, v in losses.items())
-        if not all_finite(total):
-            nonfinite_in_a_row += 1
-            window["nonfinite"] += 1
-            if nonfinite_in_a_row >= cfg.checkpoint.max_nonfinite_in_a_row:
-                save_checkpoint(engine, cfg, step, position, rank, cluster_term)
-                raise SystemExit(f"[cid_ds] rank {rank}: {nonfinite_in_a_row} non-finite losses in a row at step "
-                                 f"{step} (last: {sorted(k for k, v in losses.items() if not torch.isfinite(v))}); "
-                                 f"stopped, weights of step {step} saved in {checkpoint_dir(cfg)}")
+        out, losses, metrics, ran = train_step(engine, cfg, batch, step, guard, cluster_term, targets)
+        if not ran:
+            stop_if_nonfinite_in_a_row(guard, engine, cfg, step, position, rank, cluster_term, losses)
             continue
-        nonfinite_in_a_row = 0
-        engine.backward(total)
-        engine.step()
-        if cluster_term is not None:
-            cluster_term.step(step)
         step += 1
         window["steps"] += 1
         if profiler is not None:
@@ -236,10 +223,11 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
 
         if step % cfg.checkpoint.stop_check_every == 0 or step % cfg.logging.every == 0:
             damage.check(device)
+            stop_if_nonfinite_in_a_row(guard, engine, cfg, step, position, rank, cluster_term, losses)
         if step % cfg.logging.every == 0 or step == cfg.optim.steps:
-            scalars = log_window(writer, engine, losses, metrics, total, out, window, step, device, cfg,
-                                 world_size, damage.count)
-            last_losses = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")}
+            scalars = log_window(writer, engine, guard, metrics, out, window, step, device, cfg, world_size,
+                                 damage.count)
+            last_losses = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")} or last_losses
             window_rates.append(scalars["perf/samples_per_s"])
         stopping = step % cfg.checkpoint.stop_check_every == 0 and stop.agreed(device)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps or stopping:
@@ -271,20 +259,61 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     return results
 
 
+def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, cluster_term=None,
+               targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict, bool]:
+    """One step on a batch already on the device: forward, every loss term, the non-finite verdict, backward, the
+    engine's step and the classifier's. Returns the student's outputs, the losses, the metrics, and whether the step
+    ran: False only where the host skipped it (an optimizer that cannot skip on the device, cid_ds.step_guard). With
+    fused AdamW it reads nothing back from the device (tests/test_step_syncs.py counts it)."""
+    dtype = compute_dtype(engine)
+    fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
+    out = engine(batch["image"], batch["tokens"], *fusion_inputs)
+    losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
+    weights = loss_weights(cfg, step)
+    total = sum(weights[k] * v for k, v in losses.items())
+    guard.check_loss(total)
+    if not guard.decided_on_device and guard.skipped_on_host():
+        guard.end_step(losses)
+        return out, losses, metrics, False
+    engine.backward(total)
+    engine.step()
+    if cluster_term is not None:
+        cluster_term.step(step, guard.skip)
+    guard.end_step(losses | {"total": total})
+    return out, losses, metrics, True
+
+
 def steady_rate(window_rates: list[float]) -> Optional[float]:
     """The median samples/s of the logging windows after the first (whose time holds the loader's start and
     the first steps' warm-up); None with a single window."""
     return statistics.median(window_rates[1:]) if len(window_rates) > 1 else None
 
 
-def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor, out: dict, window: dict, step: int,
+def stop_if_nonfinite_in_a_row(guard: StepGuard, engine, cfg: Config, step: int, position: DataPosition, rank: int,
+                               cluster_term, losses: dict) -> None:
+    """Save a checkpoint and end the job when ``checkpoint.max_nonfinite_in_a_row`` steps in a row were skipped
+    (read here, at a stop check: the steps themselves never wait for the device)."""
+    in_a_row = guard.longest_run()
+    if in_a_row < cfg.checkpoint.max_nonfinite_in_a_row:
+        return
+    save_checkpoint(engine, cfg, step, position, rank, cluster_term)
+    now = sorted(k for k, v in losses.items() if not torch.isfinite(v))
+    raise SystemExit(f"[cid_ds] rank {rank}: {in_a_row} steps in a row with a non-finite loss or gradient norm by step "
+                     f"{step}" + (f" (non-finite now: {now})" if now else "") + f"; stopped, the weights (which "
+                     f"skipped steps leave as they were) saved in {checkpoint_dir(cfg)} as step {step}")
+
+
+def log_window(writer, engine, guard: StepGuard, metrics: dict, out: dict, window: dict, step: int,
                device: torch.device, cfg: Config, world_size: int, damaged_shards: int) -> dict[str, float]:
-    """Read scalars once per logging window (each read is a device sync), average losses over ranks, and
-    return them by their TensorBoard names. ``damaged_shards``: the run's so far, over every rank
+    """Read scalars once per logging window (each read is a device sync): the losses averaged over the window's
+    applied steps and over ranks (none when every step was skipped), the last step's ``metrics``, and the
+    counters. Returns them by their TensorBoard names. ``damaged_shards``: the run's so far, over every rank
     (cid_ds.data.damage.RunDamage)."""
     import torch.distributed as dist
     elapsed = time.perf_counter() - window["t0"]
-    averaged = {f"loss/{k}": v for k, v in losses.items()} | {"loss/total": total} | metrics
+    losses, skipped, applied = guard.take_window()
+    # skipped and applied are the same on every rank (the verdict is global): their mean over ranks is themselves
+    averaged = {f"loss/{k}": v for k, v in losses.items()} | metrics | {"skipped": skipped, "applied": applied}
     names = sorted(averaged)
     values = torch.stack([averaged[k].detach().float().reshape(()) for k in names])
     dist.all_reduce(values)
@@ -293,6 +322,9 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
     rates = [torch.zeros_like(rank_rate) for _ in range(world_size)]
     dist.all_gather(rates, rank_rate)
     scalars = dict(zip(names, values))
+    skipped, applied = round(scalars.pop("skipped")), scalars.pop("applied")
+    if not applied:
+        scalars = {k: v for k, v in scalars.items() if not k.startswith("loss/")}
     scalars.update({
         "train/lr": engine.get_lr()[0],
         "train/logit_scale": float(out["logit_scale"].detach()),
@@ -302,7 +334,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         "perf/memory_gib": memory_bytes(device) / 2**30,
         "data/skipped_samples": window["skipped"],
         "data/damaged_shards": damaged_shards,
-        "train/nonfinite_steps_skipped": window["nonfinite"],
+        "train/nonfinite_steps_skipped": skipped,
     })
     scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
     if writer is not None:
@@ -313,7 +345,7 @@ def log_window(writer, engine, losses: dict, metrics: dict, total: torch.Tensor,
         print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
-    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0, nonfinite=0)
+    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0)
     return scalars
 
 

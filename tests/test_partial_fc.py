@@ -1,7 +1,7 @@
 """The sharded centroid classifier: on one rank each loss equals a hand-written reference; 2 ranks (real
 torch.distributed, gloo) give the same loss and the same gradients as 1 rank holding the full matrix, for
-every margin, with and without class sampling, hard, multi-label and soft labels, with row weights; shards
-checkpoint per rank and re-shard onto another world size."""
+every margin, with and without class sampling (the 1-rank run scoring the classes the 2 ranks sampled), hard,
+multi-label and soft labels, with row weights; shards checkpoint per rank and re-shard onto another world size."""
 import os
 
 import pytest
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier, shard_range
 from tests.helpers import free_port
 
-C, D, B, W, L = 11, 8, 3, 2, 3  # C % W != 0: rank 0 owns one row more; L positives per row (multi-label)
+C, D, B, W, L = 41, 8, 3, 2, 3  # C % W != 0: rank 0 owns one row more; L positives per row (multi-label)
 
 
 def inputs():
@@ -26,10 +26,13 @@ def inputs():
     return centroids, embeddings, teacher, labels, weights
 
 
-def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(None)):
+def run_classifier(kind, margin, rate, rank=None, world_size=None, rows=slice(None), scored=None):
+    """``scored``: the classes a 1-rank classifier scores instead of its own sample."""
     centroids, embeddings, teacher, labels, weights = inputs()
     clf = ShardedCentroidClassifier(centroids, margin=margin, scale=16.0, margin_value=0.3, sample_rate=rate,
                                     soft=kind == "soft", seed=3, rank=rank, world_size=world_size)
+    if scored is not None:
+        clf.sample = lambda labels, step: scored
     local = embeddings[rows].clone().requires_grad_()
     if kind == "hard":
         out = clf(local, labels[rows, 0], step=7, weights=weights[rows])
@@ -67,18 +70,18 @@ def two_rank_results():
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_two_ranks_match_one_rank_with_the_full_matrix(two_rank_results, case):
-    full = run_classifier(*case, rank=0, world_size=1)
+    sampled = torch.cat([two_rank_results[r][case]["sampled"] for r in range(W)])
+    full = run_classifier(*case, rank=0, world_size=1, scored=sampled)
     for rank in range(W):
         part = two_rank_results[rank][case]
         torch.testing.assert_close(part["loss"], full["loss"])
         torch.testing.assert_close(part["accuracy"], full["accuracy"])
-        torch.testing.assert_close(part["fraction"], full["fraction"])
+        torch.testing.assert_close(part["fraction"], torch.tensor(len(sampled) / C))
         # local embeddings get W x dL/dE: DeepSpeed's data-parallel average divides it back out
         torch.testing.assert_close(part["emb_grad"] / W, full["emb_grad"][rank * B:(rank + 1) * B])
         start, count = shard_range(C, rank, W)
         torch.testing.assert_close(part["weight_grad"], full["weight_grad"][start:start + count])
-    sampled = torch.cat([two_rank_results[r][case]["sampled"] for r in range(W)])
-    assert torch.equal(sampled, full["sampled"])  # the same classes whatever the sharding
+    assert len(sampled) < C if case[2] < 1 else torch.equal(sampled, torch.arange(C))
 
 
 def reference_logits(centroids, embeddings, labels, margin, scale, margin_value):
@@ -120,14 +123,17 @@ def test_one_rank_losses_equal_their_written_out_definitions(margin):
     torch.testing.assert_close(clf.soft_forward(embeddings, teacher, labels, temperature=2.0)["loss"], kl.mean())
 
 
-def test_sampling_keeps_every_positive_class_of_the_global_batch():
+def test_sampling_keeps_every_positive_class_of_the_global_batch_in_a_fixed_number_of_rows():
     labels = torch.tensor([0, 5, 17, 17, 99, 42])
     clf = ShardedCentroidClassifier(torch.randn(100, 4), sample_rate=0.1, seed=1, rank=0, world_size=1)
     for step in range(20):
         index = clf.sample(labels, step)
         assert set(labels.tolist()) <= set(index.tolist())
-        assert len(index) < 40
+        assert len(index) == 10 and torch.equal(index, index.unique())  # the rate's share, sorted, no repeats
     assert not torch.equal(clf.sample(labels, 0), clf.sample(labels, 1))
+    # more labels than the rate's share: room for each to be a different positive
+    many = torch.arange(0, 60, 4)
+    assert clf.num_sampled(len(many)) == 15 and set(many.tolist()) == set(clf.sample(many, 0).tolist())
 
 
 def test_sampling_scores_each_other_class_at_the_sample_rate():
@@ -199,8 +205,8 @@ def save_worker(rank, port, directory):
 def test_shards_checkpoint_per_rank_and_reshard_onto_one_rank(tmp_path):
     mp.spawn(save_worker, args=(free_port(), str(tmp_path)), nprocs=W)
     saved = [torch.load(tmp_path / f"centroid_classifier_rank{r}.pt", weights_only=False) for r in range(W)]
-    assert [s["weight"].shape[0] for s in saved] == [6, 5]
-    assert not torch.allclose(saved[0]["weight"], F.normalize(inputs()[0][:6], dim=-1))  # it trained
+    assert [s["weight"].shape[0] for s in saved] == [21, 20]
+    assert not torch.allclose(saved[0]["weight"], F.normalize(inputs()[0][:21], dim=-1))  # it trained
 
     centroids, embeddings, _, labels, _ = inputs()
     one = ShardedCentroidClassifier(centroids, rank=0, world_size=1)
@@ -218,8 +224,8 @@ def test_shards_checkpoint_per_rank_and_reshard_onto_one_rank(tmp_path):
     again.load(str(tmp_path))
     torch.testing.assert_close(again.weight, saved[1]["weight"])
 
-    with pytest.raises(ValueError, match="11 classes saved, the classifier has 12"):
-        ShardedCentroidClassifier(torch.randn(12, D), rank=0, world_size=1).load(str(tmp_path))
+    with pytest.raises(ValueError, match="41 classes saved, the classifier has 42"):
+        ShardedCentroidClassifier(torch.randn(42, D), rank=0, world_size=1).load(str(tmp_path))
 
 
 def test_after_a_deepspeed_step_student_weights_agree_and_shards_do_not(tmp_path):

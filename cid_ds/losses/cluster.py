@@ -71,9 +71,10 @@ class ClusterDiscrimination:
                                                 temperature=self.cfg.soft_temperature, weights=weights)
         return self.classifier(embeddings, labels, step, weights=weights)
 
-    def step(self, step: int) -> None:
-        """Apply this step's gradient to this rank's sampled rows, at the schedule's lr for ``step``."""
-        self.classifier.update(self.base_lr * self.lr_factor(step), self.betas, self.eps)
+    def step(self, step: int, skip: Optional[torch.Tensor] = None) -> None:
+        """Apply this step's gradient to this rank's sampled rows, at the schedule's lr for ``step``, unless the
+        device flag ``skip`` (cid_ds.step_guard) says the step is skipped."""
+        self.classifier.update(self.base_lr * self.lr_factor(step), self.betas, self.eps, skip)
 
     def save(self, tag_dir: str) -> None:
         self.classifier.save(tag_dir)

@@ -4,10 +4,12 @@ Rank r of W owns rows ``[start, start + C//W + (r < C%W))`` of the C x D classif
 the k-means centroids. Each step:
 
 1. the student embeddings of the global batch are all-gathered with gradient;
-2. a set of classes is sampled: every class that is a positive in the global batch, plus each other
-   class with probability ``sample_rate``. The draw is one uniform number per *global* class id from a
-   generator seeded by (seed, step), so the sampled set does not depend on how the rows are sharded:
-   a 1-rank and a W-rank run, or a run resumed on another world size, score the same classes;
+2. a fixed number of this rank's classes is sampled (insightface's partial_fc_v2): a random key per row,
+   2 for every row that is a positive in the global batch, and the top k keys, with
+   ``k = min(C_local, max(ceil(sample_rate * C_local), label slots of the global batch))``. Every positive is
+   scored, and no shape depends on the labels, so the host never waits for the device to learn how many
+   rows a step scores (CUDA graphs can replay the step). The set depends on the sharding: two world sizes
+   score different random negatives;
 3. cosine logits against the local sampled rows, the margin on the target logit, times the scale;
 4. a softmax over all ranks' rows: row max all-reduced (MAX), exp-sums all-reduced (SUM).
 
@@ -121,10 +123,20 @@ class ShardedCentroidClassifier(nn.Module):
                              persistent=False)
         self.register_buffer("exp_avg", torch.zeros_like(rows) if learnable else torch.empty(0))
         self.register_buffer("exp_avg_sq", torch.zeros_like(rows) if learnable else torch.empty(0))
-        self.updates = 0
+        # on the device: a step skipped there (cid_ds.step_guard) must not count, and the host never reads it
+        self.register_buffer("updates", torch.zeros(()), persistent=False)
         self.margin, self.scale, self.margin_value = margin, scale, margin_value
         self.sample_rate, self.seed = sample_rate, seed
         self._sampled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def num_sampled(self, label_slots: int, rank: Optional[int] = None) -> int:
+        """How many rows rank ``rank`` (default: this one) scores per step when the global batch holds
+        ``label_slots`` labels: at least the sample rate's share, and room for every label to be a different
+        positive of this rank."""
+        _, num_local = shard_range(self.num_classes, self.rank if rank is None else rank, self.world_size)
+        if self.sample_rate >= 1:
+            return num_local
+        return min(num_local, max(math.ceil(self.sample_rate * num_local), label_slots))
 
     def sample(self, global_labels: torch.Tensor, step: int) -> torch.Tensor:
         """Sorted local row indices to score this step (all of them at sample_rate 1); ``global_labels`` of
@@ -132,17 +144,14 @@ class ShardedCentroidClassifier(nn.Module):
         device = self.weight.device
         if self.sample_rate >= 1:
             return torch.arange(self.num_local, device=device)
-        # Every rank draws the same C numbers and keeps its slice, so the sampled set does not depend on the
-        # world size; on the classifier's device, as at C = 1M a CPU draw took 4.3 ms of the host's step.
-        generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + step)
-        keep = torch.rand(self.num_classes, generator=generator, device=device)[self.start:self.start + self.num_local]
-        # every positive class this rank owns is kept; counted with index_add (labels repeat), not selected
-        # with a boolean mask, whose size the host would have to wait for
+        # on the classifier's device: at C = 1M a CPU draw took 4.3 ms of the host's step
+        generator = torch.Generator(device).manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rank)
+        keys = torch.rand(self.num_local, generator=generator, device=device)
         global_labels = global_labels.reshape(-1)
         owned = (global_labels >= self.start) & (global_labels < self.start + self.num_local)
         at = (global_labels - self.start).clamp(0, self.num_local - 1)
-        keep = (keep < self.sample_rate).to(torch.uint8).index_add_(0, at, owned.to(torch.uint8)) > 0
-        return keep.nonzero().squeeze(1)  # the one sync: how many rows this step scores
+        keys.scatter_reduce_(0, at, owned.to(keys.dtype) * 2, reduce="amax")  # positives above every draw
+        return keys.topk(self.num_sampled(len(global_labels)), sorted=False).indices.sort().values
 
     def _sampled_rows(self, global_labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.sample(global_labels, step)
@@ -156,18 +165,24 @@ class ShardedCentroidClassifier(nn.Module):
         return index, rows.grad if rows.grad is not None else torch.zeros_like(rows)
 
     @torch.no_grad()
-    def update(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        """One AdamW step (no weight decay) on the rows sampled in the last forward, then forget them."""
+    def update(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               skip: Optional[torch.Tensor] = None) -> None:
+        """One AdamW step (no weight decay) on the rows sampled in the last forward, then forget them. ``skip``:
+        a device flag (cid_ds.step_guard); where it is 1 the rows, their moments and the count stay as they were,
+        decided without the host reading it."""
         if not self.learnable or self._sampled is None:
             return
         index, grad = self.sampled_grad()
-        self.updates += 1
         beta1, beta2 = betas
-        m = self.exp_avg[index].mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = self.exp_avg_sq[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        go = torch.ones((), dtype=torch.bool, device=grad.device) if skip is None else skip == 0
+        updates = self.updates + go.to(self.updates.dtype)
+        old_m, old_v, old_w = self.exp_avg[index], self.exp_avg_sq[index], self.weight[index]
+        m = torch.where(go, old_m * beta1 + grad * (1 - beta1), old_m)
+        v = torch.where(go, old_v * beta2 + grad * grad * (1 - beta2), old_v)
+        step = m / (1 - beta1 ** updates) / ((v / (1 - beta2 ** updates)).sqrt() + eps)
         self.exp_avg[index], self.exp_avg_sq[index] = m, v
-        m_hat, v_hat = m / (1 - beta1 ** self.updates), v / (1 - beta2 ** self.updates)
-        self.weight[index] -= lr * m_hat / (v_hat.sqrt() + eps)
+        self.weight[index] = torch.where(go, old_w - lr * step, old_w)
+        self.updates = updates
         self._sampled = None
 
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None):
@@ -215,7 +230,7 @@ class ShardedCentroidClassifier(nn.Module):
             else self._softmax_loss(logits, target_cols[:, 0])
         return {"loss": (row_loss * all_weights).sum() / all_weights.sum(),
                 "accuracy": self._accuracy(cosine, index, all_labels[:, 0], all_weights),
-                "sampled_fraction": self._sampled_fraction(index)}
+                "sampled_fraction": self._sampled_fraction(all_labels.numel())}
 
     def _softmax_loss(self, logits: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
         """Per row: -log softmax of its target column over every rank's sampled columns."""
@@ -264,7 +279,7 @@ class ShardedCentroidClassifier(nn.Module):
         kl_parts = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=1)
         return {"loss": (sum_over_ranks(kl_parts) * all_weights).sum() / all_weights.sum(),
                 "accuracy": self._accuracy(cosine, index, all_labels[:, 0], all_weights),
-                "sampled_fraction": self._sampled_fraction(index)}
+                "sampled_fraction": self._sampled_fraction(all_labels.numel())}
 
     @torch.no_grad()
     def _accuracy(self, cosine: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
@@ -285,12 +300,10 @@ class ShardedCentroidClassifier(nn.Module):
             best_class = torch.stack(classes).gather(0, winner[None]).squeeze(0)
         return ((best_class == labels).float() * weights).sum() / weights.sum()
 
-    @torch.no_grad()
-    def _sampled_fraction(self, index: torch.Tensor) -> torch.Tensor:
-        count = torch.tensor(float(len(index)), device=self.weight.device)
-        if self.world_size > 1:
-            dist.all_reduce(count)
-        return count / self.num_classes
+    def _sampled_fraction(self, label_slots: int) -> torch.Tensor:
+        """The fraction of all classes scored over every rank: known on the host (no all-reduce, no read)."""
+        total = sum(self.num_sampled(label_slots, rank) for rank in range(self.world_size))
+        return torch.full((), total / self.num_classes, device=self.weight.device)
 
     # --- checkpoint: one file per rank, re-sharded on load when the world size changed ---------------
 
@@ -300,7 +313,7 @@ class ShardedCentroidClassifier(nn.Module):
     def save(self, directory: str) -> None:
         from cid_ds.io import atomic_path
         state = {"weight": self.weight.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
-                 "updates": self.updates, "start": self.start, "num_classes": self.num_classes,
+                 "updates": int(self.updates), "start": self.start, "num_classes": self.num_classes,
                  "world_size": self.world_size}
         with atomic_path(self.shard_file(directory)) as tmp:
             torch.save(state, tmp)
@@ -317,4 +330,4 @@ class ShardedCentroidClassifier(nn.Module):
         for name in ("weight", "exp_avg", "exp_avg_sq"):
             if getattr(self, name).numel():
                 getattr(self, name).copy_(torch.cat([s[name] for s in shards])[rows])
-        self.updates = first["updates"]
+        self.updates.fill_(first["updates"])

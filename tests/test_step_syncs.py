@@ -1,0 +1,65 @@
+"""The trainer's step reads nothing back from the device: a training step as ``cid_ds.train.train_step`` runs it
+(forward; CLIP, instance, feature and cluster terms, the cluster term with class sampling, two positives and the
+text side; the non-finite verdict; backward; the engine's step; the classifier's row update) asks the host to wait
+for the device zero times, under zero0.json and zero2.json, counted with ``cid_ds.profiling.DispatchCount``. A step
+on teacher embeddings that are NaN leaves the student and the classifier as they were: skipped on the device, or,
+with an AdamW that cannot skip there (``perf.adamw: foreach``), on the host before its backward."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.helpers import one_rank_env
+
+STEPS_COUNTED = r"""
+import json, sys, deepspeed, numpy as np, torch
+from cid_ds.config import Config
+from cid_ds.deepspeed_ops import make_step_host_light
+from cid_ds.engine import build_optimizer, deepspeed_config, init_distributed
+from cid_ds.losses.cluster import ClusterDiscrimination
+from cid_ds.profiling import DispatchCount
+from cid_ds.step_guard import StepGuard
+from cid_ds.train import train_step
+from tests.test_fast_paths import BATCH, fixed_batch, tiny_student
+init_distributed(dist_backend="gloo")
+centroids_dir, result = sys.argv[2], {}
+for json_name, adamw in (("zero0", "fused"), ("zero2", "fused"), ("zero0", "foreach")):
+    cfg = Config()
+    cfg.deepspeed_config, cfg.data.batch_size, cfg.perf.adamw = f"ds_configs/{json_name}.json", BATCH, adamw
+    cfg.loss.instance, cfg.loss.fd, cfg.loss.cluster = 1.0, 1.0, 0.3
+    cfg.cluster.dir, cfg.cluster.sample_rate, cfg.cluster.positives, cfg.cluster.text_weight = centroids_dir, 0.5, 2, 0.5
+    student = tiny_student()
+    optimizer = build_optimizer(student, cfg)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu=False))
+    guard = StepGuard(optimizer, engine.device)
+    make_step_host_light(engine, guard)
+    term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, (0.9, 0.98), 1e-6, lambda step: 1.0, 0, engine.device)
+    batch = fixed_batch() | {"cluster": torch.stack([torch.randperm(64)[:2] for _ in range(BATCH)])}
+    for step in range(3):
+        with DispatchCount() as count:
+            ran = train_step(engine, cfg, batch, step, guard, term)[3]
+    before = [p.detach().clone() for p in student.parameters()] + [term.classifier.weight.clone()]
+    nan_batch = batch | {"t_img": torch.full_like(batch["t_img"], float("nan"))}
+    nan_ran = train_step(engine, cfg, nan_batch, 3, guard, term)[3]
+    after = [p.detach().clone() for p in student.parameters()] + [term.classifier.weight.clone()]
+    result[f"{json_name} {adamw}"] = {
+        "syncs": count.syncs, "updates": int(term.classifier.updates), "nan_step_ran": nan_ran,
+        "nan_step_changed_nothing": all(torch.equal(a, b) for a, b in zip(before, after)),
+        "skipped_counted": guard.take_window()[1].item()}
+json.dump(result, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    np.save(tmp_path / "centroids.npy", np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32))
+    out = tmp_path / "counted.json"
+    env = one_rank_env()
+    run = subprocess.run([sys.executable, "-c", STEPS_COUNTED, str(out), str(tmp_path)], env=env, cwd=env["PYTHONPATH"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counted = json.loads(out.read_text())
+    on_device = {"syncs": 0, "updates": 3, "nan_step_ran": True, "nan_step_changed_nothing": True, "skipped_counted": 1}
+    assert counted["zero0 fused"] == counted["zero2 fused"] == on_device, counted
+    host = counted["zero0 foreach"]
+    assert not host["nan_step_ran"] and host["nan_step_changed_nothing"] and host["skipped_counted"] == 1, host
