@@ -123,6 +123,8 @@ class PerfConfig:
     # bench/vs_open_clip.py measures each one.
     adamw: str = "fused"              # fused | foreach | for_loop: torch AdamW's implementation (fused: one kernel)
     compile: bool = False             # torch.compile the student: minutes of compiling, then faster steps
+    cuda_graphs: bool = False         # compile in torch.compile's reduce-overhead mode: on a GPU the student's forward
+                                      # and backward replay as CUDA graphs (README: what they leave out); not ZeRO-3
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more compute
     channels_last: bool = False       # NHWC images (convolutions follow them): for conv students, not ViTs
 

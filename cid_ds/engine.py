@@ -36,6 +36,9 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
     if cfg.loss.cluster > 0 and fp16 and on_gpu:
         raise ConfigError(f"{path}: fp16 loss scaling would also scale the centroid classifier's gradients, "
                           "which live outside the engine: use bf16 with the cluster term")
+    if cfg.perf.cuda_graphs and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(f"{path}: perf.cuda_graphs replays the student's kernels on the same parameter memory, "
+                          "and ZeRO-3 gathers and frees the parameters every step: use a ZeRO stage of 0 to 2")
     if not on_gpu:  # bf16/fp16 matmuls on CPU are slower than fp32 and DeepSpeed's CPU path is fp32-tested
         for precision in ("bf16", "fp16", "torch_autocast"):
             ds.setdefault(precision, {})["enabled"] = False

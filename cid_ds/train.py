@@ -168,8 +168,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
                                            config=deepspeed_config(cfg, on_gpu))
     guard = StepGuard(optimizer, engine.device)
     make_step_host_light(engine, guard)
-    if cfg.perf.compile:
-        engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
+    compile_student(engine, cfg)
     device = engine.device
     dtype = compute_dtype(engine)
     if online_teacher is not None:
@@ -259,12 +258,23 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     return results
 
 
+def compile_student(engine, cfg: Config) -> None:
+    """``perf.compile``: the student compiled in place (nn.Module.compile: parameter names and checkpoints stay as
+    they are). ``perf.cuda_graphs``: in torch.compile's reduce-overhead mode, whose CUDA graphs replay the student's
+    forward and backward, possible because no shape in a step depends on data and nothing in it waits for the
+    device; on CPU it compiles as ``perf.compile`` does."""
+    if cfg.perf.compile or cfg.perf.cuda_graphs:
+        engine.compile(compile_kwargs={"mode": "reduce-overhead"} if cfg.perf.cuda_graphs else {})
+
+
 def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, cluster_term=None,
                targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict, bool]:
     """One step on a batch already on the device: forward, every loss term, the non-finite verdict, backward, the
     engine's step and the classifier's. Returns the student's outputs, the losses, the metrics, and whether the step
     ran: False only where the host skipped it (an optimizer that cannot skip on the device, cid_ds.step_guard). With
     fused AdamW it reads nothing back from the device (tests/test_step_syncs.py counts it)."""
+    if cfg.perf.cuda_graphs:  # a new step: the last step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     dtype = compute_dtype(engine)
     fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
     out = engine(batch["image"], batch["tokens"], *fusion_inputs)

@@ -205,3 +205,63 @@ def test_one_rank_skips_the_gradient_allreduce_and_trains_the_same_weights(tmp_p
     result = json.loads(out.read_text())
     assert result["skipped"]["weights"] == result["reduced"]["weights"]  # bitwise
     assert result["skipped"]["ops"] < result["reduced"]["ops"]
+
+
+# Two one-rank zero2.json engines from the same weights, one with perf.cuda_graphs; three trainer steps each (the
+# cluster term on, sampling classes) on one batch.
+TRAINER_STEPS_WITH_AND_WITHOUT_CUDA_GRAPHS = r"""
+import json, sys, deepspeed, numpy as np, torch
+from cid_ds.config import Config
+from cid_ds.deepspeed_ops import make_step_host_light
+from cid_ds.engine import build_optimizer, deepspeed_config, init_distributed
+from cid_ds.losses.cluster import ClusterDiscrimination
+from cid_ds.profiling import DispatchCount
+from cid_ds.step_guard import StepGuard
+from cid_ds.train import compile_student, train_step
+from tests.test_fast_paths import BATCH, TEACHER_DIM, fixed_batch, tiny_student
+init_distributed(dist_backend="gloo")
+np.save(sys.argv[2] + "/centroids.npy", np.random.default_rng(0).standard_normal((64, TEACHER_DIM)).astype(np.float32))
+result = {}
+for graphs in (False, True):
+    cfg = Config()
+    cfg.deepspeed_config, cfg.data.batch_size, cfg.perf.cuda_graphs = "ds_configs/zero2.json", BATCH, graphs
+    cfg.loss.instance, cfg.loss.cluster, cfg.cluster.dir, cfg.cluster.sample_rate = 1.0, 0.3, sys.argv[2], 0.25
+    student = tiny_student()
+    optimizer = build_optimizer(student, cfg)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu=False))
+    guard = StepGuard(optimizer, engine.device)
+    make_step_host_light(engine, guard)
+    compile_student(engine, cfg)
+    term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, (0.9, 0.98), 1e-6, lambda step: 1.0, 0, engine.device)
+    batch = fixed_batch() | {"cluster": torch.randint(0, 64, (BATCH,), generator=torch.Generator().manual_seed(2))}
+    losses = []
+    for step in range(3):
+        with DispatchCount() as count:
+            step_losses = train_step(engine, cfg, batch, step, guard, term)[1]
+        losses.append({k: v.item() for k, v in step_losses.items()})
+    result[graphs] = {"losses": losses, "syncs": count.syncs,
+                      "weights": {k: v.tolist() for k, v in student.state_dict().items()}}
+json.dump({"graphs": result[True], "plain": result[False]}, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_cuda_graphs_step_gives_the_plain_steps_losses_and_weights(tmp_path):
+    """perf.cuda_graphs as the trainer sets it up: on CPU it compiles (inductor) in reduce-overhead mode; its three
+    steps' every loss term within 1e-5 relative of the plain engine's, its weights within 1e-5 plus 1e-4 of a
+    step (lr), and its steps wait for the device no more than the plain ones (zero times)."""
+    out = tmp_path / "steps.json"
+    run = subprocess.run([sys.executable, "-c", TRAINER_STEPS_WITH_AND_WITHOUT_CUDA_GRAPHS, str(out), str(tmp_path)],
+                         env=one_rank_env(), cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    graphs, plain = result["graphs"], result["plain"]
+    assert graphs["syncs"] == plain["syncs"] == 0
+    for got, expected in zip(graphs["losses"], plain["losses"]):
+        assert got.keys() == expected.keys() == {"clip", "instance", "cluster"}
+        for name, value in expected.items():
+            assert abs(got[name] - value) <= 1e-5 * abs(value), (name, got, expected)
+    lr = Config().optim.lr
+    for name, expected in plain["weights"].items():
+        np.testing.assert_allclose(graphs["weights"][name], expected, rtol=1e-5, atol=1e-4 * lr, err_msg=name)
+
