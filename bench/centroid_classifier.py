@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
 
 
 def formula_bytes(rows: int, dim: int, batch: int, rate: float) -> dict[str, int]:
-    sampled = min(rows, round(rows * rate) + batch)
+    sampled = min(rows, max(math.ceil(rows * rate), batch))  # ShardedCentroidClassifier.num_sampled
     return {"shard + moments": rows * dim * 4 * 3, "sampled rows": sampled * dim * 4 * 6,
             "logits": batch * sampled * 4 * 7}
 

@@ -105,14 +105,13 @@ def test_sigterm_to_the_launcher_checkpoints_exits_0_and_the_resumed_curve_match
     assert sorted(got) == list(range(1, 13))
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
 
-    # a truncated newest checkpoint is passed over: resume takes the previous complete one
+    # a truncated newest checkpoint is passed over: resume takes the previous complete one (that the trainer resumes
+    # from what newest_complete_tag picks: tests/test_checkpoint_faults.py's full disk)
     newest = os.path.join(out, "checkpoints", "step00000012")
     model_file = glob.glob(os.path.join(newest, "*model_states.pt"))[0]
     with open(model_file, "r+b") as f:
         f.truncate(100)
     assert newest_complete_tag(os.path.join(out, "checkpoints")) == f"step{stop_step:08d}"
-    again = run(deepspeed_cmd(2) + overrides(dataset, out, 13))
-    assert f"start step {stop_step}/13" in again.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])

@@ -99,3 +99,13 @@ def test_fp16_autocast_is_refused_with_the_cluster_term(tmp_path):
     cfg.deepspeed_config, cfg.loss.cluster = str(path), 0.1
     with pytest.raises(ConfigError, match="autocast_fp16.json: fp16 loss scaling"):
         deepspeed_config(cfg, on_gpu=True)
+
+
+def test_cuda_graphs_are_refused_with_zero3():
+    from cid_ds.config import ConfigError
+    cfg = Config()
+    cfg.deepspeed_config, cfg.perf.cuda_graphs = os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), True
+    with pytest.raises(ConfigError, match="zero3.json: perf.cuda_graphs replays .* use a ZeRO stage of 0 to 2"):
+        deepspeed_config(cfg, on_gpu=True)
+    cfg.deepspeed_config = os.path.join(REPO_ROOT, "ds_configs", "zero2.json")
+    assert deepspeed_config(cfg, on_gpu=True)["zero_optimization"]["stage"] == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -128,6 +129,7 @@ class ShardedCentroidClassifier(nn.Module):
         self.margin, self.scale, self.margin_value = margin, scale, margin_value
         self.sample_rate, self.seed = sample_rate, seed
         self._sampled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._warned_of_label_slots = False
 
     def num_sampled(self, label_slots: int, rank: Optional[int] = None) -> int:
         """How many rows rank ``rank`` (default: this one) scores per step when the global batch holds
@@ -151,7 +153,14 @@ class ShardedCentroidClassifier(nn.Module):
         owned = (global_labels >= self.start) & (global_labels < self.start + self.num_local)
         at = (global_labels - self.start).clamp(0, self.num_local - 1)
         keys.scatter_reduce_(0, at, owned.to(keys.dtype) * 2, reduce="amax")  # positives above every draw
-        return keys.topk(self.num_sampled(len(global_labels)), sorted=False).indices.sort().values
+        count = self.num_sampled(len(global_labels))
+        share = math.ceil(self.sample_rate * self.num_local)
+        if count > share and self.rank == 0 and not self._warned_of_label_slots:
+            self._warned_of_label_slots = True
+            warnings.warn(f"cluster.sample_rate {self.sample_rate}: rank 0 scores {count} of its {self.num_local} "
+                          f"classes, not {share}: the global batch holds {len(global_labels)} labels, which could all "
+                          "be positives of one rank, and every positive is scored")
+        return keys.topk(count, sorted=False).indices.sort().values
 
     def _sampled_rows(self, global_labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.sample(global_labels, step)
