@@ -142,7 +142,8 @@ class CheckpointConfig:
     keep: int = 2
     resume: str = "auto"                # auto | none (RESUME_KEYWORDS) | path to a checkpoint dir
     stop_check_every: int = 10          # steps between the ranks' check for SIGTERM/SIGUSR1 (one all-reduce)
-    max_nonfinite_in_a_row: int = 10    # a NaN/inf loss skips its step; this many in a row stop the job
+    max_nonfinite_in_a_row: int = 10    # a NaN/inf loss or gradient norm skips its step; this many in a row stop
+                                        # the job (read at the stop checks and logging windows)
 
 
 RESUME_KEYWORDS = ("auto", "none")
