@@ -106,7 +106,6 @@ def _zero_allreduce_and_copy(optimizer, stock):
 def _zero_grad_norm(optimizer):
     """stage_1_and_2's get_grad_norm_direct for the L2 norm without model or pipeline parallelism: each
     gradient's norm in fp64 from one multi-tensor norm, instead of a cast and a norm per gradient."""
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.utils import get_norm_dtype
     stock = optimizer.get_grad_norm_direct
 
@@ -123,8 +122,8 @@ def _zero_grad_norm(optimizer):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
         optimizer._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
-        return total
+        # DeepSpeed's mask_nan_or_inf_with_val_inplace, without its torch.tensor(-1.0, device=...): a blocking copy
+        return total.masked_fill_(~torch.isfinite(total), -1.0)
     return get_grad_norm_direct
 
 

@@ -31,6 +31,9 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.optim.grad_clip
+    # DeepSpeed's throughput timer (its own samples/s prints) synchronizes the device at every forward and step
+    # by default; the trainer measures its own samples/s per logging window
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     autocast = ds.get("torch_autocast", {})
     fp16 = ds.get("fp16", {}).get("enabled") or (autocast.get("enabled") and _names_fp16(autocast.get("dtype")))
     if cfg.loss.cluster > 0 and fp16 and on_gpu:

@@ -49,7 +49,8 @@ class DispatchCount(TorchDispatchMode):
     excluded) and ``count.syncs`` the number that make the host wait for the device: a value read back
     (``.item()``, ``bool(t)``) or an output whose shape depends on values (``nonzero``, boolean indexing). On a
     GPU each op is at least one kernel launch from Python and each sync stops the host running ahead; a step
-    whose per-GPU work is small is bound by these, not by its FLOPs. The counts are the same on CPU."""
+    whose per-GPU work is small is bound by these, not by its FLOPs. The counts are the same on CPU. A tensor made
+    from host data (``torch.tensor(x, device=...)``) counts as a sync too: on a GPU it is a blocking copy."""
 
     def __enter__(self) -> "DispatchCount":
         self.ops = self.syncs = 0
@@ -64,7 +65,7 @@ class DispatchCount(TorchDispatchMode):
 
 
 def _waits_for_the_device(func, args) -> bool:
-    if func is torch.ops.aten._local_scalar_dense.default:
+    if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default):
         return True
     if func is torch.ops.aten.index.Tensor:  # tagged dynamic, but only a boolean mask is
         return any(i is not None and i.dtype == torch.bool for i in args[1])

@@ -7,9 +7,10 @@ engine's gradient norm adds its verdict (cid_ds.deepspeed_ops, where it computes
 classifier's row update obeys the same flag. The host reads nothing per step; it reads the counts, exactly, at the
 windows where it reads anything (logging, stop checks). A skipped step still counts as a step of the schedule.
 
-torch's foreach and for-loop AdamW take no ``found_inf``: with them (``perf.adamw``) ``decided_on_device`` is False
-and the trainer reads the loss's verdict every step, skipping backward and step on the host and retrying the step
-with the next batch.
+Where the optimizer cannot skip on the device, ``decided_on_device`` is False and its ``step`` reads the verdict back
+first and does nothing on a skip (one sync per call): torch's foreach and for-loop AdamW take no ``found_inf``, and a
+fused AdamW whose parameters are elsewhere (a CPU-offloaded optimizer) would copy the flag from the GPU without
+waiting for it (torch's non-blocking copy) and could read it before it is written.
 """
 from __future__ import annotations
 
@@ -19,8 +20,14 @@ import torch.distributed as dist
 
 class StepGuard:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
-        self.optimizer = optimizer  # the torch optimizer itself, inside whatever DeepSpeed wraps it in
-        self.decided_on_device = bool(optimizer.defaults.get("fused"))
+        """``optimizer``: the torch optimizer itself, inside whatever DeepSpeed wraps it in, after
+        ``deepspeed.initialize`` (which moves its parameters where they are stepped)."""
+        device = torch.device(device)
+        self.optimizer = optimizer
+        self.decided_on_device = bool(optimizer.defaults.get("fused")) and all(
+            p.device == device for group in optimizer.param_groups for p in group["params"])
+        if not self.decided_on_device:
+            optimizer.step = self._unless_skipped(optimizer.step)
         self.skip = torch.zeros((), device=device)
         self._skipped, self._run, self._longest = (torch.zeros((), device=device) for _ in range(3))
         self._loss_sums: dict[str, torch.Tensor] = {}
@@ -41,9 +48,12 @@ class StepGuard:
         if self.decided_on_device:
             self.optimizer.found_inf = skip
 
-    def skipped_on_host(self) -> bool:
-        """The loss's verdict, read back (a device sync): for optimizers that cannot skip on the device."""
-        return bool(self.skip.item())
+    def _unless_skipped(self, step):
+        def step_unless_skipped(*args, **kwargs):
+            if self.skip.item():  # the verdict read back: an optimizer that cannot skip on the device
+                return None
+            return step(*args, **kwargs)
+        return step_unless_skipped
 
     def end_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Count the step, and add its losses to the window's sums unless it was skipped."""

@@ -211,10 +211,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         window["skipped"] += int(batch.get("n_skipped", 0))
         damage.add(batch["damaged_shards"])
         batch = on_device(batch, device, dtype, memory_format, online_teacher)
-        out, losses, metrics, ran = train_step(engine, cfg, batch, step, guard, cluster_term, targets)
-        if not ran:
-            stop_if_nonfinite_in_a_row(guard, engine, cfg, step, position, rank, cluster_term, losses)
-            continue
+        out, losses, metrics = train_step(engine, cfg, batch, step, guard, cluster_term, targets)
         step += 1
         window["steps"] += 1
         if profiler is not None:
@@ -268,11 +265,11 @@ def compile_student(engine, cfg: Config) -> None:
 
 
 def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, cluster_term=None,
-               targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict, bool]:
+               targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict]:
     """One step on a batch already on the device: forward, every loss term, the non-finite verdict, backward, the
-    engine's step and the classifier's. Returns the student's outputs, the losses, the metrics, and whether the step
-    ran: False only where the host skipped it (an optimizer that cannot skip on the device, cid_ds.step_guard). With
-    fused AdamW it reads nothing back from the device (tests/test_step_syncs.py counts it)."""
+    engine's step and the classifier's (a non-finite step leaves everything as it was, cid_ds.step_guard). Returns
+    the student's outputs, the losses and the metrics. With fused AdamW it reads nothing back from the device
+    (tests/test_step_syncs.py counts it)."""
     if cfg.perf.cuda_graphs:  # a new step: the last step's graph outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
     dtype = compute_dtype(engine)
@@ -282,15 +279,12 @@ def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, c
     weights = loss_weights(cfg, step)
     total = sum(weights[k] * v for k, v in losses.items())
     guard.check_loss(total)
-    if not guard.decided_on_device and guard.skipped_on_host():
-        guard.end_step(losses)
-        return out, losses, metrics, False
     engine.backward(total)
     engine.step()
     if cluster_term is not None:
         cluster_term.step(step, guard.skip)
     guard.end_step(losses | {"total": total})
-    return out, losses, metrics, True
+    return out, losses, metrics
 
 
 def steady_rate(window_rates: list[float]) -> Optional[float]:

@@ -144,7 +144,7 @@ class ShardedCentroidClassifier(nn.Module):
         """Sorted local row indices to score this step (all of them at sample_rate 1); ``global_labels`` of
         any shape, each one kept."""
         device = self.weight.device
-        if self.sample_rate >= 1:
+        if self.sample_rate >= 1 or self.num_local == 0:  # a rank may own no class when C < W
             return torch.arange(self.num_local, device=device)
         # on the classifier's device: at C = 1M a CPU draw took 4.3 ms of the host's step
         generator = torch.Generator(device).manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rank)
