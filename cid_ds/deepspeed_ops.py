@@ -39,6 +39,8 @@ def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> None:
         _skip_allreduce_at_one_rank(engine)
         engine.allreduce_and_copy = _engine_allreduce_and_copy(engine)
         engine.clip_fp32_gradients = _clip_fp32_gradients(engine, guard)
+        if guard is not None and engine.gradient_clipping() == 0:
+            engine._take_model_step = _take_model_step_with_norm_checked(engine, guard)
     elif stage in (1, 2):
         optimizer = engine.optimizer
         optimizer.allreduce_and_copy = _zero_allreduce_and_copy(optimizer, optimizer.allreduce_and_copy)
@@ -64,23 +66,40 @@ def _engine_allreduce_and_copy(engine):
     return allreduce_and_copy
 
 
-def _clip_fp32_gradients(engine, guard: Optional[StepGuard]):
-    """engine.clip_fp32_gradients (deepspeed.runtime.utils.clip_grad_norm_ without model parallelism): the
-    global norm from one multi-tensor norm, averaged over the data-parallel ranks, and one multiply."""
+def _global_grad_norm(engine) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The gradients and their global norm as deepspeed.runtime.utils.clip_grad_norm_ computes it without model
+    parallelism: one multi-tensor norm, averaged over the data-parallel ranks."""
     from deepspeed.utils import groups
+    grads = [p.grad.data for p in engine.module.parameters() if p.grad is not None]
+    if not grads:  # the same on every rank
+        return grads, torch.zeros((), device=engine.device)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads], 2.0)
+    total = torch.stack(norms).pow(2.0).sum().float().pow(0.5)
+    group = groups._get_data_parallel_group()
+    total = total * 1.0 / float(dist.get_world_size(group=group))
+    dist.all_reduce(total, group=group)
+    return grads, total
 
+
+def _clip_fp32_gradients(engine, guard: Optional[StepGuard]):
+    """engine.clip_fp32_gradients: the global norm (``_global_grad_norm``) and one multiply."""
     def clip_fp32_gradients():
-        grads = [p.grad.data for p in engine.module.parameters() if p.grad is not None]
-        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads], 2.0)
-        total = torch.stack(norms).pow(2.0).sum().float().pow(0.5)
-        group = groups._get_data_parallel_group()
-        total = total * 1.0 / float(dist.get_world_size(group=group))
-        dist.all_reduce(total, group=group)
+        grads, total = _global_grad_norm(engine)
         if guard is not None:
             guard.check_grad_norm(total)
         coefficient = torch.full_like(total, float(engine.gradient_clipping())) / (total + 1e-6)
         torch._foreach_mul_(grads, torch.clamp(coefficient, max=1.0))
     return clip_fp32_gradients
+
+
+def _take_model_step_with_norm_checked(engine, guard: StepGuard):
+    """engine._take_model_step without clipping, which then computes no gradient norm: the guard gets one."""
+    stock = engine._take_model_step
+
+    def take_model_step(lr_kwargs):
+        guard.check_grad_norm(_global_grad_norm(engine)[1])
+        return stock(lr_kwargs)
+    return take_model_step
 
 
 def _zero_allreduce_and_copy(optimizer, stock):

@@ -4,7 +4,8 @@ text side; the non-finite verdict; backward; the engine's step; the classifier's
 for the device zero times, under zero0.json and zero2.json: no value read back and no tensor made from host data
 (``cid_ds.profiling.DispatchCount``), and no call of the accelerator's synchronize. A step on teacher embeddings that
 are NaN leaves the student and the classifier as they were and is counted: skipped on the device, or, with an AdamW
-that cannot skip there (``perf.adamw: foreach``), by its step reading the verdict back."""
+that cannot skip there (``perf.adamw: foreach``), by its step reading the verdict back. Without clipping, which
+computes no gradient norm, a finite loss with an infinite gradient is skipped too."""
 import json
 import subprocess
 import sys
@@ -53,6 +54,28 @@ for json_name, adamw in (("zero0", "fused"), ("zero2", "fused"), ("zero0", "fore
         "syncs": count.syncs, "accelerator_syncs": len(synchronized), "updates": int(term.classifier.updates),
         "nan_step_changed_nothing": all(torch.equal(a, b) for a, b in zip(before, after)),
         "skipped_counted": guard.take_window()[1].item()}
+
+from cid_ds.losses.clip import clip_loss
+cfg = Config()
+cfg.deepspeed_config, cfg.data.batch_size, cfg.optim.grad_clip = "ds_configs/zero0.json", BATCH, 0.0
+student = tiny_student()
+optimizer = build_optimizer(student, cfg)
+engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu=False))
+guard = StepGuard(optimizer, engine.device)
+make_step_host_light(engine, guard)
+for infinite_gradient in (False, True):
+    before = [p.detach().clone() for p in student.parameters()]
+    out = engine(batch["image"], batch["tokens"])
+    image = out["image"].sum()
+    total = clip_loss(out["image"], out["text"], out["logit_scale"])
+    total = total + (image - image.detach()) ** 0.5 if infinite_gradient else total  # 0, d/dx sqrt(x) at 0: inf
+    guard.check_loss(total)
+    engine.backward(total)
+    engine.step()
+    guard.end_step({"total": total})
+result["no clipping"] = {"infinite_gradient_changed_nothing": all(
+    torch.equal(a, b.detach()) for a, b in zip(before, student.parameters())),
+    "skipped_counted": guard.take_window()[1].item()}
 json.dump(result, open(sys.argv[1], "w"))
 """
 
@@ -68,5 +91,6 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
     on_device = {"syncs": 0, "accelerator_syncs": 0, "updates": 3, "nan_step_changed_nothing": True,
                  "skipped_counted": 1}
     assert counted["zero0 fused"] == counted["zero2 fused"] == on_device, counted
+    assert counted["no clipping"] == {"infinite_gradient_changed_nothing": True, "skipped_counted": 1}, counted
     host = counted["zero0 foreach"]  # its step reads the verdict (and torch's foreach AdamW its step counts)
     assert host["syncs"] > 0 and host["nan_step_changed_nothing"] and host["skipped_counted"] == 1, host
