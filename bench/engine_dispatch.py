@@ -1,7 +1,7 @@
 """What a training step asks of the host under each shipped DeepSpeed JSON's GPU precision: DeepSpeed's stock
-engine, and the engine as the trainer runs it (``cid_ds.deepspeed_ops.make_step_host_light`` with the non-finite
-verdict on the device, ``cid_ds.step_guard``), against a plain
-torch autocast step with gradient clipping (open_clip's ``--precision amp_bf16 --grad-clip-norm 1``).
+engine, and the engine as the trainer runs it (``cid_ds.engine.build_engine``: ``make_step_host_light`` with the
+non-finite verdict on the device, ``cid_ds.step_guard``), against a plain torch autocast step with gradient clipping
+(open_clip's ``--precision amp_bf16 --grad-clip-norm 1``).
 
     python bench/engine_dispatch.py [--student ViT-B-32] [--width 64] [--batch 4] [--reps 10]
 
@@ -36,9 +36,7 @@ from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.models import DistillStudent, model_config  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
-from cid_ds.deepspeed_ops import make_step_host_light  # noqa: E402
-from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
-from cid_ds.step_guard import StepGuard  # noqa: E402
+from cid_ds.engine import build_engine, build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")
@@ -102,21 +100,19 @@ def main() -> None:
         cfg.deepspeed_config = os.path.join(REPO, "ds_configs", f"{name}.json")
         for how in ("stock", "cid_ds"):
             model = make_student()
-            optimizer = build_optimizer(model, cfg)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                              config=deepspeed_config(cfg, on_gpu=True))
-            guard = StepGuard(optimizer, engine.device) if how == "cid_ds" else None
             if how == "cid_ds":
-                make_step_host_light(engine, guard)
+                engine, guard = build_engine(model, cfg, on_gpu=True)
+            else:
+                engine, guard = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                                     config=deepspeed_config(cfg, on_gpu=True))[0], None
 
             def engine_step(engine=engine, guard=guard) -> None:
                 total = loss(engine(image.to(compute_dtype(engine)), tokens))
                 if guard is not None:
-                    guard.check_loss(total)
-                engine.backward(total)
-                engine.step()
-                if guard is not None:
-                    guard.end_step({"total": total})
+                    guard.backward_and_step(engine, total)
+                else:
+                    engine.backward(total)
+                    engine.step()
             steps[f"{name}.json {how}"] = engine_step
 
     counts, times = {}, {name: [] for name in steps}

@@ -1,17 +1,19 @@
 """The DeepSpeed engine's parts: its JSON (the YAML owns batch, clipping, optimizer and schedule), the
-optimizer and its schedule, the compute dtype, and distributed start-up."""
+optimizer and its schedule, the engine as the trainer steps it, the compute dtype, and distributed start-up."""
 from __future__ import annotations
 
 import contextlib
 import math
 import os
 import socket
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from cid_ds.config import Config, ConfigError
+from cid_ds.deepspeed_ops import make_step_host_light
 from cid_ds.io import read_json
+from cid_ds.step_guard import StepGuard
 
 DS_KEYS_OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                          "gradient_clipping", "optimizer", "scheduler")
@@ -84,6 +86,32 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     ``fused`` (one kernel instead of one op per Adam term) saves time."""
     return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                              eps=cfg.optim.eps, **ADAMW_IMPLEMENTATIONS[cfg.perf.adamw])
+
+
+def build_engine(student: torch.nn.Module, cfg: Config, on_gpu: bool,
+                 lr_factor: Optional[Callable[[int], float]] = None) -> tuple[Any, StepGuard]:
+    """The student's DeepSpeed engine as the trainer steps it: ``build_optimizer``'s AdamW (on ``lr_factor``'s
+    schedule, when given), the step made host-light with the non-finite guard joined (cid_ds.deepspeed_ops,
+    cid_ds.step_guard; the guard wants the optimizer after ``deepspeed.initialize`` has placed its parameters),
+    and the student compiled as ``perf`` says. Returns the engine and its guard."""
+    import deepspeed
+    optimizer = build_optimizer(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if lr_factor is not None else None
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, on_gpu))
+    guard = StepGuard(optimizer, engine.device)
+    make_step_host_light(engine, guard)
+    compile_student(engine, cfg)
+    return engine, guard
+
+
+def compile_student(engine, cfg: Config) -> None:
+    """``perf.compile``: the student compiled in place (nn.Module.compile: parameter names and checkpoints stay as
+    they are). ``perf.cuda_graphs``: in torch.compile's reduce-overhead mode, whose CUDA graphs replay the student's
+    forward and backward, possible because no shape in a step depends on data and nothing in it waits for the
+    device; on CPU it compiles as ``perf.compile`` does."""
+    if cfg.perf.compile or cfg.perf.cuda_graphs:
+        engine.compile(compile_kwargs={"mode": "reduce-overhead"} if cfg.perf.cuda_graphs else {})
 
 
 def cosine_with_warmup(warmup: int, total: int):

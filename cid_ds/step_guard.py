@@ -14,6 +14,8 @@ waiting for it (torch's non-blocking copy) and could read it before it is writte
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -31,7 +33,16 @@ class StepGuard:
         self.skip = torch.zeros((), device=device)
         self._skipped, self._run, self._longest = (torch.zeros((), device=device) for _ in range(3))
         self._loss_sums: dict[str, torch.Tensor] = {}
-        self._applied = torch.zeros((), device=device)
+        self._steps = 0  # in the window, on the host: the applied ones are these less the skipped ones
+
+    def backward_and_step(self, engine, total: torch.Tensor, losses: Optional[dict[str, torch.Tensor]] = None
+                          ) -> None:
+        """``engine``'s backward and step on the loss ``total`` under this step's verdict, then the step counted,
+        with ``total`` and the terms ``losses`` added to the window's sums."""
+        self.check_loss(total)
+        engine.backward(total)
+        engine.step()
+        self.end_step((losses or {}) | {"total": total})
 
     def check_loss(self, total: torch.Tensor) -> None:
         """Start the step's verdict: skip when the loss is not finite on some rank."""
@@ -61,7 +72,7 @@ class StepGuard:
         for name, value in losses.items():
             kept = torch.where(skipped, 0.0, value.detach().float())
             self._loss_sums[name] = self._loss_sums[name] + kept if name in self._loss_sums else kept
-        self._applied += 1 - self.skip
+        self._steps += 1
         self._skipped += self.skip
         self._run = (self._run + 1) * self.skip
         self._longest = torch.maximum(self._longest, self._run)
@@ -75,7 +86,7 @@ class StepGuard:
     def take_window(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """This rank's losses averaged over the window's applied steps (NaN where none was), the number of steps
         skipped and applied, all device tensors; the window starts again from zero."""
-        means = {name: total / self._applied for name, total in self._loss_sums.items()}
-        window = means, self._skipped, self._applied
-        self._loss_sums, self._skipped, self._applied = {}, torch.zeros_like(self.skip), torch.zeros_like(self.skip)
+        applied = self._steps - self._skipped
+        window = {name: total / applied for name, total in self._loss_sums.items()}, self._skipped, applied
+        self._loss_sums, self._skipped, self._steps = {}, torch.zeros_like(self.skip), 0
         return window

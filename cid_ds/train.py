@@ -26,8 +26,7 @@ from cid_ds.config import Config, ConfigError, DataConfig, config_source, load_c
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage
 from cid_ds.data.errors import DataError
-from cid_ds.deepspeed_ops import make_step_host_light
-from cid_ds.engine import build_optimizer, compute_dtype, cosine_with_warmup, deepspeed_config, init_distributed
+from cid_ds.engine import build_engine, compute_dtype, cosine_with_warmup, init_distributed
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.objective import compute_losses, loss_weights
@@ -137,7 +136,6 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
         check_writable(cfg.output_dir)  # before start-up, and on every rank: a shared folder may be read-only on one node
     except OutputNotWritable as e:
         raise ConfigError(f"output_dir: {e}") from None
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -161,14 +159,8 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     # Only the images go NHWC: convolutions then compute and return NHWC. The weights stay NCHW, because
     # DeepSpeed views every parameter as contiguous bytes (broadcast, ZeRO's flat buffers).
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
-    optimizer = build_optimizer(student, cfg)
     lr_factor = cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, on_gpu))
-    guard = StepGuard(optimizer, engine.device)
-    make_step_host_light(engine, guard)
-    compile_student(engine, cfg)
+    engine, guard = build_engine(student, cfg, on_gpu, lr_factor)
     device = engine.device
     dtype = compute_dtype(engine)
     if online_teacher is not None:
@@ -255,15 +247,6 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     return results
 
 
-def compile_student(engine, cfg: Config) -> None:
-    """``perf.compile``: the student compiled in place (nn.Module.compile: parameter names and checkpoints stay as
-    they are). ``perf.cuda_graphs``: in torch.compile's reduce-overhead mode, whose CUDA graphs replay the student's
-    forward and backward, possible because no shape in a step depends on data and nothing in it waits for the
-    device; on CPU it compiles as ``perf.compile`` does."""
-    if cfg.perf.compile or cfg.perf.cuda_graphs:
-        engine.compile(compile_kwargs={"mode": "reduce-overhead"} if cfg.perf.cuda_graphs else {})
-
-
 def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, cluster_term=None,
                targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict]:
     """One step on a batch already on the device: forward, every loss term, the non-finite verdict, backward, the
@@ -272,18 +255,14 @@ def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, c
     (tests/test_step_syncs.py counts it)."""
     if cfg.perf.cuda_graphs:  # a new step: the last step's graph outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
-    dtype = compute_dtype(engine)
-    fusion_inputs = tuple(targets.combine(batch[k]).to(dtype) for k in ("t_img", "t_txt")) if cfg.loss.afd > 0 else ()
+    fusion_inputs = tuple(targets.combine(batch[k]).to(compute_dtype(engine)) for k in ("t_img", "t_txt")) \
+        if cfg.loss.afd > 0 else ()
     out = engine(batch["image"], batch["tokens"], *fusion_inputs)
     losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
     weights = loss_weights(cfg, step)
-    total = sum(weights[k] * v for k, v in losses.items())
-    guard.check_loss(total)
-    engine.backward(total)
-    engine.step()
+    guard.backward_and_step(engine, sum(weights[k] * v for k, v in losses.items()), losses)
     if cluster_term is not None:
         cluster_term.step(step, guard.skip)
-    guard.end_step(losses | {"total": total})
     return out, losses, metrics
 
 

@@ -210,14 +210,12 @@ def test_one_rank_skips_the_gradient_allreduce_and_trains_the_same_weights(tmp_p
 # Two one-rank zero2.json engines from the same weights, one with perf.cuda_graphs; three trainer steps each (the
 # cluster term on, sampling classes) on one batch.
 TRAINER_STEPS_WITH_AND_WITHOUT_CUDA_GRAPHS = r"""
-import json, sys, deepspeed, numpy as np, torch
+import json, sys, numpy as np, torch
 from cid_ds.config import Config
-from cid_ds.deepspeed_ops import make_step_host_light
-from cid_ds.engine import build_optimizer, deepspeed_config, init_distributed
+from cid_ds.engine import build_engine, init_distributed
 from cid_ds.losses.cluster import ClusterDiscrimination
 from cid_ds.profiling import DispatchCount
-from cid_ds.step_guard import StepGuard
-from cid_ds.train import compile_student, train_step
+from cid_ds.train import train_step
 from tests.test_fast_paths import BATCH, TEACHER_DIM, fixed_batch, tiny_student
 init_distributed(dist_backend="gloo")
 np.save(sys.argv[2] + "/centroids.npy", np.random.default_rng(0).standard_normal((64, TEACHER_DIM)).astype(np.float32))
@@ -227,11 +225,7 @@ for graphs in (False, True):
     cfg.deepspeed_config, cfg.data.batch_size, cfg.perf.cuda_graphs = "ds_configs/zero2.json", BATCH, graphs
     cfg.loss.instance, cfg.loss.cluster, cfg.cluster.dir, cfg.cluster.sample_rate = 1.0, 0.3, sys.argv[2], 0.25
     student = tiny_student()
-    optimizer = build_optimizer(student, cfg)
-    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu=False))
-    guard = StepGuard(optimizer, engine.device)
-    make_step_host_light(engine, guard)
-    compile_student(engine, cfg)
+    engine, guard = build_engine(student, cfg, on_gpu=False)
     term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, (0.9, 0.98), 1e-6, lambda step: 1.0, 0, engine.device)
     batch = fixed_batch() | {"cluster": torch.randint(0, 64, (BATCH,), generator=torch.Generator().manual_seed(2))}
     losses = []

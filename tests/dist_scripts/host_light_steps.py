@@ -1,8 +1,8 @@
 """Run under `deepspeed --num_gpus N`: per DeepSpeed JSON given, two engines from the same weights at the precision
 the trainer uses on a GPU (DeepSpeed runs it on CPU too): DeepSpeed's stock engine and the engine as the trainer runs
-it (cid_ds.deepspeed_ops.make_step_host_light, with the trainer's cid_ds.step_guard.StepGuard). Each takes three
-steps, each rank on its own data; the third is counted with DispatchCount, as is a plain torch autocast step with
-clipping of the same student. Then the trainer's engine takes two steps that must be skipped, one with a NaN loss on
+it (cid_ds.engine.build_engine: make_step_host_light with cid_ds.step_guard's guard). Each takes three steps, each
+rank on its own data; the third is counted with DispatchCount, as is a plain torch autocast step with clipping of the
+same student. Then the trainer's engine takes two steps that must be skipped, one with a NaN loss on
 rank 0 only and one with a finite loss whose gradient is infinite. The student has ViT-B/32's every layer and
 parameter tensor at width 64 (bench/engine_dispatch.py's). Rank 0 writes OUT/steps.json: per JSON the ops and syncs
 of both engines, the plain step's ops, whether the two engines end with bitwise equal weights, whether the ranks
@@ -20,12 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from cid_ds.config import Config  # noqa: E402
-from cid_ds.deepspeed_ops import make_step_host_light  # noqa: E402
-from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
+from cid_ds.engine import build_engine, build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
 from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
-from cid_ds.step_guard import StepGuard  # noqa: E402
 from engine_dispatch import TEACHER_DIM, student_factory  # noqa: E402
 
 BATCH = 4
@@ -91,21 +89,20 @@ for path in json_paths:
     # make_step_host_light leaves ZeRO-3 as DeepSpeed runs it: one engine is both
     for how in ("stock", "cid_ds") if zero_stage(path) < 3 else ("cid_ds",):
         model = student()
-        optimizer = build_optimizer(model, cfg)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu=True))
-        guard = StepGuard(optimizer, engine.device) if how == "cid_ds" else None
         if how == "cid_ds":
-            make_step_host_light(engine, guard)
+            engine, guard = build_engine(model, cfg, on_gpu=True)
+        else:
+            engine, guard = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                                 config=deepspeed_config(cfg, on_gpu=True))[0], None
 
         def engine_step(extra=lambda out: 0.0) -> None:
             out = engine(image.to(compute_dtype(engine)), tokens)
             total = loss(out) + extra(out)
             if guard is not None:
-                guard.check_loss(total)
-            engine.backward(total)
-            engine.step()
-            if guard is not None:
-                guard.end_step({"total": total})
+                guard.backward_and_step(engine, total)
+            else:
+                engine.backward(total)
+                engine.step()
         count = third_step_counted(engine_step)
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # no-op below ZeRO-3
             weights[how] = torch.cat([p.detach().float().flatten() for p in model.parameters()])
@@ -114,11 +111,11 @@ for path in json_paths:
         entry[how] = {"ops": count.ops, "syncs": count.syncs,
                       "ranks_agree": all(torch.equal(gathered[0], w) for w in gathered)}
         if guard is not None and zero_stage(path) < 3:  # ZeRO-3 decides on the host, as DeepSpeed runs it
-            before = snapshot(model, optimizer)
+            before = snapshot(model, guard.optimizer)
             guard.take_window()
             engine_step(lambda out: float("nan") if rank == 0 else 0.0)
             engine_step(infinite_gradient)
-            after = snapshot(model, optimizer)
+            after = snapshot(model, guard.optimizer)
             entry["skipped_steps_left_all_as_it_was"] = all(torch.equal(a, b) for a, b in zip(before, after))
             entry["skipped_steps_counted"] = guard.take_window()[1].item()
     entry.setdefault("stock", entry["cid_ds"])
