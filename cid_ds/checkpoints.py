@@ -12,6 +12,7 @@ position in the data saved beside them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from typing import Any, Callable, Iterator, Optional
@@ -178,7 +179,8 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
         engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
     stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
     if rank == 0:
-        about = {"zero_stage": engine.zero_optimization_stage(), "bf16_mode": engine.bfloat16_enabled()}
+        about = {"zero_stage": engine.zero_optimization_stage(), "bf16_mode": engine.bfloat16_enabled(),
+                 "world_size": dist.get_world_size(), "batch_size": cfg.data.batch_size}
         recorded(failures, tag_dir, lambda: complete_and_rotate(root, tag, about, cfg.checkpoint.keep))
     stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
 
@@ -208,8 +210,20 @@ def check_checkpoint_layout(tag_dir: str, zero_stage: int, bf16_mode: bool, ds_p
             "runs it: resume with a JSON without it (torch_autocast, as ds_configs' zero0/1/2.json)")
 
 
+def saved_world_size(tag_dir: str) -> int:
+    """How many ranks saved ``tag_dir``: the marker's record, else its per-rank data positions."""
+    recorded_size = checkpoint_about(tag_dir).get("world_size")
+    return int(recorded_size) if recorded_size else len(glob.glob(os.path.join(tag_dir, "data_position_rank*.json")))
+
+
+def incomplete_tags(root: str) -> list[str]:
+    return sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t))
+                  and not is_complete(os.path.join(root, t))) if os.path.isdir(root) else []
+
+
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
-    """Load the newest checkpoint if asked to; return (next step, data position)."""
+    """Load the newest checkpoint if asked to; return (next step, data position). A checkpoint saved by another
+    number of ranks is loaded too: with ZeRO 1/2 through DeepSpeed's universal checkpoint (``load_universal``)."""
     from cid_ds.safe_load import load_deepspeed_files_safely, refuse_code_in_checkpoint
     if cfg.checkpoint.resume == "none":
         return 0, DataPosition()
@@ -222,19 +236,98 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
         if tag is None:
             if cfg.checkpoint.resume != "auto":
                 raise ConfigError(f"checkpoint.resume: no complete checkpoint in {root}")
+            passed_over = incomplete_tags(root)
+            if passed_over:  # a requeued job must not start over silently, nor rotate these away
+                raise ConfigError(
+                    f"checkpoint.resume: auto found only incomplete checkpoints in {root} ({', '.join(passed_over)}: "
+                    f"a file missing or of another size than its {COMPLETE} records, or no marker), none to resume "
+                    "from. To start again from step 0 set checkpoint.resume=none (its first save deletes them)")
             return 0, DataPosition()
     tag_dir = os.path.join(root, tag)
-    check_checkpoint_layout(tag_dir, engine.zero_optimization_stage(), engine.bfloat16_enabled(),
-                            cfg.deepspeed_config)
+    zero_stage = engine.zero_optimization_stage()
+    check_checkpoint_layout(tag_dir, zero_stage, engine.bfloat16_enabled(), cfg.deepspeed_config)
     refuse_code_in_checkpoint(tag_dir)
     load_deepspeed_files_safely(engine)
-    path, client = engine.load_checkpoint(root, tag=tag)
-    if path is None:
-        raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
+    import torch.distributed as dist
+    saved_ranks, world_size = saved_world_size(tag_dir), dist.get_world_size()
+    if zero_stage > 0 and saved_ranks != world_size:
+        client = load_on_another_world_size(engine, root, tag, saved_ranks, rank, cfg.deepspeed_config)
+    else:
+        path, client = engine.load_checkpoint(root, tag=tag)
+        if path is None:
+            raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
     if cluster_term is not None:
         cluster_term.load(tag_dir)
-    position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
-    if not os.path.isfile(position_file):  # saved by fewer ranks: this rank starts its data afresh
-        print(f"[cid_ds] rank {rank}: no {position_file}, starting the data at epoch 0", flush=True)
-        return int(client["step"]), DataPosition()
-    return int(client["step"]), DataPosition(**read_json(position_file))
+    return int(client["step"]), data_position(tag_dir, rank, saved_ranks, world_size, cfg.data.batch_size)
+
+
+def load_on_another_world_size(engine, root: str, tag: str, saved_ranks: int, rank: int, ds_path: str) -> dict:
+    """Load a ZeRO 1/2 checkpoint of ``saved_ranks`` ranks into this engine of another number. ZeRO keeps the
+    optimizer state as flat per-rank partitions padded for that rank count; DeepSpeed's universal checkpoint
+    (``ds_to_universal``) stores it per parameter, which any rank count can slice. Rank 0 converts the tag into
+    ``root/universal-TAG`` (the original is left as it was), every rank loads it, and the converted copy is
+    removed once loaded: the next save is in this world size's own layout."""
+    import torch.distributed as dist
+    stage = engine.zero_optimization_stage()
+    if stage > 2:
+        raise ConfigError(f"checkpoint.resume: {os.path.join(root, tag)} was saved by {saved_ranks} ranks and this "
+                          f"run has {dist.get_world_size()}: with ZeRO stage 3 ({ds_path}) resume on {saved_ranks} "
+                          "ranks (the rank count changes with ZeRO 0, 1 and 2)")
+    universal = os.path.join(root, f"universal-{tag}")
+    failure = None
+    if rank == 0:
+        print(f"[cid_ds] {os.path.join(root, tag)} was saved by {saved_ranks} ranks, this run has "
+              f"{dist.get_world_size()}: converting it to DeepSpeed's universal checkpoint in {universal}", flush=True)
+        try:
+            to_universal(os.path.join(root, tag), os.path.join(universal, tag))
+        except Exception as e:  # shared, or the other ranks would wait for this one in the barrier below
+            failure = f"{type(e).__name__}: {e}"
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    if any(failures):
+        raise ConfigError(f"checkpoint.resume: {os.path.join(root, tag)} could not be converted to a universal "
+                          f"checkpoint for {dist.get_world_size()} ranks: {next(f for f in failures if f)}")
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, client = engine.load_checkpoint(universal, tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(universal, ignore_errors=True)
+    if path is None:
+        raise RuntimeError(f"checkpoint.resume: could not load the universal checkpoint {universal}")
+    return client
+
+
+def to_universal(tag_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` of ``tag_dir`` into ``out_dir`` (written beside it, then renamed).
+    ``inject_missing_state``: ZeRO 1/2 engines outside Megatron save no ``universal_checkpoint_info``."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+    ds_to_universal(Namespace(input_folder=tag_dir, output_folder=out_dir + ".tmp", num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(out_dir + ".tmp", out_dir)
+
+
+def data_position(tag_dir: str, rank: int, saved_ranks: int, world_size: int, batch_size: int) -> DataPosition:
+    """This rank's place in the data. With the rank count of the save, its own saved position. With another,
+    the shards split over ranks differently, so no rank can continue another's sequence: every rank starts in
+    the epoch the run was in (the earliest of the saved ranks'), past the share of it already consumed."""
+    own = os.path.join(tag_dir, f"data_position_rank{rank}.json")
+    if saved_ranks == world_size and os.path.isfile(own):
+        return DataPosition(**read_json(own))
+    saved = [read_json(p) for p in sorted(glob.glob(os.path.join(tag_dir, "data_position_rank*.json")))]
+    if not saved:
+        return DataPosition()
+    epoch = min(p["epoch"] for p in saved)
+    saved_batch = checkpoint_about(tag_dir).get("batch_size", batch_size)
+    consumed = sum(p["batch_in_epoch"] for p in saved if p["epoch"] == epoch) * saved_batch
+    position = DataPosition(epoch, consumed // (batch_size * world_size))
+    if rank == 0:
+        print(f"[cid_ds] data position: saved by {len(saved)} ranks, resumed by {world_size}: epoch {epoch}, "
+              f"{position.batch_in_epoch} batches into it on each rank ({consumed} samples of it consumed)", flush=True)
+    return position

@@ -31,6 +31,7 @@ from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, write_json
 from cid_ds.objective import compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
+from cid_ds.run_lock import OutputDirLocked, RunLock
 from cid_ds.sources import check_sources, data_size, open_sources
 from cid_ds.step_guard import StepGuard
 
@@ -139,10 +140,42 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from cid_ds.models import DistillStudent, create_model
-
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    lock = hold_output_dir(cfg.output_dir, rank, get_accelerator().current_device_name())
+    try:
+        return train(cfg, stop, rank, world_size)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def hold_output_dir(output_dir: str, rank: int, device: str) -> Optional[RunLock]:
+    """Rank 0 takes ``output_dir``'s run lock (cid_ds.run_lock); every rank learns whether it could (a
+    collective), so a refused run ends on every rank with the holder named, before anything is written."""
+    import torch.distributed as dist
+    lock, refusal = None, None
+    if rank == 0:
+        lock = RunLock(output_dir)
+        try:
+            taken_over = lock.acquire()
+            if taken_over:
+                print(f"[cid_ds] output_dir lock taken over from {taken_over}", flush=True)
+        except OutputDirLocked as e:
+            lock, refusal = None, str(e)
+    refused = torch.tensor([float(refusal is not None)], device=device)
+    dist.all_reduce(refused, dist.ReduceOp.MAX)
+    if refused.item():
+        raise ConfigError(f"output_dir: {refusal or 'rank 0 could not take the run lock (see its message)'}")
+    return lock
+
+
+def train(cfg: Config, stop: Optional[StopSignal], rank: int, world_size: int) -> dict[str, Any]:
+    """``run``'s body, with the distributed start-up done and the output folder held."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from cid_ds.models import DistillStudent, create_model
     on_gpu = get_accelerator().device_name() == "cuda"
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
@@ -222,8 +255,12 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
             save_checkpoint(engine, cfg, step, position, rank, cluster_term)
         if stopping:
             if rank == 0:
-                print(f"[cid_ds] stop signal ({stop.received or 'on another rank'}): checkpoint of step {step} "
-                      f"saved in {checkpoint_dir(cfg)}; resume with checkpoint.resume=auto", flush=True)
+                note = (f"stop signal ({stop.received or 'on another rank'}): checkpoint of step {step} saved in "
+                        f"{checkpoint_dir(cfg)}; resume with checkpoint.resume=auto")
+                print(f"[cid_ds] {note}", flush=True)
+                if os.environ.get("CID_DS_STOP_NOTE"):  # launch/slurm.sbatch requeues the job when it finds it
+                    with open(os.environ["CID_DS_STOP_NOTE"], "w") as f:
+                        f.write(note + "\n")
             return {"step": step, "losses": last_losses, "stopped": True}
 
     seconds = time.perf_counter() - train_start

@@ -3,7 +3,7 @@
   python -m data_tools.prepare --shards '/data/{00000..00041}.tar' --teacher ViT-L-14 \\
       --pretrained laion400m_e32 --student ViT-B-16 --out /data/prepared \\
       [--k K] [--target-keep-fraction F | --semantic T] [--max-removed-fraction 0.6] \\
-      [--ranks 8] [--workers 8] [--device auto] [--seed 0]
+      [--nodes 4 --gpus-per-node 8 | --ranks 32] [--workers 8] [--device auto] [--seed 0]
 
 Each stage writes what it writes when run alone (the same artifacts and manifests), into OUT/<stage>:
 OUT/feats (data_tools.extract), OUT/clusters (data_tools.cluster), OUT/balance (data_tools.balance) and
@@ -11,14 +11,22 @@ OUT/packed (data_tools.pack). Every stage resumes, so a re-run after an interrup
 that accepts what a stage refused, goes on where it stopped. The defaults fit any teacher and data size:
 k from the sample count (data_tools.cluster.default_k), a balance threshold tuned to keep CLIP-CID's
 fraction and refused when it would remove more than --max-removed-fraction, and shards enough for
---ranks x --workers loader readers. At the end: a summary, and OUT/train.yaml, the CLIP-CID recipe
+ranks x --workers loader readers. At the end: a summary, and OUT/train.yaml, the CLIP-CID recipe
 (ds_configs/experiments/clip_cid.yaml) pointed at the prepared data, with its DeepSpeed JSON copied to
-OUT/deepspeed.json (the folder trains from any checkout or container that sees it):
+OUT/deepspeed.json (the folder trains from any checkout or container that sees it), and the command that
+trains it on the job's shape:
 
-  NUM_GPUS=8 launch/single_node.sh /data/prepared/train.yaml
+  NUM_GPUS=8 launch/single_node.sh /data/prepared/train.yaml                       # one machine
+  sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sbatch /data/prepared/train.yaml  # SLURM
+
+The shape is --nodes x --gpus-per-node (default 1 x 8), or --ranks, every rank of the job (alone: one
+machine). The recipe's epochs are counted over all of them: the global batch is the batch x every rank.
+On a cluster without GPUs (--train-on cpu, the default when prepare itself runs on the CPU) the ranks are
+CPU processes and the SLURM command gives their count per node in CID_RANKS_PER_NODE.
 
 One process extracts on one device. To extract on several GPUs, run data_tools.extract under the
-launcher into OUT/feats first; prepare then finds the cache complete and goes on from there.
+launcher into OUT/feats first (deepspeed --num_gpus 8 --module data_tools.extract ... --out OUT/feats);
+prepare then finds the cache complete and goes on from there.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ from data_tools.balance import check_arguments as check_balance_arguments
 from data_tools.cluster import cluster
 from data_tools.extract import Views, extract
 from data_tools.outputs import OtherRun
-from data_tools.pack import pack
+from data_tools.pack import DEFAULT_RANKS, pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -50,19 +58,51 @@ FULL_CLASSIFIER_UP_TO = 100_000  # clusters whose classifier is computed whole; 
 MIN_CONTRASTIVE_BATCH = 8  # below this a batch holds too few negatives for the contrastive terms to mean much
 
 
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The job the prepared data trains on: ``nodes`` machines of ``per_node`` ranks each, GPUs or (``gpus``
+    False) CPU processes."""
+    nodes: int = 1
+    per_node: int = DEFAULT_RANKS
+    gpus: bool = True
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.per_node
+
+
+def job_shape(nodes: Optional[int], per_node: Optional[int], ranks: Optional[int], gpus: bool) -> Shape:
+    """The shape the flags give: ``--nodes`` x ``--gpus-per-node`` (default 1 x ``DEFAULT_RANKS``), or
+    ``--ranks``, every rank of the job: alone one machine of them, with either of the others split by it."""
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", per_node), ("--ranks", ranks)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if ranks is None:
+        return Shape(nodes or 1, per_node or DEFAULT_RANKS, gpus)
+    given = " and ".join(f"{flag} {value}" for flag, value in (("--nodes", nodes), ("--gpus-per-node", per_node))
+                         if value is not None)
+    nodes = nodes or (1 if per_node is None else max(1, ranks // per_node))
+    shape = Shape(nodes, per_node or max(1, ranks // nodes), gpus)
+    if shape.ranks != ranks:
+        raise ValueError(f"--ranks {ranks} (every rank of the job) does not agree with {given}: --ranks must be "
+                         "--nodes x --gpus-per-node; give one form or the other")
+    return shape
+
+
 def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
             student: str, out_dir: str, views: Views = Views(), k: Optional[int] = None, semantic: Optional[float] = None,
             target_keep_fraction: Optional[float] = None, perceptual: float = 0.98,
-            max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, ranks: int = 8, workers: int = 8,
+            max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, shape: Shape = Shape(), workers: int = 8,
             samples_per_shard: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
             seed: int = 0, random_teacher_ok: bool = False,
             max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
     """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
-    ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble). Flags a later
-    stage would refuse are refused before the first starts."""
+    ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble); ``shape``: the
+    job that will train on it. Flags a later stage would refuse are refused before the first starts."""
     check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
                             is None else target_keep_fraction, max_removed_fraction)
-    for name, value in (("ranks", ranks), ("workers", workers), ("batch_size", batch_size)):
+    for name, value in (("nodes", shape.nodes), ("gpus_per_node", shape.per_node), ("workers", workers),
+                        ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     recipe = load_config(RECIPE, check_paths=False)
@@ -78,7 +118,7 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
                      target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed)
     _stage(4, "pack", packed)
     packing = pack(shards, feats, student, packed, clusters_dir=clusters, balance_dir=balanced,
-                   samples_per_shard=samples_per_shard, ranks=ranks, workers=workers,
+                   samples_per_shard=samples_per_shard, ranks=shape.ranks, workers=workers,
                    max_damaged_fraction=max_damaged_fraction)
     summary = {
         "samples_in": cache["totals"]["samples"],
@@ -87,9 +127,9 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         "k": clustering["k"], "k_chosen": k is None,
         "kept": report["kept"], "kept_fraction": report["kept_fraction"], "semantic": report["semantic"],
         "packed_samples": packing["totals"]["samples"], "packed_shards": len(packing["shards"]),
-        "train_yaml": os.path.join(out_dir, "train.yaml"), "ranks": ranks,
+        "train_yaml": os.path.join(out_dir, "train.yaml"), "shape": shape,
     }
-    write_train_yaml(summary["train_yaml"], recipe, packed, clusters, student, summary, ranks, workers)
+    write_train_yaml(summary["train_yaml"], recipe, packed, clusters, student, summary, shape, workers)
     return summary
 
 
@@ -97,18 +137,20 @@ def _stage(number: int, name: str, out: str) -> None:
     print(f"\n[prepare {number}/{len(STAGES)}] {name} -> {out}", flush=True)
 
 
-def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, student: str, summary: dict, ranks: int,
-                     workers: int) -> None:
-    """The CLIP-CID recipe pointed at the prepared data, sized for it: a batch that every loader reader
-    (``ranks`` x ``workers``, each reading its own shards) fills at least twice an epoch, ``EPOCHS`` epochs,
-    the recipe's share of warm-ups, the whole classifier below ``FULL_CLASSIFIER_UP_TO`` clusters; its loss
-    weights and every other cluster key as the recipe has them. The recipe's
+def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, student: str, summary: dict,
+                     shape: Shape, workers: int) -> None:
+    """The CLIP-CID recipe pointed at the prepared data, sized for it and ``shape``: a batch that every loader
+    reader (every rank x ``workers``, each reading its own shards) fills at least twice an epoch, ``EPOCHS``
+    epochs of the global batch (batch x every rank), the recipe's share of warm-ups, the whole classifier below
+    ``FULL_CLASSIFIER_UP_TO`` clusters; its loss weights, every other cluster key and its logging and
+    checkpoint intervals as the recipe has them. The recipe's
     DeepSpeed JSON is copied beside it, so that the folder trains from any checkout or container."""
+    ranks = shape.ranks
     batch = max(1, min(recipe.data.batch_size, summary["packed_samples"] // (2 * ranks * workers)))
     if batch < MIN_CONTRASTIVE_BATCH:
         print(f"[prepare] warning: {summary['packed_samples']} packed samples give a batch of {batch} for {ranks} "
               f"ranks x {workers} workers: a contrastive loss needs more; train on fewer ranks or workers "
-              "(--ranks, --workers) or on more data", flush=True)
+              "(--nodes, --gpus-per-node or --ranks, --workers) or on more data", flush=True)
     ds_config = os.path.join(os.path.dirname(os.path.abspath(path)), "deepspeed.json")
     with atomic_path(ds_config) as tmp:
         shutil.copyfile(recipe_path("deepspeed_config"), tmp)
@@ -132,11 +174,13 @@ def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, stud
                     "warmup_steps": recipe_share(recipe.cluster.warmup_steps)},
         "optim": {"lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay, "steps": steps,
                   "warmup_steps": max(1, recipe_share(recipe.optim.warmup_steps))},
+        "logging": {"every": recipe.logging.every},
+        "checkpoint": {"every": recipe.checkpoint.every, "keep": recipe.checkpoint.keep},
     }
     header = (f"# Written by data_tools.prepare: the CLIP-CID recipe ({os.path.relpath(RECIPE, REPO)}) on "
               f"{summary['packed_samples']} packed samples,\n# {EPOCHS} epochs at {per_step} samples a step "
-              f"({ranks} ranks x batch {batch}). Every other key keeps its default "
-              "(docs/configs.md).\n")
+              f"({shape.nodes} nodes x {shape.per_node} ranks x batch {batch}). Every other key keeps its "
+              "default (docs/configs.md).\n")
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(header + yaml.safe_dump(tree, sort_keys=False))
 
@@ -156,9 +200,23 @@ def print_summary(summary: dict) -> None:
           f"[prepare] embedded {summary['samples_in']} samples; skipped {skipped}; "
           f"{summary['damaged_shards']} damaged shards\n"
           f"[prepare] clusters: k = {summary['k']}{chosen}\n"
-          f"[prepare] packed {summary['packed_samples']} samples in {summary['packed_shards']} shards\n"
-          f"[prepare] train with: NUM_GPUS={summary['ranks']} {os.path.join(REPO, 'launch', 'single_node.sh')} "
-          f"{os.path.abspath(summary['train_yaml'])}")
+          f"[prepare] packed {summary['packed_samples']} samples in {summary['packed_shards']} shards")
+    for line in next_commands(summary["shape"], summary["train_yaml"]):
+        print(f"[prepare] {line}")
+
+
+def next_commands(shape: Shape, train_yaml: str) -> list[str]:
+    """How to train ``train_yaml`` on ``shape``: on one machine when it is one, and under SLURM (where ranks
+    that are not GPUs are counted by CID_RANKS_PER_NODE, launch/slurm.sbatch)."""
+    config, script = os.path.abspath(train_yaml), os.path.join(REPO, "launch", "slurm.sbatch")
+    slurm = (f"sbatch --nodes={shape.nodes} --gpus-per-node={shape.per_node} {script} {config}" if shape.gpus
+             else f"CID_RANKS_PER_NODE={shape.per_node} sbatch --nodes={shape.nodes} {script} {config}")
+    if shape.nodes > 1:
+        return [f"train with: {slurm}",
+                f"or without SLURM: {os.path.join(REPO, 'launch', 'multi_node.sh')} HOSTFILE {config}  "
+                f"(HOSTFILE: one 'HOST slots={shape.per_node}' line per machine)"]
+    return [f"train with: NUM_GPUS={shape.per_node} {os.path.join(REPO, 'launch', 'single_node.sh')} {config}",
+            f"or under SLURM: {slurm}"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -180,7 +238,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--perceptual", type=float, default=0.98, help="balance: near-identical above this cosine")
     parser.add_argument("--max-removed-fraction", type=float, default=DEFAULT_MAX_REMOVED_FRACTION,
                         help="balance: stop when it would remove more than this")
-    parser.add_argument("--ranks", type=int, default=8, help="processes the shards will be trained on")
+    parser.add_argument("--nodes", type=int, default=None, help="machines the job will train on (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help=f"ranks on each machine: GPUs, or CPU processes with --train-on cpu "
+                             f"(default {DEFAULT_RANKS})")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="every rank of the job (nodes x GPUs per node), instead of those two; alone: one machine")
+    parser.add_argument("--train-on", choices=("gpu", "cpu"), default=None,
+                        help="what the ranks are (default: what --device resolves to): the printed SLURM command asks "
+                             "for --gpus-per-node, or, for cpu, sets CID_RANKS_PER_NODE")
     parser.add_argument("--workers", type=int, default=8, help="loader workers per rank (data.workers)")
     parser.add_argument("--samples-per-shard", type=int, default=None,
                         help="pack: samples per output shard (default: enough shards for ranks x workers)")
@@ -199,11 +265,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
         check_writable(args.out)
         summary = prepare(shards, args.teacher, args.pretrained, args.student, args.out, Views(args.views), k=args.k,
                           semantic=args.semantic, target_keep_fraction=args.target_keep_fraction,
                           perceptual=args.perceptual, max_removed_fraction=args.max_removed_fraction,
-                          ranks=args.ranks, workers=args.workers, samples_per_shard=args.samples_per_shard,
+                          shape=shape, workers=args.workers, samples_per_shard=args.samples_per_shard,
                           device=device, batch_size=args.batch_size, seed=args.seed,
                           random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction)
     except OtherRun as e:

@@ -61,10 +61,12 @@ def train(yaml_name: str, out: str, ranks: int, scale: float, extra: list[str], 
 
 def prepare_data(args: argparse.Namespace, shards: list[str], teachers: list[str], out: str, views: int = 0) -> dict:
     """``data_tools.prepare`` as a user runs it, with the demo's k, perceptual threshold and shard count."""
+    import torch
+
     from data_tools.extract import Views
-    from data_tools.prepare import prepare, print_summary
+    from data_tools.prepare import Shape, prepare, print_summary
     summary = prepare(shards, teachers, None, "demo-student", out, Views(views), k=CLUSTERS, perceptual=PERCEPTUAL,
-                      ranks=1, workers=TRAIN_SHARDS, seed=args.seed)
+                      shape=Shape(per_node=1, gpus=torch.cuda.is_available()), workers=TRAIN_SHARDS, seed=args.seed)
     print_summary(summary)
     return summary
 

@@ -5,6 +5,7 @@ together, so a fixed similarity threshold would call nearly every pair a duplica
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 
 from cid_ds.config import load_config
 from cid_ds.io import read_json
-from data_tools.prepare import RECIPE
+from data_tools.prepare import EPOCHS, RECIPE
 from tests.helpers import REPO_ROOT, one_rank_env
 
 
@@ -72,7 +73,10 @@ def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
     assert {key: config["cluster"][key] for key in ("margin", "scale", "positives", "text_weight")} == \
         {key: getattr(recipe.cluster, key) for key in ("margin", "scale", "positives", "text_weight")}
     assert config["deepspeed_config"] == str(out / "deepspeed.json") and (out / "deepspeed.json").is_file()
+    assert config["logging"] == {"every": recipe.logging.every}  # the recipe's intervals, not the defaults
+    assert config["checkpoint"] == {"every": recipe.checkpoint.every, "keep": recipe.checkpoint.keep}
     assert f"NUM_GPUS=1 {REPO_ROOT}/launch/single_node.sh {out / 'train.yaml'}" in printed
+    assert "sbatch --nodes=1 " in printed and f"{REPO_ROOT}/launch/slurm.sbatch {out / 'train.yaml'}" in printed
 
     run = subprocess.run([sys.executable, "-m", "cid_ds.train", "--config", str(out / "train.yaml"),
                           "optim.steps=2", "checkpoint.every=2", "logging.every=1"],
@@ -106,6 +110,56 @@ def test_flags_a_later_stage_refuses_stop_prepare_before_work_or_name_what_to_de
     with pytest.raises(SystemExit) as stop:  # another k into a prepared folder: its clustering is kept, not mixed
         main(prepare_args(own_data, out, "--k", "20"))
     assert f"delete {out / 'clusters'} and {out / 'balance'} and {out / 'packed'})" in str(stop.value)
+
+
+def test_the_steps_are_the_recipes_epochs_over_every_rank_of_the_job(tmp_path):
+    """4 nodes x 8 GPUs is one job of 32 ranks: the same steps as --ranks 32, a quarter of one 8-GPU node's."""
+    from data_tools.prepare import job_shape, write_train_yaml
+    recipe = load_config(RECIPE, check_paths=False)
+    summary = {"packed_samples": 10_000_000, "k": 25_000}  # enough for the recipe's batch on every rank
+
+    def written(nodes=None, gpus_per_node=None, ranks=None) -> dict:
+        path = tmp_path / f"{nodes}x{gpus_per_node}r{ranks}" / "train.yaml"
+        path.parent.mkdir()
+        write_train_yaml(str(path), recipe, "packed", "clusters", "ViT-B-16", summary,
+                         job_shape(nodes, gpus_per_node, ranks, gpus=True), workers=8)
+        return yaml.safe_load(path.read_text())
+
+    four_nodes, all_ranks, one_node = written(4, 8), written(ranks=32), written(ranks=8)
+    assert four_nodes["data"]["batch_size"] == recipe.data.batch_size  # per rank: the global batch is 32x it
+    assert four_nodes["optim"] == all_ranks["optim"]
+    assert four_nodes["optim"]["steps"] == math.ceil(EPOCHS * 10_000_000 / (recipe.data.batch_size * 32))
+    assert abs(4 * four_nodes["optim"]["steps"] - one_node["optim"]["steps"]) < 4
+    for config in (four_nodes, one_node):  # the recipe's intervals whatever the shape
+        assert (config["logging"]["every"], config["checkpoint"]["every"], config["checkpoint"]["keep"]) == \
+            (recipe.logging.every, recipe.checkpoint.every, recipe.checkpoint.keep)
+
+
+def test_a_job_of_several_nodes_is_told_to_sbatch_not_to_start_every_rank_on_one_machine():
+    from data_tools.prepare import job_shape, next_commands
+    yaml_path, script = "/data/prepared/train.yaml", f"{REPO_ROOT}/launch/slurm.sbatch"
+    printed = "\n".join(next_commands(job_shape(4, 8, None, gpus=True), yaml_path))
+    assert f"sbatch --nodes=4 --gpus-per-node=8 {script} {yaml_path}" in printed
+    assert "NUM_GPUS" not in printed and "single_node.sh" not in printed
+    assert "NUM_GPUS=32" not in "\n".join(next_commands(job_shape(None, 8, 32, gpus=True), yaml_path))
+    cpu = "\n".join(next_commands(job_shape(2, 4, None, gpus=False), yaml_path))  # a cluster without GPUs
+    assert f"CID_RANKS_PER_NODE=4 sbatch --nodes=2 {script} {yaml_path}" in cpu and "--gpus-per-node" not in cpu
+    one = next_commands(job_shape(None, None, 2, gpus=True), yaml_path)
+    assert one[0] == f"train with: NUM_GPUS=2 {REPO_ROOT}/launch/single_node.sh {yaml_path}"
+    assert f"sbatch --nodes=1 --gpus-per-node=2 {script} {yaml_path}" in one[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "4", "--gpus-per-node", "8", "--ranks", "8"], "--ranks 8 .* does not agree with --nodes 4 and "
+                                                               "--gpus-per-node 8"),
+    (["--nodes", "3", "--ranks", "8"], "--ranks 8 .* does not agree with --nodes 3"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+])
+def test_a_shape_the_flags_contradict_is_refused_naming_them(own_data, tmp_path, flags, message):
+    from data_tools.prepare import main
+    with pytest.raises(SystemExit, match=f"^prepare: {message}"):  # a message, no traceback; a later --ranks
+        main(prepare_args(own_data, tmp_path / "never", *flags))   # wins over prepare_args' --ranks 1
+    assert not (tmp_path / "never").exists()  # refused before any work
 
 
 def test_the_stages_are_commands_too():
