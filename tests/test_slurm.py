@@ -1,0 +1,145 @@
+"""The SLURM path on a real two-node SLURM (tests/slurm_cluster.py: one slurmctld, two slurmds on this machine,
+loopback only), the CID student as a user submits it: `sbatch launch/slurm.sbatch CONFIG ...` from a directory of
+their own. A stop signal to the job's ranks (`scancel --signal=TERM`, as a preemption or `--signal=USR1@...` before
+the time limit sends one) turns into a checkpoint on both nodes, the job requeues itself and resumes, and it ends
+with the weights of an uninterrupted run. A node whose ranks are killed outright ends the job with a message in a
+bounded time, and the next submission takes the output folder over and resumes from the newest complete
+checkpoint."""
+import os
+import re
+import time
+
+import numpy as np
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from cid_ds.checkpoints import newest_complete_tag
+from cid_ds.io import read_json
+from cid_ds.run_lock import LOCK
+from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
+from tests.slurm_cluster import local_slurm, missing
+from tests.test_fault_tolerance import losses
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+SBATCH = os.path.join(REPO_ROOT, "launch", "slurm.sbatch")
+CONFIG = os.path.join(REPO_ROOT, "ds_configs", "experiments", "demo_cid.yaml")
+KILL_WAIT = 30  # the cluster's KillWait: what a preemption or scancel leaves the ranks before SIGKILL
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_slurm(str(tmp_path_factory.mktemp("slurm"))) as slurm:
+        yield slurm
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data_tools.cluster import cluster
+    data = make_data_and_features(str(tmp_path_factory.mktemp("slurm_data")), train_samples=192, shards=2)
+    data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
+    cluster(data["feats"], 9, data["clusters"])
+    return data
+
+
+def overrides(dataset, out: str, steps: int, **extra) -> list[str]:
+    items = {"output_dir": out, "deepspeed_config": os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
+             "data.train_shards": dataset["shards"], "data.features": dataset["feats"],
+             "cluster.dir": dataset["clusters"], "cluster.sample_rate": 0.6, "data.batch_size": 16,
+             "data.shuffle_buffer": 20, "data.views": "center", "eval.at_end": "false", "eval.sets": "[]",
+             "optim.steps": steps, "optim.warmup_steps": 2, "logging.every": 1, "checkpoint.every": 100,
+             "checkpoint.stop_check_every": 1} | extra
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def read(path) -> str:
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def wait_for(condition, seconds: float, what: str, log=None) -> float:
+    """Poll ``condition`` until it holds; the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > seconds:
+            raise AssertionError(f"not within {seconds} s: {what}\n{read(log)[-6000:] if log else ''}")
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def exported(out) -> dict:
+    return load_file(os.path.join(out, "export", "open_clip_model.safetensors"))
+
+
+def test_a_preempted_two_node_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(cluster, dataset, tmp_path):
+    straight = str(tmp_path / "straight")
+    run(deepspeed_cmd(2) + ["--config", CONFIG] + overrides(dataset, straight, 10))
+
+    user_dir = tmp_path / "user"  # submitted from a directory of the user's, with a relative output_dir
+    user_dir.mkdir()
+    job = cluster.submit(SBATCH, CONFIG, *overrides(dataset, "run", 10), cwd=str(user_dir))
+    log = user_dir / f"cid_ds-{job}.out"
+    wait_for(lambda: "[cid_ds] step 3/10" in read(log), 300, "step 3", log)
+    assert "world 2" in read(log) and "rendezvous 127.0.0.1:" in read(log)
+    cluster.run("scancel", "--signal=TERM", job)
+    to_requeue = wait_for(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "requeued within KillWait", log)
+    print(f"signal to a complete checkpoint on both nodes and the job requeued: {to_requeue:.1f} s")
+    stopped = re.search(r"stop signal \(SIGTERM\): checkpoint of step (\d+) saved", read(log))
+    assert stopped, read(log)[-4000:]
+    stop_step = int(stopped.group(1))
+    assert 3 <= stop_step < 10
+    assert newest_complete_tag(str(user_dir / "run" / "checkpoints")) == f"step{stop_step:08d}"
+    assert f"requeueing job {job}" in read(log)
+
+    cluster.release_requeued(job)
+    wait_for(lambda: cluster.state(job) == "COMPLETED", 300, "the requeued job to finish", log)
+    text = read(log)
+    assert "(restart 1)" in text and f"start step {stop_step}/10" in text
+    assert read_json(str(user_dir / "run" / "results.json"))["step"] == 10
+    assert not (user_dir / "run" / LOCK).exists()
+
+    expected, got = losses(straight), losses(str(user_dir / "run"))
+    assert sorted(got) == list(range(1, 11))  # no step lost, none repeated
+    np.testing.assert_allclose([got[s] for s in range(1, 11)], [expected[s] for s in range(1, 11)], rtol=1e-5)
+    weights, reference = exported(str(user_dir / "run")), exported(straight)
+    assert sorted(weights) == sorted(reference)
+    for name in reference:
+        np.testing.assert_allclose(weights[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def ranks_of(job: str, node: str) -> list[psutil.Process]:
+    """The training processes the job runs on ``node`` (a rank and its loader workers)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            env = process.environ()
+        except psutil.Error:
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node and \
+                any("launch/train.py" in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(cluster, dataset, tmp_path):
+    args = overrides(dataset, "run", 6, **{"checkpoint.every": 2})
+    job = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
+    log = tmp_path / f"cid_ds-{job}.out"
+    wait_for(lambda: "[cid_ds] step 3/6" in read(log), 300, "step 3", log)
+    for process in ranks_of(job, "n1"):  # rank 0's node: its lock on the output folder stays behind
+        process.kill()
+    ended = wait_for(lambda: cluster.state(job) not in ("RUNNING", "COMPLETING"), 90, "the job to end", log)
+    print(f"node killed -> job ended: {ended:.1f} s")
+    assert cluster.state(job) == "FAILED"
+    assert "[slurm] the ranks failed" in read(log)
+    assert (tmp_path / "run" / LOCK).exists()
+    saved = int(newest_complete_tag(str(tmp_path / "run" / "checkpoints"))[len("step"):])
+    assert saved in (2, 4)  # the checkpoints every 2 steps: the kill came after step 3
+
+    again = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
+    log = tmp_path / f"cid_ds-{again}.out"
+    wait_for(lambda: cluster.state(again) == "COMPLETED", 300, "the resubmitted job to finish", log)
+    text = read(log)
+    assert "output_dir lock taken over from host" in text and "has ended" in text
+    assert f"start step {saved}/6" in text
+    assert read_json(str(tmp_path / "run" / "results.json"))["step"] == 6
