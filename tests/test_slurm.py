@@ -143,3 +143,23 @@ def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(clu
     assert "output_dir lock taken over from host" in text and "has ended" in text
     assert f"start step {saved}/6" in text
     assert read_json(str(tmp_path / "run" / "results.json"))["step"] == 6
+
+
+def test_the_time_limit_signal_and_scontrol_requeue_each_checkpoint_and_bring_the_job_back(cluster, dataset, tmp_path):
+    """``--signal=USR1@100`` with a 2-minute limit: SLURM sends USR1 well before the limit (its timer runs every
+    ~30 s). Then ``scontrol requeue`` of the running job: SIGTERM to every process, KillWait, SIGKILL."""
+    job = cluster.submit("--time=2", "--signal=USR1@100", SBATCH, CONFIG,
+                         *overrides(dataset, "run", 1000, **{"logging.every": 10}), cwd=str(tmp_path))
+    log = tmp_path / f"cid_ds-{job}.out"
+    wait_for(lambda: "requeueing job" in read(log), 120, "the time-limit signal", log)
+    first = int(re.search(r"stop signal \(SIGUSR1\): checkpoint of step (\d+) saved", read(log)).group(1))
+    assert newest_complete_tag(str(tmp_path / "run" / "checkpoints")) == f"step{first:08d}"
+
+    cluster.release_requeued(job)
+    wait_for(lambda: f"start step {first}/1000" in read(log), 120, "the requeued job to resume", log)
+    cluster.run("scontrol", "requeue", job)
+    wait_for(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "the job requeued", log)
+    second = int(re.search(r"stop signal \(SIGTERM\): checkpoint of step (\d+) saved", read(log)).group(1))
+    assert second > first
+    assert newest_complete_tag(str(tmp_path / "run" / "checkpoints")) == f"step{second:08d}"
+    cluster.run("scancel", job)
