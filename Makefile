@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup setup-gpu demo demo-web ablate ablate-views ablate-captions ablate-cluster test bench clean
+.PHONY: setup setup-gpu demo demo-web slurm-demo ablate ablate-views ablate-captions ablate-cluster test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ setup-gpu: setup
 
 demo: setup
 	$(PY) -m launch.demo
+
+# the demo's CID student as a 2-node job on a local SLURM (root; apt-get install slurm-wlm munge), preempted at
+# step 100 and requeued: it prints where it stopped and resumed (~5 min after make demo)
+slurm-demo: demo
+	$(PY) -m launch.slurm_demo
 
 # the demo on the same images with web alt-text noise in the training captions (~15 min on 2 cores)
 demo-web: setup

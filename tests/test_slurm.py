@@ -1,4 +1,4 @@
-"""The SLURM path on a real two-node SLURM (tests/slurm_cluster.py: one slurmctld, two slurmds on this machine,
+"""The SLURM path on a real two-node SLURM (launch/local_slurm.py: one slurmctld, two slurmds on this machine,
 loopback only), the CID student as a user submits it: `sbatch launch/slurm.sbatch CONFIG ...` from a directory of
 their own. A stop signal to the job's ranks (`scancel --signal=TERM`, as a preemption or `--signal=USR1@...` before
 the time limit sends one) turns into a checkpoint on both nodes, the job requeues itself and resumes, and it ends
@@ -18,7 +18,7 @@ from cid_ds.checkpoints import newest_complete_tag
 from cid_ds.io import read_json
 from cid_ds.run_lock import LOCK
 from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
-from tests.slurm_cluster import local_slurm, missing
+from launch.local_slurm import local_slurm, missing
 from tests.test_fault_tolerance import losses
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))

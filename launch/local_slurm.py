@@ -1,7 +1,8 @@
-"""A real two-node SLURM cluster on this machine for the tests: a munged of its own, one slurmctld and two
-slurmd daemons (nodes n1 and n2, one CPU each), every socket on the loopback address. Debian's slurm-wlm is
-built with multiple-slurmd support, so SLURM treats the two slurmds as two nodes (``sbatch -N 2``: one task on
-each, SLURM_NODEID 0 and 1). Started and stopped by the tests; skipped where SLURM or munge is not installed."""
+"""A real two-node SLURM cluster on this machine, for the tests and ``make slurm-demo``: a munged of its own, one
+slurmctld and two slurmd daemons (nodes n1 and n2, one CPU each), every socket on the loopback address. Debian's
+slurm-wlm is built with multiple-slurmd support, so SLURM treats the two slurmds as two nodes (``sbatch -N 2``: one
+task on each, SLURM_NODEID 0 and 1). Started and stopped by its user (``local_slurm``); ``missing()`` says why it
+cannot start here."""
 from __future__ import annotations
 
 import contextlib
