@@ -70,3 +70,19 @@ def read_json(path: str) -> Any:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_numeric_npy(path: str, mmap: bool = False) -> "np.ndarray":
+    """A .npy array of numbers, never unpickled: a file of Python objects (or any other dtype) is refused with
+    a DataError naming it, where numpy would raise from deep inside."""
+    import numpy as np
+
+    from cid_ds.data.errors import DataError
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not an array of numbers ({e}); it is never unpickled: write it with "
+                        "numpy.save from a float array") from None
+    if array.dtype.kind not in "fiu":
+        raise DataError(f"{path}: holds {array.dtype} values, not numbers")
+    return array

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import atomic_path, check_writable, read_json, write_json
+from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
@@ -197,7 +197,7 @@ def hierarchical_kmeans(x: np.ndarray, parts: int, k: int, seed: int, ngpu: int,
 def read_centroids(centroids: Union[np.ndarray, str]) -> tuple[np.ndarray, str]:
     """``(unit centroids float32 [k, D], where they came from)`` from an array or a .npy file."""
     if isinstance(centroids, str):
-        return unit_rows(np.load(centroids)), f"centroids {centroids}"
+        return unit_rows(load_numeric_npy(centroids)), f"centroids {centroids}"
     return unit_rows(centroids), "centroids"
 
 

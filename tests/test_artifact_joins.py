@@ -177,3 +177,32 @@ def test_more_positives_than_stored_nearest_centroids_are_refused_before_any_wor
                                               "nearest centroid.* --topk 2"):
             check_sources(cfg, "demo_cid.yaml")
         check_sources(load_config(os.path.join(REPO_ROOT, "ds_configs/experiments/demo_cid.yaml"), overrides), "x")
+
+
+class _Payload:
+    """An object whose unpickling would write ``path``: what a hostile centroids.npy could run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_centroids_file_of_python_objects_is_refused_naming_it_and_never_unpickled(made, tmp_path):
+    clusters = str(tmp_path / "clusters")
+    shutil.copytree(made["a"]["clusters"], clusters)
+    ran = tmp_path / "the_pickle_ran"
+    np.save(os.path.join(clusters, "centroids.npy"), np.array([_Payload(str(ran)), None], dtype=object),
+            allow_pickle=True)
+    cmd = [sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_cid.yaml",
+           f"output_dir={tmp_path}/run", "eval.sets=[]", f"data.train_shards={made['packed']}/*.tar",
+           f"cluster.dir={clusters}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=one_rank_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert f"{clusters}/centroids.npy: not an array of numbers" in proc.stderr
+    from cid_ds.data.errors import DataError
+    from data_tools.cluster import assign
+    with pytest.raises(DataError, match=f"{clusters}/centroids.npy: not an array of numbers"):
+        assign(made["a"]["feats"], os.path.join(clusters, "centroids.npy"), str(tmp_path / "assigned"))
+    assert not ran.exists()

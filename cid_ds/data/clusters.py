@@ -22,7 +22,7 @@ import numpy as np
 
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import _short, shard_file
-from cid_ds.io import atomic_path, read_json
+from cid_ds.io import atomic_path, load_numeric_npy, read_json
 
 MANIFEST = "manifest.json"
 CENTROIDS = "centroids.npy"
@@ -76,7 +76,7 @@ class ClusterAssignments:
 
     def centroids(self) -> np.ndarray:
         """The float32 [k, D] centroids."""
-        centroids = np.load(self.centroids_path)
+        centroids = load_numeric_npy(self.centroids_path)
         if centroids.shape != (self.k, self.dim):
             raise DataError(f"{self.centroids_path}: shape {centroids.shape}, but {self.manifest_path} "
                             f"says k={self.k}, dim={self.dim}")

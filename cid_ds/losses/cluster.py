@@ -16,13 +16,14 @@ import torch
 
 from cid_ds.config import ClusterConfig
 from cid_ds.data.clusters import CENTROIDS
+from cid_ds.io import load_numeric_npy
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
 
 
 def _read_centroids(cluster_dir: str) -> np.ndarray:
     """The [k, dim] centroid matrix, memory-mapped: reading its shape costs no I/O."""
     path = os.path.join(cluster_dir, CENTROIDS)
-    centroids = np.load(path, mmap_mode="r")
+    centroids = load_numeric_npy(path, mmap=True)
     if centroids.ndim != 2:
         raise ValueError(f"{path}: centroids must be a [k, dim] matrix, got shape {centroids.shape}")
     return centroids
