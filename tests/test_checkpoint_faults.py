@@ -198,3 +198,25 @@ def test_every_stage_stops_at_start_naming_an_output_folder_it_cannot_write(data
             importlib.import_module(module).main(args)
         assert f"{out}: cannot write there (Read-only file system" in str(stopped.value), module
     assert os.listdir(out) == ["manifest.json"] and (readonly_dir / "old_output" / "manifest.json").read_text() == "{}"
+
+
+def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_incomplete(tmp_path):
+    """A requeued 3-day job whose checkpoints were all cut short must not silently start from step 0 (and then
+    rotate them away): it says what it found and how to start over on purpose."""
+    from cid_ds.checkpoints import resume
+    from cid_ds.config import Config, ConfigError
+    cfg = Config()
+    cfg.output_dir = str(tmp_path)
+    root = tmp_path / "checkpoints"
+    for step in (500, 1000):
+        tag = root / f"step{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+        mark_complete(str(tag))
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)  # truncated by a failing disk
+    with pytest.raises(ConfigError, match=f"only incomplete checkpoints in {root} \\(step00000500, step00001000: "
+                                          ".*set checkpoint.resume=none"):
+        resume(None, cfg, 0, None)
+    cfg.checkpoint.resume = "none"
+    assert resume(None, cfg, 0, None)[0] == 0
+    assert sorted(os.listdir(root)) == ["step00000500", "step00001000"]  # nothing deleted by the refusal

@@ -3,6 +3,7 @@ mix (clip + instance + cluster): the loss decreases, TensorBoard gets every prom
 (engine + one classifier shard per rank) are written, no shared memory is left behind, and a second run
 with ``resume: auto`` continues from the saved step."""
 import glob
+import shutil
 import os
 import statistics
 
@@ -88,3 +89,28 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
         assert position == {"epoch": 1, "batch_in_epoch": 3}
     resumed = torch.load(os.path.join(out, "checkpoints", "step00000011", "centroid_classifier_rank1.pt"))
     assert resumed["updates"] == 11  # the shard continued from step 8's rows and moments
+
+
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_and_continues_its_curve(dataset, tmp_path):
+    """The classifier's two shards become one, the engine's ZeRO-2 partitions are re-split (through DeepSpeed's
+    universal checkpoint), and the curve goes on from where the 2 ranks left it, not from the start."""
+    two = str(tmp_path / "two")
+    run(deepspeed_cmd(2) + experiment(dataset, two, steps=8))
+    one = str(tmp_path / "one")
+    os.makedirs(os.path.join(one, "checkpoints"))
+    shutil.copytree(os.path.join(two, "checkpoints", "step00000004"), os.path.join(one, "checkpoints", "step00000004"))
+    # the same global batch on the one rank: 48 samples a step
+    resumed = run(deepspeed_cmd(1) + experiment(dataset, one, steps=8) + ["data.batch_size=48"])
+    assert "saved by 2 ranks, this run has 1: converting it to DeepSpeed's universal checkpoint" in resumed.stdout
+    assert "start step 4/8" in resumed.stdout
+    shard = torch.load(os.path.join(one, "checkpoints", "step00000008", "centroid_classifier_rank0.pt"))
+    assert shard["weight"].shape[0] == 9 and shard["updates"] == 8
+
+    two_ranks, one_rank = (dict(scalars(out)[0]["loss/total"]) for out in (two, one))
+    assert sorted(one_rank) == [5, 6, 7, 8]
+    # the same global batch from another split of the data: not the same numbers, but the same curve, far
+    # below where training starts
+    for step in (5, 6, 7, 8):
+        assert abs(one_rank[step] - two_ranks[step]) < 0.05 * two_ranks[step], (step, one_rank, two_ranks)
+    print("relative differences:", {s: round(abs(one_rank[s] - two_ranks[s]) / two_ranks[s], 4) for s in one_rank})
+    assert max(one_rank.values()) < two_ranks[1] - 0.5 * (two_ranks[1] - two_ranks[4]), (one_rank, two_ranks)
