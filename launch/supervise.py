@@ -12,8 +12,9 @@ to the whole process tree, SIGKILL 30 s later and exit status 1, whatever the ra
   launcher) and to no launcher. The ranks agree on a step, save a checkpoint and exit 0
   (``cid_ds.faults.StopSignal``); DeepSpeed's launchers then exit as the ranks did, and so does this process.
   A rank started after the signal gets it too. With several machines the ranks' all-reduce carries the stop
-  to the other machines' ranks (run one supervised launch per machine: launch/multi_node.sh with NODE_RANK,
-  launch/slurm.sbatch);
+  to the other machines' ranks (run one supervised launch per machine: launch/multi_node.sh with NODE_RANK;
+  under SLURM, launch/slurm.sbatch needs none of this: srun starts the ranks, which take SLURM's signals
+  themselves);
 * is bounded: ``--grace`` seconds after the first signal, or at a second SIGTERM/SIGINT, it kills the
   session (every process the launch started, DataLoader workers included) and exits 128 + signal.
 """

@@ -112,26 +112,35 @@ def test_gpu_hosts_swap_faiss_cpu_for_faiss_gpu_of_the_pinned_version():
                    f"python -m pip install --no-cache-dir faiss-gpu=={pinned[0]}"]
 
 
-def test_slurm_script_starts_one_no_ssh_launcher_per_node_with_the_config(tmp_path):
-    """sbatch cannot run here: stand-in ``scontrol`` and ``srun`` on PATH show what the script hands on."""
+def test_on_gpu_nodes_slurm_script_starts_one_rank_per_gpu_and_meets_at_the_first_nodes_address(tmp_path):
+    """The local SLURM has no GPUs (tests/test_slurm.py runs the script there); a GPU allocation is what SLURM
+    tells the script in SLURM_GPUS_ON_NODE: stand-in ``scontrol`` and ``srun`` on PATH show what it hands on."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a17\\ngpu-b03\\n'\n")
-    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/srun_args\n")
+    script = os.path.join(REPO_ROOT, "launch", "slurm.sbatch")
+    (bin_dir / "scontrol").write_text(f"""#!/bin/sh
+case "$2" in
+  job) echo "JobId=424242 Command={script} WorkDir=/somewhere" ;;
+  hostnames) printf 'gpu-a17\\ngpu-b03\\n' ;;
+  node) echo "NodeName=$4 Arch=x86_64 NodeAddr=10.1.2.17 NodeHostName=$4" ;;
+esac
+""")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nenv | grep -E '^(MASTER_|CID_DS_STOP)' > {tmp_path}/srun_env\n"
+                                  f"printf '%s\\n' \"$@\" > {tmp_path}/srun_args\n")
     for tool in ("scontrol", "srun"):
         os.chmod(bin_dir / tool, 0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="424242",
-               SLURM_JOB_NODELIST="gpu-[a17,b03]", SLURM_SUBMIT_DIR=REPO_ROOT, SLURM_GPUS_ON_NODE="4",
-               CID_SLURM_DIR=str(tmp_path / "slurm"))
-    subprocess.run(["bash", "launch/slurm.sbatch", "ds_configs/experiments/demo_cid.yaml", "optim.lr=3e-4"],
+               SLURM_JOB_NODELIST="gpu-[a17,b03]", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_GPUS_ON_NODE="4",
+               SLURM_CPUS_ON_NODE="64")
+    subprocess.run(["bash", script, "ds_configs/experiments/demo_cid.yaml", "optim.lr=3e-4"],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
     srun_args = (tmp_path / "srun_args").read_text().splitlines()
-    assert srun_args[-3:] == [str(tmp_path / "slurm" / "hostfile.424242"),
+    assert srun_args[:3] == ["--ntasks-per-node=4", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
+    assert srun_args[-4:] == [os.path.join(REPO_ROOT, "launch", "train.py"), "--config",
                               "ds_configs/experiments/demo_cid.yaml", "optim.lr=3e-4"]
-    assert "--ntasks-per-node=1" in srun_args
-    assert any("launch/multi_node.sh" in a and "NODE_RANK=$SLURM_NODEID" in a for a in srun_args)
-    hostfile = (tmp_path / "slurm" / "hostfile.424242").read_text()
-    assert hostfile == "gpu-a17 slots=4\ngpu-b03 slots=4\n"
+    assert any("RANK=$SLURM_PROCID" in a and "WORLD_SIZE=$SLURM_NTASKS" in a for a in srun_args)
+    srun_env = (tmp_path / "srun_env").read_text()
+    assert "MASTER_ADDR=10.1.2.17\n" in srun_env and "MASTER_PORT=24242\n" in srun_env
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +180,8 @@ def test_multi_node_hostfile_runs_two_ranks_and_single_node_runs_one(dataset, tm
 
 
 def test_no_ssh_launch_one_call_per_node_forms_one_job(dataset, tmp_path):
-    """What slurm.sbatch's srun does, with two "nodes" on this machine: the same command on each,
-    NODE_RANK telling it which hostfile line it is."""
+    """What a scheduler that starts one command per machine does (Kubernetes, srun with DeepSpeed's launcher),
+    with two "nodes" on this machine: the same command on each, NODE_RANK telling it which hostfile line it is."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
     out = str(tmp_path / "run")
