@@ -60,7 +60,7 @@ ablate-views: setup
 	$(PY) -m launch.ablate ds_configs/ablations/views.yaml --out runs/demo/ablate_views
 
 test: setup
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider --durations=20
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; DS_ACCELERATOR=cpu $(PY) $$b || exit 1; done
