@@ -19,8 +19,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 # g++: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) compiles its small shared-memory comm op on the
 # first launch. pdsh + ssh: launch/multi_node.sh's default (ssh) multi-node start. tini: PID 1 (below).
+# libibverbs1 + ibverbs-providers: NCCL loads the verbs library (and the mlx5 provider) at run time for
+# InfiniBand; without them it falls back to sockets between nodes.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ openssh-client pdsh tini \
+    && apt-get install -y --no-install-recommends g++ openssh-client pdsh tini libibverbs1 ibverbs-providers \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 cid \

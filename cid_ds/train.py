@@ -28,7 +28,7 @@ from cid_ds.data.damage import RunDamage
 from cid_ds.data.errors import DataError
 from cid_ds.engine import build_engine, compute_dtype, cosine_with_warmup, init_distributed
 from cid_ds.faults import StopSignal, exit_within
-from cid_ds.io import OutputNotWritable, check_writable, write_json
+from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
 from cid_ds.objective import compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 from cid_ds.run_lock import OutputDirLocked, RunLock
@@ -205,6 +205,11 @@ def train(cfg: Config, stop: Optional[StopSignal], rank: int, world_size: int) -
         cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
                                              lr_factor, cfg.seed, device, sources.cluster_index)
     step, position = resume(engine, cfg, rank, cluster_term)
+    finished = os.path.join(cfg.output_dir, "results.json")
+    if step >= cfg.optim.steps and os.path.isfile(finished):  # e.g. a resubmission chain's link after the end
+        if rank == 0:
+            print(f"[cid_ds] {cfg.name}: finished already at step {step} ({finished}): nothing to do", flush=True)
+        return read_json(finished)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter

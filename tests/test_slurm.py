@@ -142,7 +142,15 @@ def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(clu
     text = read(log)
     assert "output_dir lock taken over from host" in text and "has ended" in text
     assert f"start step {saved}/6" in text
-    assert read_json(str(tmp_path / "run" / "results.json"))["step"] == 6
+    results = tmp_path / "run" / "results.json"
+    assert read_json(str(results))["step"] == 6
+
+    # one more link of a resubmission chain, after the end: it leaves the finished run as it is
+    written = results.stat().st_mtime_ns
+    late = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
+    wait_for(lambda: cluster.state(late) == "COMPLETED", 300, "the late link to end", tmp_path / f"cid_ds-{late}.out")
+    assert "finished already at step 6" in read(tmp_path / f"cid_ds-{late}.out")
+    assert results.stat().st_mtime_ns == written
 
 
 def test_the_time_limit_signal_and_scontrol_requeue_each_checkpoint_and_bring_the_job_back(cluster, dataset, tmp_path):
