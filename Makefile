@@ -23,7 +23,7 @@ demo: setup
 	$(PY) -m launch.demo
 
 # the demo's CID student as a 2-node job on a local SLURM (root; apt-get install slurm-wlm munge), preempted at
-# step 100 and requeued: it prints where it stopped and resumed (~5 min after make demo)
+# step 100 and requeued: it prints where it stopped and resumed (~8 min on 2 cores after make demo)
 slurm-demo: demo
 	$(PY) -m launch.slurm_demo
 
