@@ -15,7 +15,9 @@ With ``--parts P`` the fit is hierarchical: the sample is split into P random pa
 into k centroids, and the union of the P*k centroids (weighted by their part's cluster sizes) is
 clustered into k: how 1M clusters of LAION-400M were made. The output format is described in
 cid_ds.data.clusters. A re-run into the same --out skips what is done (the fit, finished shards) and
-refuses other parameters or a cache from another teacher.
+refuses other parameters or a cache from another teacher. Started as N processes (data_tools.spread),
+process 0 fits while the others wait for its centroids, every process assigns every N-th shard, and the
+last to finish writes the statistics and the complete manifest.
 
 Initialisation: ``random`` (faiss's default: k rows of the sample) is the only one that scales to 1M
 centroids, but on data with clear clusters it leaves some merged and others split; ``kmeans++`` and
@@ -41,6 +43,7 @@ from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
 from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
+from data_tools.spread import Share, share_from_env
 
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
@@ -202,9 +205,11 @@ def read_centroids(centroids: Union[np.ndarray, str]) -> tuple[np.ndarray, str]:
 
 
 def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, topk: int = 1,
-           batch_size: int = 65536, ngpu: int = 0, teacher_index: Optional[int] = None) -> dict:
-    """Write ``out_dir/<stem>.npz`` (top-k centroid ids and similarities) for every cache shard that has no
-    file yet; returns ``assigned``/``skipped`` stems, ``samples`` and ``seconds``."""
+           batch_size: int = 65536, ngpu: int = 0, teacher_index: Optional[int] = None,
+           share: Share = Share()) -> dict:
+    """Write ``out_dir/<stem>.npz`` (top-k centroid ids and similarities) for every cache shard of ``share``
+    (data_tools.spread) that has no file yet; returns ``assigned``/``skipped`` stems, ``samples`` and
+    ``seconds``."""
     cache = FeatureCache(features_dir, with_views=False)
     shards = cache_shards(cache)
     columns = teacher_columns(cache, teacher_index)
@@ -217,14 +222,15 @@ def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, t
         raise ValueError(f"topk must be between 1 and k = {len(centroids)}, got {topk}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    todo = [stem for stem in shards if not os.path.isfile(shard_file(out_dir, stem))]
+    mine = share.mine(list(shards))
+    todo = [stem for stem in mine if not os.path.isfile(shard_file(out_dir, stem))]
     for stem in todo:  # temp files left by a crash mid-write
         for tmp in glob.glob(glob.escape(shard_file(out_dir, stem)) + ".tmp*"):
             os.remove(tmp)
 
     index = flat_index(centroids, ngpu)
     start = time.time()
-    with tqdm(total=sum(shards[s] for s in todo), desc="assign", unit="img",
+    with tqdm(total=sum(shards[s] for s in todo), desc="assign" if share.world == 1 else f"assign {share}", unit="img",
               postfix={"shards": f"0/{len(todo)}"}) as bar:
         for done, stem in enumerate(todo, 1):
             features = load_image_rows(cache, stem, shards[stem])
@@ -233,7 +239,7 @@ def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, t
                               cache.teacher["weights_sha256"])
             bar.update(len(ids))
             bar.set_postfix(shards=f"{done}/{len(todo)}")
-    return {"assigned": todo, "skipped": [s for s in shards if s not in todo],
+    return {"assigned": todo, "skipped": [s for s in mine if s not in todo],
             "samples": sum(shards[s] for s in todo), "seconds": time.time() - start}
 
 
@@ -298,9 +304,11 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, 
 
 def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
             topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
-            nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None) -> dict:
+            nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None,
+            share: Share = Share()) -> Optional[dict]:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
-    returns the complete manifest. ``k`` None: ``default_k`` of the cache's sample count, printed with
+    returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits, each assigns
+    its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None: ``default_k`` of the cache's sample count, printed with
     its reason."""
     for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
                         ("topk", topk), ("batch_size", batch_size), ("parts", parts), ("nredo", nredo)):
@@ -322,6 +330,8 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
               "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
               "nredo": nredo, "init": init, "teacher_index": teacher_index}
     n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
+    if share.rank > 0:
+        wait_for_fit(out_dir, share)
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
@@ -341,14 +351,30 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
         manifest.update(fit)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
-    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu, teacher_index)
+    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu, teacher_index, share)
+    if not all(os.path.isfile(shard_file(out_dir, stem)) for stem in shards):
+        return None  # another process's shards are still to be assigned: the last to finish completes the manifest
     sizes, stats = size_statistics(out_dir, list(shards))
     write_json(os.path.join(out_dir, "cluster_sizes.json"), {"k": k, "sizes": sizes.tolist()})
     plot_sizes(sizes, os.path.join(out_dir, "cluster_sizes.png"))
-    manifest["timing"]["assign_s"] = result["seconds"]  # of this run: a resumed run times only its shards
+    manifest["timing"]["assign_s"] = result["seconds"]  # of this run's process: a resumed run times only its shards
     manifest.update(cluster_sizes=stats, shards=len(shards), complete=True)
     write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
+
+
+def wait_for_fit(out_dir: str, share: Share, poll_seconds: float = 2.0) -> None:
+    """Processes other than 0 assign with the centroids process 0 fits (one fit, on one machine: its sample
+    is drawn over the whole cache); they wait for its manifest to record it. A launcher ends them all if
+    process 0 fails."""
+    path = os.path.join(out_dir, MANIFEST)
+    said = False
+    while not (os.path.isfile(os.path.join(out_dir, CENTROIDS)) and os.path.isfile(path)
+               and "fit_points" in read_json(path)):
+        if not said:
+            print(f"cluster: {share} waits for process 0's k-means fit in {out_dir}", flush=True)
+            said = True
+        time.sleep(poll_seconds)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -374,12 +400,16 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
     args = parser.parse_args(argv)
     try:
+        share = share_from_env()
         check_writable(args.out)
         manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
                            args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True,
-                           teacher_index=args.teacher_index)
+                           teacher_index=args.teacher_index, share=share)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cluster: {e}")
+    if manifest is None:
+        print(f"cluster: {share} assigned its shards; the last process to finish completes {args.out}")
+        return
     sizes = manifest["cluster_sizes"]
     print(f"{args.out}: {sizes['samples']} samples in {manifest['k']} clusters (fit on {manifest['fit_points']}); "
           f"sizes min {sizes['min']} median {sizes['median']:g} max {sizes['max']}, {sizes['empty']} empty; "

@@ -26,6 +26,10 @@ source tar (cid_ds.data.damage): its samples before the damage are written, and 
 is listed in the manifest's ``damaged_sources`` and in the output shard's entry. More damaged source
 tars than ``--max-damaged-fraction`` accepts stop the run. ``manifest.json`` chains the manifests of the
 cache, the clusters and the balance.
+
+Started as N processes (data_tools.spread: a launcher's RANK/WORLD_SIZE, or ``python -m data_tools.spread -n N
+-- python -m data_tools.pack ...``), each writes every N-th output shard and the last to finish writes the
+manifest: the same bytes as one process writes, and any process count resumes an interrupted packing.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from cid_ds.data.samples import IMAGE_EXTS, caption_of, read_samples
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from cid_ds.models import resolve_spec
 from data_tools.outputs import check_rerun
+from data_tools.spread import Share, share_from_env
 
 STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
 MAX_SAMPLES_PER_SHARD = 10000  # the cap of the default size
@@ -217,8 +222,10 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
          clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
          samples_per_shard: Optional[int] = None, progress: bool = True,
          max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, ranks: int = DEFAULT_RANKS,
-         workers: int = DEFAULT_WORKERS) -> dict:
-    """Write (or finish writing) the distill-ready shards; return the complete manifest.
+         workers: int = DEFAULT_WORKERS, share: Share = Share()) -> Optional[dict]:
+    """Write (or finish writing) ``share``'s output shards (data_tools.spread: every ``share.world``-th of the
+    planned shards, from ``share.rank``); return the complete manifest, written by whichever process finds
+    every shard written, or None when others are still to finish theirs.
     ``samples_per_shard`` None: sized for ``ranks`` x ``workers`` loader readers (default_samples_per_shard).
     More damaged source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
     for name, value in (("samples_per_shard", samples_per_shard), ("ranks", ranks), ("workers", workers)):
@@ -235,9 +242,10 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
         raise ValueError(f"nothing to pack: no sample of {len(shards)} shards is in the cache and kept")
     if samples_per_shard is None:
         samples_per_shard, rule = chosen_samples_per_shard(len(planned), ranks, workers)
-        print(rule)
+        if share.rank == 0:
+            print(rule)
     warning = too_few_shards(len(planned), samples_per_shard, ranks, workers)
-    if warning is not None:
+    if warning is not None and share.rank == 0:
         print(warning, file=sys.stderr)
     identity = {
         "format": FORMAT, "sources": [os.path.abspath(p) for p in shards], "samples_per_shard": samples_per_shard,
@@ -248,21 +256,25 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
     }
     if cache.views:  # packings of caches without views (older ones too) have no entry
         identity["views"] = upstream["features"]["views"]
-    _check_existing(out_dir, identity)
+    chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
+    mine = share.mine(range(len(chunks)))
+    _check_existing(out_dir, identity, mine)
     write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
 
-    chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
-    stats = {}
-    with tqdm(total=len(planned), unit="sample", desc="pack", disable=not progress) as bar:
-        for index, members in enumerate(chunks):
-            done = _finished_stats(out_dir, index)
-            if done is not None:
-                stats[index] = done
-                for record in done.get("damaged_sources", []):
-                    budget.add(ShardDamage(**record))
-                bar.update(len(members))
-                continue
-            stats[index] = write_output_shard(out_dir, index, members, cache, clusters, tokenizer, bar, budget)
+    with tqdm(total=sum(len(chunks[i]) for i in mine), unit="sample", desc="pack" if share.world == 1 else
+              f"pack {share}", disable=not progress) as bar:
+        for index in mine:
+            if _finished_stats(out_dir, index) is None:
+                write_output_shard(out_dir, index, chunks[index], cache, clusters, tokenizer, bar, budget)
+            else:
+                bar.update(len(chunks[index]))
+    stats = {index: _finished_stats(out_dir, index) for index in range(len(chunks))}
+    if any(done is None for done in stats.values()):
+        return None
+    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")  # over every process's
+    for done in stats.values():
+        for record in done.get("damaged_sources", []):
+            budget.add(ShardDamage(**record))
     # a damaged source feeding several output shards is in each one's entry, and once in the totals
     totals = {"planned": len(planned), **left_out, "unreadable_source_shards": len(budget.damaged),
               **{k: sum(s[k] for s in stats.values()) for k in ("samples", "missing_in_source")}}
@@ -280,13 +292,16 @@ def _finished_stats(out_dir: str, index: int) -> Optional[dict]:
     return read_json(stats) if os.path.isfile(stats) and os.path.isfile(tar) else None
 
 
-def _check_existing(out_dir: str, identity: dict) -> None:
-    """A re-run must repeat the inputs and parameters; temp files of a killed run are removed."""
-    if check_rerun(out_dir, identity, "packings") is None and os.path.isdir(out_dir) and os.listdir(out_dir):
+def _check_existing(out_dir: str, identity: dict, mine: list[int]) -> None:
+    """A re-run must repeat the inputs and parameters; temp files a killed run left of this process's shards
+    are removed (another process's may be in flight)."""
+    if check_rerun(out_dir, identity, "packings") is None and os.path.isdir(out_dir) and \
+            any(name != MANIFEST and not name.startswith(MANIFEST + ".tmp") for name in os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: not empty and has no {MANIFEST}; refusing to write packed shards into it")
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")) \
-            + glob.glob(os.path.join(glob.escape(out_dir), STATS_DIR, "*.tmp*")):
-        os.remove(tmp)
+    for index in mine:
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f"{index:05d}.tar.tmp*")) \
+                + glob.glob(os.path.join(glob.escape(out_dir), STATS_DIR, f"{index:05d}.json.tmp*")):
+            os.remove(tmp)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -313,12 +328,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not shards:
         parser.error(f"--shards {args.shards!r} matches no file")
     try:
+        share = share_from_env()
         check_writable(args.out)
         manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
                         args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction,
-                        ranks=args.ranks, workers=args.workers)
+                        ranks=args.ranks, workers=args.workers, share=share)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"pack: {e}")
+    if manifest is None:
+        print(f"pack: {share} wrote its shards; the last process to finish writes {os.path.join(args.out, MANIFEST)}")
+        return
     totals = manifest["totals"]
     print(f"packed {totals['samples']} samples into {len(manifest['shards'])} shards in {args.out} "
           f"(removed by balance {totals['removed_by_balance']}, missing in source {totals['missing_in_source']}, "

@@ -14,6 +14,9 @@ import subprocess
 import time
 from typing import Iterator, Optional
 
+# SLURM's default is 30 s; what a rank needs to checkpoint after a stop signal here is ~3 s, and a rank left
+# waiting on a dead peer is ended this much after its step was told to stop
+KILL_WAIT = 15
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
 
 
@@ -63,7 +66,7 @@ class LocalSlurm:
             f"SlurmdLogFile={r}/log/slurmd.%n.log", f"SlurmctldPort={ctld_port}", "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none", "SwitchType=switch/none", "MpiDefault=none", "ReturnToService=2",
             "SelectType=select/cons_tres", "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none", "KillWait=30",
+            "JobAcctGatherType=jobacct_gather/none", f"KillWait={KILL_WAIT}",
             # NodeAddr: the rendezvous address slurm.sbatch takes; the names n1/n2 do not resolve
             f"NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 CPUs=1 RealMemory=10000 "
             f"Port={node_port}-{node_port + 1} State=UNKNOWN",

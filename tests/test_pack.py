@@ -114,22 +114,32 @@ def test_another_students_tokenizer_retokenises_the_captions(dataset, tmp_path):
     assert batch["tokens"].shape == (4, 77)
 
 
-def test_a_killed_run_resumes_to_the_same_shards_and_other_parameters_are_refused(dataset, tmp_path):
+def test_spread_over_processes_a_killed_run_resumes_to_the_same_bytes_and_other_parameters_are_refused(
+        dataset, tmp_path):
+    """One process, two, then three finishing what two left (data_tools.spread): the same shards, byte for byte,
+    and the same manifest."""
     args = [sys.executable, "-m", "data_tools.pack", "--shards", dataset["shards"], "--features", dataset["feats"],
             "--tokenizer", "demo-student", "--samples-per-shard", "30"]
+    spread = [sys.executable, "-m", "data_tools.spread", "-n"]
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     subprocess.run(args + ["--out", whole], cwd=REPO_ROOT, check=True, capture_output=True)
-    subprocess.run(args + ["--out", resumed], cwd=REPO_ROOT, check=True, capture_output=True)
+    two = subprocess.run(spread + ["2", "--"] + args + ["--out", resumed], cwd=REPO_ROOT, check=True,
+                         capture_output=True, text=True)
+    assert "process 0 of 2" in two.stdout + two.stderr or "process 1 of 2" in two.stdout + two.stderr
+    tars = sorted(name for name in os.listdir(whole) if name.endswith(".tar"))
+    assert len(tars) == 6
+    for name in tars:
+        assert open(os.path.join(whole, name), "rb").read() == open(os.path.join(resumed, name), "rb").read()
+    assert read_json(os.path.join(whole, "manifest.json")) == read_json(os.path.join(resumed, "manifest.json"))
+
     for name in ("00002.tar", "00005.tar"):  # as if killed before these were written
         os.remove(os.path.join(resumed, name))
     open(os.path.join(resumed, "00002.tar.tmp123"), "wb").write(b"half a tar")
-    subprocess.run(args + ["--out", resumed], cwd=REPO_ROOT, check=True, capture_output=True)
-    for name in sorted(os.listdir(whole)):
-        if name.endswith(".tar"):
-            assert open(os.path.join(whole, name), "rb").read() == open(os.path.join(resumed, name), "rb").read()
+    subprocess.run(spread + ["3", "--"] + args + ["--out", resumed], cwd=REPO_ROOT, check=True, capture_output=True)
+    for name in tars:
+        assert open(os.path.join(whole, name), "rb").read() == open(os.path.join(resumed, name), "rb").read()
     assert not os.path.exists(os.path.join(resumed, "00002.tar.tmp123"))
-    assert read_json(os.path.join(whole, "manifest.json"))["shards"] == \
-        read_json(os.path.join(resumed, "manifest.json"))["shards"]
+    assert read_json(os.path.join(whole, "manifest.json")) == read_json(os.path.join(resumed, "manifest.json"))
 
     other = subprocess.run(args[:-1] + ["40", "--out", resumed], cwd=REPO_ROOT, capture_output=True, text=True)
     assert other.returncode != 0 and "samples_per_shard is 30 but this run has samples_per_shard = 40" in other.stderr

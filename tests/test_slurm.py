@@ -18,14 +18,13 @@ from cid_ds.checkpoints import newest_complete_tag
 from cid_ds.io import read_json
 from cid_ds.run_lock import LOCK
 from tests.helpers import REPO_ROOT, deepspeed_cmd, make_data_and_features, run
-from launch.local_slurm import local_slurm, missing
+from launch.local_slurm import KILL_WAIT, local_slurm, missing
 from tests.test_fault_tolerance import losses
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 SBATCH = os.path.join(REPO_ROOT, "launch", "slurm.sbatch")
 CONFIG = os.path.join(REPO_ROOT, "ds_configs", "experiments", "demo_cid.yaml")
-KILL_WAIT = 30  # the cluster's KillWait: what a preemption or scancel leaves the ranks before SIGKILL
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A real 2-rank DeepSpeed run on CPU (ZeRO-2, gloo) through the ``deepspeed`` launcher with the CLIP-CID
 mix (clip + instance + cluster): the loss decreases, TensorBoard gets every promised scalar, checkpoints
 (engine + one classifier shard per rank) are written, no shared memory is left behind, and a second run
-with ``resume: auto`` continues from the saved step."""
+with ``resume: auto`` continues from the saved step; the same checkpoint resumes on one rank."""
 import glob
 import shutil
 import os
@@ -76,6 +76,8 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
     assert results["samples_per_s_steady"] == pytest.approx(statistics.median(window_rates[1:]), rel=1e-5)
     assert 0 < results["samples_per_s_run_average"]
 
+    resumes_on_one_rank(dataset, out, str(tmp_path / "one"))
+
     second = run(deepspeed_cmd(2) + experiment(dataset, out, steps=11))
     assert "start step 8/11" in second.stdout
     assert read_json(os.path.join(out, "results.json"))["step"] == 11
@@ -91,15 +93,13 @@ def test_two_rank_zero2_run_learns_checkpoints_and_resumes(dataset, tmp_path):
     assert resumed["updates"] == 11  # the shard continued from step 8's rows and moments
 
 
-def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_and_continues_its_curve(dataset, tmp_path):
-    """The classifier's two shards become one, the engine's ZeRO-2 partitions are re-split (through DeepSpeed's
-    universal checkpoint), and the curve goes on from where the 2 ranks left it, not from the start."""
-    two = str(tmp_path / "two")
-    run(deepspeed_cmd(2) + experiment(dataset, two, steps=8))
-    one = str(tmp_path / "one")
+
+def resumes_on_one_rank(dataset, two: str, one: str) -> None:
+    """The 2-rank run's step-4 checkpoint on 1 rank, with the same global batch: the classifier's two shards
+    become one, the engine's ZeRO-2 partitions are re-split (DeepSpeed's universal checkpoint), and the curve
+    goes on from where the 2 ranks left it, not from the start."""
     os.makedirs(os.path.join(one, "checkpoints"))
     shutil.copytree(os.path.join(two, "checkpoints", "step00000004"), os.path.join(one, "checkpoints", "step00000004"))
-    # the same global batch on the one rank: 48 samples a step
     resumed = run(deepspeed_cmd(1) + experiment(dataset, one, steps=8) + ["data.batch_size=48"])
     assert "saved by 2 ranks, this run has 1: converting it to DeepSpeed's universal checkpoint" in resumed.stdout
     assert "start step 4/8" in resumed.stdout
@@ -108,9 +108,9 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_and_continues_its_curve
 
     two_ranks, one_rank = (dict(scalars(out)[0]["loss/total"]) for out in (two, one))
     assert sorted(one_rank) == [5, 6, 7, 8]
-    # the same global batch from another split of the data: not the same numbers, but the same curve, far
-    # below where training starts
+    # the same global batch from another split of the data: not the same numbers, but the same curve (within
+    # 5%), far below where training starts
+    print("relative differences:", {s: round(abs(one_rank[s] - two_ranks[s]) / two_ranks[s], 4) for s in one_rank})
     for step in (5, 6, 7, 8):
         assert abs(one_rank[step] - two_ranks[step]) < 0.05 * two_ranks[step], (step, one_rank, two_ranks)
-    print("relative differences:", {s: round(abs(one_rank[s] - two_ranks[s]) / two_ranks[s], 4) for s in one_rank})
     assert max(one_rank.values()) < two_ranks[1] - 0.5 * (two_ranks[1] - two_ranks[4]), (one_rank, two_ranks)

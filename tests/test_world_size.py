@@ -53,9 +53,3 @@ def test_a_zero_checkpoint_resumes_on_another_rank_count_as_it_was_saved(tmp_pat
         position = read_json(str(again / "checkpoints" / "step00000003" / f"data_position_rank{rank}.json"))
         assert position == {"epoch": 0, "batch_in_epoch": consumed // (4 * resumed_ranks)}
 
-
-def test_zero3_on_another_rank_count_is_refused_naming_both_counts(tmp_path):
-    ds_json = os.path.join(REPO_ROOT, "ds_configs", "zero3.json")
-    launch(1, "save", ds_json, tmp_path / "saved")
-    with pytest.raises(AssertionError, match="saved by 1 ranks and this run has 2: with ZeRO stage 3"):
-        launch(2, "resume", ds_json, tmp_path / "saved", tmp_path / "again")

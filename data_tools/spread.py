@@ -1,0 +1,95 @@
+"""How an offline stage spreads over processes: through the launchers the trainer uses.
+
+A stage started as N processes reads its place from the launcher's environment, RANK and WORLD_SIZE
+(``deepspeed``, ``torchrun``, launch/slurm.sbatch's ranks) or, in an ``srun`` step, SLURM_PROCID and
+SLURM_NTASKS; on one machine ``python -m data_tools.spread -n N -- python -m data_tools.pack ...`` starts them.
+Each process takes a disjoint share of the stage's units of work (``shards[rank::world]``: source shards, output
+shards), writes one file per unit (atomically; a unit whose file exists is done), and whichever process finds
+every unit done at its end writes the complete manifest. No process waits for another and none needs the
+others to be alive, so any process count resumes any interrupted run, and the files are the same bytes
+whatever the count. Why this model rather than SLURM job arrays: it is the same on every scheduler and on
+one machine, the GPU of a process is its LOCAL_RANK as in training, and it needs no separate finishing job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Share:
+    """Process ``rank`` of ``world``."""
+    rank: int = 0
+    world: int = 1
+
+    def mine(self, units: Sequence[T]) -> list[T]:
+        return list(units[self.rank::self.world])
+
+    def __str__(self) -> str:
+        return f"process {self.rank} of {self.world}"
+
+
+def share_from_env(env: Optional[dict] = None) -> Share:
+    """This process's share: RANK/WORLD_SIZE, else an srun step's SLURM_PROCID/SLURM_NTASKS, else the whole."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        names = ("RANK", "WORLD_SIZE")
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        names = ("SLURM_PROCID", "SLURM_NTASKS")
+    else:
+        return Share()
+    try:
+        share = Share(int(env[names[0]]), int(env[names[1]]))
+    except (KeyError, ValueError):
+        raise ValueError(f"{names[0]}={env.get(names[0])!r} and {names[1]}={env.get(names[1])!r}: both must be "
+                         "set, as integers") from None
+    if not 0 <= share.rank < share.world:
+        raise ValueError(f"{names[0]}={share.rank} is not a rank of {names[1]}={share.world}")
+    return share
+
+
+def run_local(command: list[str], processes: int) -> None:
+    """``command`` as ``processes`` processes on this machine (RANK, WORLD_SIZE, LOCAL_RANK set); waits for all.
+    When one fails the others are ended (as a launcher does: a process may be waiting for the failed one's
+    work), and the error names it."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    started = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
+                                                  WORLD_SIZE=str(processes))) for r in range(processes)]
+    failed = None
+    while failed is None and any(p.poll() is None for p in started):
+        failed = next(((r, p.returncode) for r, p in enumerate(started) if p.returncode not in (None, 0)), None)
+        time.sleep(0.2)
+    failed = failed or next(((r, p.returncode) for r, p in enumerate(started) if p.returncode != 0), None)
+    for p in started:
+        if p.poll() is None:
+            p.terminate()
+        p.wait()
+    if failed:
+        raise RuntimeError(f"{' '.join(command)}: process {failed[0]} of {processes} exited with {failed[1]}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.spread", description=__doc__.split("\n")[0],
+                                     usage="python -m data_tools.spread -n N -- COMMAND ...")
+    parser.add_argument("-n", "--processes", type=int, required=True, help="how many processes")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the stage's command")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command to run")
+    try:
+        run_local(command, args.processes)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"spread: {e}")
+
+
+if __name__ == "__main__":
+    main()
