@@ -45,6 +45,8 @@ from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, 
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, share_from_env
 
+FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
+DEFAULT_FIT_MEMORY_GB = 64.0
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
 # The default k (default_k): CLIP-CID and MLCD cluster ~400M samples into 1M clusters.
@@ -156,14 +158,16 @@ def teacher_columns(cache: FeatureCache, teacher_index: Optional[int]) -> slice:
     return slice(start, start + dims[teacher_index])
 
 
-def sample_rows(cache: FeatureCache, shards: dict[str, int], n: int, seed: int, columns: slice = slice(None)
-                ) -> np.ndarray:
+def sample_rows(cache: FeatureCache, shards: dict[str, int], n: int, seed: int, columns: slice = slice(None),
+                out: Optional[np.ndarray] = None) -> np.ndarray:
     """``n`` image rows (fp16, ``columns`` of them) drawn uniformly without replacement over the whole
-    cache, reading one shard at a time; the draw depends only on (seed, shard sizes)."""
+    cache, reading one shard at a time, into ``out`` (a new array when None); the draw depends only on
+    (seed, shard sizes)."""
     rng = np.random.default_rng(seed)
     stems = list(shards)
     per_shard = rng.multivariate_hypergeometric(np.array([shards[s] for s in stems], np.int64), n)
-    out = np.empty((n, len(range(cache.embed_dim)[columns])), np.float16)
+    if out is None:
+        out = np.empty((n, len(range(cache.embed_dim)[columns])), np.float16)
     filled = 0
     for stem, count in tqdm(list(zip(stems, per_shard)), desc="sample", unit="shard"):
         if count:
@@ -285,12 +289,38 @@ def fit_points(cache: FeatureCache, shards: dict[str, int], params: dict) -> int
     return n_fit
 
 
+def fit_memory(n_fit: int, dim: int, k: int, parts: int) -> int:
+    """Host bytes the fit holds at its peak: one part of the sample in float32 twice (the unit rows and faiss's
+    training copy), and every part's centroids with their assignment. The drawn sample itself is a file on disk
+    (``FIT_SAMPLE``, memory-mapped), read one part at a time."""
+    part = -(-n_fit // parts)
+    return 2 * part * dim * 4 + parts * k * dim * 4 + part * 12
+
+
+def check_fit_memory(n_fit: int, dim: int, params: dict, budget_gb: float) -> None:
+    """Refuse, before any work, a fit that would hold more than ``budget_gb`` of host memory, naming what fits."""
+    k, parts = params["k"], params["parts"]
+    needed = fit_memory(n_fit, dim, k, parts)
+    if needed <= budget_gb * 2**30:
+        return
+    fitting = next((p for p in range(parts, n_fit // k + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30), None)
+    fix = f"--parts {fitting} (a hierarchical fit, as MLCD's 1M clusters of LAION)" if fitting else \
+        "fewer --max-points-per-centroid or a smaller --k"
+    raise ValueError(f"the k-means fit of k = {k:,} on {n_fit:,} sampled {dim}-d rows in {parts} part(s) holds "
+                     f"~{needed / 2**30:,.1f} GiB of host memory, over --fit-memory-gb {budget_gb:g}: use {fix}, or "
+                     "raise --fit-memory-gb")
+
+
 def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
-         verbose: bool) -> tuple[np.ndarray, dict]:
-    """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields."""
+         verbose: bool, out_dir: str) -> tuple[np.ndarray, dict]:
+    """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields. The sample is written to
+    ``out_dir/FIT_SAMPLE`` (fp16, memory-mapped; removed after the fit), so that host memory holds one part."""
     k, parts = params["k"], params["parts"]
     start = time.time()
-    x = sample_rows(cache, shards, n_fit, params["seed"], teacher_columns(cache, params["teacher_index"]))
+    columns = teacher_columns(cache, params["teacher_index"])
+    path = os.path.join(out_dir, FIT_SAMPLE)
+    x = sample_rows(cache, shards, n_fit, params["seed"], columns, out=np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.float16, shape=(n_fit, columns.stop - columns.start)))
     sampled = time.time()
     options = dict(niter=params["niter"], max_points_per_centroid=params["max_points_per_centroid"],
                    nredo=params["nredo"], init=params["init"], verbose=verbose)
@@ -298,6 +328,8 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, 
         centroids, objective = hierarchical_kmeans(x, parts, k, params["seed"], ngpu, batch_size, **options)
     else:
         centroids, objective = kmeans(x, k, seed=params["seed"], ngpu=ngpu, **options)
+    del x
+    os.remove(path)
     return centroids, {"fit_points": n_fit, "objective": objective, "device": f"{ngpu} GPU(s)" if ngpu else "cpu",
                        "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
 
@@ -305,11 +337,12 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, 
 def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
             topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
             nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None,
-            share: Share = Share()) -> Optional[dict]:
+            share: Share = Share(), fit_memory_gb: float = DEFAULT_FIT_MEMORY_GB) -> Optional[dict]:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
     returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits, each assigns
-    its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None: ``default_k`` of the cache's sample count, printed with
-    its reason."""
+    its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None:
+    ``default_k`` of the cache's sample count, printed with its reason. A fit that would hold more than
+    ``fit_memory_gb`` of host memory is refused before any work, naming the --parts that fits."""
     for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
                         ("topk", topk), ("batch_size", batch_size), ("parts", parts), ("nredo", nredo)):
         if value < 1:
@@ -330,6 +363,7 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
               "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
               "nredo": nredo, "init": init, "teacher_index": teacher_index}
     n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
+    check_fit_memory(n_fit, params["dim"], params, fit_memory_gb)
     if share.rank > 0:
         wait_for_fit(out_dir, share)
     manifest = check_rerun(out_dir, params, "clusterings", cache)
@@ -345,7 +379,7 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
         manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(features_dir),
                         code_version=cid_ds.__version__, complete=False)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
-        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, batch_size, verbose)
+        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, batch_size, verbose, out_dir)
         with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
         manifest.update(fit)
@@ -393,6 +427,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--gpu", default="auto", choices=("auto", "on", "off"),
                         help="auto: every GPU faiss sees, CPU when none")
     parser.add_argument("--parts", type=int, default=1, help="hierarchical fit: k-means of P parts, then of their centroids")
+    parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,
+                        help="host memory the fit may hold (its sample is on disk, one part in memory at a time); "
+                             "a fit over it is refused before any work, naming the --parts that fits")
     parser.add_argument("--nredo", type=int, default=1, help="k-means runs per fit, the best kept")
     parser.add_argument("--init", default="random", choices=tuple(INIT_METHODS),
                         help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
@@ -404,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_writable(args.out)
         manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
                            args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True,
-                           teacher_index=args.teacher_index, share=share)
+                           teacher_index=args.teacher_index, share=share, fit_memory_gb=args.fit_memory_gb)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cluster: {e}")
     if manifest is None:

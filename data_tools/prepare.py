@@ -45,7 +45,7 @@ from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
 from cid_ds.io import atomic_path, check_writable
 from data_tools.balance import DEFAULT_KEEP_FRACTION, DEFAULT_MAX_REMOVED_FRACTION, TooMuchRemoved, balance
 from data_tools.balance import check_arguments as check_balance_arguments
-from data_tools.cluster import cluster
+from data_tools.cluster import DEFAULT_FIT_MEMORY_GB, cluster
 from data_tools.extract import Views, extract
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, pack
@@ -95,10 +95,11 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, shape: Shape = Shape(), workers: int = 8,
             samples_per_shard: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
             seed: int = 0, random_teacher_ok: bool = False,
-            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
+            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, fit: Optional[dict] = None) -> dict:
     """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
     ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble); ``shape``: the
-    job that will train on it. Flags a later stage would refuse are refused before the first starts."""
+    job that will train on it; ``fit``: data_tools.cluster's fit options (parts, max_points_per_centroid,
+    fit_memory_gb). Flags a later stage would refuse are refused before the first starts."""
     check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
                             is None else target_keep_fraction, max_removed_fraction)
     for name, value in (("nodes", shape.nodes), ("gpus_per_node", shape.per_node), ("workers", workers),
@@ -112,7 +113,7 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
                         random_teacher_ok=random_teacher_ok, max_damaged_fraction=max_damaged_fraction)
     cache = extracted["manifest"]
     _stage(2, "cluster", clusters)
-    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed)
+    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed, **(fit or {}))
     _stage(3, "balance", balanced)
     report = balance(feats, clusters, balanced, perceptual=perceptual, semantic=semantic,
                      target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed)
@@ -231,6 +232,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", required=True, help="folder for every stage's output and train.yaml")
     parser.add_argument("--views", type=int, default=0, help="extract: augmented views stored per image")
     parser.add_argument("--k", type=int, default=None, help="clusters (default: from the sample count)")
+    parser.add_argument("--parts", type=int, default=1, help="cluster: hierarchical fit in P parts (data_tools.cluster)")
+    parser.add_argument("--max-points-per-centroid", type=int, default=256,
+                        help="cluster: the fit draws k times this many rows")
+    parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,
+                        help="cluster: host memory the fit may hold; over it the fit is refused, naming the --parts "
+                             "that fits")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--target-keep-fraction", type=float, default=None,
                        help="balance: the fraction to keep (default: data_tools.balance's)")
@@ -272,7 +279,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                           perceptual=args.perceptual, max_removed_fraction=args.max_removed_fraction,
                           shape=shape, workers=args.workers, samples_per_shard=args.samples_per_shard,
                           device=device, batch_size=args.batch_size, seed=args.seed,
-                          random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction)
+                          random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction,
+                          fit={"parts": args.parts, "max_points_per_centroid": args.max_points_per_centroid,
+                               "fit_memory_gb": args.fit_memory_gb})
     except OtherRun as e:
         later = STAGES[STAGES.index(os.path.basename(e.out_dir)) + 1:] if os.path.basename(e.out_dir) in STAGES else ()
         sys.exit(f"prepare: {e}\n(prepare resumes every stage; to redo this one with the new flags, delete "
