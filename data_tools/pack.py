@@ -28,8 +28,8 @@ tars than ``--max-damaged-fraction`` accepts stop the run. ``manifest.json`` cha
 cache, the clusters and the balance.
 
 Started as N processes (data_tools.spread: a launcher's RANK/WORLD_SIZE, or ``python -m data_tools.spread -n N
--- python -m data_tools.pack ...``), each writes every N-th output shard and the last to finish writes the
-manifest: the same bytes as one process writes, and any process count resumes an interrupted packing.
+-- python -m data_tools.pack ...``), each writes a contiguous block of the output shards and the last to finish
+writes the manifest: the same bytes as one process writes, and any process count resumes an interrupted packing.
 """
 from __future__ import annotations
 
@@ -223,8 +223,8 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
          samples_per_shard: Optional[int] = None, progress: bool = True,
          max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, ranks: int = DEFAULT_RANKS,
          workers: int = DEFAULT_WORKERS, share: Share = Share()) -> Optional[dict]:
-    """Write (or finish writing) ``share``'s output shards (data_tools.spread: every ``share.world``-th of the
-    planned shards, from ``share.rank``); return the complete manifest, written by whichever process finds
+    """Write (or finish writing) ``share``'s output shards (data_tools.spread: a contiguous block of the planned
+    shards, so that the source tars they share are read by one process); return the complete manifest, written by whichever process finds
     every shard written, or None when others are still to finish theirs.
     ``samples_per_shard`` None: sized for ``ranks`` x ``workers`` loader readers (default_samples_per_shard).
     More damaged source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
@@ -257,7 +257,7 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
     if cache.views:  # packings of caches without views (older ones too) have no entry
         identity["views"] = upstream["features"]["views"]
     chunks = [planned[i:i + samples_per_shard] for i in range(0, len(planned), samples_per_shard)]
-    mine = share.mine(range(len(chunks)))
+    mine = share.block(range(len(chunks)))
     _check_existing(out_dir, identity, mine)
     write_json(os.path.join(out_dir, MANIFEST), identity | {"complete": False})
 

@@ -3,8 +3,8 @@
 A stage started as N processes reads its place from the launcher's environment, RANK and WORLD_SIZE
 (``deepspeed``, ``torchrun``, launch/slurm.sbatch's ranks) or, in an ``srun`` step, SLURM_PROCID and
 SLURM_NTASKS; on one machine ``python -m data_tools.spread -n N -- python -m data_tools.pack ...`` starts them.
-Each process takes a disjoint share of the stage's units of work (``shards[rank::world]``: source shards, output
-shards), writes one file per unit (atomically; a unit whose file exists is done), and whichever process finds
+Each process takes a disjoint share of the stage's units of work (source shards ``shards[rank::world]``, a
+contiguous block of output shards), writes one file per unit (atomically; a unit whose file exists is done), and whichever process finds
 every unit done at its end writes the complete manifest. No process waits for another and none needs the
 others to be alive, so any process count resumes any interrupted run, and the files are the same bytes
 whatever the count. Why this model rather than SLURM job arrays: it is the same on every scheduler and on
@@ -30,7 +30,13 @@ class Share:
     world: int = 1
 
     def mine(self, units: Sequence[T]) -> list[T]:
+        """Every ``world``-th unit, from ``rank``: for units of similar cost in any order."""
         return list(units[self.rank::self.world])
+
+    def block(self, units: Sequence[T]) -> list[T]:
+        """A contiguous ``1/world`` of the units: for units whose cost depends on their neighbours (packed shards
+        that share a source tar, each read from its start up to its last sample)."""
+        return list(units[len(units) * self.rank // self.world:len(units) * (self.rank + 1) // self.world])
 
     def __str__(self) -> str:
         return f"process {self.rank} of {self.world}"
