@@ -435,6 +435,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
     parser.add_argument("--teacher-index", type=int, default=None,
                         help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
     args = parser.parse_args(argv)
     try:
         share = share_from_env()

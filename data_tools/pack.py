@@ -323,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source tars are recorded and read up to their damage; more than this "
                              "fraction of them (at least one is accepted) stops the run")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
     args = parser.parse_args(argv)
     shards = expand_shards(args.shards)
     if not shards:

@@ -201,6 +201,14 @@ def python_target(words: list[str]) -> tuple[str, str, list[str]] | None:
     return None
 
 
+def wrapped(target: tuple[str, str, list[str]] | None) -> tuple[tuple[str, str, list[str]] | None, list[str]]:
+    """A wrapper's own invocation and the command it runs after ``--`` (data_tools.spread, launch.supervise)."""
+    if target and "--" in target[2]:
+        split = target[2].index("--")
+        return (target[0], target[1], target[2][:split]), target[2][split + 1:]
+    return target, []
+
+
 def deepspeed_split(rest: list[str]) -> tuple[list[str], tuple[str, str, list[str]] | None]:
     """DeepSpeed's own arguments, and what it starts: (kind, module or script, its arguments)."""
     for i, word in enumerate(rest):
@@ -218,7 +226,8 @@ def every_python_target():
     def visit(words: list[str]):
         if not words:
             return
-        target = python_target(words)
+        target, inner = wrapped(python_target(words))
+        visit(inner)
         if words[0] == "deepspeed":
             targets.add(("module", "deepspeed.launcher.runner"))
             target = deepspeed_split(words[1:])[1]
@@ -404,12 +413,15 @@ class Check:
                 break
             self.variable(ASSIGNMENT.match(word).group(1))
         words = strip_assignments(words)
+        target, inner = wrapped(python_target(words))
+        if inner:
+            self.simple(inner)
+            words = words[:len(words) - len(inner) - 1]
         head = words[0]
         self.paths(words)
-        for key in overrides(words, python_target(words)):
+        for key in overrides(words, target):
             if key not in self.helps["config_keys"]:
                 self.fail(f"override {key}=...: no such key in the experiment YAML (cid_ds/config.py)")
-        target = python_target(words)
         if target:
             self.python(*target)
         elif head == "export":
