@@ -111,9 +111,18 @@ class LocalSlurm:
         fields = self.run("scontrol", "show", "job", "-o", job, check=False).stdout.split()
         return next((f.split("=", 1)[1] for f in fields if f.startswith("JobState=")), "GONE")
 
-    def release_requeued(self, job: str) -> None:
-        """SLURM holds a requeued job for two minutes before it may start (its begin time); a test need not."""
-        self.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+    def release_requeued(self, job: str, seconds: float = 60) -> None:
+        """SLURM holds a requeued job for two minutes before it may start (its begin time); a test need not. Only
+        once its earlier run has ended on every node (both idle): started sooner, the new run was ended by the
+        earlier run's completion, which SLURM took for its own."""
+        deadline = time.monotonic() + seconds
+        while self.run("sinfo", "-h", "-o", "%D %t", check=False).stdout.split() != ["2", "idle"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job}'s earlier run did not end within {seconds} s")
+            time.sleep(0.5)
+        while self.state(job) == "PENDING" and time.monotonic() < deadline:
+            self.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+            time.sleep(1)
 
     def stop(self) -> None:
         self.run("scontrol", "shutdown", check=False)
