@@ -90,10 +90,15 @@ def newest_complete_tag(root: str) -> Optional[str]:
     return next((t for t in tags if is_complete(os.path.join(root, t))), None)
 
 
+def step_tags(root: str) -> list[str]:
+    """The checkpoint folders (``step*``) under ``root``, oldest first."""
+    return sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
+
+
 def stale_tags(root: str, keep: int) -> list[str]:
     """The ``step*`` tags under ``root`` to delete once the newest is complete: complete ones beyond the newest
     ``keep``, and incomplete ones older than the newest complete one (never counted toward ``keep``)."""
-    tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
+    tags = step_tags(root)
     complete = [t for t in tags if is_complete(os.path.join(root, t))]
     if not complete:
         return []
@@ -217,8 +222,7 @@ def saved_world_size(tag_dir: str) -> int:
 
 
 def incomplete_tags(root: str) -> list[str]:
-    return sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t))
-                  and not is_complete(os.path.join(root, t))) if os.path.isdir(root) else []
+    return [t for t in step_tags(root) if not is_complete(os.path.join(root, t))] if os.path.isdir(root) else []
 
 
 def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
