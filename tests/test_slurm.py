@@ -7,7 +7,6 @@ bounded time, and the next submission takes the output folder over and resumes f
 checkpoint."""
 import os
 import re
-import time
 
 import numpy as np
 import psutil
@@ -56,16 +55,6 @@ def read(path) -> str:
     return open(path).read() if os.path.exists(path) else ""
 
 
-def wait_for(condition, seconds: float, what: str, log=None) -> float:
-    """Poll ``condition`` until it holds; the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > seconds:
-            raise AssertionError(f"not within {seconds} s: {what}\n{read(log)[-6000:] if log else ''}")
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
 def exported(out) -> dict:
     return load_file(os.path.join(out, "export", "open_clip_model.safetensors"))
 
@@ -78,10 +67,10 @@ def test_a_preempted_two_node_job_checkpoints_requeues_and_ends_as_an_uninterrup
     user_dir.mkdir()
     job = cluster.submit(SBATCH, CONFIG, *overrides(dataset, "run", 10), cwd=str(user_dir))
     log = user_dir / f"cid_ds-{job}.out"
-    wait_for(lambda: "[cid_ds] step 3/10" in read(log), 300, "step 3", log)
+    cluster.wait(lambda: "[cid_ds] step 3/10" in read(log), 300, "step 3", job, log)
     assert "world 2" in read(log) and "rendezvous 127.0.0.1:" in read(log)
     cluster.run("scancel", "--signal=TERM", job)
-    to_requeue = wait_for(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "requeued within KillWait", log)
+    to_requeue = cluster.wait(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "requeued within KillWait", job, log)
     print(f"signal to a complete checkpoint on both nodes and the job requeued: {to_requeue:.1f} s")
     stopped = re.search(r"stop signal \(SIGTERM\): checkpoint of step (\d+) saved", read(log))
     assert stopped, read(log)[-4000:]
@@ -90,8 +79,7 @@ def test_a_preempted_two_node_job_checkpoints_requeues_and_ends_as_an_uninterrup
     assert newest_complete_tag(str(user_dir / "run" / "checkpoints")) == f"step{stop_step:08d}"
     assert f"requeueing job {job}" in read(log)
 
-    cluster.release_requeued(job)
-    wait_for(lambda: cluster.state(job) == "COMPLETED", 300, "the requeued job to finish", log)
+    cluster.wait(lambda: cluster.state(job) == "COMPLETED", 300, "the requeued job to finish", job, log)
     text = read(log)
     assert "(restart 1)" in text and f"start step {stop_step}/10" in text
     assert read_json(str(user_dir / "run" / "results.json"))["step"] == 10
@@ -124,10 +112,10 @@ def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(clu
     args = overrides(dataset, "run", 6, **{"checkpoint.every": 2})
     job = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
     log = tmp_path / f"cid_ds-{job}.out"
-    wait_for(lambda: "[cid_ds] step 3/6" in read(log), 300, "step 3", log)
+    cluster.wait(lambda: "[cid_ds] step 3/6" in read(log), 300, "step 3", job, log)
     for process in ranks_of(job, "n1"):  # rank 0's node: its lock on the output folder stays behind
         process.kill()
-    ended = wait_for(lambda: cluster.state(job) not in ("RUNNING", "COMPLETING"), 90, "the job to end", log)
+    ended = cluster.wait(lambda: cluster.state(job) not in ("RUNNING", "COMPLETING"), 90, "the job to end", job, log)
     print(f"node killed -> job ended: {ended:.1f} s")
     assert cluster.state(job) == "FAILED"
     assert "[slurm] the ranks failed" in read(log)
@@ -137,7 +125,7 @@ def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(clu
 
     again = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
     log = tmp_path / f"cid_ds-{again}.out"
-    wait_for(lambda: cluster.state(again) == "COMPLETED", 300, "the resubmitted job to finish", log)
+    cluster.wait(lambda: cluster.state(again) == "COMPLETED", 300, "the resubmitted job to finish", again, log)
     text = read(log)
     assert "output_dir lock taken over from host" in text and "has ended" in text
     assert f"start step {saved}/6" in text
@@ -147,7 +135,8 @@ def test_a_node_killed_outright_ends_the_job_and_the_next_submission_resumes(clu
     # one more link of a resubmission chain, after the end: it leaves the finished run as it is
     written = results.stat().st_mtime_ns
     late = cluster.submit(SBATCH, CONFIG, *args, cwd=str(tmp_path))
-    wait_for(lambda: cluster.state(late) == "COMPLETED", 300, "the late link to end", tmp_path / f"cid_ds-{late}.out")
+    cluster.wait(lambda: cluster.state(late) == "COMPLETED", 300, "the late link to end", late,
+                 tmp_path / f"cid_ds-{late}.out")
     assert "finished already at step 6" in read(tmp_path / f"cid_ds-{late}.out")
     assert results.stat().st_mtime_ns == written
 
@@ -158,14 +147,13 @@ def test_the_time_limit_signal_and_scontrol_requeue_each_checkpoint_and_bring_th
     job = cluster.submit("--time=2", "--signal=USR1@100", SBATCH, CONFIG,
                          *overrides(dataset, "run", 1000, **{"logging.every": 10}), cwd=str(tmp_path))
     log = tmp_path / f"cid_ds-{job}.out"
-    wait_for(lambda: "requeueing job" in read(log), 120, "the time-limit signal", log)
+    cluster.wait(lambda: "requeueing job" in read(log), 120, "the time-limit signal", job, log)
     first = int(re.search(r"stop signal \(SIGUSR1\): checkpoint of step (\d+) saved", read(log)).group(1))
     assert newest_complete_tag(str(tmp_path / "run" / "checkpoints")) == f"step{first:08d}"
 
-    cluster.release_requeued(job)
-    wait_for(lambda: f"start step {first}/1000" in read(log), 120, "the requeued job to resume", log)
+    cluster.wait(lambda: f"start step {first}/1000" in read(log), 120, "the requeued job to resume", job, log)
     cluster.run("scontrol", "requeue", job)
-    wait_for(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "the job requeued", log)
+    cluster.wait(lambda: cluster.state(job) == "PENDING", KILL_WAIT, "the job requeued", job, log)
     second = int(re.search(r"stop signal \(SIGTERM\): checkpoint of step (\d+) saved", read(log)).group(1))
     assert second > first
     assert newest_complete_tag(str(tmp_path / "run" / "checkpoints")) == f"step{second:08d}"
