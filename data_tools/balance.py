@@ -14,11 +14,11 @@ above it (near-identical: copies, re-encodes, light edits), otherwise a *semanti
 one of its links lies in (semantic, perceptual]).
 
 Memory. One pass over the cluster files orders the samples by cluster (the keys, 4 bytes a character, and
-~40 bytes a sample stay in memory); one pass over the cache writes the fp16 image embeddings in that order to
-OUT/by_cluster.npy (as large as the cache's image rows, deleted at the end), one shard at a time through a
-memory map that is closed after each shard. A cluster is compared tile by tile, so no matrix grows with
-the square of its size: a process holds one float32 tile (4 x block-size^2 bytes) and its cluster's rows
-in float32.
+~56 bytes a sample stay in memory, in every process); one pass over the cache writes the fp16 image embeddings
+this process needs, in that order, to OUT/by_cluster.<rank>-of-<world>.<digest>.npy (its parts' rows and the
+tuning sample's, deleted when its parts are done), one shard at a time through a memory map that is closed after
+each shard. A cluster is compared tile by tile, so no matrix grows with the square of its size: a process holds
+one float32 tile (4 x block-size^2 bytes) and its cluster's rows in float32.
 
 Work. Consecutive clusters are cut into parts (those starting in the same run of --part-rows cluster-
 ordered samples; a big cluster makes its own part), processed by --workers processes (default: one per
@@ -26,6 +26,14 @@ CPU), each multiplying on one thread. Each finished part is written atomically t
 after a crash or a kill skips finished parts. The result does not depend on --workers, nor on
 --block-size (except for a similarity within float rounding of a threshold). A re-run into the same OUT
 refuses other parameters, other inputs or a cache from another teacher.
+
+Spread over processes (data_tools.spread: a launcher's RANK/WORLD_SIZE, or ``python -m data_tools.spread -n N
+-- python -m data_tools.balance ...``), each process balances a run of consecutive parts holding about 1/N of
+the work (a cluster of n samples costs ~n^2), with a pool of the CPUs its machine gives it, and copies only
+those parts' rows: the copy on disk is per process, not per dataset. Every process tunes the threshold on the
+same sample (so none waits for another), and the process that finds every part written writes the keep-lists,
+the report and the complete manifest: the same files whatever the process count, and any count finishes a run
+that another left.
 
 The semantic threshold. By default it is tuned to keep 0.563 of the samples (DEFAULT_KEEP_FRACTION), so
 that it fits the teacher's own similarity distribution: a seeded sample of whole clusters (drawn uniformly
@@ -86,11 +94,12 @@ from cid_ds.data.joins import check_join
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
 from data_tools.outputs import check_rerun, save_figure
+from data_tools.spread import Share, cpus_per_process, share_from_env
 
 MANIFEST = "manifest.json"
 REPORT = "balance_report.json"
 PLOT = "balance_sizes.png"
-BY_CLUSTER = "by_cluster.npy"
+BY_CLUSTER = "by_cluster"  # by_cluster.<rank>-of-<world>.<ranges digest>.npy: a process's copy
 PARTS = "parts"
 SLAB = 1 << 20  # similarity entries compared at a time: bounds the masks and the link arrays of a dense tile
 TUNE_STEPS = 14  # bisection steps: the bracket shrinks to perceptual / 2**14 < 1e-4
@@ -135,21 +144,57 @@ def read_layout(assignments: ClusterAssignments, shards: dict[str, int]) -> Layo
     return Layout(list(shards), offsets, np.concatenate(keys) if keys else np.zeros(0, str), cluster, order, starts)
 
 
-def write_by_cluster(cache: FeatureCache, shards: dict[str, int], layout: Layout, path: str) -> None:
-    """The cache's fp16 image rows in cluster order, as a .npy file written one shard at a time."""
-    position = np.empty_like(layout.order)
-    position[layout.order] = np.arange(len(layout.order))
-    with atomic_path(path) as tmp:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(position), cache.embed_dim))
+@dataclass(frozen=True)
+class RowCopy:
+    """A process's copy of the fp16 image embeddings of some runs of cluster-ordered positions: ``ranges``
+    [R, 2] (sorted, disjoint, ``[first, last)``), stored one after another in the .npy file at ``path``."""
+    path: str
+    ranges: np.ndarray
+
+    @classmethod
+    def of(cls, out_dir: str, share: Share, ranges: list[tuple[int, int]]) -> "RowCopy":
+        merged: list[list[int]] = []
+        for first, last in sorted(ranges):
+            if merged and first <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], last)
+            elif last > first:
+                merged.append([first, last])
+        held = np.asarray(merged, np.int64).reshape(-1, 2)
+        digest = hashlib.sha256(held.tobytes()).hexdigest()[:12]
+        return cls(os.path.join(out_dir, f"{BY_CLUSTER}.{share.rank}-of-{share.world}.{digest}.npy"), held)
+
+    def local(self, first: int, last: int) -> slice:
+        """Where positions ``[first, last)`` (inside one of the ranges) are in the file."""
+        i = int(np.searchsorted(self.ranges[:, 0], first, side="right")) - 1
+        start = int(np.diff(self.ranges[:i], axis=1).sum()) + first - int(self.ranges[i, 0])
+        return slice(start, start + last - first)
+
+    def rows(self, first: int, last: int) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")[self.local(first, last)]
+
+
+def write_by_cluster(cache: FeatureCache, shards: dict[str, int], layout: Layout, copy: RowCopy) -> None:
+    """The cache's fp16 image rows at ``copy``'s positions, in cluster order, as a .npy file written one shard
+    at a time (a shard none of whose rows it holds is not read)."""
+    wanted = np.zeros(len(layout.order), bool)
+    for first, last in copy.ranges.tolist():
+        wanted[first:last] = True
+    row_of = np.full(len(layout.order), -1, np.int64)  # by cache index: its row in the file, -1 if not held
+    row_of[layout.order[wanted]] = np.arange(int(wanted.sum()))
+    with atomic_path(copy.path) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(wanted.sum()), cache.embed_dim))
         for s, (stem, samples) in enumerate(tqdm(shards.items(), desc="order by cluster", unit="shard")):
-            features = load_image_rows(cache, stem, samples)
             first, last = layout.offsets[s], layout.offsets[s + 1]
+            wanted = row_of[first:last] >= 0
+            if not wanted.any():
+                continue
+            features = load_image_rows(cache, stem, samples)
             if list(features.row) != layout.keys[first:last].tolist():
                 raise DataError(f"{shard_file(cache.dir, stem)}: its keys are not those of the cluster "
                                 f"assignments' file for shard {stem}, in the same order")
             # Mapped for one shard only: touched pages leave the process when the map is closed.
             rows = np.lib.format.open_memmap(tmp, mode="r+")
-            rows[position[first:last]] = features.image
+            rows[row_of[first:last][wanted]] = features.image[wanted]
             rows.flush()
             del rows
 
@@ -234,20 +279,20 @@ def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size:
     return representatives(x, parent), perceptual_link, largest
 
 
-def _balance_part(task: tuple[str, np.ndarray], by_cluster_path: str, semantic: float, perceptual: float,
+def _balance_part(task: tuple[str, np.ndarray], copy: RowCopy, semantic: float, perceptual: float,
                   block_size: int) -> int:
     """Balance the clusters bounded by ``starts`` (positions in cluster order), write the part file and
     return its number of rows."""
     path, starts = task
-    by_cluster = np.load(by_cluster_path, mmap_mode="r")
     first, last = int(starts[0]), int(starts[-1])
+    by_cluster = copy.rows(first, last)
     rep = np.arange(first, last)
     perceptual_link = np.zeros(last - first, bool)
     largest = (0, 0)
     for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
         if b - a > 1:
-            cluster_rep, cluster_link, tile = group_cluster(unit_rows(by_cluster[a:b]), semantic, perceptual,
-                                                            block_size)
+            cluster_rep, cluster_link, tile = group_cluster(unit_rows(by_cluster[a - first:b - first]), semantic,
+                                                            perceptual, block_size)
             rep[a - first:b - first] = a + cluster_rep
             perceptual_link[a - first:b - first] = cluster_link
             largest = max(largest, tile, key=lambda shape: shape[0] * shape[1])
@@ -257,11 +302,9 @@ def _balance_part(task: tuple[str, np.ndarray], by_cluster_path: str, semantic: 
     return last - first
 
 
-def _kept_in(bounds: tuple[int, int], by_cluster_path: str, semantic: float, block_size: int) -> int:
+def _kept_in(bounds: tuple[int, int], copy: RowCopy, semantic: float, block_size: int) -> int:
     """How many samples of the cluster at rows ``bounds`` (cluster order) the threshold keeps."""
-    first, last = bounds
-    rep, _, _ = group_cluster(unit_rows(np.load(by_cluster_path, mmap_mode="r")[first:last]), semantic, 1.0,
-                              block_size)
+    rep, _, _ = group_cluster(unit_rows(copy.rows(*bounds)), semantic, 1.0, block_size)
     return int((rep == np.arange(len(rep))).sum())
 
 
@@ -458,17 +501,19 @@ def write_keep_lists(out_dir: str, layout: Layout, rep: np.ndarray, perceptual_l
 def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: float = 0.98,
             semantic: Optional[float] = None, target_keep_fraction: Optional[float] = None,
             max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, workers: int = 0, block_size: int = 4096,
-            part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0) -> dict:
-    """Balance every cluster (resuming finished parts), write the keep-lists, the report, the plot and the
-    complete manifest; returns the report. The semantic threshold is ``semantic`` when given, otherwise the
-    one tuned to keep ``target_keep_fraction`` (default DEFAULT_KEEP_FRACTION) of a sample of clusters.
-    Raises TooMuchRemoved, having written no keep-list, when the balance would remove more than
-    ``max_removed_fraction`` of the samples (a fixed ``semantic`` is first tried on the tuning sample, before
-    the full pass). ``workers`` 0 means one per CPU this process may use."""
+            part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0,
+            share: Share = Share()) -> Optional[dict]:
+    """Balance ``share``'s clusters (resuming finished parts); the process that finds every part written then
+    writes the keep-lists, the report, the plot and the complete manifest, and returns the report (the others
+    return None). The semantic threshold is ``semantic`` when given, otherwise the one tuned to keep
+    ``target_keep_fraction`` (default DEFAULT_KEEP_FRACTION) of a sample of clusters. Raises TooMuchRemoved,
+    having written no keep-list, when the balance would remove more than ``max_removed_fraction`` of the
+    samples (a fixed ``semantic`` is first tried on the tuning sample, before the full pass). ``workers`` 0
+    means one per CPU this process may use (data_tools.spread.cpus_per_process)."""
     mode = _mode(semantic, target_keep_fraction)
     if semantic is None and target_keep_fraction is None:
         target_keep_fraction = DEFAULT_KEEP_FRACTION
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or cpus_per_process()
     check_arguments(perceptual, semantic, target_keep_fraction, max_removed_fraction, workers=workers,
                     block_size=block_size, part_rows=part_rows, tune_samples=tune_samples)
     cache, shards, assignments = _open_inputs(features_dir, clusters_dir)
@@ -488,38 +533,47 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
                                   "clusters": read_json(assignments.manifest_path)})
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
-    parts_dir, by_cluster = os.path.join(out_dir, PARTS), os.path.join(out_dir, BY_CLUSTER)
-    for tmp in glob.glob(glob.escape(by_cluster) + ".tmp*") + glob.glob(glob.escape(parts_dir) + "/*.tmp*"):
-        os.remove(tmp)  # left by a crash mid-write
+    parts_dir = os.path.join(out_dir, PARTS)
     parts = [(os.path.join(parts_dir, f"{n:06d}.npz"), layout.starts[c0:c1 + 1])
              for n, (c0, c1) in enumerate(plan_parts(layout.starts, part_rows))]
-    todo = [part for part in parts if not os.path.isfile(part[0])]
+    mine = share_of_parts(parts, share)
+    sample = tuning_sample(layout.starts, tune_samples, seed)
+    copy = RowCopy.of(out_dir, share, [(int(starts[0]), int(starts[-1])) for _, starts in mine] + sample)
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{BY_CLUSTER}.{share.rank}-of-{share.world}.*")) + \
+            [tmp for path, _ in mine for tmp in glob.glob(glob.escape(path) + ".tmp*")]:
+        if stale != copy.path:
+            os.remove(stale)  # left by a crash mid-write, or a copy of other positions (other parameters)
+    todo = [part for part in mine if not os.path.isfile(part[0])]
     tuned = not tuning or "tuning" in manifest
     needed = bool(todo) or not tuned
     timing = {"read_s": time.time() - start}
-    if needed and not os.path.isfile(by_cluster):
+    if needed and not os.path.isfile(copy.path):
         start = time.time()
-        write_by_cluster(cache, shards, layout, by_cluster)
+        write_by_cluster(cache, shards, layout, copy)
         timing["order_s"] = time.time() - start
     with _processes(workers) if needed else contextlib.nullcontext() as pool:
-        if not tuned:
+        if not tuned:  # every process tunes on the same sample, to the same threshold: none waits for another
             start = time.time()
-            manifest["tuning"] = _tune(pool, workers, by_cluster, layout, perceptual, target_keep_fraction,
-                                       tune_samples, seed, block_size)
+            manifest["tuning"] = _tune(pool, workers, copy, sample, perceptual, target_keep_fraction, seed,
+                                       block_size)
             write_json(os.path.join(out_dir, MANIFEST), manifest)
             timing["tune_s"] = time.time() - start
         semantic = manifest["tuning"]["semantic"] if tuning else semantic
         if todo:
             if not tuning and max_removed_fraction < 1:
-                _check_estimate(pool, workers, by_cluster, layout, semantic, mode, max_removed_fraction,
-                                tune_samples, seed, block_size)
+                _check_estimate(pool, workers, copy, sample, len(layout.order), semantic, mode,
+                                max_removed_fraction, block_size)
             start = time.time()
-            _balance_parts(pool, todo, functools.partial(_balance_part, by_cluster_path=by_cluster, semantic=semantic,
+            _balance_parts(pool, todo, functools.partial(_balance_part, copy=copy, semantic=semantic,
                                                          perceptual=perceptual, block_size=block_size))
             timing["balance_s"] = time.time() - start
+    if os.path.isfile(copy.path):
+        os.remove(copy.path)  # every part of this process's is written: no re-run of it needs the copy
 
-    if os.path.isfile(by_cluster):
-        os.remove(by_cluster)  # every part is written: no re-run needs it
+    if not all(os.path.isfile(path) for path, _ in parts):
+        return None  # another process's parts are still to be balanced: the last to finish writes the rest
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{BY_CLUSTER}.*")):
+        os.remove(stale)  # copies left by a run interrupted at another process count
     start = time.time()
     rep, perceptual_link, largest = _assemble(layout, [path for path, _ in parts])
     kept = rep == np.arange(len(rep))
@@ -532,13 +586,26 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
     report = _report(kept, perceptual_link, rep, before, after, largest, mode, settings=dict(
         semantic=semantic, target_keep_fraction=target_keep_fraction, perceptual=perceptual,
         max_removed_fraction=max_removed_fraction, tuning=manifest.get("tuning"), block_size=block_size,
-        workers=workers, parts=len(parts), teacher=cache.teacher, timing=timing, code_version=cid_ds.__version__,
-        complete=True))
+        workers=workers, processes=share.world, parts=len(parts), teacher=cache.teacher, timing=timing,
+        code_version=cid_ds.__version__, complete=True))
     _write_report(os.path.join(out_dir, REPORT), report)
     manifest.update(totals={name: report[name] for name in ("samples", "kept", "removed")}, parts=len(parts),
                     complete=True)
     write_json(os.path.join(out_dir, MANIFEST), manifest)
     return report
+
+
+def share_of_parts(parts: list[tuple[str, np.ndarray]], share: Share) -> list[tuple[str, np.ndarray]]:
+    """``share``'s run of consecutive parts, cut so that every process gets about the same work: a cluster of
+    n samples costs about n^2 similarities. Consecutive, so that a process's copy of the embeddings is one
+    run of positions."""
+    if not parts:
+        return []
+    cost = np.asarray([np.square(np.diff(starts).astype(np.float64)).sum() for _, starts in parts])
+    edges = np.concatenate([[0.0], np.cumsum(cost)])
+    middle = (edges[:-1] + edges[1:]) / 2 / max(edges[-1], 1.0)
+    owner = np.minimum((middle * share.world).astype(int), share.world - 1)
+    return [part for part, rank in zip(parts, owner) if rank == share.rank]
 
 
 def _balance_parts(pool: Optional[Pool], todo: list[tuple[str, np.ndarray]], run_part: Callable) -> None:
@@ -550,34 +617,32 @@ def _balance_parts(pool: Optional[Pool], todo: list[tuple[str, np.ndarray]], run
             bar.set_postfix(parts=f"{done}/{len(todo)}")
 
 
-def _sample_counter(pool: Optional[Pool], workers: int, by_cluster: str, sample: list[tuple[int, int]],
+def _sample_counter(pool: Optional[Pool], workers: int, copy: RowCopy, sample: list[tuple[int, int]],
                     block_size: int) -> Callable[[float], int]:
     """``kept_at(threshold)``: how many samples of the clusters at row bounds ``sample`` the threshold keeps."""
     def kept_at(threshold: float) -> int:
-        fn = functools.partial(_kept_in, by_cluster_path=by_cluster, semantic=threshold, block_size=block_size)
+        fn = functools.partial(_kept_in, copy=copy, semantic=threshold, block_size=block_size)
         return sum(_run(pool, fn, sample, chunksize=max(1, len(sample) // (8 * workers))))
 
     return kept_at
 
 
-def _check_estimate(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout, semantic: float,
-                    mode: str, max_removed_fraction: float, tune_samples: int, seed: int, block_size: int) -> None:
+def _check_estimate(pool: Optional[Pool], workers: int, copy: RowCopy, sample: list[tuple[int, int]],
+                    samples: int, semantic: float, mode: str, max_removed_fraction: float, block_size: int) -> None:
     """The guard on the tuning sample of clusters at a fixed threshold, before the full pass. Skipped when
     the sample holds every sample: the full pass then costs no more, and its result is checked."""
-    sample = tuning_sample(layout.starts, tune_samples, seed)
     rows = sum(last - first for first, last in sample)
-    if rows < len(layout.order):
-        kept = _sample_counter(pool, workers, by_cluster, sample, block_size)(semantic)
+    if rows < samples:
+        kept = _sample_counter(pool, workers, copy, sample, block_size)(semantic)
         _check_removed(kept, rows, max_removed_fraction, semantic, mode,
                        f"estimated on a seeded sample of {len(sample):,} clusters ({rows:,} samples), before the "
-                       f"full pass; {by_cluster}, the embeddings in cluster order, stays for a re-run here")
+                       f"full pass; {copy.path}, the embeddings in cluster order, stays for a re-run here")
 
 
-def _tune(pool: Optional[Pool], workers: int, by_cluster: str, layout: Layout,
-          perceptual: float, target: float, tune_samples: int, seed: int, block_size: int) -> dict:
-    sample = tuning_sample(layout.starts, tune_samples, seed)
+def _tune(pool: Optional[Pool], workers: int, copy: RowCopy, sample: list[tuple[int, int]], perceptual: float,
+          target: float, seed: int, block_size: int) -> dict:
     rows = sum(last - first for first, last in sample)
-    kept_at = _sample_counter(pool, workers, by_cluster, sample, block_size)
+    kept_at = _sample_counter(pool, workers, copy, sample, block_size)
     steps = tqdm(total=TUNE_STEPS + 1, desc="tune threshold", unit="step")
 
     def counted(threshold: float) -> int:
@@ -639,16 +704,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tune-samples", type=int, default=100_000,
                         help="samples in the clusters drawn to tune --target-keep-fraction")
     parser.add_argument("--seed", type=int, default=0, help="draw of the tuning clusters")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
     args = parser.parse_args(argv)
     try:
+        share = share_from_env()
         check_writable(args.out)
         report = balance(args.features, args.clusters, args.out, perceptual=args.perceptual, semantic=args.semantic,
                          target_keep_fraction=args.target_keep_fraction,
                          max_removed_fraction=args.max_removed_fraction, workers=args.workers,
                          block_size=args.block_size, part_rows=args.part_rows, tune_samples=args.tune_samples,
-                         seed=args.seed)
+                         seed=args.seed, share=share)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"balance: {e}")
+    if report is None:
+        print(f"balance: {share} balanced its clusters; the last process to finish writes {args.out}")
+        return
     print(f"kept {report['kept_fraction']:.1%} ({report['kept']:,} of {report['samples']:,}), {report['mode']}: "
           f"semantic threshold {report['semantic']:.4f}; removed {report['removed']:,} in {report['groups']:,} groups "
           f"({report['removed_perceptual']:,} perceptual, {report['removed_semantic']:,} semantic); largest cluster "

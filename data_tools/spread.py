@@ -61,14 +61,24 @@ def share_from_env(env: Optional[dict] = None) -> Share:
     return share
 
 
+def cpus_per_process(env: Optional[dict] = None) -> int:
+    """The CPUs this process may use, shared with the other processes on its machine (LOCAL_WORLD_SIZE from
+    torchrun and run_local, LOCAL_SIZE from the deepspeed launcher and launch/slurm.sbatch,
+    SLURM_NTASKS_PER_NODE in an srun step): a stage's default worker pool per process."""
+    env = os.environ if env is None else env
+    local = next((int(env[name]) for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+                  if env.get(name, "").isdigit() and int(env[name]) > 0), 1)
+    return max(1, len(os.sched_getaffinity(0)) // local)
+
+
 def run_local(command: list[str], processes: int) -> None:
     """``command`` as ``processes`` processes on this machine (RANK, WORLD_SIZE, LOCAL_RANK set); waits for all.
     When one fails the others are ended (as a launcher does: a process may be waiting for the failed one's
     work), and the error names it."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    started = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
-                                                  WORLD_SIZE=str(processes))) for r in range(processes)]
+    started = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(processes),
+                                                  LOCAL_WORLD_SIZE=str(processes))) for r in range(processes)]
     failed = None
     while failed is None and any(p.poll() is None for p in started):
         failed = next(((r, p.returncode) for r, p in enumerate(started) if p.returncode not in (None, 0)), None)

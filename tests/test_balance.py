@@ -2,6 +2,7 @@
 (cosine above a threshold, union-find), keeps the member nearest each group's mean and writes a keep-list
 per shard, a report, a plot and a manifest. By default the threshold is tuned to keep CLIP-CID's fraction,
 and a balance that would remove more than --max-removed-fraction stops before writing anything complete."""
+import glob
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from cid_ds.data.features import FeatureCache, shard_file, write_complete_manife
 from cid_ds.io import read_json, write_json
 from data_tools.balance import DEFAULT_KEEP_FRACTION, TooMuchRemoved, balance, group_cluster, main
 from data_tools.cluster import cluster, unit_rows
+from data_tools.spread import Share
 from tests.helpers import REPO_ROOT
 
 DIM, CLUSTERS, BASES, GROUPS, SHARDS = 64, 8, 300, 60, 3
@@ -184,7 +186,7 @@ def test_planted_duplicates_are_removed_and_every_group_keeps_its_member_nearest
     assert manifest["upstream"]["features"] == read_json(os.path.join(inputs[0], "manifest.json"))
     assert manifest["upstream"]["clusters"] == read_json(os.path.join(inputs[1], "manifest.json"))
     assert manifest["totals"] == {"samples": len(keys), "kept": len(kept), "removed": len(removed)}
-    assert not os.path.exists(os.path.join(out, "by_cluster.npy"))
+    assert not copies(out)
     assert not [name for name in os.listdir(out) if ".tmp" in name]
 
 
@@ -220,7 +222,7 @@ def test_the_blocked_path_gives_exactly_the_all_pairs_result(inputs, balanced, t
 def same_result(out, reference_out):
     assert keep_lists(out) == keep_lists(reference_out)
     report, expected = (read_json(os.path.join(d, "balance_report.json")) for d in (out, reference_out))
-    for changing in ("timing", "workers", "block_size", "largest_tile", "parts"):
+    for changing in ("timing", "workers", "processes", "block_size", "largest_tile", "parts"):
         report.pop(changing), expected.pop(changing)
     assert report == expected
 
@@ -230,6 +232,46 @@ def test_two_worker_processes_give_the_same_result_as_one(inputs, balanced, tmp_
     balance(*inputs, out, perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=2, part_rows=500)
     assert len(os.listdir(os.path.join(out, "parts"))) > 2
     same_result(out, balanced[0])
+
+
+def copies(out):
+    """The processes' copies of the embeddings in cluster order."""
+    return glob.glob(os.path.join(out, "by_cluster.*.npy"))
+
+
+def test_spread_over_processes_gives_the_same_result_and_any_process_count_finishes_a_run(inputs, balanced, tmp_path):
+    """Two processes (data_tools.spread), then a run that process 0 of 2 left half done, finished by three: each
+    writes the keep-lists of one process's run; a process with parts left to others returns None."""
+    two = str(tmp_path / "two")
+    args = ["--features", inputs[0], "--clusters", inputs[1], "--perceptual", str(PERCEPTUAL),
+            "--semantic", str(SEMANTIC), "--workers", "1", "--part-rows", "500"]
+    run = subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m",
+                          "data_tools.balance", "--out", two, *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "balanced its clusters; the last process to finish writes" in run.stdout
+    same_result(two, balanced[0])
+    assert read_json(os.path.join(two, "balance_report.json"))["processes"] == 2 and not copies(two)
+
+    three = str(tmp_path / "three")
+    options = dict(perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=1, part_rows=500)
+    assert balance(*inputs, three, **options, share=Share(0, 2)) is None  # process 1 of 2 never ran
+    left = len(os.listdir(os.path.join(three, "parts")))
+    assert 0 < left < len(os.listdir(os.path.join(two, "parts")))
+    open(os.path.join(three, "by_cluster.1-of-2.0123456789ab.npy"), "wb").write(b"a copy cut short")
+    reports = [balance(*inputs, three, **options, share=Share(rank, 3)) for rank in range(3)]
+    assert reports[:2] == [None, None] and reports[2]["processes"] == 3
+    same_result(three, balanced[0])
+    assert not copies(three)
+
+
+def test_every_process_tunes_the_threshold_to_the_same_value(inputs, tmp_path):
+    one = balance(*inputs, str(tmp_path / "one"), perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1,
+                  tune_samples=300, part_rows=500)
+    spread = [balance(*inputs, str(tmp_path / "two"), perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1,
+                      tune_samples=300, part_rows=500, share=Share(rank, 2)) for rank in range(2)]
+    assert spread[0] is None
+    same_result(str(tmp_path / "two"), str(tmp_path / "one"))
+    assert spread[1]["semantic"] == one["semantic"]
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_result(inputs, balanced, tmp_path):
@@ -249,7 +291,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_result(inputs, balanced, tmp_p
     proc.wait()
     done = {name: os.stat(os.path.join(parts, name)).st_mtime_ns for name in os.listdir(parts) if name.endswith(".npz")}
     assert 1 <= len(done) < CLUSTERS and not os.path.exists(os.path.join(out, "balance_report.json"))
-    assert os.path.exists(os.path.join(out, "by_cluster.npy"))
+    assert len(copies(out)) == 1
 
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -333,9 +375,10 @@ def test_a_fixed_threshold_that_would_remove_most_of_the_data_stops_on_the_tunin
     out = str(tmp_path / "b")
     with pytest.raises(TooMuchRemoved) as refused:
         balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1)  # draws 2 of the 4 clusters
+    [copy] = copies(out)
     assert str(refused.value) == REFUSED_AT_0_5.format(
         kept=2, samples=100, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
-        scope=f"estimated on a seeded sample of 2 clusters (100 samples), before the full pass; {out}/by_cluster.npy, "
+        scope=f"estimated on a seeded sample of 2 clusters (100 samples), before the full pass; {copy}, "
               "the embeddings in cluster order, stays for a re-run here")
     assert not os.path.exists(os.path.join(out, "parts")) or not os.listdir(os.path.join(out, "parts"))
     assert_nothing_complete(out)
@@ -355,7 +398,7 @@ def test_a_balance_that_would_remove_most_of_the_data_writes_nothing_complete_an
         kept=4, samples=200, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
         scope=f"over all samples; nothing complete is written and the finished parts stay in {out}/parts")
     assert_nothing_complete(out)
-    assert not os.path.exists(os.path.join(out, "by_cluster.npy"))
+    assert not copies(out)
     parts = {name: os.stat(os.path.join(out, "parts", name)).st_mtime_ns for name in os.listdir(os.path.join(out, "parts"))}
     assert len(parts) == COLLAPSED_CLUSTERS
 
