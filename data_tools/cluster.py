@@ -43,7 +43,7 @@ from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
 from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
-from data_tools.spread import Share, share_from_env
+from data_tools.spread import Share, share_from_env, wait_for
 
 FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
 DEFAULT_FIT_MEMORY_GB = 64.0
@@ -397,18 +397,12 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
     return manifest
 
 
-def wait_for_fit(out_dir: str, share: Share, poll_seconds: float = 2.0) -> None:
+def wait_for_fit(out_dir: str, share: Share) -> None:
     """Processes other than 0 assign with the centroids process 0 fits (one fit, on one machine: its sample
-    is drawn over the whole cache); they wait for its manifest to record it. A launcher ends them all if
-    process 0 fails."""
+    is drawn over the whole cache); they wait for its manifest to record it."""
     path = os.path.join(out_dir, MANIFEST)
-    said = False
-    while not (os.path.isfile(os.path.join(out_dir, CENTROIDS)) and os.path.isfile(path)
-               and "fit_points" in read_json(path)):
-        if not said:
-            print(f"cluster: {share} waits for process 0's k-means fit in {out_dir}", flush=True)
-            said = True
-        time.sleep(poll_seconds)
+    wait_for(lambda: os.path.isfile(os.path.join(out_dir, CENTROIDS)) and os.path.isfile(path)
+             and "fit_points" in read_json(path), f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

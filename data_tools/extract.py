@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import sys
 import tarfile
@@ -212,6 +213,12 @@ def estimated_samples(shards: list[str]) -> int:
     return len(keys) * len(shards)
 
 
+def auto_backend(device: str, teachers: int, views: int) -> str:
+    """DALI on a GPU where it serves (one teacher, no views, nvidia-dali installed), else PIL (wds)."""
+    serves = teachers == 1 and views == 0 and importlib.util.find_spec("nvidia.dali") is not None
+    return "dali" if torch.device(device).type == "cuda" and serves else "wds"
+
+
 def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
             out_dir: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", rank: int = 0,
             world_size: int = 1, backend: str = "wds", views: Views = Views(), random_teacher_ok: bool = False,
@@ -377,9 +384,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = args.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dali_serves = len(args.teacher) == 1 and args.views == 0
-    backend = args.backend if args.backend != "auto" else \
-        "dali" if torch.device(device).type == "cuda" and dali_serves else "wds"
+    backend = args.backend if args.backend != "auto" else auto_backend(device, len(args.teacher), args.views)
     pretrained = args.pretrained or [None] * len(args.teacher)
     if len(pretrained) != len(args.teacher):
         parser.error(f"{len(args.teacher)} --teacher but {len(pretrained)} --pretrained: give one per teacher, or none")

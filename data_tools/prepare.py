@@ -24,9 +24,12 @@ machine). The recipe's epochs are counted over all of them: the global batch is 
 On a cluster without GPUs (--train-on cpu, the default when prepare itself runs on the CPU) the ranks are
 CPU processes and the SLURM command gives their count per node in CID_RANKS_PER_NODE.
 
-One process extracts on one device. To extract on several GPUs, run data_tools.extract under the
-launcher into OUT/feats first (deepspeed --num_gpus 8 --module data_tools.extract ... --out OUT/feats);
-prepare then finds the cache complete and goes on from there.
+Every stage spreads over processes (data_tools.spread). On one machine, --processes N (default: one per GPU,
+one on the CPU) starts N copies of this command, each doing its share of every stage on its own GPU (extract
+decodes with DALI where it serves, else PIL in a worker per CPU); under a launcher or srun, its processes do
+the same across nodes, e.g. ``srun --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 python -m
+data_tools.prepare ...``. Process 0 fits the k-means and prints the summary; the others wait only where a
+stage needs what another completed.
 """
 from __future__ import annotations
 
@@ -42,13 +45,14 @@ import yaml
 
 from cid_ds.config import Config, expand_shards, load_config
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
-from cid_ds.io import atomic_path, check_writable
-from data_tools.balance import DEFAULT_KEEP_FRACTION, DEFAULT_MAX_REMOVED_FRACTION, TooMuchRemoved, balance
+from cid_ds.io import atomic_path, check_writable, read_json
+from data_tools.balance import DEFAULT_KEEP_FRACTION, DEFAULT_MAX_REMOVED_FRACTION, REPORT, TooMuchRemoved, balance
 from data_tools.balance import check_arguments as check_balance_arguments
 from data_tools.cluster import DEFAULT_FIT_MEMORY_GB, cluster
-from data_tools.extract import Views, extract
+from data_tools.extract import Views, auto_backend, extract
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, pack
+from data_tools.spread import Share, complete_manifest, cpus_per_process, run_local, share_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -95,11 +99,16 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, shape: Shape = Shape(), workers: int = 8,
             samples_per_shard: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
             seed: int = 0, random_teacher_ok: bool = False,
-            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, fit: Optional[dict] = None) -> dict:
+            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, fit: Optional[dict] = None,
+            share: Share = Share()) -> Optional[dict]:
     """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
     ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble); ``shape``: the
     job that will train on it; ``fit``: data_tools.cluster's fit options (parts, max_points_per_centroid,
-    fit_memory_gb). Flags a later stage would refuse are refused before the first starts."""
+    fit_memory_gb). Flags a later stage would refuse are refused before the first starts.
+
+    Spread over processes (data_tools.spread), each does its share of every stage, on ``device`` (its own GPU),
+    and starts a stage once a process has completed the one before; process 0 waits for the last and writes
+    train.yaml and the summary, the others return None."""
     check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
                             is None else target_keep_fraction, max_removed_fraction)
     for name, value in (("nodes", shape.nodes), ("gpus_per_node", shape.per_node), ("workers", workers),
@@ -108,19 +117,30 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     recipe = load_config(RECIPE, check_paths=False)
     feats, clusters, balanced, packed = (os.path.join(out_dir, stage) for stage in STAGES)
-    _stage(1, "extract", feats)
-    extracted = extract(shards, teacher, pretrained, feats, batch_size=batch_size, device=device, views=views,
+    _stage(1, "extract", feats, share)
+    backend, decoders = extract_backend(device, teacher, views)
+    extracted = extract(shards, teacher, pretrained, feats, batch_size=batch_size, workers=decoders, device=device,
+                        rank=share.rank, world_size=share.world, backend=backend, views=views,
                         random_teacher_ok=random_teacher_ok, max_damaged_fraction=max_damaged_fraction)
-    cache = extracted["manifest"]
-    _stage(2, "cluster", clusters)
-    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed, **(fit or {}))
-    _stage(3, "balance", balanced)
+    cache = extracted["manifest"] or complete_manifest(feats, share, "extract")
+    _stage(2, "cluster", clusters, share)
+    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed, share=share, **(fit or {})) \
+        or complete_manifest(clusters, share, "cluster")
+    _stage(3, "balance", balanced, share)
     report = balance(feats, clusters, balanced, perceptual=perceptual, semantic=semantic,
-                     target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed)
-    _stage(4, "pack", packed)
+                     target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed,
+                     share=share)
+    if report is None:
+        complete_manifest(balanced, share, "balance")
+        report = read_json(os.path.join(balanced, REPORT))
+    _stage(4, "pack", packed, share)
     packing = pack(shards, feats, student, packed, clusters_dir=clusters, balance_dir=balanced,
                    samples_per_shard=samples_per_shard, ranks=shape.ranks, workers=workers,
-                   max_damaged_fraction=max_damaged_fraction)
+                   max_damaged_fraction=max_damaged_fraction, share=share)
+    if packing is None:
+        if share.rank > 0:
+            return None
+        packing = complete_manifest(packed, share, "pack")
     summary = {
         "samples_in": cache["totals"]["samples"],
         "skipped": {name: cache["totals"][name] for name in ("corrupt_image", "missing_caption")},
@@ -134,8 +154,19 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     return summary
 
 
-def _stage(number: int, name: str, out: str) -> None:
-    print(f"\n[prepare {number}/{len(STAGES)}] {name} -> {out}", flush=True)
+def _stage(number: int, name: str, out: str, share: Share) -> None:
+    by = f" ({share})" if share.world > 1 else ""
+    print(f"\n[prepare {number}/{len(STAGES)}] {name} -> {out}{by}", flush=True)
+
+
+def extract_backend(device: str, teacher: str | Sequence[str], views: Views) -> tuple[str, int]:
+    """data_tools.extract's decoding and its decoders: on a GPU, DALI (nvJPEG) where it serves (one teacher,
+    no views) with a thread per CPU of this process, else PIL in a worker per CPU; on the CPU, where the
+    teacher's forward is the bottleneck, PIL in two workers and the other cores to the model."""
+    cpus = cpus_per_process()
+    if device.startswith("cuda"):
+        return auto_backend(device, 1 if isinstance(teacher, str) else len(teacher), views.count), cpus
+    return "wds", max(1, min(2, cpus - 1))
 
 
 def write_train_yaml(path: str, recipe: Config, packed: str, clusters: str, student: str, summary: dict,
@@ -260,6 +291,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="auto", help="extract on: auto (cuda when available), cpu, cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="extract: images per teacher forward")
     parser.add_argument("--seed", type=int, default=0, help="k-means and the balance's tuning draw")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes on this machine, each doing its share of every stage (default: one per GPU, "
+                             "one on the CPU); under a launcher or srun, their RANK/WORLD_SIZE instead")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
     parser.add_argument("--random-teacher-ok", action="store_true", help=argparse.SUPPRESS)  # tests
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source shards accepted, as a fraction of all")
@@ -267,10 +303,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     shards = expand_shards(args.shards)
     if not shards:
         parser.error(f"--shards {args.shards!r} matches no file")
+    import torch
+    try:
+        share = share_from_env()
+    except ValueError as e:
+        sys.exit(f"prepare: {e}")
+    processes = args.processes or (torch.cuda.device_count() if args.device in ("auto", "cuda") else 1) or 1
+    if share.world == 1 and processes > 1:  # this machine's processes, each one this command under RANK/WORLD_SIZE
+        try:
+            run_local([sys.executable, "-m", "data_tools.prepare", *(sys.argv[1:] if argv is None else argv)],
+                      processes)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"prepare: {e}")
+        return
     device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("auto", "cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     try:
         shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
         check_writable(args.out)
@@ -281,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                           device=device, batch_size=args.batch_size, seed=args.seed,
                           random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction,
                           fit={"parts": args.parts, "max_points_per_centroid": args.max_points_per_centroid,
-                               "fit_memory_gb": args.fit_memory_gb})
+                               "fit_memory_gb": args.fit_memory_gb}, share=share)
     except OtherRun as e:
         later = STAGES[STAGES.index(os.path.basename(e.out_dir)) + 1:] if os.path.basename(e.out_dir) in STAGES else ()
         sys.exit(f"prepare: {e}\n(prepare resumes every stage; to redo this one with the new flags, delete "
@@ -291,6 +340,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{os.path.join(args.out, 'balance')} deleted first; --max-removed-fraction resumes it)")
     except (ValueError, FileNotFoundError) as e:  # a DataError (damaged shards, ...) is a ValueError
         sys.exit(f"prepare: {e}")
+    if summary is None:
+        print(f"prepare: {share} did its share of every stage; process 0 writes the summary")
+        return
     print_summary(summary)
 
 

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
+
+from cid_ds.io import read_json
 
 T = TypeVar("T")
 
@@ -59,6 +61,26 @@ def share_from_env(env: Optional[dict] = None) -> Share:
     if not 0 <= share.rank < share.world:
         raise ValueError(f"{names[0]}={share.rank} is not a rank of {names[1]}={share.world}")
     return share
+
+
+def wait_for(done: Callable[[], bool], message: str, poll_seconds: float = 2.0) -> None:
+    """Poll ``done`` until it holds, saying ``message`` once if it does not at first: a process that needs what
+    another writes (process 0's k-means fit, a stage the last process completes). A launcher ends every
+    process when one fails, so none waits for a dead one."""
+    said = False
+    while not done():
+        if not said:
+            print(message, flush=True)
+            said = True
+        time.sleep(poll_seconds)
+
+
+def complete_manifest(out_dir: str, share: Share, stage: str) -> dict:
+    """``out_dir``'s manifest once a process has completed it (``complete`` true), waiting for it."""
+    path = os.path.join(out_dir, "manifest.json")
+    wait_for(lambda: os.path.isfile(path) and read_json(path).get("complete", False),
+             f"{stage}: {share} waits for the other processes to complete {out_dir}")
+    return read_json(path)
 
 
 def cpus_per_process(env: Optional[dict] = None) -> int:

@@ -85,6 +85,26 @@ def test_prepare_with_defaults_then_train_from_the_yaml_it_writes(prepared):
     assert os.path.isfile(os.path.join(config["output_dir"], "export", "open_clip_config.json"))
 
 
+def test_two_processes_prepare_the_same_data_as_one(own_data, prepared):
+    """``--processes 2``: every stage spread (data_tools.spread), process 0 prints the summary; the same packed
+    shards, byte for byte, as one process's."""
+    one = prepared[0]
+    two = one.parent / "two_processes"
+    run = subprocess.run([sys.executable, "-m", "data_tools.prepare", *prepare_args(own_data, two), "--processes", "2"],
+                         cwd=REPO_ROOT, env=one_rank_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[prepare 4/4] pack -> " in run.stdout and "(process 1 of 2)" in run.stdout
+    assert run.stdout.count("[prepare] balance kept ") == 1
+    assert "process 0 writes the summary" in run.stdout
+    tars = sorted(name for name in os.listdir(one / "packed") if name.endswith(".tar"))
+    assert tars and tars == sorted(name for name in os.listdir(two / "packed") if name.endswith(".tar"))
+    for name in tars:
+        assert (one / "packed" / name).read_bytes() == (two / "packed" / name).read_bytes(), name
+    for stage in ("feats", "clusters", "balance", "packed"):
+        assert read_json(str(two / stage / "manifest.json"))["complete"], stage
+    assert (two / "train.yaml").is_file()
+
+
 def test_a_balance_that_would_remove_most_of_the_data_stops_prepare_with_the_numbers(own_data, prepared, tmp_path):
     from data_tools.prepare import main
     out = tmp_path / "strict"
