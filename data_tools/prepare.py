@@ -318,8 +318,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     device = args.device
     if device in ("auto", "cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        # modulo the GPUs it sees: under srun --gpus-per-task=1 each process sees its own GPU as cuda:0
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     try:
         shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
         check_writable(args.out)
