@@ -11,7 +11,7 @@ shard by shard); then every row is assigned, shard by shard, to its top-k centro
 A cache of a teacher ensemble is clustered on the concatenation of its teachers' embeddings (the
 renormalised rows, whose cosine is the mean of the teachers' cosines), or with ``--teacher-index I``
 on teacher I's alone.
-With ``--parts P`` the fit is hierarchical: the sample is split into P random parts, each is clustered
+With ``--parts P`` (by default whenever the whole fit would hold more than --fit-memory-gb) the fit is hierarchical: the sample is split into P random parts, each is clustered
 into k centroids, and the union of the P*k centroids (weighted by their part's cluster sizes) is
 clustered into k: how 1M clusters of LAION-400M were made. The output format is described in
 cid_ds.data.clusters. A re-run into the same --out skips what is done (the fit, finished shards) and
@@ -52,7 +52,8 @@ PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts
 # The default k (default_k): CLIP-CID and MLCD cluster ~400M samples into 1M clusters.
 SAMPLES_PER_CLUSTER = 400
 MIN_CLUSTERS = 16  # fewer clusters carry no structure for the classifier to learn
-MIN_SAMPLES_PER_CLUSTER = 20  # smaller clusters starve the classifier's rows
+MIN_SAMPLES_PER_CLUSTER = 20
+FAISS_MIN_POINTS_PER_CENTROID = 39  # fewer, and faiss warns that the fit has too few points  # smaller clusters starve the classifier's rows
 INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                 "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
 
@@ -289,6 +290,21 @@ def fit_points(cache: FeatureCache, shards: dict[str, int], params: dict) -> int
     return n_fit
 
 
+def fit_shape(total: int, dim: int, k: int, max_points_per_centroid: int, budget_gb: float) -> tuple[int, int]:
+    """The default fit, ``(max_points_per_centroid, parts)``, within ``budget_gb`` of host memory: the whole
+    sample in one fit when it fits; else a hierarchical fit in the fewest parts that do, each of at least k
+    points, as MLCD fitted 1M clusters of LAION on 20 machines (20M points into 1M on each, then their centroids
+    into 1M); else fewer points per centroid, down to faiss's 39. Unchanged when nothing fits (check_fit_memory
+    then refuses, naming what would)."""
+    for points in range(max_points_per_centroid, min(max_points_per_centroid, FAISS_MIN_POINTS_PER_CENTROID) - 1, -1):
+        n_fit = min(k * points, total)
+        parts = next((p for p in range(1, max(1, n_fit // k) + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30),
+                     None)
+        if parts is not None:
+            return points, parts
+    return max_points_per_centroid, 1
+
+
 def fit_memory(n_fit: int, dim: int, k: int, parts: int) -> int:
     """Host bytes the fit holds at its peak: one part of the sample in float32 twice (the unit rows and faiss's
     training copy), and every part's centroids with their assignment. The drawn sample itself is a file on disk
@@ -304,8 +320,10 @@ def check_fit_memory(n_fit: int, dim: int, params: dict, budget_gb: float) -> No
     if needed <= budget_gb * 2**30:
         return
     fitting = next((p for p in range(parts, n_fit // k + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30), None)
+    fewer = next(((m, p) for m in range(n_fit // k - 1, FAISS_MIN_POINTS_PER_CENTROID - 1, -1)
+                  for p in range(1, m + 1) if fit_memory(k * m, dim, k, p) <= budget_gb * 2**30), None)
     fix = f"--parts {fitting} (a hierarchical fit, as MLCD's 1M clusters of LAION)" if fitting else \
-        "fewer --max-points-per-centroid or a smaller --k"
+        f"--max-points-per-centroid {fewer[0]} --parts {fewer[1]}" if fewer else "a smaller --k"
     raise ValueError(f"the k-means fit of k = {k:,} on {n_fit:,} sampled {dim}-d rows in {parts} part(s) holds "
                      f"~{needed / 2**30:,.1f} GiB of host memory, over --fit-memory-gb {budget_gb:g}: use {fix}, or "
                      "raise --fit-memory-gb")
@@ -335,16 +353,17 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, 
 
 
 def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
-            topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: int = 1,
+            topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: Optional[int] = None,
             nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None,
             share: Share = Share(), fit_memory_gb: float = DEFAULT_FIT_MEMORY_GB) -> Optional[dict]:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
     returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits, each assigns
     its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None:
-    ``default_k`` of the cache's sample count, printed with its reason. A fit that would hold more than
-    ``fit_memory_gb`` of host memory is refused before any work, naming the --parts that fits."""
+    ``default_k`` of the cache's sample count, printed with its reason. ``parts`` None: ``fit_shape``, a
+    hierarchical fit (then fewer points per centroid) once the whole would hold more than ``fit_memory_gb`` of
+    host memory; a fit that still holds more is refused before any work, naming what fits."""
     for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
-                        ("topk", topk), ("batch_size", batch_size), ("parts", parts), ("nredo", nredo)):
+                        ("topk", topk), ("batch_size", batch_size), ("parts", parts or 1), ("nredo", nredo)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if init not in INIT_METHODS:
@@ -359,6 +378,12 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
     if topk > k:
         raise ValueError(f"topk ({topk}) must not exceed k ({k})")
     columns = teacher_columns(cache, teacher_index)
+    if parts is None:
+        shape = fit_shape(sum(shards.values()), columns.stop - columns.start, k, max_points_per_centroid, fit_memory_gb)
+        if shape != (max_points_per_centroid, 1) and verbose and share.rank == 0:
+            print(f"cluster: the fit of the whole sample would hold more than --fit-memory-gb {fit_memory_gb:g}: "
+                  f"{shape[0]} points per centroid, in {shape[1]} part(s) (pass --parts to choose)", flush=True)
+        max_points_per_centroid, parts = shape
     params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,
               "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
               "nredo": nredo, "init": init, "teacher_index": teacher_index}
@@ -420,7 +445,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", default="auto", choices=("auto", "on", "off"),
                         help="auto: every GPU faiss sees, CPU when none")
-    parser.add_argument("--parts", type=int, default=1, help="hierarchical fit: k-means of P parts, then of their centroids")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="hierarchical fit: k-means of P parts, then of their centroids (default: 1, or the fewest "
+                             "parts, then points per centroid, whose fit holds at most --fit-memory-gb)")
     parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,
                         help="host memory the fit may hold (its sample is on disk, one part in memory at a time); "
                              "a fit over it is refused before any work, naming the --parts that fits")

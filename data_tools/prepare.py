@@ -263,7 +263,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", required=True, help="folder for every stage's output and train.yaml")
     parser.add_argument("--views", type=int, default=0, help="extract: augmented views stored per image")
     parser.add_argument("--k", type=int, default=None, help="clusters (default: from the sample count)")
-    parser.add_argument("--parts", type=int, default=1, help="cluster: hierarchical fit in P parts (data_tools.cluster)")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="cluster: hierarchical fit in P parts (default: 1, or the fewest within --fit-memory-gb)")
     parser.add_argument("--max-points-per-centroid", type=int, default=256,
                         help="cluster: the fit draws k times this many rows")
     parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,

@@ -248,12 +248,12 @@ def test_spread_over_processes_the_assignment_gives_what_one_process_gives(clust
                 np.testing.assert_array_equal(a[field], b[field])
 
 
-def test_a_fit_over_the_memory_budget_is_refused_before_any_work_naming_the_parts_that_fit(cache_dir, tmp_path):
+def test_a_fit_over_the_memory_budget_is_hierarchical_by_default_and_refused_in_one_part(cache_dir, tmp_path):
     out = str(tmp_path / "c")
     budget = 0.0001  # GiB: 107 KB; the fit of 800 32-d rows into 20 holds ~212 KB whole, ~77 KB in 3 parts
     with pytest.raises(ValueError, match=r"holds ~0\.0 GiB of host memory, over --fit-memory-gb 0\.0001: use --parts 3"):
-        cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **FIT)
+        cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **dict(FIT, parts=1))
     assert not os.path.exists(out)
-    manifest = cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **dict(FIT, parts=3))
+    manifest = cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **FIT)
     assert manifest["complete"] and manifest["parts"] == 3
     assert "fit_sample.npy" not in os.listdir(out)  # the sample lived on disk during the fit only
