@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from typing import Optional, Sequence
 
 import yaml
@@ -52,6 +53,7 @@ from data_tools.cluster import DEFAULT_FIT_MEMORY_GB, cluster
 from data_tools.extract import Views, auto_backend, extract
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, pack
+from data_tools.plan import peak_rss, plan
 from data_tools.spread import Share, complete_manifest, cpus_per_process, run_local, share_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +102,7 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             samples_per_shard: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
             seed: int = 0, random_teacher_ok: bool = False,
             max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, fit: Optional[dict] = None,
-            share: Share = Share()) -> Optional[dict]:
+            share: Share = Share(), timing: Optional[dict] = None) -> Optional[dict]:
     """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
     ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble); ``shape``: the
     job that will train on it; ``fit``: data_tools.cluster's fit options (parts, max_points_per_centroid,
@@ -108,7 +110,8 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
 
     Spread over processes (data_tools.spread), each does its share of every stage, on ``device`` (its own GPU),
     and starts a stage once a process has completed the one before; process 0 waits for the last and writes
-    train.yaml and the summary, the others return None."""
+    train.yaml and the summary, the others return None. ``timing``, when given, gets extract's samples/s and
+    this process's peak memory after it, and pack's seconds (data_tools.plan measures with them)."""
     check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
                             is None else target_keep_fraction, max_removed_fraction)
     for name, value in (("nodes", shape.nodes), ("gpus_per_node", shape.per_node), ("workers", workers),
@@ -123,6 +126,8 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
                         rank=share.rank, world_size=share.world, backend=backend, views=views,
                         random_teacher_ok=random_teacher_ok, max_damaged_fraction=max_damaged_fraction)
     cache = extracted["manifest"] or complete_manifest(feats, share, "extract")
+    timing = {} if timing is None else timing
+    timing["extract"] = {"samples_per_s": extracted["samples_per_s"], "peak_rss": peak_rss()}
     _stage(2, "cluster", clusters, share)
     clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed, share=share, **(fit or {})) \
         or complete_manifest(clusters, share, "cluster")
@@ -134,9 +139,11 @@ def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
         complete_manifest(balanced, share, "balance")
         report = read_json(os.path.join(balanced, REPORT))
     _stage(4, "pack", packed, share)
+    start = time.time()
     packing = pack(shards, feats, student, packed, clusters_dir=clusters, balance_dir=balanced,
                    samples_per_shard=samples_per_shard, ranks=shape.ranks, workers=workers,
                    max_damaged_fraction=max_damaged_fraction, share=share)
+    timing["pack"] = {"seconds": time.time() - start}
     if packing is None:
         if share.rank > 0:
             return None
@@ -251,6 +258,28 @@ def next_commands(shape: Shape, train_yaml: str) -> list[str]:
             f"or under SLURM: {slurm}"]
 
 
+def _plan(args: argparse.Namespace, shards: list[str]) -> None:
+    """``--plan``: the stages on a cut of the data, one process, this machine's device; the estimate for the
+    job's shape (--nodes x --gpus-per-node processes)."""
+    import torch
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if args.device == "auto" else args.device
+
+    def run_stages(cut: list[str], out: str, timing: dict) -> dict:
+        return prepare(cut, args.teacher, args.pretrained, args.student, out, Views(args.views),
+                       semantic=args.semantic, target_keep_fraction=args.target_keep_fraction,
+                       perceptual=args.perceptual, max_removed_fraction=args.max_removed_fraction, device=device,
+                       batch_size=args.batch_size, seed=args.seed, random_teacher_ok=args.random_teacher_ok,
+                       max_damaged_fraction=1.0, shape=Shape(1, 1, device != "cpu"), workers=1, timing=timing)
+
+    try:
+        shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
+        check_writable(args.out)
+        plan(run_stages, shards, args.out, args.k, shape.ranks, args.fit_memory_gb, args.plan_samples)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"prepare --plan: {e}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__.split("\n")[0],
                                      epilog="Each stage's own command has more options: python -m data_tools.<stage> -h")
@@ -292,6 +321,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="auto", help="extract on: auto (cuda when available), cpu, cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="extract: images per teacher forward")
     parser.add_argument("--seed", type=int, default=0, help="k-means and the balance's tuning draw")
+    parser.add_argument("--plan", action="store_true",
+                        help="only print what each stage will cost (hours, disk, memory) for this job's shape, measured "
+                             "on a cut of the data, and write OUT/plan.json (data_tools.plan)")
+    parser.add_argument("--plan-samples", type=int, default=None,
+                        help="--plan for this many samples (default: counted from the shards): measure on a few shards, "
+                             "plan for the whole dataset")
     parser.add_argument("--processes", type=int, default=None,
                         help="processes on this machine, each doing its share of every stage (default: one per GPU, "
                              "one on the CPU); under a launcher or srun, their RANK/WORLD_SIZE instead")
@@ -309,6 +344,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         share = share_from_env()
     except ValueError as e:
         sys.exit(f"prepare: {e}")
+    if args.plan:
+        _plan(args, shards)
+        return
     processes = args.processes or (torch.cuda.device_count() if args.device in ("auto", "cuda") else 1) or 1
     if share.world == 1 and processes > 1:  # this machine's processes, each one this command under RANK/WORLD_SIZE
         try:

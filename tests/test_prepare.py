@@ -105,6 +105,31 @@ def test_two_processes_prepare_the_same_data_as_one(own_data, prepared):
     assert (two / "train.yaml").is_file()
 
 
+def test_plan_measures_the_stages_on_a_cut_of_the_data_and_scales_them_to_the_job(own_data, tmp_path):
+    """``--plan`` for 200M samples on 4 nodes x 8: every stage runs on a cut of the user's data with their
+    teacher; the plan scales what it measured and leaves nothing but plan.json."""
+    out = tmp_path / "plan"
+    args = ["--shards", own_data["shards"], "--teacher", "demo-teacher", "--pretrained", own_data["teacher"],
+            "--student", "demo-student", "--out", str(out), "--nodes", "4", "--gpus-per-node", "8", "--plan",
+            "--plan-samples", "200000000"]
+    run = subprocess.run([sys.executable, "-m", "data_tools.prepare", *args], cwd=REPO_ROOT, env=one_rank_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert os.listdir(out) == ["plan.json"]
+    plan = read_json(str(out / "plan.json"))
+    assert (plan["samples"], plan["k"], plan["processes"]) == (200_000_000, 500_000, 32)  # k: one per 400
+    stages, measured = {row["stage"]: row for row in plan["stages"]}, plan["measured"]
+    assert list(stages) == ["extract", "cluster fit", "assign", "balance", "pack"]
+    for name, row in stages.items():
+        assert f"[plan] {name}" in run.stdout and row["hours"] > 0
+    assert stages["assign"]["hours"] == pytest.approx(200e6 * 500e3 / (measured["pairs_per_s"] * 32) / 3600)
+    assert stages["extract"]["hours"] == pytest.approx(200e6 / (measured["extract_per_s"] * 32) / 3600)
+    assert stages["extract"]["disk_bytes"] == pytest.approx(measured["bytes_per_sample"]["feats"] * 200e6)
+    assert measured["bytes_per_sample"]["feats"] > 2 * 32 * 2  # the demo teacher's 32-d image and text rows, fp16
+    assert 0.4 < measured["kept_fraction"] < 0.7 and measured["cluster_size"] == 400
+    assert stages["cluster fit"]["memory_bytes"] <= 64 * 2**30  # the default --fit-memory-gb holds
+
+
 def test_a_balance_that_would_remove_most_of_the_data_stops_prepare_with_the_numbers(own_data, prepared, tmp_path):
     from data_tools.prepare import main
     out = tmp_path / "strict"
