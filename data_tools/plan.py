@@ -157,7 +157,8 @@ def estimate(samples: int, k: int, processes: int, measured: Measured, fit_memor
          "disk_bytes": m.bytes_per_sample["balance"] * samples + samples / processes * dim * 2,
          "memory_bytes": samples * (56 + key_bytes) + 4 * 4096**2,
          "how": f"{samples / m.cluster_size:,.0f} clusters of ~{m.cluster_size} at {m.balance_cluster_s:.3g} s each "
-                f"/ {processes}; disk: keep-lists + each process's copy of its rows"},
+                f"/ {processes}, compute only: each process also reads the whole cache once (its clusters' rows lie in "
+                f"every shard); disk: keep-lists + each process's copy of its rows"},
         {"stage": "pack", "hours": hours(kept / (m.pack_per_s * processes)),
          "disk_bytes": m.bytes_per_sample["packed"] * kept, "memory_bytes": None,
          "how": f"{kept:,} kept ({m.kept_fraction:.1%} in the sample) at {m.pack_per_s:,.0f} samples/s a process "
