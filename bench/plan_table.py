@@ -3,6 +3,8 @@ from published rates where this machine cannot measure them (each named below), 
 
     python -m bench.plan_table
 """
+import argparse
+
 from data_tools.cluster import default_k
 from data_tools.plan import Measured, duration, estimate, size
 
@@ -19,6 +21,7 @@ A100 = Measured(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| samples | nodes x 8 A100 | k | extract | k-means fit | assign | balance | pack | feats disk | fit memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for samples in (200_000_000, 400_000_000):

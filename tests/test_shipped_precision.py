@@ -37,7 +37,7 @@ def steps(tmp_path_factory):
     return {name: read_json(str(out / f"{name}.json")) for name in SHIPPED}
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1 rank", "2 ranks"])
+@pytest.fixture(scope="module", params=[2], ids=["2 ranks"])  # 1 rank runs the same step without the collectives
 def counted(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"host_light_{request.param}")
     cmd = deepspeed_cmd(request.param)
