@@ -7,6 +7,9 @@ bounded time, and the next submission takes the output folder over and resumes f
 checkpoint."""
 import os
 import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import psutil
@@ -158,3 +161,24 @@ def test_the_time_limit_signal_and_scontrol_requeue_each_checkpoint_and_bring_th
     assert second > first
     assert newest_complete_tag(str(tmp_path / "run" / "checkpoints")) == f"step{second:08d}"
     cluster.run("scancel", job)
+
+
+def test_prepare_under_srun_spreads_every_stage_over_both_nodes(cluster, dataset, tmp_path):
+    """`srun python -m data_tools.prepare ...` in a two-node job: a process on each node (SLURM_PROCID of
+    SLURM_NTASKS), each its share of every stage; the packed shards are those one process writes alone."""
+    args = ["-m", "data_tools.prepare", "--shards", dataset["shards"], "--teacher", "demo-teacher",
+            "--random-teacher-ok", "--student", "demo-student", "--ranks", "1", "--workers", "2", "--device", "cpu"]
+    one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "prepare.out"
+    subprocess.run([sys.executable, *args, "--out", str(one)], cwd=REPO_ROOT, check=True, capture_output=True,
+                   env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    job = cluster.submit("--nodes=2", "--ntasks-per-node=1", f"--output={log}", f"--chdir={REPO_ROOT}",
+                         "--wrap", shlex.join(["srun", sys.executable, *args, "--out", str(two)]), cwd=str(tmp_path))
+    cluster.wait(lambda: cluster.state(job) not in ("PENDING", "RUNNING", "COMPLETING"), 300, "prepare under srun",
+                 job, log)
+    text = read(log)
+    assert cluster.state(job) == "COMPLETED", text[-3000:]
+    assert "(process 0 of 2)" in text and "(process 1 of 2)" in text and text.count("[prepare] balance kept") == 1
+    tars = sorted(name for name in os.listdir(one / "packed") if name.endswith(".tar"))
+    assert tars == sorted(name for name in os.listdir(two / "packed") if name.endswith(".tar"))
+    for name in tars:
+        assert (one / "packed" / name).read_bytes() == (two / "packed" / name).read_bytes(), name
