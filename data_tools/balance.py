@@ -94,7 +94,7 @@ from cid_ds.data.joins import check_join
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
 from data_tools.outputs import check_rerun, save_figure
-from data_tools.spread import Share, cpus_per_process, share_from_env
+from data_tools.spread import Share, accept_local_rank, cpus_per_process, share_from_env
 
 MANIFEST = "manifest.json"
 REPORT = "balance_report.json"
@@ -704,8 +704,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tune-samples", type=int, default=100_000,
                         help="samples in the clusters drawn to tune --target-keep-fraction")
     parser.add_argument("--seed", type=int, default=0, help="draw of the tuning clusters")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
+    accept_local_rank(parser)
     args = parser.parse_args(argv)
     try:
         share = share_from_env()

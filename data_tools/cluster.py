@@ -11,13 +11,13 @@ shard by shard); then every row is assigned, shard by shard, to its top-k centro
 A cache of a teacher ensemble is clustered on the concatenation of its teachers' embeddings (the
 renormalised rows, whose cosine is the mean of the teachers' cosines), or with ``--teacher-index I``
 on teacher I's alone.
-With ``--parts P`` (by default whenever the whole fit would hold more than --fit-memory-gb) the fit is hierarchical: the sample is split into P random parts, each is clustered
-into k centroids, and the union of the P*k centroids (weighted by their part's cluster sizes) is
-clustered into k: how 1M clusters of LAION-400M were made. The output format is described in
-cid_ds.data.clusters. A re-run into the same --out skips what is done (the fit, finished shards) and
-refuses other parameters or a cache from another teacher. Started as N processes (data_tools.spread),
-process 0 fits while the others wait for its centroids, every process assigns every N-th shard, and the
-last to finish writes the statistics and the complete manifest.
+With ``--parts P`` (by default whenever the whole fit would hold more than --fit-memory-gb) the fit is
+hierarchical: the sample is split into P random parts, each is clustered into k centroids, and the union
+of the P*k centroids (weighted by their part's cluster sizes) is clustered into k: how 1M clusters of
+LAION-400M were made. The output format is described in cid_ds.data.clusters. A re-run into the same
+--out skips what is done (the fit, finished shards) and refuses other parameters or a cache from another
+teacher. Started as N processes (data_tools.spread), process 0 fits while the others wait for its centroids,
+every process assigns every N-th shard, and the last to finish writes the statistics and the complete manifest.
 
 Initialisation: ``random`` (faiss's default: k rows of the sample) is the only one that scales to 1M
 centroids, but on data with clear clusters it leaves some merged and others split; ``kmeans++`` and
@@ -43,7 +43,7 @@ from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
 from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, write_json
 from data_tools.outputs import check_rerun, save_figure
-from data_tools.spread import Share, share_from_env, wait_for
+from data_tools.spread import Share, accept_local_rank, share_from_env, wait_for
 
 FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
 DEFAULT_FIT_MEMORY_GB = 64.0
@@ -52,8 +52,8 @@ PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts
 # The default k (default_k): CLIP-CID and MLCD cluster ~400M samples into 1M clusters.
 SAMPLES_PER_CLUSTER = 400
 MIN_CLUSTERS = 16  # fewer clusters carry no structure for the classifier to learn
-MIN_SAMPLES_PER_CLUSTER = 20
-FAISS_MIN_POINTS_PER_CENTROID = 39  # fewer, and faiss warns that the fit has too few points  # smaller clusters starve the classifier's rows
+MIN_SAMPLES_PER_CLUSTER = 20  # smaller clusters starve the classifier's rows
+FAISS_MIN_POINTS_PER_CENTROID = 39  # fewer, and faiss warns that the fit has too few points
 INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                 "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
 
@@ -290,6 +290,12 @@ def fit_points(cache: FeatureCache, shards: dict[str, int], params: dict) -> int
     return n_fit
 
 
+def fewest_parts(n_fit: int, dim: int, k: int, budget_gb: float, start: int = 1) -> Optional[int]:
+    """The fewest parts, from ``start``, each of at least k of ``n_fit`` points, whose fit holds at most
+    ``budget_gb`` of host memory; None when none does."""
+    return next((p for p in range(start, n_fit // k + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30), None)
+
+
 def fit_shape(total: int, dim: int, k: int, max_points_per_centroid: int, budget_gb: float) -> tuple[int, int]:
     """The default fit, ``(max_points_per_centroid, parts)``, within ``budget_gb`` of host memory: the whole
     sample in one fit when it fits; else a hierarchical fit in the fewest parts that do, each of at least k
@@ -297,9 +303,7 @@ def fit_shape(total: int, dim: int, k: int, max_points_per_centroid: int, budget
     into 1M); else fewer points per centroid, down to faiss's 39. Unchanged when nothing fits (check_fit_memory
     then refuses, naming what would)."""
     for points in range(max_points_per_centroid, min(max_points_per_centroid, FAISS_MIN_POINTS_PER_CENTROID) - 1, -1):
-        n_fit = min(k * points, total)
-        parts = next((p for p in range(1, max(1, n_fit // k) + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30),
-                     None)
+        parts = fewest_parts(min(k * points, total), dim, k, budget_gb)
         if parts is not None:
             return points, parts
     return max_points_per_centroid, 1
@@ -319,9 +323,9 @@ def check_fit_memory(n_fit: int, dim: int, params: dict, budget_gb: float) -> No
     needed = fit_memory(n_fit, dim, k, parts)
     if needed <= budget_gb * 2**30:
         return
-    fitting = next((p for p in range(parts, n_fit // k + 1) if fit_memory(n_fit, dim, k, p) <= budget_gb * 2**30), None)
+    fitting = fewest_parts(n_fit, dim, k, budget_gb, start=parts)
     fewer = next(((m, p) for m in range(n_fit // k - 1, FAISS_MIN_POINTS_PER_CENTROID - 1, -1)
-                  for p in range(1, m + 1) if fit_memory(k * m, dim, k, p) <= budget_gb * 2**30), None)
+                  if (p := fewest_parts(k * m, dim, k, budget_gb)) is not None), None)
     fix = f"--parts {fitting} (a hierarchical fit, as MLCD's 1M clusters of LAION)" if fitting else \
         f"--max-points-per-centroid {fewer[0]} --parts {fewer[1]}" if fewer else "a smaller --k"
     raise ValueError(f"the k-means fit of k = {k:,} on {n_fit:,} sampled {dim}-d rows in {parts} part(s) holds "
@@ -456,8 +460,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
     parser.add_argument("--teacher-index", type=int, default=None,
                         help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
+    accept_local_rank(parser)
     args = parser.parse_args(argv)
     try:
         share = share_from_env()

@@ -50,6 +50,7 @@ from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
 from cid_ds.data.samples import caption_of, decode_image, read_samples
 from cid_ds.io import check_writable, read_json
 from cid_ds.teacher import load_teacher
+from data_tools.spread import accept_local_rank
 
 
 @dataclass(frozen=True)
@@ -375,8 +376,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged shards (empty, cut, not a tar) are recorded and skipped past their damage; "
                              "more than this fraction of them (at least one is accepted) stops the run")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is read too
+    accept_local_rank(parser)
     args = parser.parse_args(argv)
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

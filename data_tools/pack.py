@@ -57,7 +57,7 @@ from cid_ds.data.samples import IMAGE_EXTS, caption_of, read_samples
 from cid_ds.io import atomic_path, check_writable, read_json, write_json
 from cid_ds.models import resolve_spec
 from data_tools.outputs import check_rerun
-from data_tools.spread import Share, share_from_env
+from data_tools.spread import Share, accept_local_rank, share_from_env
 
 STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
 MAX_SAMPLES_PER_SHARD = 10000  # the cap of the default size
@@ -323,8 +323,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source tars are recorded and read up to their damage; more than this "
                              "fraction of them (at least one is accepted) stops the run")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
+    accept_local_rank(parser)
     args = parser.parse_args(argv)
     shards = expand_shards(args.shards)
     if not shards:

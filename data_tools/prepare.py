@@ -54,7 +54,8 @@ from data_tools.extract import Views, auto_backend, extract
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, pack
 from data_tools.plan import peak_rss, plan
-from data_tools.spread import Share, complete_manifest, cpus_per_process, run_local, share_from_env
+from data_tools.spread import (Share, accept_local_rank, complete_manifest, cpus_per_process, run_local,
+                               share_from_env)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -322,16 +323,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="extract: images per teacher forward")
     parser.add_argument("--seed", type=int, default=0, help="k-means and the balance's tuning draw")
     parser.add_argument("--plan", action="store_true",
-                        help="only print what each stage will cost (hours, disk, memory) for this job's shape, measured "
-                             "on a cut of the data, and write OUT/plan.json (data_tools.plan)")
+                        help="only print what each stage will cost (hours, disk, memory) for this job's shape, "
+                             "measured on a cut of the data, and write OUT/plan.json (data_tools.plan)")
     parser.add_argument("--plan-samples", type=int, default=None,
-                        help="--plan for this many samples (default: counted from the shards): measure on a few shards, "
-                             "plan for the whole dataset")
+                        help="--plan for this many samples (default: counted from the shards): measure on a few "
+                             "shards, plan for the whole dataset")
     parser.add_argument("--processes", type=int, default=None,
                         help="processes on this machine, each doing its share of every stage (default: one per GPU, "
                              "one on the CPU); under a launcher or srun, their RANK/WORLD_SIZE instead")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher (data_tools.spread reads RANK)
+    accept_local_rank(parser)
     parser.add_argument("--random-teacher-ok", action="store_true", help=argparse.SUPPRESS)  # tests
     parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
                         help="damaged source shards accepted, as a fraction of all")

@@ -44,6 +44,12 @@ class Share:
         return f"process {self.rank} of {self.world}"
 
 
+def accept_local_rank(parser: argparse.ArgumentParser) -> None:
+    """The ``--local_rank`` the deepspeed launcher passes every process it starts (a stage reads its place from
+    RANK and WORLD_SIZE, share_from_env)."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def share_from_env(env: Optional[dict] = None) -> Share:
     """This process's share: RANK/WORLD_SIZE, else an srun step's SLURM_PROCID/SLURM_NTASKS, else the whole."""
     env = os.environ if env is None else env

@@ -180,7 +180,8 @@ def test_a_checkpoint_without_its_completion_marker_is_not_trusted(tmp_path):
     assert newest_complete_tag(str(tmp_path)) == "step00000005"
 
 
-@pytest.mark.parametrize("saved, resumed", [("zero2", "zero0")])  # the check is symmetric: one direction (make test's time)
+# the check is symmetric: one direction, for make test's time
+@pytest.mark.parametrize("saved, resumed", [("zero2", "zero0")])
 def test_resuming_with_a_json_of_the_other_zero_layout_is_refused_naming_both(dataset, tmp_path, saved, resumed):
     out = str(tmp_path / "run")
     first = train_one_process(overrides(dataset, out, 2, **{"deepspeed_config": f"ds_configs/{saved}.json"}))
