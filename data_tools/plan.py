@@ -120,11 +120,11 @@ def measure(run_stages: Callable[[list[str], str, dict], dict], shards: list[str
     cache = FeatureCache(os.path.join(work_dir, "out", "feats"), with_views=False)
     rows = np.concatenate([load_image_rows(cache, stem, n).image for stem, n in cache_shards(cache).items()])
     dim = rows.shape[1]
-    size = max(2, min(4096, round(samples / k)))
+    cluster_size = max(2, min(4096, round(samples / k)))
     kept = summary["packed_samples"]
     return Measured(
         extract_per_s=timing["extract"]["samples_per_s"], pairs_per_s=pairs_per_second(dim, k),
-        balance_cluster_s=balance_seconds(rows.astype(np.float32), size), cluster_size=size,
+        balance_cluster_s=balance_seconds(rows.astype(np.float32), cluster_size), cluster_size=cluster_size,
         pack_per_s=kept / max(timing["pack"]["seconds"], 1e-9), kept_fraction=kept / cut_samples, dim=dim,
         bytes_per_sample={stage: folder_bytes(os.path.join(work_dir, "out", stage)) / cut_samples
                           for stage in ("feats", "clusters", "balance")}
