@@ -127,6 +127,8 @@ class PerfConfig:
                                       # and backward replay as CUDA graphs (README: what they leave out); not ZeRO-3
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory, more compute
     channels_last: bool = False       # NHWC images (convolutions follow them): for conv students, not ViTs
+    host_light_step: bool = True      # DeepSpeed's per-tensor step work as multi-tensor ops (cid_ds/deepspeed_ops.py):
+                                      # only on the pinned DeepSpeed; on another version the stock step, with a warning
 
 
 @dataclass

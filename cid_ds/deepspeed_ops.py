@@ -12,11 +12,14 @@ equal weights after steps at one and two ranks). Counted with ``cid_ds.profiling
 With a ``cid_ds.step_guard.StepGuard`` the global gradient norm, where the engine computes it for clipping, adds its
 verdict to the guard's device flag, and ZeRO-1/2's step no longer reads the norm back to decide on the host.
 
-These are DeepSpeed's private methods, so the DeepSpeed version is pinned (requirements.txt) and
-``make_step_host_light`` refuses another one rather than guess at its internals.
+These are DeepSpeed's private methods, so they are fenced: the trainer applies them only with ``perf.host_light_step``
+(on by default) and only on the DeepSpeed version they were written against (requirements.txt pins it). On any other
+version the engine keeps DeepSpeed's stock step, with a warning, rather than guess at its internals: an upgrade costs
+speed, never a run.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -27,13 +30,18 @@ from cid_ds.step_guard import StepGuard
 DEEPSPEED_VERSION = "0.19.8"  # whose engine and stage_1_and_2 methods are replaced here
 
 
-def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> None:
+def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> bool:
     """Replace the engine's per-tensor step work (ZeRO 0, 1 and 2; ZeRO-3 is left as it is). ``guard``: the
-    trainer's non-finite step verdict, which the gradient norm joins."""
+    trainer's non-finite step verdict, which the gradient norm joins. Returns whether it did: on another DeepSpeed
+    version the stock step stays, with a warning."""
     import deepspeed
     if deepspeed.__version__ != DEEPSPEED_VERSION:
-        raise RuntimeError(f"cid_ds.deepspeed_ops replaces private methods of DeepSpeed {DEEPSPEED_VERSION}, "
-                           f"found {deepspeed.__version__}: install the version requirements.txt pins")
+        warnings.warn(f"perf.host_light_step: cid_ds.deepspeed_ops replaces private methods of DeepSpeed "
+                      f"{DEEPSPEED_VERSION} and this is {deepspeed.__version__}: DeepSpeed's stock step runs instead "
+                      "(the same numbers, more host work per step; a non-finite gradient norm under a finite loss is "
+                      "then left to DeepSpeed). Install the version requirements.txt pins for the faster step",
+                      stacklevel=2)
+        return False
     stage = engine.zero_optimization_stage()
     if stage == 0:
         _skip_allreduce_at_one_rank(engine)
@@ -48,6 +56,7 @@ def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> None:
         optimizer.unscale_and_clip_grads = _zero_unscale_and_clip(optimizer, guard)
         if guard is not None and guard.decided_on_device:
             optimizer.step = _zero_step_without_host_norm_check(optimizer.step)
+    return True
 
 
 def _skip_allreduce_at_one_rank(engine) -> None:

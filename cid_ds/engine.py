@@ -91,16 +91,18 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
 def build_engine(student: torch.nn.Module, cfg: Config, on_gpu: bool,
                  lr_factor: Optional[Callable[[int], float]] = None) -> tuple[Any, StepGuard]:
     """The student's DeepSpeed engine as the trainer steps it: ``build_optimizer``'s AdamW (on ``lr_factor``'s
-    schedule, when given), the step made host-light with the non-finite guard joined (cid_ds.deepspeed_ops,
-    cid_ds.step_guard; the guard wants the optimizer after ``deepspeed.initialize`` has placed its parameters),
-    and the student compiled as ``perf`` says. Returns the engine and its guard."""
+    schedule, when given), the non-finite guard (cid_ds.step_guard; it wants the optimizer after
+    ``deepspeed.initialize`` has placed its parameters), the step made host-light with the guard joined where
+    ``perf.host_light_step`` says (cid_ds.deepspeed_ops), and the student compiled as ``perf`` says. Returns the
+    engine and its guard. Benches and tests build engines here too, so they measure and check what trains."""
     import deepspeed
     optimizer = build_optimizer(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor) if lr_factor is not None else None
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, on_gpu))
     guard = StepGuard(optimizer, engine.device)
-    make_step_host_light(engine, guard)
+    if cfg.perf.host_light_step:
+        make_step_host_light(engine, guard)
     compile_student(engine, cfg)
     return engine, guard
 

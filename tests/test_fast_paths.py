@@ -169,25 +169,21 @@ def test_the_loaders_crop_box_follows_torchvisions_rule(size):
         assert random_resized_box(*size, (0.08, 1.0), (3 / 4, 4 / 3), TorchvisionDraws()) == expected, seed
 
 
-# Two one-rank zero0.json engines (fp32 on CPU) from the same weights, one as the trainer sets it up; three
-# steps on one batch each.
+# Two one-rank zero0.json engines (fp32 on CPU) from the same weights, one as the trainer sets it up (perf.host_light_step),
+# one with DeepSpeed's stock step; three steps on one batch each.
 ENGINES_WITH_AND_WITHOUT_ALLREDUCE = r"""
-import json, sys, deepspeed, torch
+import json, sys, torch
 from cid_ds.config import Config
 from cid_ds.profiling import DispatchCount
-from cid_ds.deepspeed_ops import make_step_host_light
-from cid_ds.engine import build_optimizer, deepspeed_config, init_distributed
+from cid_ds.engine import build_engine, init_distributed
 from tests.test_fast_paths import batch_loss, fixed_batch, tiny_student
 init_distributed(dist_backend="gloo")
-cfg = Config()
-cfg.deepspeed_config, cfg.data.batch_size = "ds_configs/zero0.json", 8
 result = {}
 for skip in (False, True):
+    cfg = Config()
+    cfg.deepspeed_config, cfg.data.batch_size, cfg.perf.host_light_step = "ds_configs/zero0.json", 8, skip
     student = tiny_student()
-    engine, *_ = deepspeed.initialize(model=student, optimizer=build_optimizer(student, cfg),
-                                      config=deepspeed_config(cfg, on_gpu=False))
-    if skip:
-        make_step_host_light(engine)
+    engine, _ = build_engine(student, cfg, on_gpu=False)
     for _ in range(3):
         with DispatchCount() as count:
             engine.backward(batch_loss(engine, fixed_batch()))
@@ -205,6 +201,42 @@ def test_one_rank_skips_the_gradient_allreduce_and_trains_the_same_weights(tmp_p
     result = json.loads(out.read_text())
     assert result["skipped"]["weights"] == result["reduced"]["weights"]  # bitwise
     assert result["skipped"]["ops"] < result["reduced"]["ops"]
+
+
+# The trainer's engine on a DeepSpeed other than the one cid_ds.deepspeed_ops was written against: two steps.
+ENGINE_ON_ANOTHER_DEEPSPEED = r"""
+import json, sys, warnings
+import cid_ds.deepspeed_ops
+from cid_ds.config import Config
+from cid_ds.engine import build_engine, init_distributed
+from tests.test_fast_paths import batch_loss, fixed_batch, tiny_student
+init_distributed(dist_backend="gloo")
+cid_ds.deepspeed_ops.DEEPSPEED_VERSION = "0.0.1"
+cfg = Config()
+cfg.deepspeed_config, cfg.data.batch_size = "ds_configs/zero0.json", 8
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    engine, guard = build_engine(tiny_student(), cfg, on_gpu=False)
+losses = []
+for _ in range(2):
+    loss = batch_loss(engine, fixed_batch())
+    guard.backward_and_step(engine, loss)
+    losses.append(loss.item())
+json.dump({"warnings": [str(w.message) for w in caught], "losses": losses,
+           "replaced": sorted(name for name in ("clip_fp32_gradients", "allreduce_and_copy") if name in vars(engine))},
+          open(sys.argv[1], "w"))
+"""
+
+
+def test_on_another_deepspeed_version_the_stock_step_runs_with_a_warning(tmp_path):
+    out = tmp_path / "engine.json"
+    run = subprocess.run([sys.executable, "-c", ENGINE_ON_ANOTHER_DEEPSPEED, str(out)], env=one_rank_env(),
+                         cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["replaced"] == []  # DeepSpeed's own methods
+    assert any("perf.host_light_step" in w and "0.0.1" in w and "stock step" in w for w in result["warnings"])
+    assert all(np.isfinite(result["losses"])) and result["losses"][1] != result["losses"][0]
 
 
 # Two one-rank zero2.json engines from the same weights, one with perf.cuda_graphs; three trainer steps each (the
