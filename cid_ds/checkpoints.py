@@ -21,22 +21,11 @@ import torch
 
 from cid_ds.config import Config, ConfigError
 from cid_ds.io import atomic_path, free_space, fsync_file, read_json, write_json
+from cid_ds.run_state import DataPosition, Run
 
 COMPLETE = "checkpoint_complete.json"
 LATEST = "latest"  # DeepSpeed's name for the file holding the newest tag
 WRITE_ERRORS = (OSError, RuntimeError)  # torch.save reports a failed write as a RuntimeError
-
-
-class DataPosition:
-    """Where this rank is in the data: epoch and batches consumed in it. Saved per rank beside each
-    checkpoint so a resume continues the same batch sequence (the loader's order is a function of
-    seed, epoch, rank and worker count)."""
-
-    def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
 
 def checkpoint_dir(cfg: Config) -> str:
@@ -163,12 +152,13 @@ def stop_if_any_rank_failed(failures: list[str], tag_dir: str, rank: int, device
     raise SystemExit(message)
 
 
-def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank: int, cluster_term) -> None:
-    """Every rank writes its files; once all have, rank 0 marks the checkpoint complete, points ``latest`` at it
-    and only then deletes the stale ones. A failed write on any rank stops every rank, naming the path.
-    A complete checkpoint of ``step`` is kept as it is: no update happened since (a stop after non-finite
-    steps), and writing over it could lose the only good checkpoint to a full disk."""
+def save_checkpoint(run: Run) -> None:
+    """The run at its step: every rank writes its files; once all have, rank 0 marks the checkpoint complete,
+    points ``latest`` at it and only then deletes the stale ones. A failed write on any rank stops every rank,
+    naming the path. A complete checkpoint of the step is kept as it is: no update happened since (a stop after
+    non-finite steps), and writing over it could lose the only good checkpoint to a full disk."""
     import torch.distributed as dist
+    engine, cfg, rank, step = run.engine, run.cfg, run.rank, run.step
     tag = f"step{step:08d}"
     root = checkpoint_dir(cfg)
     tag_dir = os.path.join(root, tag)
@@ -178,9 +168,9 @@ def save_checkpoint(engine, cfg: Config, step: int, position: DataPosition, rank
         return
     position_file = os.path.join(tag_dir, f"data_position_rank{rank}.json")
     with recording_write_failures(engine) as failures:
-        recorded(failures, position_file, lambda: write_json(position_file, position.state()))
-        if cluster_term is not None:
-            recorded(failures, tag_dir, lambda: cluster_term.save(tag_dir))
+        recorded(failures, position_file, lambda: write_json(position_file, run.position.state()))
+        if run.cluster_term is not None:
+            recorded(failures, tag_dir, lambda: run.cluster_term.save(tag_dir))
         engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
     stop_if_any_rank_failed(failures, tag_dir, rank, engine.device)
     if rank == 0:
@@ -225,10 +215,12 @@ def incomplete_tags(root: str) -> list[str]:
     return [t for t in step_tags(root) if not is_complete(os.path.join(root, t))] if os.path.isdir(root) else []
 
 
-def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosition]:
-    """Load the newest checkpoint if asked to; return (next step, data position). A checkpoint saved by another
-    number of ranks is loaded too: with ZeRO 1/2 through DeepSpeed's universal checkpoint (``load_universal``)."""
+def resume(run: Run) -> tuple[int, DataPosition]:
+    """Load the newest checkpoint into the run's engine and cluster term if ``checkpoint.resume`` asks to; return
+    (next step, data position). A checkpoint saved by another number of ranks is loaded too: with ZeRO 1/2
+    through DeepSpeed's universal checkpoint (``load_on_another_world_size``)."""
     from cid_ds.safe_load import load_deepspeed_files_safely, refuse_code_in_checkpoint
+    engine, cfg, rank = run.engine, run.cfg, run.rank
     if cfg.checkpoint.resume == "none":
         return 0, DataPosition()
     root = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else checkpoint_dir(cfg)
@@ -260,8 +252,8 @@ def resume(engine, cfg: Config, rank: int, cluster_term) -> tuple[int, DataPosit
         path, client = engine.load_checkpoint(root, tag=tag)
         if path is None:
             raise RuntimeError(f"checkpoint.resume: could not load the checkpoint {tag_dir}")
-    if cluster_term is not None:
-        cluster_term.load(tag_dir)
+    if run.cluster_term is not None:
+        run.cluster_term.load(tag_dir)
     return int(client["step"]), data_position(tag_dir, rank, saved_ranks, world_size, cfg.data.batch_size)
 
 

@@ -21,22 +21,23 @@ import psutil
 import torch
 import yaml
 
-from cid_ds.checkpoints import DataPosition, checkpoint_dir, resume, save_checkpoint
+from cid_ds.checkpoints import checkpoint_dir, resume, save_checkpoint
 from cid_ds.config import Config, ConfigError, DataConfig, config_source, load_config
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage
 from cid_ds.data.errors import DataError
-from cid_ds.engine import build_engine, compute_dtype, cosine_with_warmup, init_distributed
+from cid_ds.engine import build_engine, cosine_with_warmup, init_distributed
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
 from cid_ds.objective import compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 from cid_ds.run_lock import OutputDirLocked, RunLock
-from cid_ds.sources import check_sources, data_size, open_sources
-from cid_ds.step_guard import StepGuard
+from cid_ds.run_state import DataPosition, Run, Window
+from cid_ds.sources import Sources, check_sources, data_size, open_sources
 
 if TYPE_CHECKING:
-    from cid_ds.losses.ensemble import TeacherTargets
+    from torch.utils.tensorboard import SummaryWriter
+
     from cid_ds.teacher import OnlineTeacher
 
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
@@ -111,16 +112,18 @@ def no_full_batch(spec: LoaderSpec, backend: str, data: DataConfig) -> str:
             "data.batch_size, or fewer ranks or data.workers")
 
 
-def on_device(batch: Batch, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format,
-              online_teacher: Optional[OnlineTeacher]) -> Batch:
-    """A new batch: the loader's tensors on ``device`` (images in the compute ``dtype`` and ``memory_format``),
-    with an online teacher's ``t_img``/``t_txt`` added."""
-    moved = batch | {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "t_img", "t_txt", "cluster")
+def on_device(run: Run, batch: Batch, online_teacher: Optional[OnlineTeacher]) -> Batch:
+    """A new batch: the loader's tensors on the run's device (images in its compute dtype, NHWC with
+    ``perf.channels_last``), with an online teacher's ``t_img``/``t_txt`` added."""
+    # Only the images go NHWC: convolutions then compute and return NHWC. The weights stay NCHW, because
+    # DeepSpeed views every parameter as contiguous bytes (broadcast, ZeRO's flat buffers).
+    memory_format = torch.channels_last if run.cfg.perf.channels_last else torch.preserve_format
+    moved = batch | {k: batch[k].to(run.device, non_blocking=True) for k in ("tokens", "t_img", "t_txt", "cluster")
                      if k in batch}
-    moved["image"] = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=memory_format)
+    moved["image"] = batch["image"].to(run.device, dtype=run.dtype, non_blocking=True, memory_format=memory_format)
     if online_teacher is not None:
         moved["t_img"], moved["t_txt"] = online_teacher(moved["image"],
-                                                        batch["teacher_tokens"].to(device, non_blocking=True))
+                                                        batch["teacher_tokens"].to(run.device, non_blocking=True))
     return moved
 
 
@@ -144,7 +147,7 @@ def run(cfg: Config, stop: Optional[StopSignal] = None) -> dict[str, Any]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     lock = hold_output_dir(cfg.output_dir, rank, get_accelerator().current_device_name())
     try:
-        return train(cfg, stop, rank, world_size)
+        return train(cfg, stop or StopSignal(), rank, world_size)
     finally:
         if lock is not None:
             lock.release()
@@ -170,141 +173,164 @@ def hold_output_dir(output_dir: str, rank: int, device: str) -> Optional[RunLock
     return lock
 
 
-def train(cfg: Config, stop: Optional[StopSignal], rank: int, world_size: int) -> dict[str, Any]:
-    """``run``'s body, with the distributed start-up done and the output folder held."""
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from cid_ds.models import DistillStudent, create_model
-    on_gpu = get_accelerator().device_name() == "cuda"
+def train(cfg: Config, stop: StopSignal, rank: int, world_size: int) -> dict[str, Any]:
+    """``run``'s body, with the distributed start-up done and the output folder held: the student, its sources
+    and engine, the resume, then the loop."""
+    from cid_ds.models import create_model
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-
     clip_model, preprocess_train, preprocess_val, tokenizer = create_model(
         cfg.model.student, cfg.model.student_pretrained)
     sources = open_sources(cfg, clip_model)
-    shards, online_teacher, targets = sources.shards, sources.online_teacher, sources.targets
+    run = start_run(cfg, clip_model, sources, rank, world_size)
+    finished = os.path.join(cfg.output_dir, "results.json")
+    if run.step >= cfg.optim.steps and os.path.isfile(finished):  # e.g. a resubmission chain's link after the end
+        if rank == 0:
+            print(f"[cid_ds] {cfg.name}: finished already at step {run.step} ({finished}): nothing to do", flush=True)
+        return read_json(finished)
+    if rank == 0:
+        run.writer = open_writer(run)
+    teacher = sources.online_teacher
+    spec = LoaderSpec(sources.shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
+                      cfg.data.batch_size, workers=cfg.data.workers, seed=cfg.seed, rank=rank, world_size=world_size,
+                      shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
+                      teacher_tokenizer=teacher.tokenizer if teacher is not None else None)
+    return train_loop(run, batches(cfg, spec, run.position, sources.clusters_to_join), stop, teacher,
+                      RunDamage(len(sources.shards), cfg.data.max_damaged_fraction))
+
+
+def start_run(cfg: Config, clip_model: torch.nn.Module, sources: Sources, rank: int, world_size: int) -> Run:
+    """The student (with the heads its teacher terms need) in its engine, the cluster term, and the step and
+    data position a resume continues from."""
+    from deepspeed.accelerator import get_accelerator
+
+    from cid_ds.models import DistillStudent
+    targets = sources.targets
     if cfg.perf.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     heads = targets.head_dims if targets is not None else None
     student = DistillStudent(clip_model, sum(heads) if heads else None, teacher_blocks=heads,
                              cross_scale=cfg.loss.icl > 0, fusion=cfg.loss.afd > 0,
                              mask_ratio=cfg.kd.mask_ratio if cfg.loss.mfd > 0 else 0.0)
-    # Only the images go NHWC: convolutions then compute and return NHWC. The weights stay NCHW, because
-    # DeepSpeed views every parameter as contiguous bytes (broadcast, ZeRO's flat buffers).
-    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
     lr_factor = cosine_with_warmup(cfg.optim.warmup_steps, cfg.optim.steps)
-    engine, guard = build_engine(student, cfg, on_gpu, lr_factor)
-    device = engine.device
-    dtype = compute_dtype(engine)
-    if online_teacher is not None:
-        online_teacher.to(device, dtype)
-
-    cluster_term = None
+    engine, guard = build_engine(student, cfg, get_accelerator().device_name() == "cuda", lr_factor)
+    run = Run(cfg, engine, guard, rank, world_size, targets=targets)
+    if sources.online_teacher is not None:
+        sources.online_teacher.to(run.device, run.dtype)
     if cfg.loss.cluster > 0:
         from cid_ds.losses.cluster import ClusterDiscrimination
-        cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                             lr_factor, cfg.seed, device, sources.cluster_index)
-    step, position = resume(engine, cfg, rank, cluster_term)
-    finished = os.path.join(cfg.output_dir, "results.json")
-    if step >= cfg.optim.steps and os.path.isfile(finished):  # e.g. a resubmission chain's link after the end
-        if rank == 0:
-            print(f"[cid_ds] {cfg.name}: finished already at step {step} ({finished}): nothing to do", flush=True)
-        return read_json(finished)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        writer = SummaryWriter(cfg.logging.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard"))
-        writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", step)
-        print(f"[cid_ds] {cfg.name}: world {world_size}, device {device}, dtype {dtype}, "
-              f"start step {step}/{cfg.optim.steps}, epoch {position.epoch}", flush=True)
+        run.cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
+                                                 lr_factor, cfg.seed, run.device, sources.cluster_index)
+    run.step, run.position = resume(run)
+    return run
 
-    spec = LoaderSpec(shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
-                      cfg.data.batch_size, workers=cfg.data.workers, seed=cfg.seed, rank=rank, world_size=world_size,
-                      shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
-                      teacher_tokenizer=online_teacher.tokenizer if online_teacher is not None else None)
-    data = batches(cfg, spec, position, sources.clusters_to_join)
-    window = {"t0": time.perf_counter(), "data_wait": 0.0, "steps": 0, "skipped": 0}
-    damage = RunDamage(len(shards), cfg.data.max_damaged_fraction)
-    train_start, first_step = time.perf_counter(), step
+
+def open_writer(run: Run) -> SummaryWriter:
+    """Rank 0's TensorBoard writer, with the run's config saved beside it and shown in it."""
+    from torch.utils.tensorboard import SummaryWriter
+    cfg = run.cfg
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    writer = SummaryWriter(cfg.logging.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard"))
+    writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", run.step)
+    print(f"[cid_ds] {cfg.name}: world {run.world_size}, device {run.device}, dtype {run.dtype}, "
+          f"start step {run.step}/{cfg.optim.steps}, epoch {run.position.epoch}", flush=True)
+    return writer
+
+
+def train_loop(run: Run, data: Iterator[Batch], stop: StopSignal, online_teacher: Optional[OnlineTeacher],
+               damage: RunDamage) -> dict[str, Any]:
+    """Steps until ``optim.steps``: the damage and non-finite checks and the stop signal every
+    ``checkpoint.stop_check_every`` steps, a logging window every ``logging.every``, checkpoints every
+    ``checkpoint.every`` and at the end or a stop. Returns the run's results."""
+    cfg = run.cfg
+    start, first_step = time.perf_counter(), run.step
     last_losses: dict[str, float] = {}
     window_rates: list[float] = []  # samples/s over every rank, per logging window
-    engine.train()
-    stop = stop or StopSignal()
-    profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, rank, on_gpu)
-    while step < cfg.optim.steps:
+    profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, run.rank,
+                              run.device.type == "cuda")
+    run.engine.train()
+    while run.step < cfg.optim.steps:
         t_wait = time.perf_counter()
         batch = next(data)
-        window["data_wait"] += time.perf_counter() - t_wait
-        window["skipped"] += int(batch.get("n_skipped", 0))
+        run.window.data_wait += time.perf_counter() - t_wait
+        run.window.skipped += int(batch.get("n_skipped", 0))
         damage.add(batch["damaged_shards"])
-        batch = on_device(batch, device, dtype, memory_format, online_teacher)
-        out, losses, metrics = train_step(engine, cfg, batch, step, guard, cluster_term, targets)
-        step += 1
-        window["steps"] += 1
+        out, losses, metrics = train_step(run, on_device(run, batch, online_teacher))
+        run.step += 1
+        run.window.steps += 1
         if profiler is not None:
             profiler.step()
-
-        if step % cfg.checkpoint.stop_check_every == 0 or step % cfg.logging.every == 0:
-            damage.check(device)
-            stop_if_nonfinite_in_a_row(guard, engine, cfg, step, position, rank, cluster_term, losses)
-        if step % cfg.logging.every == 0 or step == cfg.optim.steps:
-            scalars = log_window(writer, engine, guard, metrics, out, window, step, device, cfg, world_size,
-                                 damage.count)
+        stop_check, log, last = (run.step % cfg.checkpoint.stop_check_every == 0, run.step % cfg.logging.every == 0,
+                                 run.step == cfg.optim.steps)
+        if stop_check or log:
+            damage.check(run.device)
+            stop_if_nonfinite_in_a_row(run, losses)
+        if log or last:
+            scalars = log_window(run, metrics, out, damage.count)
             last_losses = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/")} or last_losses
             window_rates.append(scalars["perf/samples_per_s"])
-        stopping = step % cfg.checkpoint.stop_check_every == 0 and stop.agreed(device)
-        if step % cfg.checkpoint.every == 0 or step == cfg.optim.steps or stopping:
-            save_checkpoint(engine, cfg, step, position, rank, cluster_term)
+        stopping = stop_check and stop.agreed(run.device)
+        if run.step % cfg.checkpoint.every == 0 or last or stopping:
+            save_checkpoint(run)
         if stopping:
-            if rank == 0:
-                note = (f"stop signal ({stop.received or 'on another rank'}): checkpoint of step {step} saved in "
-                        f"{checkpoint_dir(cfg)}; resume with checkpoint.resume=auto")
-                print(f"[cid_ds] {note}", flush=True)
-                if os.environ.get("CID_DS_STOP_NOTE"):  # launch/slurm.sbatch requeues the job when it finds it
-                    with open(os.environ["CID_DS_STOP_NOTE"], "w") as f:
-                        f.write(note + "\n")
-            return {"step": step, "losses": last_losses, "stopped": True}
-
-    seconds = time.perf_counter() - train_start
+            report_stop(run, stop)
+            return {"step": run.step, "losses": last_losses, "stopped": True}
     if profiler is not None:
         profiler.stop()
-    results: dict[str, Any] = {
-        "step": step, "losses": last_losses, "train_seconds": seconds,
+    seconds = time.perf_counter() - start
+    return finish(run, {
+        "step": run.step, "losses": last_losses, "train_seconds": seconds,
         "samples_per_s_steady": steady_rate(window_rates),
-        "samples_per_s_run_average": (step - first_step) * cfg.data.batch_size * world_size / seconds}
+        "samples_per_s_run_average": (run.step - first_step) * cfg.data.batch_size * run.world_size / seconds})
+
+
+def report_stop(run: Run, stop: StopSignal) -> None:
+    """Rank 0 says where the stopped run's checkpoint is, and leaves the note launch/slurm.sbatch requeues on."""
+    if run.rank != 0:
+        return
+    note = (f"stop signal ({stop.received or 'on another rank'}): checkpoint of step {run.step} saved in "
+            f"{checkpoint_dir(run.cfg)}; resume with checkpoint.resume=auto")
+    print(f"[cid_ds] {note}", flush=True)
+    if os.environ.get("CID_DS_STOP_NOTE"):
+        with open(os.environ["CID_DS_STOP_NOTE"], "w") as f:
+            f.write(note + "\n")
+
+
+def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
+    """The trained run's end: rank 0 exports and evaluates the student and writes results.json, with the
+    evaluation in TensorBoard too."""
+    import torch.distributed as dist
     dist.barrier()
-    if rank == 0:
-        results.update(export_and_evaluate(cfg))
-        write_json(os.path.join(cfg.output_dir, "results.json"), results)
-        if writer is not None:
+    if run.rank == 0:
+        results.update(export_and_evaluate(run.cfg))
+        write_json(os.path.join(run.cfg.output_dir, "results.json"), results)
+        if run.writer is not None:
             for set_name, metrics in results.get("eval", {}).items():
                 for metric, value in metrics.items():
                     if isinstance(value, (int, float)) and metric != "samples":
-                        writer.add_scalar(f"eval/{set_name}/{metric}", value, step)
-            writer.close()
+                        run.writer.add_scalar(f"eval/{set_name}/{metric}", value, run.step)
+            run.writer.close()
     dist.barrier()
     return results
 
 
-def train_step(engine, cfg: Config, batch: Batch, step: int, guard: StepGuard, cluster_term=None,
-               targets: Optional[TeacherTargets] = None) -> tuple[dict, dict, dict]:
-    """One step on a batch already on the device: forward, every loss term, the non-finite verdict, backward, the
-    engine's step and the classifier's (a non-finite step leaves everything as it was, cid_ds.step_guard). Returns
-    the student's outputs, the losses and the metrics. With fused AdamW it reads nothing back from the device
-    (tests/test_step_syncs.py counts it)."""
+def train_step(run: Run, batch: Batch) -> tuple[dict, dict, dict]:
+    """Step ``run.step`` on a batch already on the device: forward, every loss term, the non-finite verdict,
+    backward, the engine's step and the classifier's (a non-finite step leaves everything as it was,
+    cid_ds.step_guard). Returns the student's outputs, the losses and the metrics. With fused AdamW it reads nothing
+    back from the device (tests/test_step_syncs.py counts it)."""
+    cfg = run.cfg
     if cfg.perf.cuda_graphs:  # a new step: the last step's graph outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
-    fusion_inputs = tuple(targets.combine(batch[k]).to(compute_dtype(engine)) for k in ("t_img", "t_txt")) \
+    fusion_inputs = tuple(run.targets.combine(batch[k]).to(run.dtype) for k in ("t_img", "t_txt")) \
         if cfg.loss.afd > 0 else ()
-    out = engine(batch["image"], batch["tokens"], *fusion_inputs)
-    losses, metrics = compute_losses(cfg, out, batch, cluster_term, step, targets)
-    weights = loss_weights(cfg, step)
-    guard.backward_and_step(engine, sum(weights[k] * v for k, v in losses.items()), losses)
-    if cluster_term is not None:
-        cluster_term.step(step, guard.skip)
+    out = run.engine(batch["image"], batch["tokens"], *fusion_inputs)
+    losses, metrics = compute_losses(cfg, out, batch, run.cluster_term, run.step, run.targets)
+    weights = loss_weights(cfg, run.step)
+    run.guard.backward_and_step(run.engine, sum(weights[k] * v for k, v in losses.items()), losses)
+    if run.cluster_term is not None:
+        run.cluster_term.step(run.step, run.guard.skip)
     return out, losses, metrics
 
 
@@ -314,36 +340,35 @@ def steady_rate(window_rates: list[float]) -> Optional[float]:
     return statistics.median(window_rates[1:]) if len(window_rates) > 1 else None
 
 
-def stop_if_nonfinite_in_a_row(guard: StepGuard, engine, cfg: Config, step: int, position: DataPosition, rank: int,
-                               cluster_term, losses: dict) -> None:
+def stop_if_nonfinite_in_a_row(run: Run, losses: dict) -> None:
     """Save a checkpoint and end the job when ``checkpoint.max_nonfinite_in_a_row`` steps in a row were skipped
     (read here, at a stop check: the steps themselves never wait for the device)."""
-    in_a_row = guard.longest_run()
-    if in_a_row < cfg.checkpoint.max_nonfinite_in_a_row:
+    in_a_row = run.guard.longest_run()
+    if in_a_row < run.cfg.checkpoint.max_nonfinite_in_a_row:
         return
-    save_checkpoint(engine, cfg, step, position, rank, cluster_term)
+    save_checkpoint(run)
     now = sorted(k for k, v in losses.items() if not torch.isfinite(v))
-    raise SystemExit(f"[cid_ds] rank {rank}: {in_a_row} steps in a row with a non-finite loss or gradient norm by step "
-                     f"{step}" + (f" (non-finite now: {now})" if now else "") + f"; stopped, the weights (which "
-                     f"skipped steps leave as they were) saved in {checkpoint_dir(cfg)} as step {step}")
+    raise SystemExit(f"[cid_ds] rank {run.rank}: {in_a_row} steps in a row with a non-finite loss or gradient norm "
+                     f"by step {run.step}" + (f" (non-finite now: {now})" if now else "") + f"; stopped, the weights "
+                     f"(which skipped steps leave as they were) saved in {checkpoint_dir(run.cfg)} as step {run.step}")
 
 
-def log_window(writer, engine, guard: StepGuard, metrics: dict, out: dict, window: dict, step: int,
-               device: torch.device, cfg: Config, world_size: int, damaged_shards: int) -> dict[str, float]:
+def log_window(run: Run, metrics: dict, out: dict, damaged_shards: int) -> dict[str, float]:
     """Read scalars once per logging window (each read is a device sync): the losses averaged over the window's
     applied steps and over ranks (none when every step was skipped), the last step's ``metrics``, and the
-    counters. Returns them by their TensorBoard names. ``damaged_shards``: the run's so far, over every rank
-    (cid_ds.data.damage.RunDamage)."""
+    counters; then a new window. Returns them by their TensorBoard names (written by rank 0). ``damaged_shards``:
+    the run's so far, over every rank (cid_ds.data.damage.RunDamage)."""
     import torch.distributed as dist
-    elapsed = time.perf_counter() - window["t0"]
-    losses, skipped, applied = guard.take_window()
+    window, world_size = run.window, run.world_size
+    elapsed = time.perf_counter() - window.t0
+    losses, skipped, applied = run.guard.take_window()
     # skipped and applied are the same on every rank (the verdict is global): their mean over ranks is themselves
     averaged = {f"loss/{k}": v for k, v in losses.items()} | metrics | {"skipped": skipped, "applied": applied}
     names = sorted(averaged)
     values = torch.stack([averaged[k].detach().float().reshape(()) for k in names])
     dist.all_reduce(values)
     values = (values / world_size).tolist()
-    rank_rate = torch.tensor([window["steps"] * cfg.data.batch_size / elapsed], device=device)
+    rank_rate = torch.tensor([window.steps * run.cfg.data.batch_size / elapsed], device=run.device)
     rates = [torch.zeros_like(rank_rate) for _ in range(world_size)]
     dist.all_gather(rates, rank_rate)
     scalars = dict(zip(names, values))
@@ -351,26 +376,26 @@ def log_window(writer, engine, guard: StepGuard, metrics: dict, out: dict, windo
     if not applied:
         scalars = {k: v for k, v in scalars.items() if not k.startswith("loss/")}
     scalars.update({
-        "train/lr": engine.get_lr()[0],
+        "train/lr": run.engine.get_lr()[0],
         "train/logit_scale": float(out["logit_scale"].detach()),
         **{f"train/{k}": float(out[k].detach()) for k in ("cross_logit_scale", "fusion_logit_scale") if k in out},
         "perf/samples_per_s": float(sum(r.item() for r in rates)),
-        "perf/data_wait_fraction": window["data_wait"] / elapsed,
-        "perf/memory_gib": memory_bytes(device) / 2**30,
-        "data/skipped_samples": window["skipped"],
+        "perf/data_wait_fraction": window.data_wait / elapsed,
+        "perf/memory_gib": memory_bytes(run.device) / 2**30,
+        "data/skipped_samples": window.skipped,
         "data/damaged_shards": damaged_shards,
         "train/nonfinite_steps_skipped": skipped,
     })
     scalars.update({f"perf/samples_per_s_rank{r}": rates[r].item() for r in range(world_size)})
-    if writer is not None:
+    if run.writer is not None:
         for k, v in scalars.items():
-            writer.add_scalar(k, v, step)
-        writer.flush()
+            run.writer.add_scalar(k, v, run.step)
+        run.writer.flush()
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/"))
-        print(f"[cid_ds] step {step}/{cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
+        print(f"[cid_ds] step {run.step}/{run.cfg.optim.steps} {shown} lr={scalars['train/lr']:.3g} "
               f"{scalars['perf/samples_per_s']:.0f} samples/s data_wait={scalars['perf/data_wait_fraction']:.0%}",
               flush=True)
-    window.update(t0=time.perf_counter(), data_wait=0.0, steps=0, skipped=0)
+    run.window = Window()
     return scalars
 
 

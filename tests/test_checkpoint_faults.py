@@ -204,6 +204,7 @@ def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_incomplete(t
     """A requeued 3-day job whose checkpoints were all cut short must not silently start from step 0 (and then
     rotate them away): it says what it found and how to start over on purpose."""
     from cid_ds.checkpoints import resume
+    from cid_ds.run_state import Run
     from cid_ds.config import Config, ConfigError
     cfg = Config()
     cfg.output_dir = str(tmp_path)
@@ -216,7 +217,7 @@ def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_incomplete(t
         (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)  # truncated by a failing disk
     with pytest.raises(ConfigError, match=f"only incomplete checkpoints in {root} \\(step00000500, step00001000: "
                                           ".*set checkpoint.resume=none"):
-        resume(None, cfg, 0, None)
+        resume(Run(cfg, engine=None, guard=None))
     cfg.checkpoint.resume = "none"
-    assert resume(None, cfg, 0, None)[0] == 0
+    assert resume(Run(cfg, engine=None, guard=None))[0] == 0
     assert sorted(os.listdir(root)) == ["step00000500", "step00001000"]  # nothing deleted by the refusal

@@ -182,7 +182,7 @@ def test_resume_starts_at_the_batch_after_the_checkpoint(shards, student, shuffl
 
 def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, student):
     from cid_ds.config import Config
-    from cid_ds.checkpoints import DataPosition
+    from cid_ds.run_state import DataPosition
     from cid_ds.train import batches
     cfg = Config()
     cfg.data.batch_size, cfg.data.workers, cfg.data.shuffle_buffer, cfg.data.backend = BATCH, 1, 16, "dali"

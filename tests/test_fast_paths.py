@@ -247,6 +247,7 @@ from cid_ds.config import Config
 from cid_ds.engine import build_engine, init_distributed
 from cid_ds.losses.cluster import ClusterDiscrimination
 from cid_ds.profiling import DispatchCount
+from cid_ds.run_state import Run
 from cid_ds.train import train_step
 from tests.test_fast_paths import BATCH, TEACHER_DIM, fixed_batch, tiny_student
 init_distributed(dist_backend="gloo")
@@ -260,10 +261,10 @@ for graphs in (False, True):
     engine, guard = build_engine(student, cfg, on_gpu=False)
     term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, (0.9, 0.98), 1e-6, lambda step: 1.0, 0, engine.device)
     batch = fixed_batch() | {"cluster": torch.randint(0, 64, (BATCH,), generator=torch.Generator().manual_seed(2))}
-    losses = []
-    for step in range(3):
+    run, losses = Run(cfg, engine, guard, cluster_term=term), []
+    for run.step in range(3):
         with DispatchCount() as count:
-            step_losses = train_step(engine, cfg, batch, step, guard, term)[1]
+            step_losses = train_step(run, batch)[1]
         losses.append({k: v.item() for k, v in step_losses.items()})
     result[graphs] = {"losses": losses, "syncs": count.syncs,
                       "weights": {k: v.tolist() for k, v in student.state_dict().items()}}

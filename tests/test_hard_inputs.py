@@ -9,7 +9,7 @@ import webdataset as wds
 from PIL import Image
 
 from cid_ds import train
-from cid_ds.checkpoints import DataPosition
+from cid_ds.run_state import DataPosition
 from cid_ds.config import expand_shards
 from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader

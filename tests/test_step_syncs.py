@@ -21,6 +21,7 @@ from cid_ds.engine import build_engine, init_distributed
 from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.cluster import ClusterDiscrimination
 from cid_ds.profiling import DispatchCount
+from cid_ds.run_state import Run
 from cid_ds.train import train_step
 from tests.test_fast_paths import BATCH, fixed_batch, tiny_student
 from deepspeed.accelerator import get_accelerator
@@ -39,13 +40,15 @@ for json_name, adamw in (("zero0", "fused"), ("zero2", "fused"), ("zero0", "fore
     engine, guard = build_engine(student, cfg, on_gpu=False)
     term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, (0.9, 0.98), 1e-6, lambda step: 1.0, 0, engine.device)
     batch = fixed_batch() | {"cluster": torch.stack([torch.randperm(64)[:2] for _ in range(BATCH)])}
-    for step in range(3):
+    run = Run(cfg, engine, guard, cluster_term=term)
+    for run.step in range(3):
         synchronized.clear()
         with DispatchCount() as count:
-            train_step(engine, cfg, batch, step, guard, term)
+            train_step(run, batch)
     before = [p.detach().clone() for p in student.parameters()] + [term.classifier.weight.clone()]
     nan_batch = batch | {"t_img": torch.full_like(batch["t_img"], float("nan"))}
-    train_step(engine, cfg, nan_batch, 3, guard, term)
+    run.step = 3
+    train_step(run, nan_batch)
     after = [p.detach().clone() for p in student.parameters()] + [term.classifier.weight.clone()]
     result[f"{json_name} {adamw}"] = {
         "syncs": count.syncs, "accelerator_syncs": len(synchronized), "updates": int(term.classifier.updates),
