@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cid_ds.export import export_checkpoint, export_open_clip, main, pretrained_preprocess_cfg
 from cid_ds.models import create_model
-from tests.helpers import one_rank_env
+from tests.helpers import REPO_ROOT, one_rank_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = (0, 2, 3)
@@ -34,27 +34,28 @@ assert not any(name.startswith("cid_ds") for name in sys.modules), "project code
 torch.save(result, out)
 """
 
-# A one-step DeepSpeed training run on CPU (1 rank, gloo) per ZeRO stage, saved with engine.save_checkpoint.
+# A one-step training run on CPU (1 rank, gloo) per ZeRO stage, in the engine the trainer builds from the shipped
+# zero<stage>.json, saved with engine.save_checkpoint.
 TRAIN_AND_SAVE = r"""
-import sys, torch, deepspeed
+import os, sys, torch, deepspeed
+from cid_ds.config import Config
 from cid_ds.models import DistillStudent, create_model
-from cid_ds.engine import init_distributed
-out = sys.argv[1]
+from cid_ds.engine import build_engine, init_distributed
+out, ds_configs = sys.argv[1], sys.argv[3]
 init_distributed(dist_backend="gloo")
+cfg = Config()
+cfg.data.batch_size, cfg.optim.lr = 2, 1e-2
 for stage in [int(s) for s in sys.argv[2].split(",")]:
     torch.manual_seed(0)
     clip = create_model("demo-student")[0]
     # DeepSpeed 0.19 cannot broadcast a 0-dim parameter (view as uint8): train logit_scale as shape [1]
     clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(1))
-    student = DistillStudent(clip, teacher_dim=256)
-    engine, *_ = deepspeed.initialize(
-        model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=1e-2),
-        config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}})
+    cfg.deepspeed_config = os.path.join(ds_configs, f"zero{stage}.json")
+    engine, guard = build_engine(DistillStudent(clip, teacher_dim=256), cfg, on_gpu=False)
     y = engine(torch.randn(2, 3, 32, 32), torch.randint(1, 49000, (2, 24)))
     loss = (y["logit_scale"] * y["image"] @ y["text"].T).logsumexp(1).sum() \
         + (y["image_in_teacher"] * y["text_in_teacher"]).sum()
-    engine.backward(loss)
-    engine.step()
+    guard.backward_and_step(engine, loss)
     engine.save_checkpoint(f"{out}/stage{stage}")
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # no-op below ZeRO-3
         trained = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -83,7 +84,8 @@ def checkpoints(tmp_path_factory):
     """DeepSpeed checkpoints of one training step at ZeRO stages 0, 2, 3, and the weights they hold."""
     out = tmp_path_factory.mktemp("deepspeed")
     # the first DeepSpeed CPU run on a machine compiles its shared-memory comm op (~1 min, then cached)
-    run = subprocess.run([sys.executable, "-c", TRAIN_AND_SAVE, str(out), ",".join(map(str, STAGES))],
+    run = subprocess.run([sys.executable, "-c", TRAIN_AND_SAVE, str(out), ",".join(map(str, STAGES)),
+                          os.path.join(REPO_ROOT, "ds_configs")],
                          env=one_rank_env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out

@@ -1,5 +1,5 @@
 """One CPU rank (the test sets RANK etc.): for each DeepSpeed JSON given, a student trained three steps through
-the engine the trainer builds on a GPU (``deepspeed_config(cfg, on_gpu=True)``: its bf16 or autocast, which
+the engine the trainer builds on a GPU (``build_engine(..., on_gpu=True)``: the JSON's bf16 or autocast, which
 DeepSpeed also runs on CPU), and its checkpoint exported.
 
     python tests/dist_scripts/shipped_json_step.py OUT ds_configs/zero0.json [...]   -> OUT/<json name without .json>.json
@@ -16,8 +16,7 @@ from cid_ds.io import write_json
 from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent, create_model
-from cid_ds.deepspeed_ops import make_step_host_light
-from cid_ds.engine import build_optimizer, compute_dtype, deepspeed_config, init_distributed
+from cid_ds.engine import build_engine, compute_dtype, init_distributed
 
 BATCH, TEACHER_DIM = 4, 256
 out_dir, json_paths = sys.argv[1], sys.argv[2:]
@@ -42,17 +41,9 @@ cfg = Config()
 cfg.data.batch_size = BATCH
 for path in json_paths:
     cfg.deepspeed_config = path
-    model = student()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                      config=deepspeed_config(cfg, on_gpu=True))
-    make_step_host_light(engine)
-
-    def engine_step() -> None:
-        engine.backward(loss(engine(image.to(compute_dtype(engine)), tokens)))
-        engine.step()
-
+    engine, guard = build_engine(student(), cfg, on_gpu=True)
     for _ in range(3):
-        engine_step()
+        guard.backward_and_step(engine, loss(engine(image.to(compute_dtype(engine)), tokens)))
     name = os.path.splitext(os.path.basename(path))[0]
     checkpoint = os.path.join(out_dir, name, "checkpoints")
     engine.save_checkpoint(checkpoint)
