@@ -12,56 +12,54 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from typing import Callable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker(model: str, batch: int, out_dir: str) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
 
+    from cid_ds.config import Config
+    from cid_ds.engine import build_engine, init_distributed
     from cid_ds.losses.clip import clip_loss
     from cid_ds.models import DistillStudent, create_model
-    from cid_ds.engine import init_distributed
+    from timing import clocked, interleaved
 
     init_distributed()
     torch.manual_seed(0)
     clip, _, _, tokenizer = create_model(model)
     student = DistillStudent(clip)
-    engine, *_ = deepspeed.initialize(
-        model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=1e-5),
-        config={"train_micro_batch_size_per_gpu": batch, "zero_optimization": {"stage": 2}})
+    cfg = Config()
+    cfg.deepspeed_config, cfg.data.batch_size = os.path.join(REPO_ROOT, "ds_configs", "zero2.json"), batch
+    engine, guard = build_engine(student, cfg, on_gpu=False)
     size = clip.visual.image_size
     image = torch.randn(batch, 3, *(size if isinstance(size, tuple) else (size, size)))
     tokens = tokenizer([f"a photo of thing {i}" for i in range(batch)])
-    step_times = []
-    for _ in range(4):
-        start = time.perf_counter()
+
+    def step() -> None:
         out = engine(image, tokens)
-        engine.backward(clip_loss(out["image"], out["text"], out["logit_scale"]))
-        engine.step()
-        step_times.append(time.perf_counter() - start)
+        guard.backward_and_step(engine, clip_loss(out["image"], out["text"], out["logit_scale"]))
 
-    def timed(fn) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        return time.perf_counter() - start
+    def between_barriers(fn: Callable[[], object]) -> Callable[[], None]:
+        def call() -> None:
+            dist.barrier()
+            fn()
+            dist.barrier()
+        return call
 
-    save = timed(lambda: engine.save_checkpoint(out_dir, tag="bench"))
-    load = timed(lambda: engine.load_checkpoint(out_dir, tag="bench"))
+    step_s = interleaved({"step": clocked(step)}, 3)["step"]
+    save = clocked(between_barriers(lambda: engine.save_checkpoint(out_dir, tag="bench")))()
+    load = clocked(between_barriers(lambda: engine.load_checkpoint(out_dir, tag="bench")))()
     if dist.get_rank() == 0:
         size_bytes = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out_dir) for f in files)
         print("RESULT " + json.dumps({
             "model": model, "params": sum(p.numel() for p in student.parameters()), "bytes": size_bytes,
-            "save_s": save, "load_s": load, "step_s": statistics.median(step_times[1:])}), flush=True)
+            "save_s": save, "load_s": load, "step_s": step_s}), flush=True)
 
 
 def main() -> None:

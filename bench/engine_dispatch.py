@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -29,14 +27,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
-
 from cid_ds.config import Config  # noqa: E402
 from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.models import DistillStudent, model_config  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
-from cid_ds.engine import build_engine, build_optimizer, compute_dtype, deepspeed_config, init_distributed  # noqa: E402
+from cid_ds.engine import build_engine, build_optimizer, compute_dtype, init_distributed  # noqa: E402
+from timing import clocked, interleaved  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")
@@ -99,12 +96,9 @@ def main() -> None:
     for name in SHIPPED:
         cfg.deepspeed_config = os.path.join(REPO, "ds_configs", f"{name}.json")
         for how in ("stock", "cid_ds"):
-            model = make_student()
-            if how == "cid_ds":
-                engine, guard = build_engine(model, cfg, on_gpu=True)
-            else:
-                engine, guard = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                                     config=deepspeed_config(cfg, on_gpu=True))[0], None
+            cfg.perf.host_light_step = how == "cid_ds"
+            engine, guard = build_engine(make_student(), cfg, on_gpu=True)
+            guard = guard if how == "cid_ds" else None  # the stock engine steps as DeepSpeed alone does
 
             def engine_step(engine=engine, guard=guard) -> None:
                 total = loss(engine(image.to(compute_dtype(engine)), tokens))
@@ -115,33 +109,22 @@ def main() -> None:
                     engine.step()
             steps[f"{name}.json {how}"] = engine_step
 
-    counts, times = {}, {name: [] for name in steps}
+    counts = {}
     for name, step in steps.items():
         for _ in range(2):  # optimizer state, DeepSpeed's buffers
             step()
         with DispatchCount() as counts[name]:
             step()
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            sync(gpu)
-            start = time.perf_counter()
-            step()
-            sync(gpu)
-            times[name].append(time.perf_counter() - start)
+    seconds = interleaved({name: clocked(step) for name, step in steps.items()}, args.reps)
 
     parameters = len(list(plain_model.parameters()))
     print(f"{args.student}{f' at width {args.width}' if args.width else ''}, {parameters} parameter tensors, batch "
           f"{args.batch}, {torch.cuda.get_device_name() if gpu else 'CPU'}, median of {args.reps} steps each:")
     for name in steps:
-        ms = statistics.median(times[name]) * 1e3
+        ms = seconds[name] * 1e3
         print(f"  {name:34s} {counts[name].ops:6d} ops ({counts[name].ops / counts[plain].ops:5.2f}x plain, "
               f"{(counts[name].ops - counts[plain].ops) / parameters:+5.1f} per parameter tensor)  "
               f"{counts[name].syncs:4d} syncs  {ms:8.1f} ms/step")
-
-
-def sync(gpu: bool) -> None:
-    if gpu:
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
