@@ -15,16 +15,16 @@ Speed: forward + backward + update at C = 100k on one process, sample rate 0.1 v
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
+from timing import clocked, interleaved, proc_status_bytes, reset_peak_rss
 
 
 def formula_bytes(rows: int, dim: int, batch: int, rate: float) -> dict[str, int]:
@@ -38,11 +38,6 @@ def one_step(clf: ShardedCentroidClassifier, embeddings: torch.Tensor, labels: t
     clf.update(lr=1e-3)
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def measure_child(rows: int, dim: int, batch: int, rate: float) -> None:
     """In a fresh process: the shard's own tensors (their bytes), then the peak RSS growth of 3 steps
     (the kernel's high-water mark is reset after building, so building's temporaries do not count)."""
@@ -50,12 +45,11 @@ def measure_child(rows: int, dim: int, batch: int, rate: float) -> None:
     embeddings, labels = torch.randn(batch, dim), torch.randint(0, rows, (batch,))
     clf = ShardedCentroidClassifier(torch.randn(rows, dim), sample_rate=rate, rank=0, world_size=1)
     static = sum(b.numel() * b.element_size() for b in clf.buffers())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    baseline = _proc_status_bytes("VmRSS")
+    reset_peak_rss()
+    baseline = proc_status_bytes("VmRSS")
     for step in range(3):
         one_step(clf, embeddings, labels, step)
-    print(json.dumps({"static": static, "dynamic": _proc_status_bytes("VmHWM") - baseline}))
+    print(json.dumps({"static": static, "dynamic": proc_status_bytes("VmHWM") - baseline}))
 
 
 def memory(classes: int, dim: int, batch: int, rate: float) -> None:
@@ -88,13 +82,10 @@ def speed(classes: int, dim: int, batch: int, repeats: int) -> None:
     times = {}
     for rate in (1.0, 0.1):
         clf = ShardedCentroidClassifier(centroids, margin="arcface", sample_rate=rate, rank=0, world_size=1)
-        one_step(clf, embeddings, labels, 0)
-        samples = []
-        for step in range(1, repeats + 1):
-            start = time.perf_counter()
-            one_step(clf, embeddings, labels, step)
-            samples.append(time.perf_counter() - start)
-        times[rate] = statistics.median(samples)
+        steps = itertools.count()
+        # one rate at a time: each classifier holds C x D rows and their moments
+        times[rate] = interleaved({"step": clocked(lambda: one_step(clf, embeddings, labels, next(steps)))},
+                                  repeats)["step"]
     print(f"cluster loss step (forward + backward + update), C={classes:,}, D={dim}, batch {batch}, "
           f"{torch.get_num_threads()} threads, median of {repeats}:")
     for rate, seconds in times.items():

@@ -10,14 +10,13 @@ teacher's forward pass inside every step.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from cid_ds.losses.clip import clip_loss
 from cid_ds.losses.instance import instance_loss
 from cid_ds.models import DistillStudent, create_model, embed_dim
+from timing import clocked, interleaved
 
 
 def main() -> None:
@@ -41,8 +40,7 @@ def main() -> None:
         t_img = torch.nn.functional.normalize(teacher.encode_image(image), dim=-1)
         t_txt = torch.nn.functional.normalize(teacher.encode_text(tokens), dim=-1)
 
-    def step(kind: str) -> float:
-        start = time.perf_counter()
+    def step(kind: str) -> None:
         out = student(image, tokens)
         loss = clip_loss(out["image"], out["text"], out["logit_scale"])
         if kind != "plain":
@@ -56,16 +54,9 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
     kinds = ("plain", "cached", "online")
-    for kind in kinds:  # warm-up
-        step(kind)
-    times = {k: [] for k in kinds}
-    for _ in range(args.repeats):
-        for kind in kinds:
-            times[kind].append(step(kind))
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = interleaved({kind: clocked(lambda kind=kind: step(kind)) for kind in kinds}, args.repeats)
     print(f"student {args.student}, teacher {args.teacher}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     for kind in kinds:

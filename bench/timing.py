@@ -61,3 +61,8 @@ def reset_peak_rss() -> None:
     """Set VmHWM to the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def median_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per system, the median over its runs of each number a run measured."""
+    return {name: {key: statistics.median(run[key] for run in rows) for key in rows[0]} for name, rows in runs.items()}
