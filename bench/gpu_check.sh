@@ -3,10 +3,10 @@
 #     OUT=/tmp/out bench/gpu_check.sh            (default OUT: runs/gpu_check; PY: the interpreter, default python)
 # 1. bench/engine_dispatch.py: ops, syncs and step time of each shipped DeepSpeed JSON's engine, stock and as the
 #    trainer runs it, against a plain torch autocast step, ViT-B/32 and ViT-B/16 at batch 256;
-# 2. bench/vs_open_clip.py: the whole trainer with DALI (cid_ds CID) against open_clip's plain trainer on the
+# 2. bench/trainer_throughput.py: the whole trainer with DALI (cid_ds CID) against open_clip's plain trainer on the
 #    same ViT-B/16 student: samples/s, data wait, MFU against the bf16 GEMM peak measured in the same run, and a
 #    short torch.profiler trace of the cid_ds run (OPEN_CLIP_PYTHON: an interpreter with webdataset 0.2.x, as
-#    vs_open_clip.py's --open-clip-python; without one, open_clip is left out); then the same trainer with
+#    trainer_throughput.py's --open-clip-python; without one, open_clip is left out); then the same trainer with
 #    perf.cuda_graphs (its compiling falls in the dropped first window);
 # 3. bench/kmeans.py: data_tools.cluster's faiss k-means (faiss-gpu: make setup-gpu) on 2M synthetic 512-d
 #    embeddings, against a GEMM of the same FLOPs.
@@ -48,18 +48,18 @@ if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     fi
     step "engine step per JSON, ViT-B/32 batch 256" 60 "$py" bench/engine_dispatch.py --student ViT-B-32 --batch 256 --reps 5
     step "engine step per JSON, ViT-B/16 batch 256" 75 "$py" bench/engine_dispatch.py --student ViT-B-16 --batch 256 --reps 3
-    step "trainer with DALI vs open_clip plain, ViT-B/16" 180 "$py" bench/vs_open_clip.py --student ViT-B-16 \
-        --work "$out/vs_open_clip" --systems "$systems" "${open_clip[@]}" --rounds 1 --steps 60 --log-every 10 \
+    step "trainer with DALI vs open_clip plain, ViT-B/16" 180 "$py" bench/trainer_throughput.py --student ViT-B-16 \
+        --work "$out/trainer_throughput" --systems "$systems" "${open_clip[@]}" --rounds 1 --steps 60 --log-every 10 \
         --no-fast-paths --profile-steps 3
-    step "trainer with perf.cuda_graphs, ViT-B/16" 90 "$py" bench/vs_open_clip.py --student ViT-B-16 \
-        --work "$out/vs_open_clip_graphs" --systems "cid_ds CID perf.cuda_graphs" --rounds 1 --steps 60 \
+    step "trainer with perf.cuda_graphs, ViT-B/16" 90 "$py" bench/trainer_throughput.py --student ViT-B-16 \
+        --work "$out/trainer_throughput_graphs" --systems "cid_ds CID perf.cuda_graphs" --rounds 1 --steps 60 \
         --log-every 10 --no-fast-paths
     step "faiss k-means, 2M x 512 into 20000 clusters" 60 "$py" bench/kmeans.py --n 2000000 --dim 512 --k 20000 --niter 10 --gpu on
 else
     echo "no GPU: the CPU fallback (small sizes)" | tee -a "$log"
     export DS_ACCELERATOR=cpu
     step "engine step per JSON (CPU)" 120 "$py" bench/engine_dispatch.py --reps 2
-    step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/vs_open_clip.py --work "$out/vs_open_clip" \
+    step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/trainer_throughput.py --work "$out/trainer_throughput" \
         --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths
     step "faiss k-means (CPU)" 60 "$py" bench/kmeans.py --n 50000 --dim 128 --k 500 --niter 10 --gpu off
 fi

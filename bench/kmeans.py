@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cid_ds.data.features import write_complete_manifest, write_shard  # noqa: E402
-from data_tools.cluster import cluster, num_gpus  # noqa: E402
+from data_tools.cluster import ClusterOptions, cluster, num_gpus  # noqa: E402
 
 SHARD_ROWS = 10_000  # img2dataset's default shard size
 
@@ -75,7 +75,7 @@ def main() -> None:
         write_random_cache(cache, args.n, args.dim)
         start = time.perf_counter()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # no progress bars
-            manifest = cluster(cache, args.k, out, niter=args.niter, gpu=args.gpu)
+            manifest = cluster(ClusterOptions(features=cache, k=args.k, out=out, niter=args.niter, gpu=args.gpu))
         total = time.perf_counter() - start
     n_fit, timing = manifest["fit_points"], manifest["timing"]
 

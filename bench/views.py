@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cid_ds.config import expand_shards  # noqa: E402
 from cid_ds.io import read_json, write_json  # noqa: E402
-from data_tools.extract import Views, extract  # noqa: E402
+from data_tools.extract import ExtractOptions, extract  # noqa: E402
 from data_tools.make_demo_data import generate  # noqa: E402
 from launch.experiments import markdown_table  # noqa: E402
 
@@ -43,8 +43,8 @@ def extract_cost(work: str, samples: int, view_counts: list[int], rounds: int) -
             out = os.path.join(work, f"feats_{count}")
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            result = extract(shards, "demo-teacher", None, out, batch_size=256, workers=1, views=Views(count),
-                             random_teacher_ok=True)
+            result = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=256, workers=1,
+                                            views=count, random_teacher_ok=True, device="cpu"))
             seconds = time.perf_counter() - start
             print(f"round {round_} views {count}: {seconds:.1f} s", flush=True)
             if count not in best or seconds < best[count]["seconds"]:

@@ -64,7 +64,6 @@ Output in OUT:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import gc
@@ -75,7 +74,6 @@ import math
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
@@ -91,10 +89,11 @@ from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.joins import check_join
-from cid_ds.io import atomic_path, check_writable, read_json, write_json
+from cid_ds.io import atomic_path, read_json, write_json
 from data_tools.cluster import cache_shards, load_image_rows, unit_rows
+from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
-from data_tools.spread import Share, accept_local_rank, cpus_per_process, share_from_env
+from data_tools.spread import Share, cpus_per_process
 
 MANIFEST = "manifest.json"
 REPORT = "balance_report.json"
@@ -110,6 +109,67 @@ DEFAULT_MAX_REMOVED_FRACTION = 0.6
 
 class TooMuchRemoved(ValueError):
     """The balance would remove more than ``max_removed_fraction`` of the samples."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceOptions:
+    """What data_tools.balance is asked: its flags, with their defaults."""
+    features: str = flag(help="teacher feature cache (python -m data_tools.extract)")
+    clusters: str = flag(help="cluster assignments (python -m data_tools.cluster)")
+    out: str = flag(help="output folder")
+    perceptual: float = flag(0.98, "cosine above which a removed sample counts as a near-identical (perceptual) "
+                                   "duplicate")
+    target_keep_fraction: Optional[float] = flag(
+        None, "tune the semantic threshold to keep this fraction of a seeded sample of clusters "
+              f"(default {DEFAULT_KEEP_FRACTION}: what CLIP-CID kept of LAION-400M)", type=float, group="threshold")
+    semantic: Optional[float] = flag(None, "instead: a fixed cosine above which two samples of a cluster are linked",
+                                     type=float, group="threshold")
+    max_removed_fraction: float = flag(DEFAULT_MAX_REMOVED_FRACTION,
+                                       "stop, writing no keep-list, when the balance would remove more than this "
+                                       "fraction of the samples (1 accepts any)")
+    workers: int = flag(0, "processes balancing clusters (default: one per CPU)")
+    block_size: int = flag(4096, "side of a similarity tile (float32: 4 x side^2 bytes per process)")
+    part_rows: int = flag(65536, "samples per resumable part (about)")
+    tune_samples: int = flag(100_000, "samples in the clusters drawn to tune --target-keep-fraction")
+    seed: int = flag(0, "draw of the tuning clusters")
+
+    @property
+    def keep_fraction(self) -> Optional[float]:
+        """The fraction the threshold is tuned to keep (None: a fixed --semantic)."""
+        return DEFAULT_KEEP_FRACTION if self.semantic is None and self.target_keep_fraction is None \
+            else self.target_keep_fraction
+
+    @property
+    def mode(self) -> str:
+        """How the semantic threshold is chosen, in the CLI's words."""
+        if self.semantic is not None:
+            return f"fixed --semantic {self.semantic}"
+        if self.target_keep_fraction is None:
+            return f"threshold tuned to keep {DEFAULT_KEEP_FRACTION} (default)"
+        return f"threshold tuned to keep {self.target_keep_fraction} (--target-keep-fraction)"
+
+    def check(self) -> None:
+        if self.semantic is not None and self.target_keep_fraction is not None:
+            raise ValueError("give exactly one of semantic (a threshold) and target_keep_fraction")
+        for name, value in (("perceptual", self.perceptual), ("semantic", self.semantic)):
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name} threshold must be a cosine similarity in (0, 1), got {value}")
+        if self.semantic is not None and self.perceptual < self.semantic:
+            raise ValueError(f"perceptual threshold ({self.perceptual}) must not be below the semantic threshold "
+                             f"({self.semantic}): perceptual duplicates are the nearer ones")
+        keep, most = self.keep_fraction, self.max_removed_fraction
+        if keep is not None and not 0 < keep <= 1:
+            raise ValueError(f"target_keep_fraction must be in (0, 1], got {keep}")
+        if not 0 <= most <= 1:
+            raise ValueError(f"max_removed_fraction must be in [0, 1], got {most}")
+        if keep is not None and 1 - keep > most:
+            raise TooMuchRemoved(f"target_keep_fraction {keep} would remove {1 - keep:.1%} of the samples, more "
+                                 f"than --max-removed-fraction {most} allows: to accept it, --max-removed-fraction "
+                                 f"{1 - keep:.4g} or more")
+        for name, value in (("workers", self.workers or cpus_per_process()), ("block_size", self.block_size),
+                            ("part_rows", self.part_rows), ("tune_samples", self.tune_samples)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass
@@ -375,39 +435,6 @@ def plot_balance(before: np.ndarray, after: np.ndarray, path: str) -> None:
     save_figure(fig, path)
 
 
-def check_arguments(perceptual: float, semantic: Optional[float], target_keep_fraction: Optional[float],
-                    max_removed_fraction: float, **positive: int) -> None:
-    if (semantic is None) == (target_keep_fraction is None):
-        raise ValueError("give exactly one of semantic (a threshold) and target_keep_fraction")
-    for name, value in (("perceptual", perceptual), ("semantic", semantic)):
-        if value is not None and not 0 < value < 1:
-            raise ValueError(f"{name} threshold must be a cosine similarity in (0, 1), got {value}")
-    if semantic is not None and perceptual < semantic:
-        raise ValueError(f"perceptual threshold ({perceptual}) must not be below the semantic threshold "
-                         f"({semantic}): perceptual duplicates are the nearer ones")
-    if target_keep_fraction is not None and not 0 < target_keep_fraction <= 1:
-        raise ValueError(f"target_keep_fraction must be in (0, 1], got {target_keep_fraction}")
-    if not 0 <= max_removed_fraction <= 1:
-        raise ValueError(f"max_removed_fraction must be in [0, 1], got {max_removed_fraction}")
-    if target_keep_fraction is not None and 1 - target_keep_fraction > max_removed_fraction:
-        raise TooMuchRemoved(f"target_keep_fraction {target_keep_fraction} would remove "
-                             f"{1 - target_keep_fraction:.1%} of the samples, more than --max-removed-fraction "
-                             f"{max_removed_fraction} allows: to accept it, --max-removed-fraction "
-                             f"{1 - target_keep_fraction:.4g} or more")
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _mode(semantic: Optional[float], target_keep_fraction: Optional[float]) -> str:
-    """How the semantic threshold is chosen, in the CLI's words, from the arguments as given."""
-    if semantic is not None:
-        return f"fixed --semantic {semantic}"
-    if target_keep_fraction is None:
-        return f"threshold tuned to keep {DEFAULT_KEEP_FRACTION} (default)"
-    return f"threshold tuned to keep {target_keep_fraction} (--target-keep-fraction)"
-
-
 def _check_removed(kept: int, samples: int, max_removed_fraction: float, semantic: float, mode: str,
                   scope: str) -> None:
     """Raise TooMuchRemoved when keeping ``kept`` of ``samples`` removes more than ``max_removed_fraction``;
@@ -498,11 +525,7 @@ def write_keep_lists(out_dir: str, layout: Layout, rep: np.ndarray, perceptual_l
                   perceptual=perceptual_link[removed], teacher_sha256=np.asarray(teacher_sha256))
 
 
-def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: float = 0.98,
-            semantic: Optional[float] = None, target_keep_fraction: Optional[float] = None,
-            max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, workers: int = 0, block_size: int = 4096,
-            part_rows: int = 65536, tune_samples: int = 100_000, seed: int = 0,
-            share: Share = Share()) -> Optional[dict]:
+def balance(options: BalanceOptions, share: Share = Share()) -> Optional[dict]:
     """Balance ``share``'s clusters (resuming finished parts); the process that finds every part written then
     writes the keep-lists, the report, the plot and the complete manifest, and returns the report (the others
     return None). The semantic threshold is ``semantic`` when given, otherwise the one tuned to keep
@@ -510,34 +533,33 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
     having written no keep-list, when the balance would remove more than ``max_removed_fraction`` of the
     samples (a fixed ``semantic`` is first tried on the tuning sample, before the full pass). ``workers`` 0
     means one per CPU this process may use (data_tools.spread.cpus_per_process)."""
-    mode = _mode(semantic, target_keep_fraction)
-    if semantic is None and target_keep_fraction is None:
-        target_keep_fraction = DEFAULT_KEEP_FRACTION
-    workers = workers or cpus_per_process()
-    check_arguments(perceptual, semantic, target_keep_fraction, max_removed_fraction, workers=workers,
-                    block_size=block_size, part_rows=part_rows, tune_samples=tune_samples)
-    cache, shards, assignments = _open_inputs(features_dir, clusters_dir)
+    options.check()
+    out_dir, perceptual, block_size, seed = options.out, options.perceptual, options.block_size, options.seed
+    target_keep_fraction, max_removed_fraction, mode = options.keep_fraction, options.max_removed_fraction, options.mode
+    workers = options.workers or cpus_per_process()
+    cache, shards, assignments = _open_inputs(options.features, options.clusters)
     start = time.time()
     layout = read_layout(assignments, shards)
     before = np.diff(layout.starts)
     tuning = target_keep_fraction is not None
-    identity = {"perceptual": perceptual, "semantic": semantic, "target_keep_fraction": target_keep_fraction,
-                "tune_samples": tune_samples if tuning else None, "seed": seed if tuning else None,
-                "part_rows": part_rows, "k": assignments.k, "samples": len(layout.order),
+    identity = {"perceptual": perceptual, "semantic": options.semantic,
+                "target_keep_fraction": target_keep_fraction,
+                "tune_samples": options.tune_samples if tuning else None, "seed": seed if tuning else None,
+                "part_rows": options.part_rows, "k": assignments.k, "samples": len(layout.order),
                 "cluster_sizes_sha256": hashlib.sha256(before.astype(np.int64).tobytes()).hexdigest()}
     manifest = check_rerun(out_dir, identity, "balance runs", cache)
     if manifest is None:
-        manifest = dict(identity, teacher=cache.teacher, features=os.path.abspath(features_dir),
-                        clusters=os.path.abspath(clusters_dir), code_version=cid_ds.__version__, complete=False,
+        manifest = dict(identity, teacher=cache.teacher, features=os.path.abspath(options.features),
+                        clusters=os.path.abspath(options.clusters), code_version=cid_ds.__version__, complete=False,
                         upstream={"features": read_json(cache.manifest_path),
                                   "clusters": read_json(assignments.manifest_path)})
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
     parts_dir = os.path.join(out_dir, PARTS)
     parts = [(os.path.join(parts_dir, f"{n:06d}.npz"), layout.starts[c0:c1 + 1])
-             for n, (c0, c1) in enumerate(plan_parts(layout.starts, part_rows))]
+             for n, (c0, c1) in enumerate(plan_parts(layout.starts, options.part_rows))]
     mine = share_of_parts(parts, share)
-    sample = tuning_sample(layout.starts, tune_samples, seed)
+    sample = tuning_sample(layout.starts, options.tune_samples, seed)
     copy = RowCopy.of(out_dir, share, [(int(starts[0]), int(starts[-1])) for _, starts in mine] + sample)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{BY_CLUSTER}.{share.rank}-of-{share.world}.*")) + \
             [tmp for path, _ in mine for tmp in glob.glob(glob.escape(path) + ".tmp*")]:
@@ -558,7 +580,7 @@ def balance(features_dir: str, clusters_dir: str, out_dir: str, perceptual: floa
                                        block_size)
             write_json(os.path.join(out_dir, MANIFEST), manifest)
             timing["tune_s"] = time.time() - start
-        semantic = manifest["tuning"]["semantic"] if tuning else semantic
+        semantic = manifest["tuning"]["semantic"] if tuning else options.semantic
         if todo:
             if not tuning and max_removed_fraction < 1:
                 _check_estimate(pool, workers, copy, sample, len(layout.order), semantic, mode,
@@ -682,47 +704,18 @@ def _write_report(path: str, report: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.balance", description=__doc__.split("\n")[0])
-    parser.add_argument("--features", required=True, help="teacher feature cache (python -m data_tools.extract)")
-    parser.add_argument("--clusters", required=True, help="cluster assignments (python -m data_tools.cluster)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--perceptual", type=float, default=0.98,
-                        help="cosine above which a removed sample counts as a near-identical (perceptual) duplicate")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--target-keep-fraction", type=float, default=None,
-                       help="tune the semantic threshold to keep this fraction of a seeded sample of clusters "
-                            f"(default {DEFAULT_KEEP_FRACTION}: what CLIP-CID kept of LAION-400M)")
-    group.add_argument("--semantic", type=float, default=None,
-                       help="instead: a fixed cosine above which two samples of a cluster are linked")
-    parser.add_argument("--max-removed-fraction", type=float, default=DEFAULT_MAX_REMOVED_FRACTION,
-                        help="stop, writing no keep-list, when the balance would remove more than this fraction of "
-                             "the samples (1 accepts any)")
-    parser.add_argument("--workers", type=int, default=0, help="processes balancing clusters (default: one per CPU)")
-    parser.add_argument("--block-size", type=int, default=4096,
-                        help="side of a similarity tile (float32: 4 x side^2 bytes per process)")
-    parser.add_argument("--part-rows", type=int, default=65536, help="samples per resumable part (about)")
-    parser.add_argument("--tune-samples", type=int, default=100_000,
-                        help="samples in the clusters drawn to tune --target-keep-fraction")
-    parser.add_argument("--seed", type=int, default=0, help="draw of the tuning clusters")
-    accept_local_rank(parser)
-    args = parser.parse_args(argv)
-    try:
-        share = share_from_env()
-        check_writable(args.out)
-        report = balance(args.features, args.clusters, args.out, perceptual=args.perceptual, semantic=args.semantic,
-                         target_keep_fraction=args.target_keep_fraction,
-                         max_removed_fraction=args.max_removed_fraction, workers=args.workers,
-                         block_size=args.block_size, part_rows=args.part_rows, tune_samples=args.tune_samples,
-                         seed=args.seed, share=share)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"balance: {e}")
+    run_stage("balance", BalanceOptions, __doc__, balance, _print_report, argv)
+
+
+def _print_report(options: BalanceOptions, report: Optional[dict], share: Share) -> None:
     if report is None:
-        print(f"balance: {share} balanced its clusters; the last process to finish writes {args.out}")
+        print(f"balance: {share} balanced its clusters; the last process to finish writes {options.out}")
         return
     print(f"kept {report['kept_fraction']:.1%} ({report['kept']:,} of {report['samples']:,}), {report['mode']}: "
           f"semantic threshold {report['semantic']:.4f}; removed {report['removed']:,} in {report['groups']:,} groups "
           f"({report['removed_perceptual']:,} perceptual, {report['removed_semantic']:,} semantic); largest cluster "
-          f"{report['clusters']['largest_before']:,} -> {report['clusters']['largest_after']:,}; written to {args.out}")
+          f"{report['clusters']['largest_before']:,} -> {report['clusters']['largest_after']:,}; written to "
+          f"{options.out}")
     if (report["tuning"] or {}).get("above_perceptual"):
         print(f"note: the threshold lies above --perceptual {report['perceptual']}: this teacher maps most images of "
               "a cluster within it of each other, so every removed sample counts as a perceptual duplicate")

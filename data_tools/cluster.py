@@ -26,11 +26,10 @@ over the sample, and ``--nredo`` keeps the best of several runs.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
-import sys
 import time
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import faiss
@@ -41,9 +40,10 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import atomic_path, check_writable, load_numeric_npy, read_json, write_json
+from cid_ds.io import atomic_path, load_numeric_npy, read_json, write_json
+from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
-from data_tools.spread import Share, accept_local_rank, share_from_env, wait_for
+from data_tools.spread import Share, wait_for
 
 FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
 DEFAULT_FIT_MEMORY_GB = 64.0
@@ -56,6 +56,41 @@ MIN_SAMPLES_PER_CLUSTER = 20  # smaller clusters starve the classifier's rows
 FAISS_MIN_POINTS_PER_CENTROID = 39  # fewer, and faiss warns that the fit has too few points
 INIT_METHODS = {"random": faiss.ClusteringInitMethod_RANDOM, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
                 "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """What data_tools.cluster is asked: its flags, with their defaults."""
+    features: str = flag(help="teacher feature cache (python -m data_tools.extract)")
+    k: Optional[int] = flag(None, f"number of clusters (default: one per {SAMPLES_PER_CLUSTER} samples, at least "
+                                  f"{MIN_CLUSTERS}, at most one per {MIN_SAMPLES_PER_CLUSTER} samples)", type=int)
+    out: str = flag(help="output folder")
+    niter: int = flag(20, "k-means iterations")
+    max_points_per_centroid: int = flag(256, "the fit uses k times this many rows, drawn uniformly over the cache")
+    topk: int = flag(1, "nearest centroids stored per sample")
+    batch_size: int = flag(65536, "rows per faiss search in the assignment")
+    seed: int = flag(0)
+    gpu: str = flag("auto", "auto: every GPU faiss sees, CPU when none", choices=("auto", "on", "off"))
+    parts: Optional[int] = flag(None, "hierarchical fit: k-means of P parts, then of their centroids (default: 1, or "
+                                      "the fewest parts, then points per centroid, whose fit holds at most "
+                                      "--fit-memory-gb)", type=int)
+    fit_memory_gb: float = flag(DEFAULT_FIT_MEMORY_GB, "host memory the fit may hold (its sample is on disk, one part "
+                                                       "in memory at a time); a fit over it is refused before any "
+                                                       "work, naming the --parts that fits")
+    nredo: int = flag(1, "k-means runs per fit, the best kept")
+    init: str = flag("random", "initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)",
+                     choices=tuple(INIT_METHODS))
+    teacher_index: Optional[int] = flag(None, "a teacher ensemble's cache: cluster teacher I's embeddings only "
+                                              "(default: all, concatenated)", type=int)
+
+    def check(self) -> None:
+        for name, value in (("niter", self.niter), ("max_points_per_centroid", self.max_points_per_centroid),
+                            ("topk", self.topk), ("batch_size", self.batch_size), ("parts", self.parts or 1),
+                            ("nredo", self.nredo), ("k", 1 if self.k is None else self.k)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
 
 
 def num_gpus(gpu: str) -> int:
@@ -356,43 +391,36 @@ def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, 
                        "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
 
 
-def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, max_points_per_centroid: int = 256,
-            topk: int = 1, batch_size: int = 65536, seed: int = 0, gpu: str = "auto", parts: Optional[int] = None,
-            nredo: int = 1, init: str = "random", verbose: bool = False, teacher_index: Optional[int] = None,
-            share: Share = Share(), fit_memory_gb: float = DEFAULT_FIT_MEMORY_GB) -> Optional[dict]:
+def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = False) -> Optional[dict]:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
     returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits, each assigns
     its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None:
     ``default_k`` of the cache's sample count, printed with its reason. ``parts`` None: ``fit_shape``, a
     hierarchical fit (then fewer points per centroid) once the whole would hold more than ``fit_memory_gb`` of
     host memory; a fit that still holds more is refused before any work, naming what fits."""
-    for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid),
-                        ("topk", topk), ("batch_size", batch_size), ("parts", parts or 1), ("nredo", nredo)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
-    ngpu = num_gpus(gpu)
-    cache = FeatureCache(features_dir, with_views=False)
+    options.check()
+    ngpu = num_gpus(options.gpu)
+    out_dir = options.out
+    cache = FeatureCache(options.features, with_views=False)
     shards = cache_shards(cache)
-    if k is None:
-        k = _announced_default_k(sum(shards.values()))
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if topk > k:
-        raise ValueError(f"topk ({topk}) must not exceed k ({k})")
-    columns = teacher_columns(cache, teacher_index)
+    k = options.k if options.k is not None else _announced_default_k(sum(shards.values()))
+    if options.topk > k:
+        raise ValueError(f"topk ({options.topk}) must not exceed k ({k})")
+    columns = teacher_columns(cache, options.teacher_index)
+    max_points_per_centroid, parts = options.max_points_per_centroid, options.parts
     if parts is None:
-        shape = fit_shape(sum(shards.values()), columns.stop - columns.start, k, max_points_per_centroid, fit_memory_gb)
+        shape = fit_shape(sum(shards.values()), columns.stop - columns.start, k, max_points_per_centroid,
+                          options.fit_memory_gb)
         if shape != (max_points_per_centroid, 1) and verbose and share.rank == 0:
-            print(f"cluster: the fit of the whole sample would hold more than --fit-memory-gb {fit_memory_gb:g}: "
-                  f"{shape[0]} points per centroid, in {shape[1]} part(s) (pass --parts to choose)", flush=True)
+            print(f"cluster: the fit of the whole sample would hold more than --fit-memory-gb "
+                  f"{options.fit_memory_gb:g}: {shape[0]} points per centroid, in {shape[1]} part(s) (pass --parts "
+                  "to choose)", flush=True)
         max_points_per_centroid, parts = shape
-    params = {"k": k, "dim": columns.stop - columns.start, "niter": niter,
-              "max_points_per_centroid": max_points_per_centroid, "topk": topk, "seed": seed, "parts": parts,
-              "nredo": nredo, "init": init, "teacher_index": teacher_index}
+    params = {"k": k, "dim": columns.stop - columns.start, "niter": options.niter,
+              "max_points_per_centroid": max_points_per_centroid, "topk": options.topk, "seed": options.seed,
+              "parts": parts, "nredo": options.nredo, "init": options.init, "teacher_index": options.teacher_index}
     n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
-    check_fit_memory(n_fit, params["dim"], params, fit_memory_gb)
+    check_fit_memory(n_fit, params["dim"], params, options.fit_memory_gb)
     if share.rank > 0:
         wait_for_fit(out_dir, share)
     manifest = check_rerun(out_dir, params, "clusterings", cache)
@@ -405,16 +433,17 @@ def cluster(features_dir: str, k: Optional[int], out_dir: str, niter: int = 20, 
         if done:
             raise ValueError(f"{out_dir} holds assignments ({shard_file(out_dir, done[0])}) but no finished fit "
                              f"({CENTROIDS} and 'fit_points' in {MANIFEST}): delete {out_dir} to start again")
-        manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(features_dir),
+        manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(options.features),
                         code_version=cid_ds.__version__, complete=False)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
-        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, batch_size, verbose, out_dir)
+        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir)
         with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
         manifest.update(fit)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
-    result = assign(features_dir, centroids, out_dir, topk, batch_size, ngpu, teacher_index, share)
+    result = assign(options.features, centroids, out_dir, options.topk, options.batch_size, ngpu,
+                    options.teacher_index, share)
     if not all(os.path.isfile(shard_file(out_dir, stem)) for stem in shards):
         return None  # another process's shards are still to be assigned: the last to finish completes the manifest
     sizes, stats = size_statistics(out_dir, list(shards))
@@ -435,46 +464,16 @@ def wait_for_fit(out_dir: str, share: Share) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("--features", required=True, help="teacher feature cache (python -m data_tools.extract)")
-    parser.add_argument("--k", type=int, default=None,
-                        help=f"number of clusters (default: one per {SAMPLES_PER_CLUSTER} samples, at least "
-                             f"{MIN_CLUSTERS}, at most one per {MIN_SAMPLES_PER_CLUSTER} samples)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--niter", type=int, default=20, help="k-means iterations")
-    parser.add_argument("--max-points-per-centroid", type=int, default=256,
-                        help="the fit uses k times this many rows, drawn uniformly over the cache")
-    parser.add_argument("--topk", type=int, default=1, help="nearest centroids stored per sample")
-    parser.add_argument("--batch-size", type=int, default=65536, help="rows per faiss search in the assignment")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gpu", default="auto", choices=("auto", "on", "off"),
-                        help="auto: every GPU faiss sees, CPU when none")
-    parser.add_argument("--parts", type=int, default=None,
-                        help="hierarchical fit: k-means of P parts, then of their centroids (default: 1, or the fewest "
-                             "parts, then points per centroid, whose fit holds at most --fit-memory-gb)")
-    parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,
-                        help="host memory the fit may hold (its sample is on disk, one part in memory at a time); "
-                             "a fit over it is refused before any work, naming the --parts that fits")
-    parser.add_argument("--nredo", type=int, default=1, help="k-means runs per fit, the best kept")
-    parser.add_argument("--init", default="random", choices=tuple(INIT_METHODS),
-                        help="initial centroids: random rows (scales to 1M), kmeans++ or afk-mc2 (better, slower)")
-    parser.add_argument("--teacher-index", type=int, default=None,
-                        help="a teacher ensemble's cache: cluster teacher I's embeddings only (default: all, concatenated)")
-    accept_local_rank(parser)
-    args = parser.parse_args(argv)
-    try:
-        share = share_from_env()
-        check_writable(args.out)
-        manifest = cluster(args.features, args.k, args.out, args.niter, args.max_points_per_centroid, args.topk,
-                           args.batch_size, args.seed, args.gpu, args.parts, args.nredo, args.init, verbose=True,
-                           teacher_index=args.teacher_index, share=share, fit_memory_gb=args.fit_memory_gb)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"cluster: {e}")
+    run_stage("cluster", ClusterOptions, __doc__, lambda options, share: cluster(options, share, verbose=True),
+              _print_result, argv)
+
+
+def _print_result(options: ClusterOptions, manifest: Optional[dict], share: Share) -> None:
     if manifest is None:
-        print(f"cluster: {share} assigned its shards; the last process to finish completes {args.out}")
+        print(f"cluster: {share} assigned its shards; the last process to finish completes {options.out}")
         return
     sizes = manifest["cluster_sizes"]
-    print(f"{args.out}: {sizes['samples']} samples in {manifest['k']} clusters (fit on {manifest['fit_points']}); "
+    print(f"{options.out}: {sizes['samples']} samples in {manifest['k']} clusters (fit on {manifest['fit_points']}); "
           f"sizes min {sizes['min']} median {sizes['median']:g} max {sizes['max']}, {sizes['empty']} empty; "
           f"mean top-1 similarity {sizes['mean_top1_sim']:.3f}")
 

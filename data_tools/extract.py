@@ -23,14 +23,12 @@ every shard file present at its end writes the complete manifest.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.util
 import os
-import sys
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -40,7 +38,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
-from cid_ds.config import expand_shards
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, TooMuchDamage
 from cid_ds.data.errors import DataError, pass_data_errors, raise_data_errors
 from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, shard_file, shard_stem, stems_by_shard,
@@ -48,9 +45,10 @@ from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, shard_file, shar
                                   write_started_manifest)
 from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
 from cid_ds.data.samples import caption_of, decode_image, read_samples
-from cid_ds.io import check_writable, read_json
+from cid_ds.io import read_json
 from cid_ds.teacher import load_teacher
-from data_tools.spread import accept_local_rank
+from data_tools.options import flag, run_stage, shard_paths
+from data_tools.spread import Share
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,76 @@ class Views:
         """The cache manifest's ``views`` (as JSON reads it back: lists, not tuples)."""
         return views_entry(self.count, embed_dim, {"scale": list(self.scale), "ratio": list(self.ratio),
                                                    "flip": self.flip, "seed": self.seed})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions:
+    """What data_tools.extract is asked: its flags, with their defaults."""
+    shards: list[str] = flag(help="webdataset tars: brace pattern or glob", parse=shard_paths)
+    teacher: str | Sequence[str] = flag(
+        help="open_clip name, local-dir:PATH or ds_configs/models name; repeat for an ensemble", action="append")
+    pretrained: Optional[str] | Sequence[Optional[str]] = flag(
+        None, "open_clip pretrained tag or checkpoint file (one per --teacher, in order)", action="append")
+    random_teacher_ok: bool = flag(False, "a teacher without trained weights is meant (tests, benchmarks); "
+                                          "otherwise refused")
+    out: str = flag(help="feature cache folder")
+    batch_size: int = flag(256)
+    workers: int = flag(2, "DataLoader workers decoding images")
+    device: str = flag("auto", "auto (cuda:LOCAL_RANK when available), cpu, cuda:N")
+    backend: str = flag("auto", "image decoding: PIL in worker processes (wds), DALI (dali; nvJPEG on a GPU; one "
+                                "teacher, no views), auto: dali on a GPU where it can serve, else wds",
+                        choices=("auto", "wds", "dali"))
+    views: int = flag(0, "augmented views embedded per image, besides the eval view")
+    view_scale: tuple[float, float] = flag((0.9, 1.0), "the views' crop area, as a fraction of the image (open_clip "
+                                                       "trains with 0.9 1.0)", type=float, nargs=2,
+                                           metavar=("MIN", "MAX"))
+    view_flip: bool = flag(True, "do not flip half of the views horizontally", names=("--no-view-flip",),
+                           action="store_false")
+    view_seed: int = flag(0)
+    max_damaged_fraction: float = flag(DEFAULT_MAX_DAMAGED_FRACTION,
+                                       "damaged shards (empty, cut, not a tar) are recorded and skipped past their "
+                                       "damage; more than this fraction of them (at least one is accepted) stops "
+                                       "the run")
+
+    def teachers(self) -> list[tuple[str, Optional[str]]]:
+        """``(spec, pretrained)`` of each teacher: one, or an ensemble."""
+        specs = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+        weights = [self.pretrained] * len(specs) if self.pretrained is None or isinstance(self.pretrained, str) \
+            else list(self.pretrained)
+        if len(weights) != len(specs):
+            raise ValueError(f"{len(specs)} --teacher but {len(weights)} --pretrained: give one per teacher, or none")
+        return list(zip(specs, weights))
+
+    def drawn_views(self) -> Views:
+        return Views(self.views, tuple(self.view_scale), flip=self.view_flip, seed=self.view_seed)
+
+    def check(self) -> None:
+        teachers = self.teachers()
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0, got {self.views}")
+        if self.views and not 0 < self.view_scale[0] <= self.view_scale[1] <= 1:
+            raise ValueError(f"view scale must satisfy 0 < min <= max <= 1 (a fraction of the image), got "
+                             f"{tuple(self.view_scale)}")
+        if self.backend == "dali" and (len(teachers) > 1 or self.views):
+            raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
+
+    def on_this_process(self) -> ExtractOptions:
+        """The options with ``auto`` resolved: the device cuda:LOCAL_RANK when there is one, else the CPU; the
+        backend ``auto_backend``'s."""
+        device = self.device
+        if device == "auto":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        backend = self.backend if self.backend != "auto" else auto_backend(device, len(self.teachers()), self.views)
+        return replace(self, device=device, backend=backend)
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """The loaded teachers whose embeddings a cache's rows concatenate: their models, what a loader worker makes
+    for each, and the manifest's teacher entry for the set."""
+    models: list
+    inputs: list[TeacherInput]
+    info: dict
 
 
 class _ShardBatches(IterableDataset):
@@ -220,64 +288,53 @@ def auto_backend(device: str, teachers: int, views: int) -> str:
     return "dali" if torch.device(device).type == "cuda" and serves else "wds"
 
 
-def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
-            out_dir: str, batch_size: int = 256, workers: int = 2, device: str = "cpu", rank: int = 0,
-            world_size: int = 1, backend: str = "wds", views: Views = Views(), random_teacher_ok: bool = False,
-            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION) -> dict:
-    """Write this rank's share of the feature cache; returns what it did (``extracted``/``skipped`` shard
-    stems, ``samples``, ``samples_per_s``, ``bytes_per_sample``) and ``manifest`` once the cache is
-    complete (else None). ``teacher``/``pretrained``: one, or a list each for an ensemble. ``backend``:
-    "wds" (PIL in ``workers`` processes) or "dali" (``workers`` DALI threads; one teacher, no views).
-    ``random_teacher_ok``: a teacher without trained weights is meant (tests, benchmarks), else refused.
-    ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of them than
-    ``max_damaged_fraction`` of all the shards accepts raise TooMuchDamage (cid_ds.data.damage)."""
-    specs = [teacher] if isinstance(teacher, str) else list(teacher)
-    weights = [pretrained] * len(specs) if pretrained is None or isinstance(pretrained, str) else list(pretrained)
-    if len(weights) != len(specs):
-        raise ValueError(f"{len(specs)} teachers but {len(weights)} pretrained weights: give one per teacher")
-    if views.count < 0:
-        raise ValueError(f"views must be >= 0, got {views.count}")
-    if views.count and not 0 < views.scale[0] <= views.scale[1] <= 1:
-        raise ValueError(f"view scale must satisfy 0 < min <= max <= 1 (a fraction of the image), got {views.scale}")
-    if backend == "dali" and (len(specs) > 1 or views.count):
-        raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
+def extract(options: ExtractOptions, share: Share = Share()) -> dict:
+    """Write ``share``'s part of the feature cache (data_tools.spread: every ``world``-th shard); returns what it did
+    (``extracted``/``skipped`` shard stems, ``samples``, ``samples_per_s``, ``bytes_per_sample``) and ``manifest``
+    once the cache is complete (else None). ``backend``: "wds" (PIL in ``workers`` processes) or "dali" (``workers``
+    DALI threads; one teacher, no views). ``random_teacher_ok``: a teacher without trained weights is meant (tests,
+    benchmarks), else refused. ``damaged``: the damaged shards this run read (ShardDamage as dicts); more of them
+    than ``max_damaged_fraction`` of all the shards accepts raise TooMuchDamage (cid_ds.data.damage)."""
+    options.check()
+    options = options.on_this_process()
+    shards, out_dir = options.shards, options.out
     # the allowance of all the shards, not of this rank's share: a rank's share is small, and by chance one
     # rank of many would pass a share's allowance at half the threshold's rate (cid_ds.data.damage.RunDamage)
-    budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
+    budget = DamageBudget(len(shards), options.max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)  # unique names, or an error naming both shards
     missing = [path for path in shards if not os.path.isfile(path)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
-    loaded = [load_teacher(spec, weight, device, random_teacher_ok) for spec, weight in zip(specs, weights)]
+    loaded = [load_teacher(spec, weight, options.device, options.random_teacher_ok)
+              for spec, weight in options.teachers()]
     info = teacher_set([teacher_info for _, _, _, teacher_info in loaded])
+    views = options.drawn_views()
     drawn = views.manifest_entry(int(info["embed_dim"]))
     _check_existing_manifest(out_dir, info, drawn)
     write_started_manifest(out_dir, info, drawn)
 
-    mine = shards[rank::world_size]
+    mine = share.mine(shards)
     todo = [path for path in mine if not os.path.isfile(shard_file(out_dir, shard_stem(path)))]
     for path in todo:  # temp files left by a crash mid-write
         for tmp in glob.glob(glob.escape(shard_file(out_dir, shard_stem(path))) + ".tmp*"):
             os.remove(tmp)
-    if todo and rank == 0:
+    if todo and share.rank == 0:
         estimate = estimated_samples(shards)
         print(f"extract: {drawn['bytes_per_sample']} bytes per sample ({len(loaded)} teacher(s), {views.count} "
               f"views) x ~{estimate} samples = ~{size(drawn['bytes_per_sample'] * estimate)} in {out_dir}", flush=True)
 
     samples, start = 0, time.time()
     if todo:
-        workers = min(workers, len(todo))
+        workers = min(options.workers, len(todo))
         threads = torch.get_num_threads()
-        if torch.device(device).type == "cpu":  # leave the decoding workers their cores
+        if torch.device(options.device).type == "cpu":  # leave the decoding workers their cores
             torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)) - workers)))
-        inputs = [TeacherInput(preprocess, ViewTransform(image_spec(preprocess)), tokenizer)
-                  for _, preprocess, tokenizer, _ in loaded]
+        teachers = Teachers([model for model, _, _, _ in loaded],
+                            [TeacherInput(preprocess, ViewTransform(image_spec(preprocess)), tokenizer)
+                             for _, preprocess, tokenizer, _ in loaded], info)
         try:
-            samples = _run([model for model, _, _, _ in loaded], inputs, views, info, todo, out_dir, batch_size,
-                           workers, torch.device(device),
-                           desc=f"extract rank {rank}" if world_size > 1 else "extract", show=rank == 0,
-                           backend=backend, budget=budget)
+            samples = _run(teachers, replace(options, workers=workers), todo, budget, share)
         finally:
             torch.set_num_threads(threads)
     seconds = time.time() - start
@@ -285,7 +342,7 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
     manifest = write_complete_manifest(out_dir, shards, info, drawn)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        if rank == 0:
+        if share.rank == 0:
             manifest = write_complete_manifest(out_dir, shards, info, drawn)
     return {"extracted": [shard_stem(p) for p in todo],
             "skipped": [shard_stem(p) for p in mine if p not in todo],
@@ -294,38 +351,36 @@ def extract(shards: list[str], teacher: str | Sequence[str], pretrained: Optiona
             "damaged": [record.as_dict() for record in budget.damaged.values()]}
 
 
-def _run(models: list, inputs: list[TeacherInput], views: Views, info: dict, todo: list[str], out_dir: str,
-         batch_size: int, workers: int, device: torch.device, desc: str, show: bool, backend: str,
-         budget: DamageBudget) -> int:
+def _run(teachers: Teachers, options: ExtractOptions, todo: list[str], budget: DamageBudget, share: Share) -> int:
     """Embed the shards in ``todo``, writing each one's file as soon as its last batch is embedded; a
     damaged shard's file records its damage, which ``budget`` counts."""
     try:
-        return _embed_shards(models, inputs, views, info, todo, out_dir, batch_size, workers, device, desc, show,
-                             backend, budget)
+        return _embed_shards(teachers, options, todo, budget, share)
     except TooMuchDamage as e:
         for record in budget.damaged.values():
-            if os.path.isfile(shard_file(out_dir, shard_stem(record.shard))):
-                os.remove(shard_file(out_dir, shard_stem(record.shard)))
-        raise TooMuchDamage(f"{e}\nthe damaged shards' files in {out_dir} were removed: a re-run reads them "
+            if os.path.isfile(shard_file(options.out, shard_stem(record.shard))):
+                os.remove(shard_file(options.out, shard_stem(record.shard)))
+        raise TooMuchDamage(f"{e}\nthe damaged shards' files in {options.out} were removed: a re-run reads them "
                             "again") from None
 
 
-def _embed_shards(models: list, inputs: list[TeacherInput], views: Views, info: dict, todo: list[str],
-                  out_dir: str, batch_size: int, workers: int, device: torch.device, desc: str, show: bool,
-                  backend: str, budget: DamageBudget) -> int:
-    if backend == "dali":
-        loader = _dali_shard_batches(todo, inputs[0], batch_size, workers, device)
+def _embed_shards(teachers: Teachers, options: ExtractOptions, todo: list[str], budget: DamageBudget,
+                  share: Share) -> int:
+    device, views = torch.device(options.device), options.drawn_views()
+    if options.backend == "dali":
+        loader = _dali_shard_batches(todo, teachers.inputs[0], options.batch_size, options.workers, device)
     else:
-        loader = DataLoader(_ShardBatches(todo, inputs, views, batch_size), batch_size=None,
-                            num_workers=workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(_ShardBatches(todo, teachers.inputs, views, options.batch_size), batch_size=None,
+                            num_workers=options.workers, pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
     samples = written = 0
-    dim = int(info["embed_dim"])
-    with tqdm(desc=desc, unit="img", disable=not show, postfix={"shards": f"0/{len(todo)}"}) as bar:
+    dim = int(teachers.info["embed_dim"])
+    with tqdm(desc=f"extract rank {share.rank}" if share.world > 1 else "extract", unit="img",
+              disable=share.rank != 0, postfix={"shards": f"0/{len(todo)}"}) as bar:
         for item in raise_data_errors(loader):
             acc = pending.setdefault(item["shard"], {"keys": [], "image": [], "text": [], "views": [], "box": []})
             if item["keys"]:
-                image, text, view_image = _embed(models, item, device)
+                image, text, view_image = _embed(teachers.models, item, device)
                 acc["keys"] += item["keys"]
                 acc["image"].append(image)
                 acc["text"].append(text)
@@ -342,8 +397,8 @@ def _embed_shards(models: list, inputs: list[TeacherInput], views: Views, info: 
                            for name, shape, dtype in (("image", (dim,), np.float16), ("text", (dim,), np.float16),
                                                       ("views", (views.count, dim), np.float16),
                                                       ("box", (views.count, 5), np.int32))}
-                write_shard(out_dir, shard_stem(item["shard"]), acc["keys"], stacked["image"], stacked["text"],
-                            item["corrupt_image"], item["missing_caption"], info["weights_sha256"],
+                write_shard(options.out, shard_stem(item["shard"]), acc["keys"], stacked["image"], stacked["text"],
+                            item["corrupt_image"], item["missing_caption"], teachers.info["weights_sha256"],
                             **({"view_image": stacked["views"], "view_box": stacked["box"]} if views.count else {}),
                             damage=item["damage"])
                 written += 1
@@ -352,63 +407,20 @@ def _embed_shards(models: list, inputs: list[TeacherInput], views: Views, info: 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.extract", description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", required=True, help="webdataset tars: brace pattern or glob")
-    parser.add_argument("--teacher", required=True, action="append",
-                        help="open_clip name, local-dir:PATH or ds_configs/models name; repeat for an ensemble")
-    parser.add_argument("--pretrained", default=None, action="append",
-                        help="open_clip pretrained tag or checkpoint file (one per --teacher, in order)")
-    parser.add_argument("--random-teacher-ok", action="store_true",
-                        help="a teacher without trained weights is meant (tests, benchmarks); otherwise refused")
-    parser.add_argument("--out", required=True, help="feature cache folder")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
-    parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=("auto", "wds", "dali"),
-                        help="image decoding: PIL in worker processes (wds), DALI (dali; nvJPEG on a GPU; one "
-                             "teacher, no views), auto: dali on a GPU where it can serve, else wds")
-    parser.add_argument("--views", type=int, default=0, help="augmented views embedded per image, besides the eval view")
-    parser.add_argument("--view-scale", type=float, nargs=2, default=(0.9, 1.0), metavar=("MIN", "MAX"),
-                        help="the views' crop area, as a fraction of the image (open_clip trains with 0.9 1.0)")
-    parser.add_argument("--no-view-flip", dest="view_flip", action="store_false",
-                        help="do not flip half of the views horizontally")
-    parser.add_argument("--view-seed", type=int, default=0)
-    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
-                        help="damaged shards (empty, cut, not a tar) are recorded and skipped past their damage; "
-                             "more than this fraction of them (at least one is accepted) stops the run")
-    accept_local_rank(parser)
-    args = parser.parse_args(argv)
+    run_stage("extract", ExtractOptions, __doc__, extract, _print_result, argv)
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    backend = args.backend if args.backend != "auto" else auto_backend(device, len(args.teacher), args.views)
-    pretrained = args.pretrained or [None] * len(args.teacher)
-    if len(pretrained) != len(args.teacher):
-        parser.error(f"{len(args.teacher)} --teacher but {len(pretrained)} --pretrained: give one per teacher, or none")
-    shards = expand_shards(args.shards)
-    if not shards:
-        parser.error(f"--shards {args.shards!r} matches no file")
-    views = Views(args.views, tuple(args.view_scale), flip=args.view_flip, seed=args.view_seed)
-    try:
-        check_writable(args.out)
-        result = extract(shards, args.teacher, pretrained, args.out, args.batch_size, args.workers,
-                         device, rank, world_size, backend, views, args.random_teacher_ok,
-                         max_damaged_fraction=args.max_damaged_fraction)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"extract: {e}")
-    print(f"rank {rank}: extracted {len(result['extracted'])} shards ({result['samples']} samples, "
+
+def _print_result(options: ExtractOptions, result: dict, share: Share) -> None:
+    print(f"rank {share.rank}: extracted {len(result['extracted'])} shards ({result['samples']} samples, "
           f"{result['samples_per_s']:.0f} samples/s, {len(result['damaged'])} damaged), "
           f"{len(result['skipped'])} already done")
     manifest = result["manifest"]
     if manifest is not None:
         totals = manifest["totals"]
-        print(f"feature cache complete: {args.out} ({totals['samples']} samples in {totals['shards']} shards, "
+        print(f"feature cache complete: {options.out} ({totals['samples']} samples in {totals['shards']} shards, "
               f"{size(totals['bytes'])} of embeddings; skipped {totals['corrupt_image']} corrupt images, "
               f"{totals['missing_caption']} missing captions; {totals['damaged_shards']} damaged shards, listed in "
-              f"{os.path.join(args.out, MANIFEST)})")
+              f"{os.path.join(options.out, MANIFEST)})")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ writes the manifest: the same bytes as one process writes, and any process count
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
@@ -46,7 +45,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 import cid_ds
-from cid_ds.config import DataConfig, expand_shards
+from cid_ds.config import DataConfig
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, ShardDamage
 from cid_ds.data.errors import DataError
@@ -54,15 +53,41 @@ from cid_ds.data.features import FeatureCache, shard_file, shard_stem, stems_by_
 from cid_ds.data.joins import balance_artifact, check_join
 from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
 from cid_ds.data.samples import IMAGE_EXTS, caption_of, read_samples
-from cid_ds.io import atomic_path, check_writable, read_json, write_json
+from cid_ds.io import atomic_path, read_json, write_json
 from cid_ds.models import resolve_spec
+from data_tools.options import flag, run_stage, shard_paths
 from data_tools.outputs import check_rerun
-from data_tools.spread import Share, accept_local_rank, share_from_env
+from data_tools.spread import Share
 
 STATS_DIR = ".stats"  # per output shard: what it holds; written before the tar, which commits the shard
 MAX_SAMPLES_PER_SHARD = 10000  # the cap of the default size
 DEFAULT_RANKS = 8  # one 8-GPU node
 DEFAULT_WORKERS = DataConfig.workers  # the trainer's default DataLoader workers per rank (data.workers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    """What data_tools.pack is asked: its flags, with their defaults."""
+    shards: list[str] = flag(help="source webdataset tars: brace pattern or glob", parse=shard_paths)
+    features: str = flag(help="feature cache folder (data_tools.extract)")
+    tokenizer: str = flag(help="the student's model spec: its tokenizer makes the token ids")
+    out: str = flag(help="folder for the distill-ready shards")
+    clusters: Optional[str] = flag(None, "cluster assignments folder (data_tools.cluster)")
+    balance: Optional[str] = flag(None, "keep-lists folder (data_tools.balance)")
+    ranks: int = flag(DEFAULT_RANKS, "the world size the shards will be trained on (default: one 8-GPU node)")
+    workers: int = flag(DEFAULT_WORKERS, "the loader's data.workers per rank (default: the trainer's default, "
+                                         f"{DEFAULT_WORKERS}; the shipped clip_cid and clip_kd YAMLs use 8)")
+    samples_per_shard: Optional[int] = flag(None, "default: planned samples / (ranks x workers), at most "
+                                                  f"{MAX_SAMPLES_PER_SHARD}: at least one shard per reader", type=int)
+    max_damaged_fraction: float = flag(DEFAULT_MAX_DAMAGED_FRACTION,
+                                       "damaged source tars are recorded and read up to their damage; more than "
+                                       "this fraction of them (at least one is accepted) stops the run")
+
+    def check(self) -> None:
+        for name, value in (("samples_per_shard", self.samples_per_shard), ("ranks", self.ranks),
+                            ("workers", self.workers)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -218,28 +243,25 @@ def _packed_sample(planned: Planned, sample: dict, caption: str, token_ids: np.n
     return out
 
 
-def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str,
-         clusters_dir: Optional[str] = None, balance_dir: Optional[str] = None,
-         samples_per_shard: Optional[int] = None, progress: bool = True,
-         max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, ranks: int = DEFAULT_RANKS,
-         workers: int = DEFAULT_WORKERS, share: Share = Share()) -> Optional[dict]:
+def pack(options: PackOptions, share: Share = Share(), progress: bool = True) -> Optional[dict]:
     """Write (or finish writing) ``share``'s output shards (data_tools.spread: a contiguous block of the planned
-    shards, so that the source tars they share are read by one process); return the complete manifest, written by whichever process finds
-    every shard written, or None when others are still to finish theirs.
+    shards, so that the source tars they share are read by one process); return the complete manifest, written by
+    whichever process finds every shard written, or None when others are still to finish theirs.
     ``samples_per_shard`` None: sized for ``ranks`` x ``workers`` loader readers (default_samples_per_shard).
     More damaged source shards than ``max_damaged_fraction`` accepts raise TooMuchDamage (cid_ds.data.damage)."""
-    for name, value in (("samples_per_shard", samples_per_shard), ("ranks", ranks), ("workers", workers)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    options.check()
+    shards, out_dir, balance_dir = options.shards, options.out, options.balance
+    ranks, workers, max_damaged_fraction = options.ranks, options.workers, options.max_damaged_fraction
     budget = DamageBudget(len(shards), max_damaged_fraction, "--max-damaged-fraction")
     stems_by_shard(shards)
-    cache = FeatureCache(features_dir)
-    clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
+    cache = FeatureCache(options.features)
+    clusters = ClusterAssignments(options.clusters) if options.clusters is not None else None
     upstream = check_upstream(cache, clusters, balance_dir)
-    tokenizer = open_clip.get_tokenizer(resolve_spec(tokenizer_spec))
+    tokenizer = open_clip.get_tokenizer(resolve_spec(options.tokenizer))
     planned, left_out = plan(shards, cache, clusters, balance_dir)
     if not planned:
         raise ValueError(f"nothing to pack: no sample of {len(shards)} shards is in the cache and kept")
+    samples_per_shard = options.samples_per_shard
     if samples_per_shard is None:
         samples_per_shard, rule = chosen_samples_per_shard(len(planned), ranks, workers)
         if share.rank == 0:
@@ -249,7 +271,7 @@ def pack(shards: list[str], features_dir: str, tokenizer_spec: str, out_dir: str
         print(warning, file=sys.stderr)
     identity = {
         "format": FORMAT, "sources": [os.path.abspath(p) for p in shards], "samples_per_shard": samples_per_shard,
-        "tokenizer": {"spec": tokenizer_spec, "context_length": int(np.asarray(tokenizer(["x"])).shape[1]),
+        "tokenizer": {"spec": options.tokenizer, "context_length": int(np.asarray(tokenizer(["x"])).shape[1]),
                       "probe_ids": tokenizer_fingerprint(tokenizer)},
         "teacher": cache.teacher, "embed_dim": cache.embed_dim,
         "topk": clusters.topk if clusters is not None else 0, "k": clusters.k if clusters is not None else None,
@@ -305,44 +327,19 @@ def _check_existing(out_dir: str, identity: dict, mine: list[int]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.pack", description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", required=True, help="source webdataset tars: brace pattern or glob")
-    parser.add_argument("--features", required=True, help="feature cache folder (data_tools.extract)")
-    parser.add_argument("--tokenizer", required=True, help="the student's model spec: its tokenizer makes the token ids")
-    parser.add_argument("--out", required=True, help="folder for the distill-ready shards")
-    parser.add_argument("--clusters", default=None, help="cluster assignments folder (data_tools.cluster)")
-    parser.add_argument("--balance", default=None, help="keep-lists folder (data_tools.balance)")
-    parser.add_argument("--ranks", type=int, default=DEFAULT_RANKS,
-                        help="the world size the shards will be trained on (default: one 8-GPU node)")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="the loader's data.workers per rank (default: the trainer's default, "
-                             f"{DEFAULT_WORKERS}; the shipped clip_cid and clip_kd YAMLs use 8)")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="default: planned samples / (ranks x workers), at most "
-                             f"{MAX_SAMPLES_PER_SHARD}: at least one shard per reader")
-    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
-                        help="damaged source tars are recorded and read up to their damage; more than this "
-                             "fraction of them (at least one is accepted) stops the run")
-    accept_local_rank(parser)
-    args = parser.parse_args(argv)
-    shards = expand_shards(args.shards)
-    if not shards:
-        parser.error(f"--shards {args.shards!r} matches no file")
-    try:
-        share = share_from_env()
-        check_writable(args.out)
-        manifest = pack(shards, args.features, args.tokenizer, args.out, args.clusters, args.balance,
-                        args.samples_per_shard, max_damaged_fraction=args.max_damaged_fraction,
-                        ranks=args.ranks, workers=args.workers, share=share)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"pack: {e}")
+    run_stage("pack", PackOptions, __doc__, pack, _print_result, argv)
+
+
+def _print_result(options: PackOptions, manifest: Optional[dict], share: Share) -> None:
     if manifest is None:
-        print(f"pack: {share} wrote its shards; the last process to finish writes {os.path.join(args.out, MANIFEST)}")
+        print(f"pack: {share} wrote its shards; the last process to finish writes "
+              f"{os.path.join(options.out, MANIFEST)}")
         return
     totals = manifest["totals"]
-    print(f"packed {totals['samples']} samples into {len(manifest['shards'])} shards in {args.out} "
+    print(f"packed {totals['samples']} samples into {len(manifest['shards'])} shards in {options.out} "
           f"(removed by balance {totals['removed_by_balance']}, missing in source {totals['missing_in_source']}, "
-          f"damaged source shards {totals['unreadable_source_shards']}, listed in {os.path.join(args.out, MANIFEST)})")
+          f"damaged source shards {totals['unreadable_source_shards']}, listed in "
+          f"{os.path.join(options.out, MANIFEST)})")
 
 
 if __name__ == "__main__":

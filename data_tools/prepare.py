@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -44,18 +45,16 @@ from typing import Optional, Sequence
 
 import yaml
 
-from cid_ds.config import Config, expand_shards, load_config
-from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION
+from cid_ds.config import Config, load_config
 from cid_ds.io import atomic_path, check_writable, read_json
-from data_tools.balance import DEFAULT_KEEP_FRACTION, DEFAULT_MAX_REMOVED_FRACTION, REPORT, TooMuchRemoved, balance
-from data_tools.balance import check_arguments as check_balance_arguments
-from data_tools.cluster import DEFAULT_FIT_MEMORY_GB, cluster
-from data_tools.extract import Views, auto_backend, extract
+from data_tools.balance import REPORT, BalanceOptions, TooMuchRemoved, balance
+from data_tools.cluster import ClusterOptions, cluster
+from data_tools.extract import ExtractOptions, auto_backend, extract
+from data_tools.options import borrowed, flag, parse_options, refusals
 from data_tools.outputs import OtherRun
-from data_tools.pack import DEFAULT_RANKS, pack
+from data_tools.pack import DEFAULT_RANKS, PackOptions, pack
 from data_tools.plan import peak_rss, plan
-from data_tools.spread import (Share, accept_local_rank, complete_manifest, cpus_per_process, run_local,
-                               share_from_env)
+from data_tools.spread import Share, complete_manifest, cpus_per_process, run_local, share_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -81,12 +80,12 @@ class Shape:
 def job_shape(nodes: Optional[int], per_node: Optional[int], ranks: Optional[int], gpus: bool) -> Shape:
     """The shape the flags give: ``--nodes`` x ``--gpus-per-node`` (default 1 x ``DEFAULT_RANKS``), or
     ``--ranks``, every rank of the job: alone one machine of them, with either of the others split by it."""
-    for flag, value in (("--nodes", nodes), ("--gpus-per-node", per_node), ("--ranks", ranks)):
+    for name, value in (("--nodes", nodes), ("--gpus-per-node", per_node), ("--ranks", ranks)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise ValueError(f"{name} must be >= 1, got {value}")
     if ranks is None:
         return Shape(nodes or 1, per_node or DEFAULT_RANKS, gpus)
-    given = " and ".join(f"{flag} {value}" for flag, value in (("--nodes", nodes), ("--gpus-per-node", per_node))
+    given = " and ".join(f"{name} {value}" for name, value in (("--nodes", nodes), ("--gpus-per-node", per_node))
                          if value is not None)
     nodes = nodes or (1 if per_node is None else max(1, ranks // per_node))
     shape = Shape(nodes, per_node or max(1, ranks // nodes), gpus)
@@ -96,70 +95,144 @@ def job_shape(nodes: Optional[int], per_node: Optional[int], ranks: Optional[int
     return shape
 
 
-def prepare(shards: list[str], teacher: str | Sequence[str], pretrained: Optional[str] | Sequence[Optional[str]],
-            student: str, out_dir: str, views: Views = Views(), k: Optional[int] = None, semantic: Optional[float] = None,
-            target_keep_fraction: Optional[float] = None, perceptual: float = 0.98,
-            max_removed_fraction: float = DEFAULT_MAX_REMOVED_FRACTION, shape: Shape = Shape(), workers: int = 8,
-            samples_per_shard: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
-            seed: int = 0, random_teacher_ok: bool = False,
-            max_damaged_fraction: float = DEFAULT_MAX_DAMAGED_FRACTION, fit: Optional[dict] = None,
-            share: Share = Share(), timing: Optional[dict] = None) -> Optional[dict]:
-    """Run (or finish) every stage into ``out_dir``; write OUT/train.yaml; return the summary. ``teacher``,
-    ``pretrained`` and ``views`` as data_tools.extract takes them (a list each: an ensemble); ``shape``: the
-    job that will train on it; ``fit``: data_tools.cluster's fit options (parts, max_points_per_centroid,
-    fit_memory_gb). Flags a later stage would refuse are refused before the first starts.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    """What data_tools.prepare is asked: its own flags and, borrowed with prepare's help, the stages' flags it passes
+    on, whose defaults and parsing are the stages' own (``stages`` makes each stage's options of them)."""
+    shards: list[str] = borrowed(ExtractOptions, "shards", "img2dataset/webdataset tars: brace pattern or glob")
+    teacher: str | Sequence[str] = borrowed(ExtractOptions, "teacher")
+    pretrained: Optional[str] | Sequence[Optional[str]] = borrowed(ExtractOptions, "pretrained")
+    student: str = borrowed(PackOptions, "tokenizer")
+    out: str = flag(help="folder for every stage's output and train.yaml")
+    views: int = borrowed(ExtractOptions, "views", "extract: augmented views stored per image")
+    k: Optional[int] = borrowed(ClusterOptions, "k", "clusters (default: from the sample count)")
+    parts: Optional[int] = borrowed(ClusterOptions, "parts", "cluster: hierarchical fit in P parts (default: 1, or "
+                                                             "the fewest within --fit-memory-gb)")
+    max_points_per_centroid: int = borrowed(ClusterOptions, "max_points_per_centroid",
+                                            "cluster: the fit draws k times this many rows")
+    fit_memory_gb: float = borrowed(ClusterOptions, "fit_memory_gb", "cluster: host memory the fit may hold; over "
+                                                                     "it the fit is refused, naming the --parts that "
+                                                                     "fits")
+    target_keep_fraction: Optional[float] = borrowed(BalanceOptions, "target_keep_fraction",
+                                                     "balance: the fraction to keep (default: data_tools.balance's)")
+    semantic: Optional[float] = borrowed(BalanceOptions, "semantic", "balance: a fixed cosine threshold instead")
+    perceptual: float = borrowed(BalanceOptions, "perceptual", "balance: near-identical above this cosine")
+    max_removed_fraction: float = borrowed(BalanceOptions, "max_removed_fraction",
+                                           "balance: stop when it would remove more than this")
+    nodes: Optional[int] = flag(None, "machines the job will train on (default 1)", type=int)
+    gpus_per_node: Optional[int] = flag(None, "ranks on each machine: GPUs, or CPU processes with --train-on cpu "
+                                              f"(default {DEFAULT_RANKS})", type=int)
+    ranks: Optional[int] = flag(None, "every rank of the job (nodes x GPUs per node), instead of those two; alone: "
+                                      "one machine", type=int)
+    train_on: Optional[str] = flag(None, "what the ranks are (default: what --device resolves to): the printed SLURM "
+                                         "command asks for --gpus-per-node, or, for cpu, sets CID_RANKS_PER_NODE",
+                                   choices=("gpu", "cpu"))
+    workers: int = flag(8, "loader workers per rank (data.workers)")
+    samples_per_shard: Optional[int] = borrowed(PackOptions, "samples_per_shard", "pack: samples per output shard "
+                                                "(default: enough shards for ranks x workers)")
+    device: str = borrowed(ExtractOptions, "device", "extract on: auto (cuda when available), cpu, cuda:N")
+    batch_size: int = borrowed(ExtractOptions, "batch_size", "extract: images per teacher forward")
+    seed: int = borrowed(ClusterOptions, "seed", "k-means and the balance's tuning draw")
+    plan: bool = flag(False, "only print what each stage will cost (hours, disk, memory) for this job's shape, "
+                             "measured on a cut of the data, and write OUT/plan.json (data_tools.plan)")
+    plan_samples: Optional[int] = flag(None, "--plan for this many samples (default: counted from the shards): "
+                                             "measure on a few shards, plan for the whole dataset", type=int)
+    processes: Optional[int] = flag(None, "processes on this machine, each doing its share of every stage (default: "
+                                          "one per GPU, one on the CPU); under a launcher or srun, their "
+                                          "RANK/WORLD_SIZE instead", type=int)
+    random_teacher_ok: bool = borrowed(ExtractOptions, "random_teacher_ok", argparse.SUPPRESS)  # tests
+    max_damaged_fraction: float = borrowed(ExtractOptions, "max_damaged_fraction",
+                                           "damaged source shards accepted, as a fraction of all")
 
-    Spread over processes (data_tools.spread), each does its share of every stage, on ``device`` (its own GPU),
-    and starts a stage once a process has completed the one before; process 0 waits for the last and writes
-    train.yaml and the summary, the others return None. ``timing``, when given, gets extract's samples/s and
-    this process's peak memory after it, and pack's seconds (data_tools.plan measures with them)."""
-    check_balance_arguments(perceptual, semantic, DEFAULT_KEEP_FRACTION if semantic is None and target_keep_fraction
-                            is None else target_keep_fraction, max_removed_fraction)
-    for name, value in (("nodes", shape.nodes), ("gpus_per_node", shape.per_node), ("workers", workers),
-                        ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    def shape(self, device: str) -> Shape:
+        """The job that will train on the data; its ranks are GPUs unless --train-on or ``device`` says cpu."""
+        return job_shape(self.nodes, self.gpus_per_node, self.ranks, (self.train_on or device) != "cpu")
+
+    def check(self) -> None:
+        for name, value in (("--workers", self.workers), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    def stages(self, device: str, shape: Shape, positives: int
+               ) -> tuple[ExtractOptions, ClusterOptions, BalanceOptions, PackOptions]:
+        """Each stage's options: these flags, its folder in OUT, extract's decoding on ``device``, the shards sized
+        for ``shape`` and ``positives`` nearest centroids stored (the recipe's cluster.positives)."""
+        feats, clusters, balanced, packed = (os.path.join(self.out, stage) for stage in STAGES)
+        backend, decoders = extract_backend(device, self.teacher, self.views)
+        return (ExtractOptions(shards=self.shards, teacher=self.teacher, pretrained=self.pretrained, out=feats,
+                               batch_size=self.batch_size, workers=decoders, device=device, backend=backend,
+                               views=self.views, random_teacher_ok=self.random_teacher_ok,
+                               max_damaged_fraction=self.max_damaged_fraction),
+                ClusterOptions(features=feats, k=self.k, out=clusters, topk=positives,
+                               max_points_per_centroid=self.max_points_per_centroid, seed=self.seed,
+                               parts=self.parts, fit_memory_gb=self.fit_memory_gb),
+                BalanceOptions(features=feats, clusters=clusters, out=balanced, perceptual=self.perceptual,
+                               target_keep_fraction=self.target_keep_fraction, semantic=self.semantic,
+                               max_removed_fraction=self.max_removed_fraction, seed=self.seed),
+                PackOptions(shards=self.shards, features=feats, tokenizer=self.student, out=packed, clusters=clusters,
+                            balance=balanced, ranks=shape.ranks, workers=self.workers,
+                            samples_per_shard=self.samples_per_shard, max_damaged_fraction=self.max_damaged_fraction))
+
+
+def prepare(options: PrepareOptions, share: Share = Share(), timing: Optional[dict] = None) -> Optional[dict]:
+    """Run (or finish) every stage into OUT; write OUT/train.yaml; return the summary. Flags a later stage would
+    refuse are refused before the first starts.
+
+    Spread over processes (data_tools.spread), each does its share of every stage, on its own GPU (``device`` auto:
+    ``on_this_process``), and starts a stage once a process has completed the one before; process 0 waits for the
+    last and writes train.yaml and the summary, the others return None. ``timing``, when given, gets extract's
+    samples/s and this process's peak memory after it, and pack's seconds (data_tools.plan measures with them)."""
     recipe = load_config(RECIPE, check_paths=False)
-    feats, clusters, balanced, packed = (os.path.join(out_dir, stage) for stage in STAGES)
-    _stage(1, "extract", feats, share)
-    backend, decoders = extract_backend(device, teacher, views)
-    extracted = extract(shards, teacher, pretrained, feats, batch_size=batch_size, workers=decoders, device=device,
-                        rank=share.rank, world_size=share.world, backend=backend, views=views,
-                        random_teacher_ok=random_teacher_ok, max_damaged_fraction=max_damaged_fraction)
-    cache = extracted["manifest"] or complete_manifest(feats, share, "extract")
+    device = on_this_process(options.device)
+    shape = options.shape(device)
+    options.check()
+    stages = options.stages(device, shape, recipe.cluster.positives)
+    for stage in stages:
+        stage.check()
+    extracting, clustering, balancing, packing = stages
+    check_writable(options.out)
+    _stage(1, "extract", extracting.out, share)
+    extracted = extract(extracting, share)
+    cache = extracted["manifest"] or complete_manifest(extracting.out, share, "extract")
     timing = {} if timing is None else timing
     timing["extract"] = {"samples_per_s": extracted["samples_per_s"], "peak_rss": peak_rss()}
-    _stage(2, "cluster", clusters, share)
-    clustering = cluster(feats, k, clusters, topk=recipe.cluster.positives, seed=seed, share=share, **(fit or {})) \
-        or complete_manifest(clusters, share, "cluster")
-    _stage(3, "balance", balanced, share)
-    report = balance(feats, clusters, balanced, perceptual=perceptual, semantic=semantic,
-                     target_keep_fraction=target_keep_fraction, max_removed_fraction=max_removed_fraction, seed=seed,
-                     share=share)
+    _stage(2, "cluster", clustering.out, share)
+    clusters = cluster(clustering, share) or complete_manifest(clustering.out, share, "cluster")
+    _stage(3, "balance", balancing.out, share)
+    report = balance(balancing, share)
     if report is None:
-        complete_manifest(balanced, share, "balance")
-        report = read_json(os.path.join(balanced, REPORT))
-    _stage(4, "pack", packed, share)
+        complete_manifest(balancing.out, share, "balance")
+        report = read_json(os.path.join(balancing.out, REPORT))
+    _stage(4, "pack", packing.out, share)
     start = time.time()
-    packing = pack(shards, feats, student, packed, clusters_dir=clusters, balance_dir=balanced,
-                   samples_per_shard=samples_per_shard, ranks=shape.ranks, workers=workers,
-                   max_damaged_fraction=max_damaged_fraction, share=share)
+    packed = pack(packing, share)
     timing["pack"] = {"seconds": time.time() - start}
-    if packing is None:
+    if packed is None:
         if share.rank > 0:
             return None
-        packing = complete_manifest(packed, share, "pack")
+        packed = complete_manifest(packing.out, share, "pack")
     summary = {
         "samples_in": cache["totals"]["samples"],
         "skipped": {name: cache["totals"][name] for name in ("corrupt_image", "missing_caption")},
         "damaged_shards": cache["totals"]["damaged_shards"],
-        "k": clustering["k"], "k_chosen": k is None,
+        "k": clusters["k"], "k_chosen": options.k is None,
         "kept": report["kept"], "kept_fraction": report["kept_fraction"], "semantic": report["semantic"],
-        "packed_samples": packing["totals"]["samples"], "packed_shards": len(packing["shards"]),
-        "train_yaml": os.path.join(out_dir, "train.yaml"), "shape": shape,
+        "packed_samples": packed["totals"]["samples"], "packed_shards": len(packed["shards"]),
+        "train_yaml": os.path.join(options.out, "train.yaml"), "shape": shape,
     }
-    write_train_yaml(summary["train_yaml"], recipe, packed, clusters, student, summary, shape, workers)
+    write_train_yaml(summary["train_yaml"], recipe, packing.out, clustering.out, options.student, summary, shape,
+                     options.workers)
     return summary
+
+
+def on_this_process(device: str) -> str:
+    """``auto`` or ``cuda``: this process's GPU, modulo the GPUs it sees (under srun --gpus-per-task=1 each process
+    sees its own GPU as cuda:0), or the CPU when there is none."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
 def _stage(number: int, name: str, out: str, share: Share) -> None:
@@ -167,13 +240,13 @@ def _stage(number: int, name: str, out: str, share: Share) -> None:
     print(f"\n[prepare {number}/{len(STAGES)}] {name} -> {out}{by}", flush=True)
 
 
-def extract_backend(device: str, teacher: str | Sequence[str], views: Views) -> tuple[str, int]:
+def extract_backend(device: str, teacher: str | Sequence[str], views: int) -> tuple[str, int]:
     """data_tools.extract's decoding and its decoders: on a GPU, DALI (nvJPEG) where it serves (one teacher,
     no views) with a thread per CPU of this process, else PIL in a worker per CPU; on the CPU, where the
     teacher's forward is the bottleneck, PIL in two workers and the other cores to the model."""
     cpus = cpus_per_process()
     if device.startswith("cuda"):
-        return auto_backend(device, 1 if isinstance(teacher, str) else len(teacher), views.count), cpus
+        return auto_backend(device, 1 if isinstance(teacher, str) else len(teacher), views), cpus
     return "wds", max(1, min(2, cpus - 1))
 
 
@@ -259,127 +332,61 @@ def next_commands(shape: Shape, train_yaml: str) -> list[str]:
             f"or under SLURM: {slurm}"]
 
 
-def _plan(args: argparse.Namespace, shards: list[str]) -> None:
+# --plan's cut is clustered and packed as these flags' defaults size it; the plan sizes the whole (--k,
+# --fit-memory-gb)
+SIZED_FOR_THE_WHOLE = ("k", "parts", "max_points_per_centroid", "fit_memory_gb", "samples_per_shard")
+
+
+def _plan(options: PrepareOptions) -> None:
     """``--plan``: the stages on a cut of the data, one process, this machine's device; the estimate for the
     job's shape (--nodes x --gpus-per-node processes)."""
     import torch
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
+    device = "cuda" if options.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if options.device == "auto" else options.device
+    defaults = {field.name: field.default for field in dataclasses.fields(PrepareOptions)}
+    cut = dataclasses.replace(options, device=device, nodes=1, gpus_per_node=1, ranks=None, train_on=None, workers=1,
+                              max_damaged_fraction=1.0, **{name: defaults[name] for name in SIZED_FOR_THE_WHOLE})
 
-    def run_stages(cut: list[str], out: str, timing: dict) -> dict:
-        return prepare(cut, args.teacher, args.pretrained, args.student, out, Views(args.views),
-                       semantic=args.semantic, target_keep_fraction=args.target_keep_fraction,
-                       perceptual=args.perceptual, max_removed_fraction=args.max_removed_fraction, device=device,
-                       batch_size=args.batch_size, seed=args.seed, random_teacher_ok=args.random_teacher_ok,
-                       max_damaged_fraction=1.0, shape=Shape(1, 1, device != "cpu"), workers=1, timing=timing)
+    def run_stages(shards: list[str], out: str, timing: dict) -> dict:
+        return prepare(dataclasses.replace(cut, shards=shards, out=out), timing=timing)
 
-    try:
-        shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
-        check_writable(args.out)
-        plan(run_stages, shards, args.out, args.k, shape.ranks, args.fit_memory_gb, args.plan_samples)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"prepare --plan: {e}")
+    with refusals("prepare --plan"):
+        shape = options.shape(device)
+        check_writable(options.out)
+        plan(run_stages, options.shards, options.out, options.k, shape.ranks, options.fit_memory_gb,
+             options.plan_samples)
+
+
+def _under_prepare(out_dir: str, error: Exception) -> str:
+    """A stage's refusal, and how to change that stage's flags when prepare resumes it."""
+    if isinstance(error, OtherRun):
+        stage = os.path.basename(error.out_dir)
+        later = STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()
+        return (f"{error}\n(prepare resumes every stage; to redo this one with the new flags, delete "
+                f"{' and '.join([error.out_dir, *(os.path.join(out_dir, s) for s in later)])})")
+    if isinstance(error, TooMuchRemoved):
+        return (f"{error}\n(under prepare, another --target-keep-fraction or --semantic needs "
+                f"{os.path.join(out_dir, 'balance')} deleted first; --max-removed-fraction resumes it)")
+    return str(error)  # a DataError (damaged shards, ...) is a ValueError
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__.split("\n")[0],
-                                     epilog="Each stage's own command has more options: python -m data_tools.<stage> -h")
-    parser.add_argument("--shards", required=True, help="img2dataset/webdataset tars: brace pattern or glob")
-    parser.add_argument("--teacher", required=True, action="append",
-                        help="open_clip name, local-dir:PATH or ds_configs/models name; repeat for an ensemble")
-    parser.add_argument("--pretrained", default=None, action="append",
-                        help="open_clip pretrained tag or checkpoint file (one per --teacher, in order)")
-    parser.add_argument("--student", required=True, help="the student's model spec: its tokenizer makes the token ids")
-    parser.add_argument("--out", required=True, help="folder for every stage's output and train.yaml")
-    parser.add_argument("--views", type=int, default=0, help="extract: augmented views stored per image")
-    parser.add_argument("--k", type=int, default=None, help="clusters (default: from the sample count)")
-    parser.add_argument("--parts", type=int, default=None,
-                        help="cluster: hierarchical fit in P parts (default: 1, or the fewest within --fit-memory-gb)")
-    parser.add_argument("--max-points-per-centroid", type=int, default=256,
-                        help="cluster: the fit draws k times this many rows")
-    parser.add_argument("--fit-memory-gb", type=float, default=DEFAULT_FIT_MEMORY_GB,
-                        help="cluster: host memory the fit may hold; over it the fit is refused, naming the --parts "
-                             "that fits")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--target-keep-fraction", type=float, default=None,
-                       help="balance: the fraction to keep (default: data_tools.balance's)")
-    group.add_argument("--semantic", type=float, default=None, help="balance: a fixed cosine threshold instead")
-    parser.add_argument("--perceptual", type=float, default=0.98, help="balance: near-identical above this cosine")
-    parser.add_argument("--max-removed-fraction", type=float, default=DEFAULT_MAX_REMOVED_FRACTION,
-                        help="balance: stop when it would remove more than this")
-    parser.add_argument("--nodes", type=int, default=None, help="machines the job will train on (default 1)")
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help=f"ranks on each machine: GPUs, or CPU processes with --train-on cpu "
-                             f"(default {DEFAULT_RANKS})")
-    parser.add_argument("--ranks", type=int, default=None,
-                        help="every rank of the job (nodes x GPUs per node), instead of those two; alone: one machine")
-    parser.add_argument("--train-on", choices=("gpu", "cpu"), default=None,
-                        help="what the ranks are (default: what --device resolves to): the printed SLURM command asks "
-                             "for --gpus-per-node, or, for cpu, sets CID_RANKS_PER_NODE")
-    parser.add_argument("--workers", type=int, default=8, help="loader workers per rank (data.workers)")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="pack: samples per output shard (default: enough shards for ranks x workers)")
-    parser.add_argument("--device", default="auto", help="extract on: auto (cuda when available), cpu, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=256, help="extract: images per teacher forward")
-    parser.add_argument("--seed", type=int, default=0, help="k-means and the balance's tuning draw")
-    parser.add_argument("--plan", action="store_true",
-                        help="only print what each stage will cost (hours, disk, memory) for this job's shape, "
-                             "measured on a cut of the data, and write OUT/plan.json (data_tools.plan)")
-    parser.add_argument("--plan-samples", type=int, default=None,
-                        help="--plan for this many samples (default: counted from the shards): measure on a few "
-                             "shards, plan for the whole dataset")
-    parser.add_argument("--processes", type=int, default=None,
-                        help="processes on this machine, each doing its share of every stage (default: one per GPU, "
-                             "one on the CPU); under a launcher or srun, their RANK/WORLD_SIZE instead")
-    accept_local_rank(parser)
-    parser.add_argument("--random-teacher-ok", action="store_true", help=argparse.SUPPRESS)  # tests
-    parser.add_argument("--max-damaged-fraction", type=float, default=DEFAULT_MAX_DAMAGED_FRACTION,
-                        help="damaged source shards accepted, as a fraction of all")
-    args = parser.parse_args(argv)
-    shards = expand_shards(args.shards)
-    if not shards:
-        parser.error(f"--shards {args.shards!r} matches no file")
+    options = parse_options(PrepareOptions, "prepare", __doc__, argv,
+                            epilog="Each stage's own command has more options: python -m data_tools.<stage> -h")
     import torch
-    try:
+    with refusals("prepare"):
         share = share_from_env()
-    except ValueError as e:
-        sys.exit(f"prepare: {e}")
-    if args.plan:
-        _plan(args, shards)
+    if options.plan:
+        _plan(options)
         return
-    processes = args.processes or (torch.cuda.device_count() if args.device in ("auto", "cuda") else 1) or 1
+    processes = options.processes or (torch.cuda.device_count() if options.device in ("auto", "cuda") else 1) or 1
     if share.world == 1 and processes > 1:  # this machine's processes, each one this command under RANK/WORLD_SIZE
-        try:
+        with refusals("prepare", also=(RuntimeError,)):
             run_local([sys.executable, "-m", "data_tools.prepare", *(sys.argv[1:] if argv is None else argv)],
                       processes)
-        except (ValueError, RuntimeError) as e:
-            sys.exit(f"prepare: {e}")
         return
-    device = args.device
-    if device in ("auto", "cuda"):
-        # modulo the GPUs it sees: under srun --gpus-per-task=1 each process sees its own GPU as cuda:0
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    try:
-        shape = job_shape(args.nodes, args.gpus_per_node, args.ranks, (args.train_on or device) != "cpu")
-        check_writable(args.out)
-        summary = prepare(shards, args.teacher, args.pretrained, args.student, args.out, Views(args.views), k=args.k,
-                          semantic=args.semantic, target_keep_fraction=args.target_keep_fraction,
-                          perceptual=args.perceptual, max_removed_fraction=args.max_removed_fraction,
-                          shape=shape, workers=args.workers, samples_per_shard=args.samples_per_shard,
-                          device=device, batch_size=args.batch_size, seed=args.seed,
-                          random_teacher_ok=args.random_teacher_ok, max_damaged_fraction=args.max_damaged_fraction,
-                          fit={"parts": args.parts, "max_points_per_centroid": args.max_points_per_centroid,
-                               "fit_memory_gb": args.fit_memory_gb}, share=share)
-    except OtherRun as e:
-        later = STAGES[STAGES.index(os.path.basename(e.out_dir)) + 1:] if os.path.basename(e.out_dir) in STAGES else ()
-        sys.exit(f"prepare: {e}\n(prepare resumes every stage; to redo this one with the new flags, delete "
-                 f"{' and '.join([e.out_dir, *(os.path.join(args.out, s) for s in later)])})")
-    except TooMuchRemoved as e:
-        sys.exit(f"prepare: {e}\n(under prepare, another --target-keep-fraction or --semantic needs "
-                 f"{os.path.join(args.out, 'balance')} deleted first; --max-removed-fraction resumes it)")
-    except (ValueError, FileNotFoundError) as e:  # a DataError (damaged shards, ...) is a ValueError
-        sys.exit(f"prepare: {e}")
+    with refusals("prepare", explain=functools.partial(_under_prepare, options.out)):
+        summary = prepare(options, share)
     if summary is None:
         print(f"prepare: {share} did its share of every stage; process 0 writes the summary")
         return

@@ -63,10 +63,11 @@ def prepare_data(args: argparse.Namespace, shards: list[str], teachers: list[str
     """``data_tools.prepare`` as a user runs it, with the demo's k, perceptual threshold and shard count."""
     import torch
 
-    from data_tools.extract import Views
-    from data_tools.prepare import Shape, prepare, print_summary
-    summary = prepare(shards, teachers, None, "demo-student", out, Views(views), k=CLUSTERS, perceptual=PERCEPTUAL,
-                      shape=Shape(per_node=1, gpus=torch.cuda.is_available()), workers=TRAIN_SHARDS, seed=args.seed)
+    from data_tools.prepare import PrepareOptions, prepare, print_summary
+    summary = prepare(PrepareOptions(shards=shards, teacher=teachers, student="demo-student", out=out, views=views,
+                                     k=CLUSTERS, perceptual=PERCEPTUAL, gpus_per_node=1,
+                                     train_on="gpu" if torch.cuda.is_available() else "cpu", workers=TRAIN_SHARDS,
+                                     device="cpu", seed=args.seed))
     print_summary(summary)
     return summary
 

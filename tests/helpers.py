@@ -50,13 +50,13 @@ def one_rank_env() -> dict:
 def make_data_and_features(root: str, train_samples: int = 384, shards: int = 4) -> dict:
     """Demo data (tiny) and a feature cache from the random-init demo teacher."""
     from cid_ds.config import expand_shards
-    from data_tools.extract import extract
+    from data_tools.extract import ExtractOptions, extract
     from data_tools.make_demo_data import generate
     data = os.path.join(root, "data")
     generate(data, train_samples=train_samples, shards=shards, seed=0, eval_scale=0.1)
     feats = os.path.join(root, "feats")
-    extract(expand_shards(os.path.join(data, "train", "*.tar")), "demo-teacher", None, feats, batch_size=64, workers=1,
-            random_teacher_ok=True)
+    extract(ExtractOptions(shards=expand_shards(os.path.join(data, "train", "*.tar")), teacher="demo-teacher",
+                           out=feats, batch_size=64, workers=1, random_teacher_ok=True, device="cpu"))
     return {"data": data, "feats": feats, "shards": os.path.join(data, "train", "*.tar"),
             "eval": [os.path.join(data, "eval", s) for s in ("shapes", "colored_shapes", "retrieval")]}
 

@@ -14,13 +14,13 @@ import torch
 from cid_ds.config import ConfigError, expand_shards, load_config
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_stem
-from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.batch import LoaderSpec, open_side_data
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
-from data_tools.balance import balance
-from data_tools.cluster import cluster
-from data_tools.extract import extract
-from data_tools.pack import pack
+from data_tools.balance import BalanceOptions, balance
+from data_tools.cluster import ClusterOptions, cluster
+from data_tools.extract import ExtractOptions, extract
+from data_tools.pack import PackOptions, pack
 from tests.helpers import REPO_ROOT, one_rank_env, write_shard_tar
 
 PER_SHARD = 24
@@ -49,17 +49,20 @@ def made(tmp_path_factory):
     for name, seed in (("a", 1), ("b", 2)):
         teacher = write_teacher(os.path.join(root, f"teacher_{name}"), seed)
         feats, clusters, keep = (os.path.join(root, f"{what}_{name}") for what in ("feats", "clusters", "balance"))
-        extract(shards, teacher, None, feats, batch_size=64, workers=0)
-        cluster(feats, 2, clusters, topk=1)
-        balance(feats, clusters, keep, semantic=0.999, perceptual=0.9995, workers=1)
+        extract(ExtractOptions(shards=shards, teacher=teacher, out=feats, batch_size=64, workers=0, device="cpu"))
+        cluster(ClusterOptions(features=feats, k=2, out=clusters, topk=1))
+        balance(BalanceOptions(features=feats, clusters=clusters, out=keep, semantic=0.999, perceptual=0.9995,
+                               workers=1))
         made[name] = {"teacher": teacher, "feats": feats, "clusters": clusters, "balance": keep}
     made["packed"] = os.path.join(root, "packed_a")
-    pack(shards, made["a"]["feats"], "demo-student", made["packed"], made["a"]["clusters"], made["a"]["balance"],
-         samples_per_shard=20, progress=False)
+    pack(PackOptions(shards=shards, features=made["a"]["feats"], tokenizer="demo-student", out=made["packed"],
+                     clusters=made["a"]["clusters"], balance=made["a"]["balance"], samples_per_shard=20),
+         progress=False)
     made["packed_shards"] = expand_shards(os.path.join(made["packed"], "*.tar"))
     for name in ("a", "b"):
         made[name]["side"] = os.path.join(root, f"side_{name}")
-        extract(made["packed_shards"], made[name]["teacher"], None, made[name]["side"], batch_size=64, workers=0)
+        extract(ExtractOptions(shards=made["packed_shards"], teacher=made[name]["teacher"], out=made[name]["side"],
+                               batch_size=64, workers=0, device="cpu"))
     return made
 
 
@@ -84,13 +87,18 @@ def test_each_offline_stage_refuses_inputs_of_another_teacher(made, stage):
     a, b, shards = made["a"], made["b"], made["shards"]
     out = os.path.join(made["root"], "out_" + stage.replace(" ", "_"))
     run, odd, reference = {
-        "cluster rerun": (lambda: cluster(b["feats"], 2, a["clusters"], topk=1), a["clusters"], b["feats"]),
-        "balance": (lambda: balance(a["feats"], b["clusters"], out, workers=1), b["clusters"], a["feats"]),
-        "balance rerun": (lambda: balance(b["feats"], b["clusters"], a["balance"], semantic=0.999, perceptual=0.9995,
-                                          workers=1), a["balance"], b["feats"]),
-        "pack clusters": (lambda: pack(shards, a["feats"], "demo-student", out, b["clusters"], progress=False),
+        "cluster rerun": (lambda: cluster(ClusterOptions(features=b["feats"], k=2, out=a["clusters"], topk=1)),
+                          a["clusters"], b["feats"]),
+        "balance": (lambda: balance(BalanceOptions(features=a["feats"], clusters=b["clusters"], out=out, workers=1)),
+                    b["clusters"], a["feats"]),
+        "balance rerun": (lambda: balance(BalanceOptions(features=b["feats"], clusters=b["clusters"],
+                                                         out=a["balance"], semantic=0.999, perceptual=0.9995,
+                                                         workers=1)), a["balance"], b["feats"]),
+        "pack clusters": (lambda: pack(PackOptions(shards=shards, features=a["feats"], tokenizer="demo-student",
+                                                   out=out, clusters=b["clusters"]), progress=False),
                           b["clusters"], a["feats"]),
-        "pack balance": (lambda: pack(shards, a["feats"], "demo-student", out, a["clusters"], b["balance"],
+        "pack balance": (lambda: pack(PackOptions(shards=shards, features=a["feats"], tokenizer="demo-student",
+                                                  out=out, clusters=a["clusters"], balance=b["balance"]),
                                       progress=False), b["balance"], a["feats"]),
     }[stage]
     with pytest.raises(ValueError) as refused:
@@ -139,8 +147,8 @@ def test_an_online_teacher_is_joined_to_the_clustering(made):
 
 def loader(made, features: str) -> list[dict]:
     _, preprocess, _, tokenizer = create_model("demo-student")
-    return list(build_train_loader(LoaderSpec(made["packed_shards"], preprocess, tokenizer, batch_size=4),
-                                   features_dir=features))
+    return list(build_train_loader(LoaderSpec(made["packed_shards"], preprocess, tokenizer, batch_size=4,
+                                              side=open_side_data(made["packed_shards"], features_dir=features))))
 
 
 def test_a_side_cache_over_the_packed_shards_replaces_their_embeddings_and_keeps_their_clusters(made):

@@ -20,8 +20,8 @@ from PIL import Image
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.io import read_json, write_json
-from data_tools.balance import DEFAULT_KEEP_FRACTION, TooMuchRemoved, balance, group_cluster, main
-from data_tools.cluster import cluster, unit_rows
+from data_tools.balance import DEFAULT_KEEP_FRACTION, BalanceOptions, TooMuchRemoved, balance, group_cluster, main
+from data_tools.cluster import ClusterOptions, cluster, unit_rows
 from data_tools.spread import Share
 from tests.helpers import REPO_ROOT
 
@@ -116,14 +116,15 @@ def inputs(planted, tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     rows, keys, _, _ = planted
     cache = write_cache(str(root / "feats"), rows, keys)
-    cluster(cache, CLUSTERS, str(root / "clusters"), **FIT)
+    cluster(ClusterOptions(features=cache, k=CLUSTERS, out=str(root / "clusters"), **FIT))
     return cache, str(root / "clusters")
 
 
 @pytest.fixture(scope="module")
 def balanced(inputs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("balanced") / "b")
-    return out, balance(*inputs, out, perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=1)
+    return out, balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, perceptual=PERCEPTUAL,
+                                       semantic=SEMANTIC, workers=1))
 
 
 def test_planted_duplicates_are_removed_and_every_group_keeps_its_member_nearest_the_mean(planted, inputs, balanced):
@@ -214,7 +215,8 @@ def test_the_blocked_path_gives_exactly_the_all_pairs_result(inputs, balanced, t
         np.testing.assert_array_equal(blocked[1], perceptual)
 
     out = str(tmp_path / "blocked")
-    report = balance(*inputs, out, perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=1, block_size=50)
+    report = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, perceptual=PERCEPTUAL,
+                                    semantic=SEMANTIC, workers=1, block_size=50))
     assert report["largest_tile"] == [50, 50] and balanced[1]["largest_tile"][0] > 50
     assert keep_lists(out) == keep_lists(balanced[0])
 
@@ -229,7 +231,8 @@ def same_result(out, reference_out):
 
 def test_two_worker_processes_give_the_same_result_as_one(inputs, balanced, tmp_path):
     out = str(tmp_path / "two")
-    balance(*inputs, out, perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=2, part_rows=500)
+    balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, perceptual=PERCEPTUAL, semantic=SEMANTIC,
+                           workers=2, part_rows=500))
     assert len(os.listdir(os.path.join(out, "parts"))) > 2
     same_result(out, balanced[0])
 
@@ -254,21 +257,25 @@ def test_spread_over_processes_gives_the_same_result_and_any_process_count_finis
 
     three = str(tmp_path / "three")
     options = dict(perceptual=PERCEPTUAL, semantic=SEMANTIC, workers=1, part_rows=500)
-    assert balance(*inputs, three, **options, share=Share(0, 2)) is None  # process 1 of 2 never ran
+    assert balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=three, **options),
+                   share=Share(0, 2)) is None  # process 1 of 2 never ran
     left = len(os.listdir(os.path.join(three, "parts")))
     assert 0 < left < len(os.listdir(os.path.join(two, "parts")))
     open(os.path.join(three, "by_cluster.1-of-2.0123456789ab.npy"), "wb").write(b"a copy cut short")
-    reports = [balance(*inputs, three, **options, share=Share(rank, 3)) for rank in range(3)]
+    reports = [balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=three, **options),
+                       share=Share(rank, 3)) for rank in range(3)]
     assert reports[:2] == [None, None] and reports[2]["processes"] == 3
     same_result(three, balanced[0])
     assert not copies(three)
 
 
 def test_every_process_tunes_the_threshold_to_the_same_value(inputs, tmp_path):
-    one = balance(*inputs, str(tmp_path / "one"), perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1,
-                  tune_samples=300, part_rows=500)
-    spread = [balance(*inputs, str(tmp_path / "two"), perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1,
-                      tune_samples=300, part_rows=500, share=Share(rank, 2)) for rank in range(2)]
+    one = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=str(tmp_path / "one"),
+                                 perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1, tune_samples=300,
+                                 part_rows=500))
+    spread = [balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=str(tmp_path / "two"),
+                                     perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1, tune_samples=300,
+                                     part_rows=500), share=Share(rank, 2)) for rank in range(2)]
     assert spread[0] is None
     same_result(str(tmp_path / "two"), str(tmp_path / "one"))
     assert spread[1]["semantic"] == one["semantic"]
@@ -303,26 +310,28 @@ def test_a_run_killed_mid_way_resumes_to_the_same_result(inputs, balanced, tmp_p
 
 def test_target_keep_fraction_finds_the_threshold_that_keeps_it(inputs, tmp_path):
     target = 0.75  # between what 0.9 keeps (2/3: every planted duplicate removed) and what 0.98 keeps (~0.78)
-    report = balance(*inputs, str(tmp_path / "t"), perceptual=PERCEPTUAL, target_keep_fraction=target,
-                     tune_samples=10 ** 6, workers=1)
+    report = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=str(tmp_path / "t"),
+                                    perceptual=PERCEPTUAL, target_keep_fraction=target, tune_samples=10 ** 6,
+                                    workers=1))
     tuning = report["tuning"]
     assert tuning["sample_samples"] == report["samples"] and tuning["sample_clusters"] == CLUSTERS
     assert report["semantic"] == tuning["semantic"] and report["target_keep_fraction"] == target
     assert report["kept_fraction"] == tuning["sample_keep_fraction"] >= target
     # the bisection's precision: 1e-4 lower, the threshold keeps less than the target
-    lower = balance(*inputs, str(tmp_path / "lower"), perceptual=PERCEPTUAL, semantic=tuning["semantic"] - 1e-4,
-                    workers=1)
+    lower = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=str(tmp_path / "lower"),
+                                   perceptual=PERCEPTUAL, semantic=tuning["semantic"] - 1e-4, workers=1))
     assert lower["kept_fraction"] < target < report["kept_fraction"] + 0.01
     # a sample of clusters (seeded): the same draw twice, and close to the whole
-    sampled = [balance(*inputs, str(tmp_path / f"s{i}"), perceptual=PERCEPTUAL, target_keep_fraction=target,
-                       tune_samples=1000, workers=1)["tuning"] for i in range(2)]
+    sampled = [balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=str(tmp_path / f"s{i}"),
+                                      perceptual=PERCEPTUAL, target_keep_fraction=target, tune_samples=1000,
+                                      workers=1))["tuning"] for i in range(2)]
     assert sampled[0] == sampled[1] and sampled[0]["sample_clusters"] < CLUSTERS
     assert sampled[0]["sample_samples"] >= 1000 and abs(sampled[0]["semantic"] - tuning["semantic"]) < 0.05
 
 
 def test_without_threshold_flags_the_threshold_is_tuned_to_keep_clip_cids_fraction(inputs, tmp_path):
     out = str(tmp_path / "default")
-    report = balance(*inputs, out, workers=1)
+    report = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, workers=1))
     assert DEFAULT_KEEP_FRACTION == 0.563 and report["target_keep_fraction"] == DEFAULT_KEEP_FRACTION
     assert report["mode"] == "threshold tuned to keep 0.563 (default)"
     assert report["tuning"]["sample_samples"] == report["samples"]  # the sample is every cluster here
@@ -331,7 +340,7 @@ def test_without_threshold_flags_the_threshold_is_tuned_to_keep_clip_cids_fracti
         assert list(json.load(f))[:2] == ["kept_fraction", "mode"]
     # the default target is the run's identity: a fixed threshold into the same folder is another run
     with pytest.raises(ValueError, match="target_keep_fraction is 0.563 but this run has target_keep_fraction = None"):
-        balance(*inputs, out, semantic=SEMANTIC, workers=1)
+        balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, semantic=SEMANTIC, workers=1))
 
 
 COLLAPSED_CLUSTERS, COLLAPSED_SIZE = 4, 50
@@ -346,7 +355,7 @@ def collapsed(tmp_path_factory):
     centres = np.repeat(unit(rng.standard_normal((COLLAPSED_CLUSTERS, DIM))), COLLAPSED_SIZE, 0)
     rows = at_cosine(centres, 0.99, rng)[rng.permutation(len(centres))]
     cache = write_cache(str(root / "feats"), rows, [f"c{i:04d}" for i in range(len(rows))])
-    cluster(cache, COLLAPSED_CLUSTERS, str(root / "clusters"), **FIT)
+    cluster(ClusterOptions(features=cache, k=COLLAPSED_CLUSTERS, out=str(root / "clusters"), **FIT))
     return cache, str(root / "clusters")
 
 
@@ -358,7 +367,7 @@ def assert_nothing_complete(out):
 def test_a_teacher_that_maps_each_cluster_within_the_perceptual_threshold_is_tuned_above_it(collapsed, tmp_path):
     """Cosine ~0.98 within every cluster: no threshold up to --perceptual keeps 0.563, so the default's tuning
     goes on between --perceptual and 1, and every sample it removes is a perceptual duplicate."""
-    report = balance(*collapsed, str(tmp_path / "out"), workers=1)
+    report = balance(BalanceOptions(features=collapsed[0], clusters=collapsed[1], out=str(tmp_path / "out"), workers=1))
     assert report["tuning"]["above_perceptual"] and report["semantic"] > report["perceptual"]
     assert DEFAULT_KEEP_FRACTION - 0.05 < report["kept_fraction"] < DEFAULT_KEEP_FRACTION + 0.05
     assert report["removed_perceptual"] == report["removed"] and report["removed_semantic"] == 0
@@ -374,7 +383,8 @@ def test_a_fixed_threshold_that_would_remove_most_of_the_data_stops_on_the_tunin
         collapsed, tmp_path):
     out = str(tmp_path / "b")
     with pytest.raises(TooMuchRemoved) as refused:
-        balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1)  # draws 2 of the 4 clusters
+        balance(BalanceOptions(features=collapsed[0], clusters=collapsed[1], out=out, semantic=0.5, tune_samples=60,
+                               workers=1))  # draws 2 of the 4 clusters
     [copy] = copies(out)
     assert str(refused.value) == REFUSED_AT_0_5.format(
         kept=2, samples=100, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
@@ -383,7 +393,8 @@ def test_a_fixed_threshold_that_would_remove_most_of_the_data_stops_on_the_tunin
     assert not os.path.exists(os.path.join(out, "parts")) or not os.listdir(os.path.join(out, "parts"))
     assert_nothing_complete(out)
 
-    report = balance(*collapsed, out, semantic=0.5, tune_samples=60, workers=1, max_removed_fraction=1)
+    report = balance(BalanceOptions(features=collapsed[0], clusters=collapsed[1], out=out, semantic=0.5,
+                                    tune_samples=60, workers=1, max_removed_fraction=1))
     assert (report["kept"], report["samples"]) == (COLLAPSED_CLUSTERS, COLLAPSED_CLUSTERS * COLLAPSED_SIZE)
     assert report["max_removed_fraction"] == 1 and read_json(os.path.join(out, "manifest.json"))["complete"]
 
@@ -393,7 +404,8 @@ def test_a_balance_that_would_remove_most_of_the_data_writes_nothing_complete_an
     out, samples = str(tmp_path / "b"), COLLAPSED_CLUSTERS * COLLAPSED_SIZE
     # the tuning sample would be every cluster: no estimate, the full pass is checked before anything is written
     with pytest.raises(TooMuchRemoved) as refused:
-        balance(*collapsed, out, semantic=0.5, workers=1, part_rows=COLLAPSED_SIZE)
+        balance(BalanceOptions(features=collapsed[0], clusters=collapsed[1], out=out, semantic=0.5, workers=1,
+                               part_rows=COLLAPSED_SIZE))
     assert str(refused.value) == REFUSED_AT_0_5.format(
         kept=4, samples=200, kept_percent="2.0%", removed_percent="98.0%", least=0.98,
         scope=f"over all samples; nothing complete is written and the finished parts stay in {out}/parts")
@@ -402,7 +414,8 @@ def test_a_balance_that_would_remove_most_of_the_data_writes_nothing_complete_an
     parts = {name: os.stat(os.path.join(out, "parts", name)).st_mtime_ns for name in os.listdir(os.path.join(out, "parts"))}
     assert len(parts) == COLLAPSED_CLUSTERS
 
-    report = balance(*collapsed, out, semantic=0.5, workers=1, part_rows=COLLAPSED_SIZE, max_removed_fraction=1)
+    report = balance(BalanceOptions(features=collapsed[0], clusters=collapsed[1], out=out, semantic=0.5, workers=1,
+                                    part_rows=COLLAPSED_SIZE, max_removed_fraction=1))
     assert {name: os.stat(os.path.join(out, "parts", name)).st_mtime_ns for name in parts} == parts
     assert (report["kept"], report["samples"], report["mode"]) == (COLLAPSED_CLUSTERS, samples, "fixed --semantic 0.5")
     assert sum(len(shard["kept"]) for shard in keep_lists(out).values()) == COLLAPSED_CLUSTERS
@@ -440,42 +453,43 @@ def test_bad_input_is_named(planted, inputs, balanced, tmp_path):
             (dict(semantic=0.9, target_keep_fraction=0.5), "give exactly one of semantic"),
             (dict(block_size=0), "block_size must be >= 1, got 0")):
         with pytest.raises(ValueError, match=message):
-            balance(cache, clusters, out, **kwargs)
+            balance(BalanceOptions(features=cache, clusters=clusters, out=out, **kwargs))
     assert not os.path.exists(out)
     with pytest.raises(ValueError, match=r"target_keep_fraction 0.999 is out of reach: even at a semantic threshold "
                                          r"just below 1 the tuning sample keeps 0\.[0-9]+ \(identical embeddings\)"):
-        balance(cache, clusters, str(tmp_path / "reach"), target_keep_fraction=0.999, workers=1)
+        balance(BalanceOptions(features=cache, clusters=clusters, out=str(tmp_path / "reach"),
+                               target_keep_fraction=0.999, workers=1))
 
     unfinished = str(tmp_path / "unfinished")
     write_started_manifest(unfinished, TEACHER)
     with pytest.raises(ValueError, match=f"feature cache {unfinished}/manifest.json: complete is false"):
-        balance(unfinished, clusters, out)
+        balance(BalanceOptions(features=unfinished, clusters=clusters, out=out))
     partial = str(tmp_path / "partial")
     shutil.copytree(clusters, partial)
     manifest = read_json(os.path.join(partial, "manifest.json"))
     write_json(os.path.join(partial, "manifest.json"), dict(manifest, complete=False))
     with pytest.raises(ValueError, match=f"cluster assignments {partial}/manifest.json: complete is false"):
-        balance(cache, partial, out)
+        balance(BalanceOptions(features=cache, clusters=partial, out=out))
     write_json(os.path.join(partial, "manifest.json"), manifest)
     os.remove(shard_file(partial, "00001"))
     with pytest.raises(FileNotFoundError, match=f"cluster assignments {partial}: no {partial}/00001.npz for shard "
                                                 "00001 of the feature cache"):
-        balance(cache, partial, out)
+        balance(BalanceOptions(features=cache, clusters=partial, out=out))
 
     rows, keys, _, _ = planted
     other = write_cache(str(tmp_path / "other"), rows, keys, teacher={"weights_sha256": "b" * 64, "embed_dim": DIM})
     with pytest.raises(ValueError, match=rf"cluster assignments {clusters}/manifest.json: teacher.weights_sha256 is "
                                          rf"aaaaaaaaaaaa.. but feature cache {other}/manifest.json has bbbbbbbbbbbb.."):
-        balance(other, clusters, out)
+        balance(BalanceOptions(features=other, clusters=clusters, out=out))
     shuffled = write_cache(str(tmp_path / "shuffled"), rows[::-1], keys[::-1])
     with pytest.raises(ValueError, match=f"{shuffled}/00000.npz: its keys are not those of the cluster "
                                          "assignments' file for shard 00000, in the same order"):
-        balance(shuffled, clusters, str(tmp_path / "shuffled-out"), workers=1)
+        balance(BalanceOptions(features=shuffled, clusters=clusters, out=str(tmp_path / "shuffled-out"), workers=1))
 
     done = str(tmp_path / "done")
     shutil.copytree(balanced[0], done)
     with pytest.raises(ValueError, match=f"{done}/manifest.json: semantic is 0.9 but this run has semantic = 0.8"):
-        balance(cache, clusters, done, perceptual=PERCEPTUAL, semantic=0.8)
+        balance(BalanceOptions(features=cache, clusters=clusters, out=done, perceptual=PERCEPTUAL, semantic=0.8))
     with pytest.raises(SystemExit, match=f"balance: feature cache {tmp_path}/none: no manifest.json"):
         main(["--features", str(tmp_path / "none"), "--clusters", clusters, "--out", out])
 
@@ -513,13 +527,15 @@ def planted_shards(data_dir, images=240, shards=2, seed=0):
 
 
 def test_real_teacher_over_real_images_removes_copies_jitter_and_re_encodes(tmp_path):
-    from data_tools.extract import extract
+    from data_tools.extract import ExtractOptions, extract
     shards, planted = planted_shards(str(tmp_path / "data"))
     feats, clusters, out = (str(tmp_path / name) for name in ("feats", "clusters", "out"))
-    extract(shards, "demo-teacher", None, feats, batch_size=128, workers=1, random_teacher_ok=True)
-    cluster(feats, 4, clusters, seed=0)
+    extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=feats, batch_size=128, workers=1,
+                           random_teacher_ok=True, device="cpu"))
+    cluster(ClusterOptions(features=feats, k=4, out=clusters, seed=0))
     # The random-init demo teacher puts distinct images up to ~0.996 apart and re-encodes above ~0.9998.
-    report = balance(feats, clusters, out, perceptual=0.99995, semantic=0.999, workers=1)
+    report = balance(BalanceOptions(features=feats, clusters=clusters, out=out, perceptual=0.99995, semantic=0.999,
+                                    workers=1))
 
     lists = keep_lists(out)
     kept = {key for shard in lists.values() for key in shard["kept"]}

@@ -11,7 +11,7 @@ import pytest
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.data.joins import check_join
-from data_tools.cluster import assign, cluster, default_k, main
+from data_tools.cluster import ClusterOptions, assign, cluster, default_k, main
 
 CLUSTERS, PER_CLUSTER, DIM, SHARDS = 20, 150, 32, 3
 TEACHER = {"weights_sha256": "a" * 64, "embed_dim": DIM}
@@ -82,7 +82,7 @@ def cache_dir(planted, tmp_path_factory):
 def clustered(cache_dir, tmp_path_factory):
     """The planted cache clustered into CLUSTERS, fitted on 800 of its 3000 rows, top-2 stored."""
     out = str(tmp_path_factory.mktemp("clusters") / "c")
-    return out, cluster(cache_dir, CLUSTERS, out, **FIT)
+    return out, cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, **FIT))
 
 
 def test_planted_clusters_are_recovered_and_every_output_describes_them(planted, clustered, cache_dir):
@@ -122,8 +122,8 @@ def test_planted_clusters_are_recovered_and_every_output_describes_them(planted,
 
 def test_hierarchical_fit_recovers_the_planted_clusters(planted, cache_dir, tmp_path):
     points, labels = planted
-    manifest = cluster(cache_dir, CLUSTERS, str(tmp_path / "c"), max_points_per_centroid=120, parts=3, seed=1,
-                       init="kmeans++", nredo=3)
+    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=str(tmp_path / "c"),
+                                      max_points_per_centroid=120, parts=3, seed=1, init="kmeans++", nredo=3))
     assert manifest["parts"] == 3 and manifest["fit_points"] == 2400
     assert adjusted_rand_index(assigned_ids(str(tmp_path / "c"), len(points))[:, 0], labels) > 0.95
 
@@ -149,7 +149,7 @@ def test_rerun_after_a_lost_shard_redoes_only_that_shard(clustered, cache_dir, t
         f.write(b"PK\x03\x04 half a zip")
     kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in ("00000.npz", "00002.npz", "centroids.npy")}
 
-    manifest = cluster(cache_dir, CLUSTERS, out, **FIT)
+    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, **FIT))
 
     assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in kept} == kept
     with np.load(shard_file(out, "00001")) as npz:
@@ -165,12 +165,12 @@ def test_a_rerun_with_other_parameters_or_from_another_teacher_is_refused(plante
     shutil.copytree(clustered[0], out)
     manifest_path = os.path.join(out, "manifest.json")
     with pytest.raises(ValueError, match=f"{manifest_path}: niter is 20 but this run has niter = 5"):
-        cluster(clustered[1]["features"], CLUSTERS, out, **FIT, niter=5)
+        cluster(ClusterOptions(features=clustered[1]["features"], k=CLUSTERS, out=out, **FIT, niter=5))
 
     other = write_cache(str(tmp_path / "other"), planted[0], teacher={"weights_sha256": "b" * 64, "embed_dim": DIM})
     with pytest.raises(ValueError, match=rf"{manifest_path}: teacher.weights_sha256 is aaaaaaaaaaaa.. but "
                                          rf"feature cache {other}/manifest.json has bbbbbbbbbbbb.."):
-        cluster(other, CLUSTERS, out, **FIT)
+        cluster(ClusterOptions(features=other, k=CLUSTERS, out=out, **FIT))
     with pytest.raises(ValueError, match=rf"cluster assignments {manifest_path}: teacher.weights_sha256 .* "
                                          rf"feature cache {other}/manifest.json has"):
         check_join(FeatureCache(other), ClusterAssignments(out))
@@ -190,9 +190,9 @@ def test_bad_input_is_named(cache_dir, tmp_path, capsys):
     unfinished = str(tmp_path / "unfinished")
     write_started_manifest(unfinished, TEACHER)
     with pytest.raises(ValueError, match=f"feature cache {unfinished}/manifest.json: complete is false"):
-        cluster(unfinished, CLUSTERS, str(tmp_path / "out"))
+        cluster(ClusterOptions(features=unfinished, k=CLUSTERS, out=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="3000 samples, 3000 drawn for the fit, too few for 1 part.* k = 5000"):
-        cluster(cache_dir, 5000, str(tmp_path / "out"))
+        cluster(ClusterOptions(features=cache_dir, k=5000, out=str(tmp_path / "out")))
     assert not os.path.exists(tmp_path / "out")  # nothing written: the corrected k is not refused as another run
     with pytest.raises(SystemExit, match=f"cluster: feature cache {tmp_path}/none: no manifest.json"):
         main(["--features", str(tmp_path / "none"), "--k", "4", "--out", str(tmp_path / "out")])
@@ -252,8 +252,8 @@ def test_a_fit_over_the_memory_budget_is_hierarchical_by_default_and_refused_in_
     out = str(tmp_path / "c")
     budget = 0.0001  # GiB: 107 KB; the fit of 800 32-d rows into 20 holds ~212 KB whole, ~77 KB in 3 parts
     with pytest.raises(ValueError, match=r"holds ~0\.0 GiB of host memory, over --fit-memory-gb 0\.0001: use --parts 3"):
-        cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **dict(FIT, parts=1))
+        cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, fit_memory_gb=budget, **dict(FIT, parts=1)))
     assert not os.path.exists(out)
-    manifest = cluster(cache_dir, CLUSTERS, out, fit_memory_gb=budget, **FIT)
+    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, fit_memory_gb=budget, **FIT))
     assert manifest["complete"] and manifest["parts"] == 3
     assert "fit_sample.npy" not in os.listdir(out)  # the sample lived on disk during the fit only

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from cid_ds.data.batch import LoaderSpec
-from cid_ds.data.dali_loader import build_dali_loader, read_shard, resolve_backend
+from cid_ds.data.dali_loader import build_dali_loader, read_shard
 from cid_ds.data.errors import DataError
 from cid_ds.data.packed import FORMAT, encode_array, tokenizer_fingerprint
 from cid_ds.data.preprocess import image_spec
@@ -180,24 +180,27 @@ def test_resume_starts_at_the_batch_after_the_checkpoint(shards, student, shuffl
         assert len(set(seen) & set(rest)) <= shuffle_buffer and len(set(rest)) == len(rest)
 
 
-def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, student):
+def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, student, with_views):
     from cid_ds.config import Config
     from cid_ds.run_state import DataPosition
-    from cid_ds.train import batches
+    from cid_ds.data.batch import open_side_data
+    from cid_ds.data.loader import batches, resolve_backend
     cfg = Config()
     cfg.data.batch_size, cfg.data.workers, cfg.data.shuffle_buffer, cfg.data.backend = BATCH, 1, 16, "dali"
     position = DataPosition(epoch=3, batch_in_epoch=2)
     spec = LoaderSpec(shards, student[1], student[2], BATCH, workers=1, seed=cfg.seed, shuffle_buffer=16)
-    stream = batches(cfg, spec, position)
+    stream = batches(spec, cfg.data, position)
     per_epoch = SHARDS * PER_SHARD // BATCH
     got = [next(stream) for _ in range(per_epoch - 2 + 1)]
     expected = dali_epoch(shards, student, seed=cfg.seed, epoch=3, skip_batches=2, workers=1)
     assert [b["key"] for b in got[:-1]] == [b["key"] for b in expected]
     assert got[-1]["key"] == dali_epoch(shards, student, seed=cfg.seed, epoch=4, workers=1)[0]["key"]
     assert (position.epoch, position.batch_in_epoch) == (4, 1)
-    assert resolve_backend("auto", shards, joins=False) == ("dali" if torch.cuda.is_available() else "wds")
+    assert resolve_backend("auto", spec) == ("dali" if torch.cuda.is_available() else "wds")
+    joining = LoaderSpec(with_views["shards"], student[1], student[2], BATCH,
+                         side=open_side_data(with_views["shards"], features_dir=with_views["feats"]))
     with pytest.raises(DataError, match="data.backend=dali"):
-        resolve_backend("dali", shards, joins=True)
+        resolve_backend("dali", joining)
 
 
 def test_bad_samples_are_skipped_counted_and_logged_once(tmp_path, student, capsys):
@@ -305,14 +308,15 @@ def test_read_shard_gives_every_usable_sample_in_tar_order(tmp_path, student):
 def test_extract_with_dali_writes_the_feature_cache_the_wds_backend_writes(tmp_path):
     """Same keys in the same order, same skipped keys by kind, embeddings of the same pixels."""
     from cid_ds.data.features import FeatureCache, shard_file
-    from data_tools.extract import extract
+    from data_tools.extract import ExtractOptions, extract
     from tests.helpers import write_shard_tar
     shards = [write_shard_tar(tmp_path / "00000.tar", 0, 12, corrupt={"000000003"}, empty_caption={"000000005"}),
               write_shard_tar(tmp_path / "00001.tar", 12, 9)]
     caches = {}
     for backend in ("wds", "dali"):
         out = str(tmp_path / backend)
-        extract(shards, "demo-teacher", None, out, batch_size=4, workers=1, backend=backend, random_teacher_ok=True)
+        extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=4, workers=1,
+                               backend=backend, random_teacher_ok=True, device="cpu"))
         caches[backend] = FeatureCache(out)
     for stem in ("00000", "00001"):
         wds_rows, dali_rows = caches["wds"].lookup(stem), caches["dali"].lookup(stem)
@@ -332,15 +336,16 @@ def with_views(tmp_path_factory):
     """Demo data, a feature cache of the demo teacher with 2 stored views per image (crops of 30% to all
     of it, some flipped), packed into 2 distill-ready shards; the teacher itself."""
     from cid_ds.teacher import load_teacher
-    from data_tools.extract import Views, extract
+    from data_tools.extract import ExtractOptions, extract
     from data_tools.make_demo_data import generate
-    from data_tools.pack import pack
+    from data_tools.pack import PackOptions, pack
     root = tmp_path_factory.mktemp("views")
     generate(str(root / "data"), train_samples=192, shards=2, seed=0, eval_scale=0.1, progress=False)
     sources = sorted(str(p) for p in (root / "data" / "train").glob("*.tar"))
-    extract(sources, "demo-teacher", None, str(root / "feats"), batch_size=64, workers=1,
-            views=Views(2, scale=(0.3, 1.0)), random_teacher_ok=True)
-    pack(sources, str(root / "feats"), "demo-teacher", str(root / "packed"), samples_per_shard=96, progress=False)
+    extract(ExtractOptions(shards=sources, teacher="demo-teacher", out=str(root / "feats"), batch_size=64, workers=1,
+                           views=2, view_scale=(0.3, 1.0), random_teacher_ok=True, device="cpu"))
+    pack(PackOptions(shards=sources, features=str(root / "feats"), tokenizer="demo-teacher", out=str(root / "packed"),
+                     samples_per_shard=96), progress=False)
     model, preprocess_val, tokenizer, _ = load_teacher("demo-teacher", None, random_ok=True)
     return {"shards": sorted(str(p) for p in (root / "packed").glob("*.tar")), "feats": str(root / "feats"),
             "manifest": str(root / "packed" / "manifest.json"), "model": model.eval(), "preprocess": preprocess_val,

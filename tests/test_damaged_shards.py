@@ -27,8 +27,8 @@ from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.evaluate import evaluate
 from cid_ds.io import read_json
 from cid_ds.models import create_model
-from data_tools.extract import extract
-from data_tools.pack import pack
+from data_tools.extract import ExtractOptions, extract
+from data_tools.pack import PackOptions, pack
 from tests.helpers import REPO_ROOT, make_data_and_features, write_shard_tar
 
 PER_SHARD = 8
@@ -111,8 +111,8 @@ def extracted(tmp_path_factory):
     shards += [damaged_shard(data, "00003.tar", "cut mid-member", 3 * PER_SHARD),
                damaged_shard(data, "00004.tar", "gzip cut", 4 * PER_SHARD)]
     feats = str(root / "feats")
-    result = extract(shards, "demo-teacher", None, feats, batch_size=16, workers=1, random_teacher_ok=True,
-                     max_damaged_fraction=0.4)
+    result = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=feats, batch_size=16, workers=1,
+                                    random_teacher_ok=True, max_damaged_fraction=0.4, device="cpu"))
     return {"root": root, "shards": shards, "feats": feats, "result": result}
 
 
@@ -127,8 +127,8 @@ def test_extract_records_the_damage_in_the_shard_file_and_manifest_and_a_rerun_c
     assert zipped["damage"]["shard"] == shards[4] and zipped["samples"] == zipped["damage"]["samples_kept"] >= 1
     with np.load(shard_file(feats, "00003")) as npz:
         assert npz["keys"].tolist() == keys(3 * PER_SHARD, 1) and json.loads(str(npz["damage"]))["byte"] == 8192
-    again = extract(shards, "demo-teacher", None, feats, batch_size=16, workers=1, random_teacher_ok=True,
-                    max_damaged_fraction=0.4)
+    again = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=feats, batch_size=16, workers=1,
+                                   random_teacher_ok=True, max_damaged_fraction=0.4, device="cpu"))
     assert again["extracted"] == [] and again["manifest"]["complete"]
 
 
@@ -139,7 +139,8 @@ def test_extract_stops_past_the_damaged_fraction_and_leaves_those_shards_to_redo
     out = str(tmp_path / "feats")
     with pytest.raises(TooMuchDamage, match=r"2 of 3 shards are damaged \(66.7%\), more than "
                                             r"--max-damaged-fraction = 0.01 accepts \(1\)(.|\n)*re-run reads them"):
-        extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, random_teacher_ok=True)
+        extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=1,
+                               random_teacher_ok=True, device="cpu"))
     assert not os.path.exists(shard_file(out, "00001")) and not os.path.exists(shard_file(out, "00002"))
 
 
@@ -154,8 +155,8 @@ def packed(extracted):
         data = open(extracted["shards"][i], "rb").read()
         open(shards[i], "wb").write(data[:CUT_AT] if i == 1 else data)
     out = str(extracted["root"] / "packed")
-    manifest = pack(shards, extracted["feats"], "demo-student", out, samples_per_shard=10, progress=False,
-                    max_damaged_fraction=0.5)
+    manifest = pack(PackOptions(shards=shards, features=extracted["feats"], tokenizer="demo-student", out=out,
+                                samples_per_shard=10, max_damaged_fraction=0.5), progress=False)
     return {"dir": out, "manifest": manifest, "sources": shards}
 
 

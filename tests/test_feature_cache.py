@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem
 from cid_ds.data.samples import read_samples
 from cid_ds.models import MODEL_CONFIG_DIR, create_model, weights_fingerprint
-from data_tools.extract import extract, main
+from data_tools.extract import ExtractOptions, extract, main
+from data_tools.spread import Share
 from tests.helpers import write_shard_tar
 
 CORRUPT_KEY, EMPTY_CAPTION_KEY = "000000045", "000000050"
@@ -31,7 +32,8 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "feats")
-    extract(shards, "demo-teacher", None, out, batch_size=16, workers=2, random_teacher_ok=True)
+    extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=2,
+                           random_teacher_ok=True, device="cpu"))
     return out
 
 
@@ -91,7 +93,8 @@ def test_rerun_after_a_crash_redoes_only_the_unfinished_shard(shards, cache_dir,
         f.write(b"PK\x03\x04 half a zip")
     kept_mtime = os.stat(shard_file(out, "00000")).st_mtime_ns
 
-    result = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, random_teacher_ok=True)
+    result = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=1,
+                                    random_teacher_ok=True, device="cpu"))
 
     assert result["extracted"] == ["00001"] and result["skipped"] == ["00000"] and result["samples"] == 38
     assert os.stat(shard_file(out, "00000")).st_mtime_ns == kept_mtime
@@ -100,18 +103,19 @@ def test_rerun_after_a_crash_redoes_only_the_unfinished_shard(shards, cache_dir,
         np.testing.assert_array_equal(rows(out, "00001")[name], array)
     assert result["manifest"]["complete"] and result["manifest"]["totals"]["samples"] == 78
 
-    again = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, random_teacher_ok=True)
+    again = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=1,
+                                   random_teacher_ok=True, device="cpu"))
     assert again["extracted"] == [] and again["samples"] == 0 and again["manifest"]["complete"]
 
 
 def test_two_ranks_split_the_shards_and_the_last_one_writes_the_manifest(shards, cache_dir, tmp_path):
     out = str(tmp_path / "feats")
-    first = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=0, world_size=2,
-                    random_teacher_ok=True)
+    first = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=1,
+                                   random_teacher_ok=True, device="cpu"), share=Share(0, 2))
     assert first["extracted"] == ["00000"] and first["manifest"] is None
     assert FeatureCache(out).complete is False
-    second = extract(shards, "demo-teacher", None, out, batch_size=16, workers=1, rank=1, world_size=2,
-                     random_teacher_ok=True)
+    second = extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=16, workers=1,
+                                    random_teacher_ok=True, device="cpu"), share=Share(1, 2))
     assert second["extracted"] == ["00001"] and second["manifest"]["complete"]
     assert FeatureCache(out).complete
     for stem in ("00000", "00001"):
@@ -128,7 +132,8 @@ def test_a_different_teacher_is_refused_before_any_work(shards, cache_dir, tmp_p
 
     with pytest.raises(ValueError, match=r"manifest.json: teacher.weights_sha256 is [0-9a-f]{12}\.\. "
                                          r"but the teacher given is [0-9a-f]{12}\.\.") as error:
-        extract(shards, "demo-student", None, out, batch_size=16, workers=1, random_teacher_ok=True)
+        extract(ExtractOptions(shards=shards, teacher="demo-student", out=out, batch_size=16, workers=1,
+                               random_teacher_ok=True, device="cpu"))
     assert "teacher.embed_dim is 256 but the teacher given is 128" in str(error.value)
     assert not os.path.exists(shard_file(out, "00001"))
     with open(os.path.join(out, "manifest.json")) as f:
@@ -148,10 +153,12 @@ def test_same_teacher_name_with_new_weights_is_refused(shards, tmp_path):
 
     save_weights(1)
     out = str(tmp_path / "feats")
-    extract(shards[:1], f"local-dir:{folder}", None, out, batch_size=16, workers=0)
+    extract(ExtractOptions(shards=shards[:1], teacher=f"local-dir:{folder}", out=out, batch_size=16, workers=0,
+                           device="cpu"))
     save_weights(2)
     with pytest.raises(ValueError, match=r"teacher\.weights_sha256 is .* but the teacher given is") as error:
-        extract(shards, f"local-dir:{folder}", None, out, batch_size=16, workers=0)
+        extract(ExtractOptions(shards=shards, teacher=f"local-dir:{folder}", out=out, batch_size=16, workers=0,
+                               device="cpu"))
     assert "embed_dim" not in str(error.value)
 
 
@@ -178,8 +185,8 @@ def test_an_unreadable_shard_is_recorded_and_done(shards, tmp_path):
     with open(shards[0], "rb") as f:
         broken.write_bytes(f.read()[:30000])
     out = str(tmp_path / "feats")
-    result = extract([shards[0], str(broken)], "demo-teacher", None, out, batch_size=16, workers=1,
-                     random_teacher_ok=True)
+    result = extract(ExtractOptions(shards=[shards[0], str(broken)], teacher="demo-teacher", out=out, batch_size=16,
+                                    workers=1, random_teacher_ok=True, device="cpu"))
     assert os.path.isfile(shard_file(out, "00000")) and os.path.isfile(shard_file(out, "00007"))
     damage = result["manifest"]["shards"]["00007"]["damage"]
     assert damage["shard"] == str(broken) and 0 < damage["byte"] < 30000 and damage["samples_kept"] > 0
@@ -191,7 +198,8 @@ def test_a_key_twice_in_a_shard_is_an_error_naming_shard_and_key(tmp_path):
         for key in ("a1", "b2", "a1"):
             tar.write({"__key__": key, "jpg": b"unused", "txt": b"a caption"})
     with pytest.raises(ValueError, match=f"shard {shard}: key a1 appears twice"):
-        extract([shard], "demo-teacher", None, str(tmp_path / "feats"), workers=1, random_teacher_ok=True)
+        extract(ExtractOptions(shards=[shard], teacher="demo-teacher", out=str(tmp_path / "feats"), workers=1,
+                               random_teacher_ok=True, device="cpu"))
 
 
 def test_shard_names_must_be_unique(tmp_path):
@@ -199,7 +207,7 @@ def test_shard_names_must_be_unique(tmp_path):
     a.mkdir(), b.mkdir()
     paths = [write_shard_tar(a / "00000.tar", 0, 2), write_shard_tar(b / "00000.tar", 2, 2)]
     with pytest.raises(ValueError, match=f"shards {paths[0]} and {paths[1]} have the same name '00000'"):
-        extract(paths, "demo-teacher", None, str(tmp_path / "feats"))
+        extract(ExtractOptions(shards=paths, teacher="demo-teacher", out=str(tmp_path / "feats"), device="cpu"))
 
 
 def test_command_line(shards, cache_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ from cid_ds import train
 from cid_ds.run_state import DataPosition
 from cid_ds.config import expand_shards
 from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.loader import batches
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
 from tests.helpers import REPO_ROOT, make_data_and_features, write_shard_tar
@@ -95,16 +96,17 @@ def test_a_valid_tar_with_no_samples_contributes_nothing(tmp_path, student):
 @pytest.fixture(scope="module")
 def balanced_packed(tmp_path_factory) -> str:
     """48 samples, of which the balance keeps 24, packed 8 to a shard: the packed shards' pattern."""
-    from data_tools.balance import balance
-    from data_tools.cluster import cluster
-    from data_tools.pack import pack
+    from data_tools.balance import BalanceOptions, balance
+    from data_tools.cluster import ClusterOptions, cluster
+    from data_tools.pack import PackOptions, pack
     root = str(tmp_path_factory.mktemp("balanced"))
     data = make_data_and_features(root, train_samples=48, shards=2)
-    cluster(data["feats"], 2, os.path.join(root, "clusters"))
-    balance(data["feats"], os.path.join(root, "clusters"), os.path.join(root, "balance"), perceptual=0.9999,
-            target_keep_fraction=0.5, workers=1)
-    pack(expand_shards(data["shards"]), data["feats"], "demo-student", os.path.join(root, "packed"),
-         balance_dir=os.path.join(root, "balance"), samples_per_shard=8, progress=False)
+    cluster(ClusterOptions(features=data["feats"], k=2, out=os.path.join(root, "clusters")))
+    balance(BalanceOptions(features=data["feats"], clusters=os.path.join(root, "clusters"), out=os.path.join(root,
+                           "balance"), perceptual=0.9999, target_keep_fraction=0.5, workers=1))
+    pack(PackOptions(shards=expand_shards(data["shards"]), features=data["feats"], tokenizer="demo-student",
+                     out=os.path.join(root, "packed"), balance=os.path.join(root, "balance"), samples_per_shard=8),
+                     progress=False)
     return os.path.join(root, "packed", "*.tar")
 
 
@@ -113,7 +115,7 @@ def test_an_epoch_without_a_full_batch_names_the_samples_the_balance_removed_and
     def first_batch_of_rank_0_of_2(cfg, stop):  # run() as far as the loader's first batch
         spec = LoaderSpec(expand_shards(cfg.data.train_shards), *student, cfg.data.batch_size,
                           workers=cfg.data.workers, rank=0, world_size=2)
-        return next(train.batches(cfg, spec, DataPosition()))
+        return next(batches(spec, cfg.data, DataPosition()))
     monkeypatch.setattr(train, "run", first_batch_of_rank_0_of_2)
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(SystemExit) as exited:

@@ -13,21 +13,21 @@ from cid_ds.config import expand_shards
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.packed import decode_array
-from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.batch import LoaderSpec, open_side_data
 from cid_ds.data.samples import IMAGE_EXTS, read_samples
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.models import create_model
-from data_tools.pack import default_samples_per_shard, pack, too_few_shards
+from data_tools.pack import PackOptions, default_samples_per_shard, pack, too_few_shards
 from tests.helpers import REPO_ROOT, make_data_and_features
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_tools.cluster import cluster
+    from data_tools.cluster import ClusterOptions, cluster
     data = make_data_and_features(str(tmp_path_factory.mktemp("pack")), train_samples=160, shards=2)
     data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
-    cluster(data["feats"], 4, data["clusters"], topk=2)
+    cluster(ClusterOptions(features=data["feats"], k=4, out=data["clusters"], topk=2))
     data["keep"] = os.path.join(os.path.dirname(data["feats"]), "keep")
     write_keep_lists(data, drop_every=3)
     return data
@@ -57,9 +57,9 @@ def source_samples(data):
 
 def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings_tokens_and_clusters(dataset, tmp_path):
     out = str(tmp_path / "packed")
-    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out,
-                    clusters_dir=dataset["clusters"], balance_dir=dataset["keep"], samples_per_shard=40,
-                    progress=False)
+    manifest = pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"],
+                                tokenizer="demo-student", out=out, clusters=dataset["clusters"],
+                                balance=dataset["keep"], samples_per_shard=40), progress=False)
     cache, clusters = FeatureCache(dataset["feats"]), ClusterAssignments(dataset["clusters"])
     kept = {k for stem in ("00000", "00001") for k in np.load(shard_file(dataset["keep"], stem))["kept"].tolist()}
     packed, source = packed_samples(out), source_samples(dataset)
@@ -86,12 +86,13 @@ def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings
 
 def test_the_loader_reads_packed_shards_as_it_joins_the_side_cache(dataset, tmp_path):
     out = str(tmp_path / "packed")
-    pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out, clusters_dir=dataset["clusters"],
-         samples_per_shard=50, progress=False)
+    pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"], tokenizer="demo-student",
+                     out=out, clusters=dataset["clusters"], samples_per_shard=50), progress=False)
     _, _, preprocess, tokenizer = create_model("demo-student")
 
     def batches(shards, **join):
-        loader = build_train_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=16, shuffle_buffer=1), **join)
+        loader = build_train_loader(LoaderSpec(shards, preprocess, tokenizer, batch_size=16, shuffle_buffer=1,
+                                               side=open_side_data(shards, **join)))
         return {key: (b["image"][i], b["tokens"][i], b["t_img"][i], b["cluster"][i])
                 for b in loader for i, key in enumerate(b["key"])}
 
@@ -107,7 +108,8 @@ def test_the_loader_reads_packed_shards_as_it_joins_the_side_cache(dataset, tmp_
 
 def test_another_students_tokenizer_retokenises_the_captions(dataset, tmp_path):
     out = str(tmp_path / "packed")
-    pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", out, progress=False)
+    pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"], tokenizer="demo-student",
+                     out=out), progress=False)
     _, _, preprocess, tokenizer = create_model("ViT-B-32")  # context length 77, not the demo's 24
     batch = next(iter(build_train_loader(LoaderSpec(expand_shards(os.path.join(out, "*.tar")), preprocess,
                                                     tokenizer, batch_size=4))))
@@ -149,7 +151,8 @@ def test_corrupt_source_input_is_counted_not_fatal(dataset, tmp_path):
     shards = [shutil.copy(p, tmp_path) for p in expand_shards(dataset["shards"])]
     with open(shards[1], "r+b") as f:  # the second tar breaks after extraction: cut in the middle
         f.truncate(os.path.getsize(shards[1]) // 2)
-    manifest = pack(shards, dataset["feats"], "demo-student", str(tmp_path / "packed"), progress=False)
+    manifest = pack(PackOptions(shards=shards, features=dataset["feats"], tokenizer="demo-student",
+                                out=str(tmp_path / "packed")), progress=False)
     totals = manifest["totals"]
     assert totals["unreadable_source_shards"] == 1
     assert 80 <= totals["samples"] < 160 and totals["samples"] + totals["missing_in_source"] == 160
@@ -161,8 +164,8 @@ def test_bad_upstream_is_refused_naming_the_file(dataset, tmp_path):
     from cid_ds.io import write_json
     write_json(os.path.join(incomplete, "manifest.json"), {"complete": False})
     with pytest.raises(ValueError, match=r"keep/manifest\.json is incomplete"):
-        pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "o"),
-             balance_dir=incomplete, progress=False)
+        pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"], tokenizer="demo-student",
+                         out=str(tmp_path / "o"), balance=incomplete), progress=False)
 
 
 @pytest.mark.parametrize("samples, readers, size", [(160, 8, 20), (100, 32, 3), (20_000, 32, 625), (5, 8, 1),
@@ -173,8 +176,9 @@ def test_the_default_shard_size_makes_a_shard_for_every_reader_up_to_10000_sampl
 
 
 def test_without_samples_per_shard_pack_sizes_the_shards_for_ranks_x_workers_and_says_so(dataset, tmp_path, capsys):
-    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "packed"),
-                    progress=False, ranks=3, workers=5)
+    manifest = pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"],
+                                tokenizer="demo-student", out=str(tmp_path / "packed"), ranks=3, workers=5),
+                                progress=False)
     assert manifest["samples_per_shard"] == 11 and len(manifest["shards"]) == 15  # 160 samples, 15 readers
     printed = capsys.readouterr()
     assert "pack: 11 samples per shard: 160 samples / (3 ranks x 5 workers = 15 readers), at most 10000; " \
@@ -182,8 +186,9 @@ def test_without_samples_per_shard_pack_sizes_the_shards_for_ranks_x_workers_and
 
 
 def test_fewer_shards_than_ranks_x_workers_are_warned_about_with_the_numbers(dataset, tmp_path, capsys):
-    manifest = pack(expand_shards(dataset["shards"]), dataset["feats"], "demo-student", str(tmp_path / "packed"),
-                    samples_per_shard=80, progress=False, ranks=4, workers=2)
+    manifest = pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"],
+                                tokenizer="demo-student", out=str(tmp_path / "packed"), samples_per_shard=80, ranks=4,
+                                workers=2), progress=False)
     assert len(manifest["shards"]) == 2
     assert "pack: warning: 2 shards for 4 ranks x 2 workers = 8 readers: ranks or workers with no shard sit idle " \
            "or the epoch has no full batch; use --samples-per-shard <= 20" in capsys.readouterr().err

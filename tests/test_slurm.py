@@ -37,10 +37,10 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_tools.cluster import cluster
+    from data_tools.cluster import ClusterOptions, cluster
     data = make_data_and_features(str(tmp_path_factory.mktemp("slurm_data")), train_samples=192, shards=2)
     data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
-    cluster(data["feats"], 9, data["clusters"])
+    cluster(ClusterOptions(features=data["feats"], k=9, out=data["clusters"]))
     return data
 
 

@@ -17,10 +17,11 @@ from tests.helpers import deepspeed_cmd, make_data_and_features, run
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_tools.cluster import cluster
+    from data_tools.cluster import ClusterOptions, cluster
     data = make_data_and_features(str(tmp_path_factory.mktemp("distill")))
     data["clusters"] = os.path.join(os.path.dirname(data["feats"]), "clusters")
-    cluster(data["feats"], 9, data["clusters"])  # 9 clusters: the 2 ranks own 5 and 4 rows
+    cluster(ClusterOptions(features=data["feats"], k=9,
+                           out=data["clusters"]))  # 9 clusters: the 2 ranks own 5 and 4 rows
     return data
 
 

@@ -17,7 +17,7 @@ from cid_ds.config import ConfigError, expand_shards, load_config
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache
 from cid_ds.data.preprocess import draw_views
-from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.batch import LoaderSpec, open_side_data
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
@@ -25,13 +25,13 @@ from cid_ds.models import DistillStudent, create_model
 from cid_ds.objective import compute_losses
 from cid_ds.sources import resolve_replay_views
 from cid_ds.teacher import load_teacher
-from data_tools.cluster import cluster
-from data_tools.extract import Views, extract
+from data_tools.cluster import ClusterOptions, cluster
+from data_tools.extract import ExtractOptions, extract
 from data_tools.make_demo_data import generate
-from data_tools.pack import pack
+from data_tools.pack import PackOptions, pack
 from tests.helpers import run
 
-VIEWS = Views(2, scale=(0.3, 1.0))  # wide crops, so a replayed view is far from the eval view
+VIEWS = dict(views=2, view_scale=(0.3, 1.0))  # wide crops, so a replayed view is far from the eval view
 BATCH = 32
 
 
@@ -41,11 +41,13 @@ def data(tmp_path_factory):
     generate(str(root / "data"), train_samples=128, shards=2, seed=0, eval_scale=0.1)
     shards = expand_shards(str(root / "data" / "train" / "*.tar"))
     single, pair = str(root / "feats"), str(root / "feats_pair")
-    extract(shards, "demo-teacher", None, single, batch_size=64, workers=1, views=VIEWS, random_teacher_ok=True)
-    extract(shards, ["demo-teacher", "demo-teacher"], None, pair, batch_size=64, workers=1, views=VIEWS,
-            random_teacher_ok=True)
+    extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=single, batch_size=64, workers=1, **VIEWS,
+                           random_teacher_ok=True, device="cpu"))
+    extract(ExtractOptions(shards=shards, teacher=["demo-teacher", "demo-teacher"], out=pair, batch_size=64,
+                           workers=1, **VIEWS, random_teacher_ok=True, device="cpu"))
     packed = str(root / "packed")
-    pack(shards, single, "demo-teacher", packed, samples_per_shard=64, progress=False)
+    pack(PackOptions(shards=shards, features=single, tokenizer="demo-teacher", out=packed, samples_per_shard=64),
+                     progress=False)
     return {"root": root, "shards": shards, "single": single, "pair": pair,
             "packed": expand_shards(os.path.join(packed, "*.tar"))}
 
@@ -74,8 +76,8 @@ def test_extract_stores_each_views_box_flip_and_embedding_and_records_the_cost(d
 
 def test_views_depend_only_on_seed_and_key_not_on_batching(data, tmp_path):
     again = str(tmp_path / "feats")
-    extract(data["shards"][:1], "demo-teacher", None, again, batch_size=7, workers=1, views=VIEWS,
-            random_teacher_ok=True)
+    extract(ExtractOptions(shards=data["shards"][:1], teacher="demo-teacher", out=again, batch_size=7, workers=1,
+                           **VIEWS, random_teacher_ok=True, device="cpu"))
     first, second = FeatureCache(data["single"]).lookup("00000"), FeatureCache(again).lookup("00000")
     np.testing.assert_array_equal(first.view_box, second.view_box)
     np.testing.assert_allclose(first.view_image.astype(np.float32), second.view_image.astype(np.float32), atol=2e-3)
@@ -94,11 +96,12 @@ def embed(model, images: torch.Tensor) -> torch.Tensor:
 def test_the_replayed_crop_reproduces_the_stored_view(data, teacher, source):
     model, preprocess_val, tokenizer = teacher
     shards, features = (data["shards"], data["single"]) if source == "feature cache" else (data["packed"], None)
-    centre = next(iter(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, BATCH, workers=1, shuffle_buffer=1),
-                                          features)))
+    side = open_side_data(shards, features_dir=features)
+    centre = next(iter(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, BATCH, workers=1, shuffle_buffer=1,
+                                                     side=side))))
     for epoch in (0, 1):
         batch = next(iter(build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, BATCH, workers=1, epoch=epoch,
-                                                        shuffle_buffer=1, replay_views=2), features)))
+                                                        shuffle_buffer=1, replay_views=2, side=side))))
         cosine = (embed(model, batch["image"]) * F.normalize(batch["t_img"], dim=-1)).sum(-1)
         assert cosine.min() > 0.999, (epoch, cosine.min())
         if epoch == 0:
@@ -112,8 +115,8 @@ def test_the_replayed_crop_reproduces_the_stored_view(data, teacher, source):
 def test_a_view_index_beyond_what_was_stored_is_refused(data, teacher, tmp_path):
     _, preprocess_val, tokenizer = teacher
     with pytest.raises(DataError, match=r"data.replay_views is 3 but .*feats/manifest.json stores 2 views"):
-        build_train_loader(LoaderSpec(data["shards"], preprocess_val, tokenizer, BATCH, workers=1, replay_views=3),
-                           data["single"])
+        build_train_loader(LoaderSpec(data["shards"], preprocess_val, tokenizer, BATCH, workers=1, replay_views=3,
+                                      side=open_side_data(data["shards"], features_dir=data["single"])))
     with pytest.raises(DataError, match=r"data.replay_views is 3 but .*packed/manifest.json stores 2 views"):
         build_train_loader(LoaderSpec(data["packed"], preprocess_val, tokenizer, BATCH, workers=1, replay_views=3))
     cfg = load_config(*write_yaml(tmp_path, data, ["data.views=replay", "data.replay_views=3"]))
@@ -180,24 +183,26 @@ def test_an_ensemble_of_a_teacher_with_itself_gives_that_teachers_losses(data, m
 
 
 def test_clustering_one_teacher_of_an_ensemble_equals_clustering_it_alone(data, tmp_path):
-    alone = cluster(data["single"], 4, str(tmp_path / "alone"), seed=0, gpu="off")
-    first = cluster(data["pair"], 4, str(tmp_path / "first"), seed=0, gpu="off", teacher_index=0)
-    both = cluster(data["pair"], 4, str(tmp_path / "both"), seed=0, gpu="off")
+    alone = cluster(ClusterOptions(features=data["single"], k=4, out=str(tmp_path / "alone"), seed=0, gpu="off"))
+    first = cluster(ClusterOptions(features=data["pair"], k=4, out=str(tmp_path / "first"), seed=0, gpu="off",
+                                   teacher_index=0))
+    both = cluster(ClusterOptions(features=data["pair"], k=4, out=str(tmp_path / "both"), seed=0, gpu="off"))
     assert first["dim"] == alone["dim"] and both["dim"] == 2 * alone["dim"] and first["teacher_index"] == 0
     ids = {name: np.load(tmp_path / name / "00000.npz")["ids"] for name in ("alone", "first", "both")}
     np.testing.assert_array_equal(ids["first"], ids["alone"])
     np.testing.assert_array_equal(ids["both"], ids["alone"])  # [x, x] renormalised has x's cosines
     with pytest.raises(ValueError, match=r"teacher_index 2: feature cache .* holds 2 teacher\(s\), indices 0..1"):
-        cluster(data["pair"], 4, str(tmp_path / "bad"), seed=0, gpu="off", teacher_index=2)
+        cluster(ClusterOptions(features=data["pair"], k=4, out=str(tmp_path / "bad"), seed=0, gpu="off",
+                               teacher_index=2))
 
 
 def test_a_cache_from_another_teacher_set_or_view_setting_is_refused(data):
     with pytest.raises(ValueError, match=r"(?s)teacher.weights_sha256 is .*refusing to mix two teacher sets"):
-        extract(data["shards"], ["demo-teacher", "demo-student"], None, data["pair"], views=VIEWS,
-                random_teacher_ok=True)
+        extract(ExtractOptions(shards=data["shards"], teacher=["demo-teacher", "demo-student"], out=data["pair"],
+                               **VIEWS, random_teacher_ok=True, device="cpu"))
     with pytest.raises(ValueError, match=r"views.count is 2 but this run asks for 3"):
-        extract(data["shards"], "demo-teacher", None, data["single"], views=Views(3, scale=(0.3, 1.0)),
-                random_teacher_ok=True)
+        extract(ExtractOptions(shards=data["shards"], teacher="demo-teacher", out=data["single"], views=3,
+                               view_scale=(0.3, 1.0), random_teacher_ok=True, device="cpu"))
 
 
 def test_ensemble_weights_and_widths_are_checked_against_the_cache(data):
@@ -216,8 +221,8 @@ def test_ensemble_weights_and_widths_are_checked_against_the_cache(data):
 def test_training_replays_views_against_one_head_per_teacher(data, tmp_path):
     """What a user runs: the trainer on an ensemble cache (teacher widths 256 + 128) with replayed views."""
     mixed = str(tmp_path / "feats_mixed")
-    extract(data["shards"], ["demo-teacher", "demo-student"], None, mixed, batch_size=64, workers=1, views=VIEWS,
-            random_teacher_ok=True)
+    extract(ExtractOptions(shards=data["shards"], teacher=["demo-teacher", "demo-student"], out=mixed, batch_size=64,
+                           workers=1, **VIEWS, random_teacher_ok=True, device="cpu"))
     out = str(tmp_path / "run")
     run([sys.executable, "-m", "cid_ds.train", "--config", "ds_configs/experiments/demo_clipkd.yaml",
          f"output_dir={out}", f"data.train_shards={data['root']}/data/train/*.tar", f"data.features={mixed}",

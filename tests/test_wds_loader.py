@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cid_ds.data.clusters import ClusterAssignments
+from cid_ds.data.batch import LoaderSpec, open_side_data
 from cid_ds.data.features import FeatureCache, shard_file, write_shard
-from cid_ds.data.batch import LoaderSpec
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.io import read_json, write_json
 from cid_ds.models import create_model
-from data_tools.cluster import cluster
-from data_tools.extract import extract
+from data_tools.cluster import ClusterOptions, cluster
+from data_tools.extract import ExtractOptions, extract
 from tests.helpers import write_shard_tar
 
 SHARDS, PER_SHARD, BATCH = 4, 40, 8
@@ -30,7 +30,8 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def features_dir(shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "feats")
-    extract(shards, "demo-teacher", None, out, batch_size=64, workers=0, random_teacher_ok=True)
+    extract(ExtractOptions(shards=shards, teacher="demo-teacher", out=out, batch_size=64, workers=0,
+                           random_teacher_ok=True, device="cpu"))
     return out
 
 
@@ -44,7 +45,8 @@ def batches(shards, student, features_dir, **kwargs):
     preprocess_train, _, tokenizer = student
     join = {name: kwargs.pop(name) for name in ("missing_features", "clusters_dir") if name in kwargs}
     options = dict(batch_size=BATCH, workers=2, shuffle_buffer=50) | kwargs
-    return list(build_train_loader(LoaderSpec(shards, preprocess_train, tokenizer, **options), features_dir, **join))
+    side = open_side_data(shards, features_dir, **join)
+    return list(build_train_loader(LoaderSpec(shards, preprocess_train, tokenizer, side=side, **options)))
 
 
 def keys_of(batch_list):
@@ -97,7 +99,8 @@ def test_skip_batches_resumes_the_same_sequence_without_decoding_the_skipped(sha
         decoded.append(image)
         return preprocess_train(image)
 
-    list(build_train_loader(LoaderSpec(shards, counting_preprocess, tokenizer, BATCH, skip_batches=5), features_dir))
+    list(build_train_loader(LoaderSpec(shards, counting_preprocess, tokenizer, BATCH, skip_batches=5,
+                                       side=open_side_data(shards, features_dir))))
     assert len(decoded) == SHARDS * PER_SHARD - 5 * BATCH
 
 
@@ -133,7 +136,7 @@ def test_a_shard_missing_from_the_cache_is_an_error_naming_shard_and_key_or_is_s
 def test_cluster_ids_are_joined_by_key_with_the_same_rules_as_the_features(shards, student, features_dir, tmp_path):
     for topk in (1, 2):
         clusters = str(tmp_path / f"top{topk}")
-        cluster(features_dir, 4, clusters, topk=topk)
+        cluster(ClusterOptions(features=features_dir, k=4, out=clusters, topk=topk))
         assignments = ClusterAssignments(clusters)
         result = batches(shards, student, features_dir, clusters_dir=clusters, workers=0)
         assert len(result) == SHARDS * PER_SHARD // BATCH
@@ -167,7 +170,8 @@ def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, stu
 
     # With a cache the extractor's own skips are known: no error, the same two are counted.
     cache = str(tmp_path / "feats")
-    extract([shard], "demo-teacher", None, cache, batch_size=16, workers=0, random_teacher_ok=True)
+    extract(ExtractOptions(shards=[shard], teacher="demo-teacher", out=cache, batch_size=16, workers=0,
+                           random_teacher_ok=True, device="cpu"))
     with_cache = batches([shard], student, cache, batch_size=4, workers=0)
     assert sum(b["n_skipped"] for b in with_cache) == 2
     assert {"000000003", "000000010"}.isdisjoint(sum(keys_of(with_cache), []))
@@ -178,3 +182,26 @@ def test_bad_arguments_are_named(shards, student, tmp_path):
         batches(shards, student, None, missing_features="ignore")
     with pytest.raises(FileNotFoundError, match=f"feature cache {tmp_path}: no manifest.json"):
         batches(shards, student, str(tmp_path))
+
+
+def test_the_trainers_batches_read_the_side_folders_opened_once_for_every_epoch(shards, student, features_dir,
+                                                                               monkeypatch):
+    """Epoch after epoch, the trainer's loader (cid_ds.data.loader.batches) joins from the feature cache opened
+    once for the run (cid_ds.sources opens it): nothing is reopened or re-checked per epoch."""
+    from cid_ds.config import DataConfig
+    from cid_ds.data import joins
+    from cid_ds.data.loader import batches as trainer_batches
+    from cid_ds.run_state import DataPosition
+    preprocess_train, _, tokenizer = student
+    spec = LoaderSpec(shards, preprocess_train, tokenizer, BATCH, side=open_side_data(shards, features_dir))
+
+    def opened_again(*args, **kwargs):
+        raise AssertionError("a side folder was opened again")
+    monkeypatch.setattr(FeatureCache, "__init__", opened_again)
+    monkeypatch.setattr(joins, "check_join", opened_again)
+    position = DataPosition()
+    stream = trainer_batches(spec, DataConfig(features=features_dir), position)
+    per_epoch = SHARDS * PER_SHARD // BATCH
+    got = [next(stream) for _ in range(2 * per_epoch + 1)]
+    assert (position.epoch, position.batch_in_epoch) == (2, 1)
+    assert all(batch["t_img"].shape == (BATCH, got[0]["t_img"].shape[1]) for batch in got)
