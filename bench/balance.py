@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 
 from cid_ds.data.clusters import write_assignments  # noqa: E402
 from cid_ds.data.features import write_complete_manifest, write_shard  # noqa: E402
-from cid_ds.io import write_json  # noqa: E402
+from cid_ds.io import MANIFEST, write_json  # noqa: E402
 
 SHARD_ROWS = 10_000  # img2dataset's default shard size
 DUPLICATES = {"near-copy": (0.1, 0.1), "semantic": (0.1, 0.4)}  # fraction of rows, noise scale
@@ -84,7 +84,7 @@ def write_inputs(root: str, n: int, dim: int, k: int, exponent: float, seed: int
         write_assignments(clusters, stem, keys, ids, np.ones(ids.shape, np.float16), [], teacher["weights_sha256"])
         stems.append(stem)
     write_complete_manifest(feats, [f"{stem}.tar" for stem in stems], teacher)
-    write_json(os.path.join(clusters, "manifest.json"),
+    write_json(os.path.join(clusters, MANIFEST),
                {"k": k, "topk": 1, "dim": dim, "teacher": teacher, "features": feats, "complete": True,
                 "note": "written by bench/balance.py: Zipf sizes, not k-means"})
     return feats, clusters, sizes

@@ -7,7 +7,10 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+MANIFEST = "manifest.json"  # every artifact folder's description: the stage that wrote it, its inputs, complete
+
 
 
 @contextlib.contextmanager
@@ -70,6 +73,16 @@ def read_json(path: str) -> Any:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def read_manifest(folder: str) -> Optional[dict]:
+    """``folder``'s manifest as far as it is written, None when it has none (or not a JSON object): what an error
+    about an unfinished or missing artifact can still tell. The artifact's own class checks it before use."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    manifest = read_json(path)
+    return manifest if isinstance(manifest, dict) else None
 
 
 def load_numeric_npy(path: str, mmap: bool = False) -> "np.ndarray":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, must_exist
-from cid_ds.io import read_json
+from cid_ds.io import MANIFEST
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 
 if TYPE_CHECKING:
@@ -61,24 +61,16 @@ class DataSize:
 def data_size(shards: list[str], features_dir: Optional[str]) -> DataSize:
     """What the packed manifest beside ``shards``, else the feature cache in ``features_dir`` (its samples with
     teacher features), says of ``shards``' size."""
-    from cid_ds.data.features import MANIFEST, shard_stem
-    from cid_ds.data.packed import packed_manifest_path
-    packed_path = packed_manifest_path(shards)
+    from cid_ds.data import features, packed
+    packed_path = packed.packed_manifest_path(shards)
     if packed_path is not None:
-        manifest, folder = read_json(packed_path), os.path.dirname(os.path.abspath(packed_path))
-        counts = {os.path.join(folder, entry["name"]): entry["samples"] for entry in manifest.get("shards", [])
-                  if "name" in entry}
-        totals = manifest.get("totals", {})
-        balance = None
-        if "balance" in manifest.get("upstream", {}) and "removed_by_balance" in totals:
-            kept = totals["planned"] + totals.get("not_clustered", 0)
-            balance = (totals["removed_by_balance"], totals["removed_by_balance"] + kept)
-        return _counted(shards, counts, packed_path, balance)
+        return _counted(shards, packed.listed_samples(packed_path), packed_path,
+                        packed.removed_before_packing(packed_path))
     if features_dir is not None:
-        cache_path = os.path.join(features_dir, MANIFEST)
-        by_stem = read_json(cache_path).get("shards", {})
-        counts = {os.path.abspath(p): by_stem[shard_stem(p)]["samples"] for p in shards if shard_stem(p) in by_stem}
-        return _counted(shards, counts, cache_path, None)
+        by_stem = features.listed_samples(features_dir)
+        counts = {os.path.abspath(p): by_stem[features.shard_stem(p)] for p in shards
+                  if features.shard_stem(p) in by_stem}
+        return _counted(shards, counts, os.path.join(features_dir, MANIFEST), None)
     return DataSize(None, None, None)
 
 
@@ -94,7 +86,6 @@ def check_sources(cfg: Config, source: str) -> None:
     teacher terms, trained teacher weights, a clustering). ``source``: how errors name the config
     (cid_ds.config.config_source)."""
     from cid_ds.data.clusters import CENTROIDS
-    from cid_ds.data.features import MANIFEST
     from cid_ds.data.packed import packed_manifest_path
     if cfg.data.features is not None:
         must_exist("data.features", os.path.join(cfg.data.features, MANIFEST), source)
@@ -189,16 +180,15 @@ def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int
 def check_stored_positives(cfg: Config, source: str) -> None:
     """``cluster.positives`` nearest centroids are stored per sample: in the packed shards when they carry
     cluster ids (those are the ones read), else in ``cluster.dir``."""
-    from cid_ds.data.clusters import MANIFEST as CLUSTER_MANIFEST
-    from cid_ds.data.packed import packed_manifest_path
-    packed = packed_manifest_path(expand_shards(cfg.data.train_shards))
-    where = packed if packed is not None and read_json(packed).get("topk") else \
-        os.path.join(cfg.cluster.dir, CLUSTER_MANIFEST)
-    if not os.path.isfile(where):
+    from cid_ds.data import clusters, packed
+    packed_path = packed.packed_manifest_path(expand_shards(cfg.data.train_shards))
+    in_packed = packed.stored_positives(packed_path) if packed_path is not None else 0
+    where, stored = (packed_path, in_packed) if in_packed else \
+        (os.path.join(cfg.cluster.dir, MANIFEST), clusters.stored_positives(cfg.cluster.dir))
+    if stored is None:
         return  # open_clusters names what is missing
-    stored = int(read_json(where).get("topk", 1))
     if cfg.cluster.positives > stored:
-        redo = " (and data_tools.pack with it)" if where == packed else ""
+        redo = " (and data_tools.pack with it)" if where == packed_path else ""
         raise ConfigError(f"{source}: key 'cluster.positives' is {cfg.cluster.positives}, but {where} stores the "
                           f"{stored} nearest centroid(s) of each sample: re-run data_tools.cluster with --topk "
                           f"{cfg.cluster.positives}{redo}")

@@ -89,13 +89,12 @@ from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.joins import check_join
-from cid_ds.io import atomic_path, read_json, write_json
-from data_tools.cluster import cache_shards, load_image_rows, unit_rows
+from cid_ds.io import MANIFEST, atomic_path, write_json
+from data_tools.cluster import load_image_rows, unit_rows
 from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, cpus_per_process
 
-MANIFEST = "manifest.json"
 REPORT = "balance_report.json"
 PLOT = "balance_sizes.png"
 BY_CLUSTER = "by_cluster"  # by_cluster.<rank>-of-<world>.<ranges digest>.npy: a process's copy
@@ -453,7 +452,7 @@ def _check_removed(kept: int, samples: int, max_removed_fraction: float, semanti
 
 def _open_inputs(features_dir: str, clusters_dir: str) -> tuple[FeatureCache, dict[str, int], ClusterAssignments]:
     cache = FeatureCache(features_dir, with_views=False)
-    shards = cache_shards(cache)
+    shards = cache.shard_samples()
     assignments = ClusterAssignments(clusters_dir)
     if not assignments.complete:
         raise ValueError(f"cluster assignments {assignments.manifest_path}: complete is false "
@@ -551,8 +550,7 @@ def balance(options: BalanceOptions, share: Share = Share()) -> Optional[dict]:
     if manifest is None:
         manifest = dict(identity, teacher=cache.teacher, features=os.path.abspath(options.features),
                         clusters=os.path.abspath(options.clusters), code_version=cid_ds.__version__, complete=False,
-                        upstream={"features": read_json(cache.manifest_path),
-                                  "clusters": read_json(assignments.manifest_path)})
+                        upstream={"features": cache.manifest, "clusters": assignments.manifest})
         write_json(os.path.join(out_dir, MANIFEST), manifest)
 
     parts_dir = os.path.join(out_dir, PARTS)

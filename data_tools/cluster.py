@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import cid_ds
-from cid_ds.data.clusters import CENTROIDS, MANIFEST, ClusterAssignments, write_assignments
+from cid_ds.data.clusters import CENTROIDS, ClusterAssignments, fit_finished, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import atomic_path, load_numeric_npy, read_json, write_json
+from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, write_json
 from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, wait_for
@@ -159,17 +159,6 @@ def search(index: faiss.Index, x: np.ndarray, topk: int, batch_size: int) -> tup
     return ids, sims
 
 
-def cache_shards(cache: FeatureCache) -> dict[str, int]:
-    """``{stem: samples}`` of a complete feature cache, from its manifest."""
-    if not cache.complete:
-        raise ValueError(f"feature cache {cache.manifest_path}: complete is false "
-                         "(finish python -m data_tools.extract first)")
-    manifest = read_json(cache.manifest_path)
-    if not isinstance(manifest.get("shards"), dict):
-        raise ValueError(f"feature cache {cache.manifest_path}: field 'shards' is missing")
-    return {stem: int(entry["samples"]) for stem, entry in sorted(manifest["shards"].items())}
-
-
 def load_image_rows(cache: FeatureCache, stem: str, samples: int) -> ShardFeatures:
     """A shard's cached features, checked against the cache manifest's sample count."""
     features = cache.lookup(stem)
@@ -251,7 +240,7 @@ def assign(features_dir: str, centroids: Union[np.ndarray, str], out_dir: str, t
     (data_tools.spread) that has no file yet; returns ``assigned``/``skipped`` stems, ``samples`` and
     ``seconds``."""
     cache = FeatureCache(features_dir, with_views=False)
-    shards = cache_shards(cache)
+    shards = cache.shard_samples()
     columns = teacher_columns(cache, teacher_index)
     centroids, source = read_centroids(centroids)
     width = columns.stop - columns.start
@@ -402,7 +391,7 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
     ngpu = num_gpus(options.gpu)
     out_dir = options.out
     cache = FeatureCache(options.features, with_views=False)
-    shards = cache_shards(cache)
+    shards = cache.shard_samples()
     k = options.k if options.k is not None else _announced_default_k(sum(shards.values()))
     if options.topk > k:
         raise ValueError(f"topk ({options.topk}) must not exceed k ({k})")
@@ -458,9 +447,7 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
 def wait_for_fit(out_dir: str, share: Share) -> None:
     """Processes other than 0 assign with the centroids process 0 fits (one fit, on one machine: its sample
     is drawn over the whole cache); they wait for its manifest to record it."""
-    path = os.path.join(out_dir, MANIFEST)
-    wait_for(lambda: os.path.isfile(os.path.join(out_dir, CENTROIDS)) and os.path.isfile(path)
-             and "fit_points" in read_json(path), f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
+    wait_for(lambda: fit_finished(out_dir), f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

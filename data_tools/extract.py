@@ -40,12 +40,12 @@ from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, TooMuchDamage
 from cid_ds.data.errors import DataError, pass_data_errors, raise_data_errors
-from cid_ds.data.features import (FINGERPRINT_FIELDS, MANIFEST, shard_file, shard_stem, stems_by_shard,
+from cid_ds.data.features import (FINGERPRINT_FIELDS, shard_file, shard_stem, stems_by_shard,
                                   teacher_mismatches, teacher_set, views_entry, write_complete_manifest, write_shard,
                                   write_started_manifest)
 from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
 from cid_ds.data.samples import caption_of, decode_image, read_samples
-from cid_ds.io import read_json
+from cid_ds.io import MANIFEST, read_manifest
 from cid_ds.teacher import load_teacher
 from data_tools.options import flag, run_stage, shard_paths
 from data_tools.spread import Share
@@ -252,11 +252,10 @@ def _embed(models: list, item: dict, device: torch.device) -> tuple[np.ndarray, 
 
 
 def _check_existing_manifest(out_dir: str, teacher: dict, views: dict) -> None:
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path, manifest = os.path.join(out_dir, MANIFEST), read_manifest(out_dir)
+    if manifest is None:
         return
-    manifest = read_json(path)
-    cached = manifest.get("teacher", {}) if isinstance(manifest, dict) else {}
+    cached = manifest.get("teacher", {})
     lines = teacher_mismatches(f"feature cache {path}", cached, {f: teacher.get(f) for f in FINGERPRINT_FIELDS})
     cached_views = manifest.get("views", views_entry(0, int(cached.get("embed_dim") or 0)))
     lines += [f"feature cache {path}: views.{field} is {cached_views.get(field)} but this run asks for {want}"

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cid_ds import __version__
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import MANIFEST, atomic_path, read_json, write_json
 
 IMAGE_SIZE = 64
 JPEG_QUALITY = 90
@@ -441,7 +441,7 @@ _STALE_TMP = re.compile(r"\.tmp\d+$")
 
 def prepare_out_dir(out_dir: str, manifest: dict) -> None:
     """Refuse an ``out_dir`` made with other parameters; clear temp files left by a killed run."""
-    manifest_path = os.path.join(out_dir, "manifest.json")
+    manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         existing = read_json(manifest_path)
         for field in MANIFEST_PARAMETERS:  # "captions" is absent for clean captions (as before it existed)
@@ -494,7 +494,7 @@ def generate(out_dir: str, train_samples: int, shards: int, seed: int, eval_scal
         print(f"{out_dir}: generated {written} samples in {seconds:.1f} s ({rate:.0f} samples/s), "
               f"kept {bar.total - written} from finished tars")
     manifest["complete"] = True
-    write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
 

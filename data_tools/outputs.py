@@ -9,9 +9,7 @@ from matplotlib.figure import Figure
 
 from cid_ds.data.features import FeatureCache
 from cid_ds.data.joins import Artifact, teacher_conflicts
-from cid_ds.io import atomic_path, read_json
-
-MANIFEST = "manifest.json"
+from cid_ds.io import MANIFEST, atomic_path, read_manifest
 
 
 class OtherRun(ValueError):
@@ -25,10 +23,9 @@ class OtherRun(ValueError):
 def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[FeatureCache] = None) -> Optional[dict]:
     """The manifest already in ``out_dir`` (None if there is none), after refusing any field of
     ``identity`` (parameters, inputs) or, given the cache, a teacher that differs from this run's."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path, manifest = os.path.join(out_dir, MANIFEST), read_manifest(out_dir)
+    if manifest is None:
         return None
-    manifest = read_json(path)
     lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"
              for name, value in identity.items() if manifest.get(name) != value]
     if cache is not None:

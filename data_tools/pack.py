@@ -51,9 +51,9 @@ from cid_ds.data.damage import DEFAULT_MAX_DAMAGED_FRACTION, DamageBudget, Shard
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem, stems_by_shard
 from cid_ds.data.joins import balance_artifact, check_join
-from cid_ds.data.packed import FORMAT, MANIFEST, encode_array, tokenizer_fingerprint
+from cid_ds.data.packed import FORMAT, encode_array, tokenizer_fingerprint
 from cid_ds.data.samples import IMAGE_EXTS, caption_of, read_samples
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import MANIFEST, atomic_path, read_json, read_manifest, write_json
 from cid_ds.models import resolve_spec
 from data_tools.options import flag, run_stage, shard_paths
 from data_tools.outputs import check_rerun
@@ -140,14 +140,14 @@ def check_upstream(cache: FeatureCache, clusters: Optional[ClusterAssignments], 
     """The upstream manifests, each complete and made from this cache's teacher."""
     if not cache.complete:
         raise ValueError(f"feature cache {cache.manifest_path} is incomplete: finish data_tools.extract first")
-    upstream = {"features": read_json(cache.manifest_path)}
+    upstream = {"features": cache.manifest}
     if clusters is not None:
         if not clusters.complete:
             raise ValueError(f"cluster assignments {clusters.manifest_path} are incomplete: finish data_tools.cluster")
-        upstream["clusters"] = read_json(clusters.manifest_path)
+        upstream["clusters"] = clusters.manifest
     balance = balance_artifact(balance_dir) if balance_dir is not None else None
     if balance is not None:
-        upstream["balance"] = read_json(balance.path)
+        upstream["balance"] = read_manifest(balance_dir)
         if not upstream["balance"].get("complete"):
             raise ValueError(f"balance {balance.path} is incomplete: finish data_tools.balance first")
     check_join(cache, clusters, balance)

@@ -27,7 +27,7 @@ import numpy as np
 from cid_ds.data.features import FeatureCache
 from cid_ds.io import write_json
 from data_tools.balance import group_cluster
-from data_tools.cluster import (DEFAULT_FIT_MEMORY_GB, cache_shards, default_k, fit_memory, fit_shape,
+from data_tools.cluster import (DEFAULT_FIT_MEMORY_GB, default_k, fit_memory, fit_shape,
                                 load_image_rows, unit_rows)
 from webdataset.tariterators import base_plus_ext
 
@@ -118,7 +118,7 @@ def measure(run_stages: Callable[[list[str], str, dict], dict], shards: list[str
     timing: dict = {}
     summary = run_stages([cut], os.path.join(work_dir, "out"), timing)
     cache = FeatureCache(os.path.join(work_dir, "out", "feats"), with_views=False)
-    rows = np.concatenate([load_image_rows(cache, stem, n).image for stem, n in cache_shards(cache).items()])
+    rows = np.concatenate([load_image_rows(cache, stem, n).image for stem, n in cache.shard_samples().items()])
     dim = rows.shape[1]
     cluster_size = max(2, min(4096, round(samples / k)))
     kept = summary["packed_samples"]

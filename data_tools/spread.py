@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, TypeVar
 
-from cid_ds.io import read_json
+from cid_ds.io import read_manifest
 
 T = TypeVar("T")
 
@@ -83,10 +83,9 @@ def wait_for(done: Callable[[], bool], message: str, poll_seconds: float = 2.0) 
 
 def complete_manifest(out_dir: str, share: Share, stage: str) -> dict:
     """``out_dir``'s manifest once a process has completed it (``complete`` true), waiting for it."""
-    path = os.path.join(out_dir, "manifest.json")
-    wait_for(lambda: os.path.isfile(path) and read_json(path).get("complete", False),
+    wait_for(lambda: (read_manifest(out_dir) or {}).get("complete", False),
              f"{stage}: {share} waits for the other processes to complete {out_dir}")
-    return read_json(path)
+    return read_manifest(out_dir)
 
 
 def cpus_per_process(env: Optional[dict] = None) -> int:

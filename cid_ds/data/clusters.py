@@ -22,9 +22,8 @@ import numpy as np
 
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import _short, shard_file
-from cid_ds.io import atomic_path, load_numeric_npy, read_json
+from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, read_manifest
 
-MANIFEST = "manifest.json"
 CENTROIDS = "centroids.npy"
 
 
@@ -37,6 +36,17 @@ def write_assignments(out_dir: str, stem: str, keys: list[str], ids: np.ndarray,
                  sims=np.asarray(sims, dtype=np.float16), skipped=np.asarray(sorted(skipped), dtype=str),
                  teacher_sha256=np.asarray(teacher_sha256))
     return path
+
+
+def stored_positives(clusters_dir: str) -> Optional[int]:
+    """The nearest centroids stored per sample, as far as the manifest says (None: no manifest yet)."""
+    manifest = read_manifest(clusters_dir)
+    return None if manifest is None else int(manifest.get("topk", 1))
+
+
+def fit_finished(clusters_dir: str) -> bool:
+    """Whether the k-means fit is done: its centroids written and recorded in the manifest."""
+    return os.path.isfile(os.path.join(clusters_dir, CENTROIDS)) and "fit_points" in (read_manifest(clusters_dir) or {})
 
 
 @dataclass
@@ -57,12 +67,13 @@ class ClusterAssignments:
         if not os.path.isfile(self.manifest_path):
             raise FileNotFoundError(f"cluster assignments {clusters_dir}: no {MANIFEST} "
                                     "(write them with: python -m data_tools.cluster)")
-        manifest = read_json(self.manifest_path)
+        manifest = read_manifest(clusters_dir)
         for field in ("k", "topk", "dim", "teacher", "complete"):
-            if not isinstance(manifest, dict) or field not in manifest:
+            if manifest is None or field not in manifest:
                 raise ValueError(f"cluster assignments {self.manifest_path}: field '{field}' is missing")
         if "weights_sha256" not in manifest["teacher"]:
             raise ValueError(f"cluster assignments {self.manifest_path}: field 'teacher.weights_sha256' is missing")
+        self.manifest = manifest
         self.k: int = int(manifest["k"])
         self.topk: int = int(manifest["topk"])
         self.dim: int = int(manifest["dim"])

@@ -35,14 +35,13 @@ import numpy as np
 
 import cid_ds
 from cid_ds.data.errors import DataError
-from cid_ds.io import atomic_path, read_json, write_json
+from cid_ds.io import MANIFEST, atomic_path, read_manifest, write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
     from cid_ds.data.damage import ShardDamage
 
-MANIFEST = "manifest.json"
 DTYPE = "float16"
 # The teacher fields that decide what the embeddings are; spec and pretrained only record provenance.
 FINGERPRINT_FIELDS = ("weights_sha256", "embed_dim", "image_size", "preprocess", "context_length")
@@ -206,6 +205,16 @@ class ShardFeatures:
     view_box: Optional[np.ndarray] = None
 
 
+def listed_samples(cache_dir: str) -> dict[str, int]:
+    """``{stem: samples}`` of the shards the cache's manifest lists so far (none without a manifest)."""
+    return _samples(read_manifest(cache_dir) or {})
+
+
+def _samples(manifest: dict) -> dict[str, int]:
+    shards = manifest.get("shards")
+    return {stem: int(entry["samples"]) for stem, entry in sorted(shards.items())} if isinstance(shards, dict) else {}
+
+
 class FeatureCache:
     """Read access to a cache folder; opening it checks the manifest. ``with_views=False`` leaves the
     stored views unread (stages that need only the eval view's rows: cluster, balance)."""
@@ -216,21 +225,31 @@ class FeatureCache:
         if not os.path.isfile(self.manifest_path):
             raise FileNotFoundError(f"feature cache {cache_dir}: no {MANIFEST} "
                                     "(write the cache with: python -m data_tools.extract)")
-        manifest = read_json(self.manifest_path)
+        manifest = read_manifest(cache_dir)
         for field in ("teacher", "dtype", "complete"):
-            if not isinstance(manifest, dict) or field not in manifest:
+            if manifest is None or field not in manifest:
                 raise ValueError(f"feature cache {self.manifest_path}: field '{field}' is missing")
         for field in ("weights_sha256", "embed_dim"):
             if field not in manifest["teacher"]:
                 raise ValueError(f"feature cache {self.manifest_path}: field 'teacher.{field}' is missing")
         if manifest["dtype"] != DTYPE:
             raise ValueError(f"feature cache {self.manifest_path}: dtype is {manifest['dtype']}, expected {DTYPE}")
+        self.manifest = manifest
         self.teacher: dict = manifest["teacher"]
         self.embed_dim: int = int(self.teacher["embed_dim"])
         self.views: int = int(manifest.get("views", {}).get("count", 0))  # caches before views have none
         self.complete: bool = bool(manifest["complete"])
         self._recent_stem: Optional[str] = None
         self._recent: Optional[ShardFeatures] = None
+
+    def shard_samples(self) -> dict[str, int]:
+        """``{stem: samples}`` of every shard of a complete cache."""
+        if not self.complete:
+            raise ValueError(f"feature cache {self.manifest_path}: complete is false "
+                             "(finish python -m data_tools.extract first)")
+        if not isinstance(self.manifest.get("shards"), dict):
+            raise ValueError(f"feature cache {self.manifest_path}: field 'shards' is missing")
+        return _samples(self.manifest)
 
     def check_teacher(self, expected: dict) -> None:
         """Raise ValueError naming every field of ``expected`` that the cache's teacher does not match."""

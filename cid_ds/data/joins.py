@@ -25,7 +25,7 @@ from cid_ds.config import ConfigError
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FINGERPRINT_FIELDS, FeatureCache, _short
 from cid_ds.data.packed import PackedShards
-from cid_ds.io import read_json
+from cid_ds.io import MANIFEST, read_manifest
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,10 @@ class Artifact:
 
 def balance_artifact(balance_dir: str) -> Artifact:
     """The keep-lists of ``data_tools.balance`` in ``balance_dir``, by their manifest."""
-    path = os.path.join(balance_dir, "manifest.json")
+    path = os.path.join(balance_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ConfigError(f"balance {balance_dir}: no manifest.json (run python -m data_tools.balance)")
-    manifest = read_json(path)
-    return Artifact("balance", path, manifest.get("teacher", {}) if isinstance(manifest, dict) else {})
+        raise ConfigError(f"balance {balance_dir}: no {MANIFEST} (run python -m data_tools.balance)")
+    return Artifact("balance", path, (read_manifest(balance_dir) or {}).get("teacher", {}))
 
 
 Joined = Union[FeatureCache, ClusterAssignments, PackedShards, Artifact, None]
@@ -82,7 +81,7 @@ def teacher_conflicts(other: Joined, reference: Joined) -> list[str]:
 def _check_side_cache(packed: PackedShards, cache: FeatureCache) -> None:
     """Refuse a side cache extracted over the packed shards' sources instead of over the packed shards."""
     sources = {os.path.abspath(path) for path in packed.manifest.get("sources", [])}
-    shards = read_json(cache.manifest_path).get("shards", {})
+    shards = cache.manifest.get("shards", {})
     over_sources = sorted(entry["source"] for entry in shards.values()
                           if os.path.abspath(entry.get("source", "")) in sources)
     if over_sources:

@@ -25,10 +25,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from cid_ds.data.errors import DataError
-from cid_ds.io import read_json
+from cid_ds.io import MANIFEST, read_json, read_manifest
 
 FORMAT = "cid_ds.packed/1"
-MANIFEST = "manifest.json"
 # field -> little-endian dtype of its raw bytes
 ARRAY_FIELDS = {"tokens": np.dtype("<i4"), "t_img": np.dtype("<f2"), "t_txt": np.dtype("<f2"),
                 "cluster": np.dtype("<i4"), "v_img": np.dtype("<f2"), "v_box": np.dtype("<i4")}
@@ -59,11 +58,31 @@ def packed_manifest_path(shards: list[str]) -> Optional[str]:
     """The packed manifest beside the first shard, or None when the shards are not distill-ready shards."""
     if not shards:
         return None
-    path = os.path.join(os.path.dirname(shards[0]), MANIFEST)
-    if not os.path.isfile(path):
+    manifest = read_manifest(os.path.dirname(shards[0]))
+    return os.path.join(os.path.dirname(shards[0]), MANIFEST) if (manifest or {}).get("format") == FORMAT else None
+
+
+def listed_samples(manifest_path: str) -> dict[str, int]:
+    """``{shard path: samples}`` of the shards a packed manifest lists so far."""
+    folder = os.path.dirname(os.path.abspath(manifest_path))
+    return {os.path.join(folder, entry["name"]): entry["samples"]
+            for entry in (read_manifest(folder) or {}).get("shards", []) if "name" in entry}
+
+
+def removed_before_packing(manifest_path: str) -> Optional[tuple[int, int]]:
+    """``(samples the balance removed, samples it saw)`` of shards packed after a balance; None: not balanced,
+    or not told."""
+    manifest = read_manifest(os.path.dirname(os.path.abspath(manifest_path))) or {}
+    totals = manifest.get("totals", {})
+    if "balance" not in manifest.get("upstream", {}) or "removed_by_balance" not in totals:
         return None
-    manifest = read_json(path)
-    return path if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    kept = totals["planned"] + totals.get("not_clustered", 0)
+    return totals["removed_by_balance"], totals["removed_by_balance"] + kept
+
+
+def stored_positives(manifest_path: str) -> int:
+    """The nearest centroids each packed sample carries (0: no cluster ids)."""
+    return int((read_manifest(os.path.dirname(os.path.abspath(manifest_path))) or {}).get("topk") or 0)
 
 
 class PackedShards:
