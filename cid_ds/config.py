@@ -182,8 +182,8 @@ class Config:
 # The allowed values of string keys. Where the module that uses a key defines them, it is named here
 # ("module:CONSTANT", imported when a config is checked) rather than the list copied.
 CHOICES = {
-    "data.missing_features": "cid_ds.data.wds_loader:MISSING_FEATURES",
-    "data.backend": ("auto", "dali", "wds"),
+    "data.missing_features": "cid_ds.data.batch:MISSING_FEATURES",
+    "data.backend": "cid_ds.data.loader:BACKENDS",
     "data.views": ("random", "center", "replay"),
     "kd.ensemble": ("mean", "per_teacher"),
     "cluster.margin": "cid_ds.parallel.partial_fc:MARGINS",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from cid_ds.config import TEACHER_TERMS, Config, ConfigError, expand_shards, must_exist
+from cid_ds.data.batch import SideData
 from cid_ds.io import MANIFEST
 from cid_ds.losses.ensemble import TeacherTargets, teacher_targets
 
@@ -23,14 +24,11 @@ if TYPE_CHECKING:
 @dataclass
 class Sources:
     shards: list[str]
-    packed: Optional[PackedShards]
-    cache: Optional[FeatureCache]
+    side: SideData                     # what the loaders read besides the samples, opened once for the run
     online_teacher: Optional[OnlineTeacher]
-    assignments: Optional[ClusterAssignments]
     targets: Optional[TeacherTargets]  # how the batch's teacher rows split per teacher; None: no teacher
     replay_views: int                  # stored views replayed (0: none)
     cluster_index: Optional[int]       # the teacher of an ensemble the clusters were fit on; None: all of them
-    clusters_to_join: Optional[str]    # cluster.dir, joined by key (the shards carry no cluster ids)
 
 
 @dataclass(frozen=True)
@@ -160,9 +158,9 @@ def open_sources(cfg: Config, clip_model: nn.Module) -> Sources:
             raise ConfigError(f"cluster.dir: centroids are {cluster_dim}-d, the student's teacher-space embedding "
                               f"{student_side}-d (kd.ensemble {cfg.kd.ensemble}, teacher widths {list(targets.dims)}): "
                               "cluster every teacher with kd.ensemble per_teacher, or one teacher (--teacher-index)")
-    join_clusters = cfg.loss.cluster > 0 and not (packed is not None and packed.topk)
-    return Sources(shards, packed, cache, online_teacher, assignments, targets, replay_views, cluster_index,
-                   cfg.cluster.dir if join_clusters else None)
+    joined_clusters = assignments if not (packed is not None and packed.topk) else None  # else the shards carry ids
+    side = SideData(packed, cache, joined_clusters, cfg.data.missing_features)
+    return Sources(shards, side, online_teacher, targets, replay_views, cluster_index)
 
 
 def resolve_replay_views(cfg: Config, stored: int, source: Optional[str]) -> int:

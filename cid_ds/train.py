@@ -1,7 +1,8 @@
 """The training loop: the run's sources checked and joined, the engine built, steps, logging, then export and
 eval. Its rooms: cid_ds.sources (the artifacts trained against, and every cross-check of them), cid_ds.engine
-(DeepSpeed JSON, optimizer, schedule, distributed start-up), cid_ds.checkpoints (save, resume, layout),
-cid_ds.objective (every loss term from one batch).
+(DeepSpeed JSON, optimizer, schedule, distributed start-up), cid_ds.run_state (the ``Run`` that a step, a
+logging window, a checkpoint and a resume take), cid_ds.data.loader (the loaders' one door),
+cid_ds.checkpoints (save, resume, layout), cid_ds.objective (every loss term from one batch).
 
 Run it with the DeepSpeed launcher (``deepspeed --num_gpus N launch/train.py --config X.yaml``) or
 as a single process (``python -m cid_ds.train --config X.yaml``). Overrides: ``key=value`` after the
@@ -14,7 +15,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import psutil
@@ -22,18 +22,19 @@ import torch
 import yaml
 
 from cid_ds.checkpoints import checkpoint_dir, resume, save_checkpoint
-from cid_ds.config import Config, ConfigError, DataConfig, config_source, load_config
+from cid_ds.config import Config, ConfigError, config_source, load_config
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.damage import RunDamage
 from cid_ds.data.errors import DataError
+from cid_ds.data.loader import batches
 from cid_ds.engine import build_engine, cosine_with_warmup, init_distributed
 from cid_ds.faults import StopSignal, exit_within
 from cid_ds.io import OutputNotWritable, check_writable, read_json, write_json
 from cid_ds.objective import compute_losses, loss_weights
 from cid_ds.profiling import start_profiler
 from cid_ds.run_lock import OutputDirLocked, RunLock
-from cid_ds.run_state import DataPosition, Run, Window
-from cid_ds.sources import Sources, check_sources, data_size, open_sources
+from cid_ds.run_state import Run, Window
+from cid_ds.sources import Sources, check_sources, open_sources
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -41,75 +42,6 @@ if TYPE_CHECKING:
     from cid_ds.teacher import OnlineTeacher
 
 EXIT_SECONDS = 60  # from the end of the run (or its error) to the process's exit, at most
-
-
-def batches(cfg: Config, spec: LoaderSpec, position: DataPosition, clusters_dir: Optional[str] = None) -> Iterator[Batch]:
-    """Endless batches, epoch after epoch, starting at ``position``; updates ``position`` as it goes.
-    ``spec``: what every epoch reads (its epoch and skip_batches come from ``position``). ``clusters_dir``:
-    cluster assignments to join by key (None: none, or the shards carry them). ``cfg.data.backend`` picks
-    the loader (cid_ds.data.dali_loader.resolve_backend)."""
-    from cid_ds.data.dali_loader import resolve_backend
-    backend = resolve_backend(cfg.data.backend, spec.shards,
-                              joins=cfg.data.features is not None or clusters_dir is not None)
-    warning = idle_readers(spec, backend)
-    if warning is not None and spec.rank == 0:
-        print(f"[cid_ds] warning: {warning}", flush=True)
-    while True:
-        epoch = replace(spec, epoch=position.epoch, skip_batches=position.batch_in_epoch)
-        if backend == "dali":
-            from cid_ds.data.dali_loader import build_dali_loader
-            loader = build_dali_loader(epoch)
-        else:
-            from cid_ds.data.wds_loader import build_train_loader
-            loader = build_train_loader(epoch, features_dir=cfg.data.features,
-                                        missing_features=cfg.data.missing_features, clusters_dir=clusters_dir)
-        produced = False
-        for batch in loader:
-            produced = True
-            position.batch_in_epoch += 1
-            yield batch
-        if not produced and position.batch_in_epoch == 0:
-            raise DataError(no_full_batch(spec, backend, cfg.data))
-        position.epoch, position.batch_in_epoch = position.epoch + 1, 0
-
-
-def idle_readers(spec: LoaderSpec, backend: str) -> Optional[str]:
-    """What goes wrong when the shards are fewer than the loader's readers (each rank's DataLoader workers read
-    whole shards of their own; DALI reads one stream per rank), or None."""
-    per_rank = 1 if backend == "dali" else max(1, spec.workers)
-    readers = spec.world_size * per_rank
-    if len(spec.shards) >= readers:
-        return None
-    return (f"{len(spec.shards)} shards for {spec.world_size} ranks x {per_rank} loader workers = {readers} readers: "
-            "the readers without a shard sit idle" + (", and a rank without one has no batch to train on"
-                                                      if len(spec.shards) < spec.world_size else "") +
-            f"; pack more shards (data_tools.pack --ranks {spec.world_size} --workers {per_rank}) or lower "
-            "data.workers")
-
-
-def no_full_batch(spec: LoaderSpec, backend: str, data: DataConfig) -> str:
-    """Why an epoch of this rank gave no full batch: what the data holds (and what a balance removed), what a
-    step takes, and how the shards split over ranks and loader workers."""
-    size = data_size(spec.shards, data.features)
-    rank_shards = spec.shards[spec.rank::spec.world_size]
-    if not rank_shards:
-        split = f"this rank has none of the {len(spec.shards)} shards"
-    else:
-        held = size.samples(rank_shards)
-        split = f"this rank reads {len(rank_shards)} of the {len(spec.shards)} shards"
-        if held is not None:
-            split += f", holding {held} samples"
-        workers = 1 if backend == "dali" else min(max(1, spec.workers), len(rank_shards))  # as the loaders split
-        if workers > 1:
-            split += (f", split over {workers} DataLoader workers (data.workers), each of which fills whole batches "
-                      "from its own shards only")
-            if held is not None:
-                split += f" (about {held // workers} samples each)"
-    return (f"rank {spec.rank}: an epoch gave no full batch of data.batch_size {spec.batch_size}. The data: "
-            f"data.train_shards {data.train_shards}, {size.describe(spec.shards)}. A step takes {spec.batch_size} x "
-            f"{spec.world_size} ranks = {spec.batch_size * spec.world_size} samples, and each rank fills its batches "
-            f"from its own shards, shards[rank::{spec.world_size}]: {split}. Use more data, a smaller "
-            "data.batch_size, or fewer ranks or data.workers")
 
 
 def on_device(run: Run, batch: Batch, online_teacher: Optional[OnlineTeacher]) -> Batch:
@@ -193,8 +125,8 @@ def train(cfg: Config, stop: StopSignal, rank: int, world_size: int) -> dict[str
     spec = LoaderSpec(sources.shards, preprocess_val if cfg.data.views == "center" else preprocess_train, tokenizer,
                       cfg.data.batch_size, workers=cfg.data.workers, seed=cfg.seed, rank=rank, world_size=world_size,
                       shuffle_buffer=cfg.data.shuffle_buffer, replay_views=sources.replay_views,
-                      teacher_tokenizer=teacher.tokenizer if teacher is not None else None)
-    return train_loop(run, batches(cfg, spec, run.position, sources.clusters_to_join), stop, teacher,
+                      teacher_tokenizer=teacher.tokenizer if teacher is not None else None, side=sources.side)
+    return train_loop(run, batches(spec, cfg.data, run.position), stop, teacher,
                       RunDamage(len(sources.shards), cfg.data.max_damaged_fraction))
 
 

@@ -5,6 +5,7 @@ import copy
 import io
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,7 +184,8 @@ def test_resume_starts_at_the_batch_after_the_checkpoint(shards, student, shuffl
 def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, student, with_views):
     from cid_ds.config import Config
     from cid_ds.run_state import DataPosition
-    from cid_ds.data.batch import open_side_data
+    from cid_ds.data.batch import SideData
+    from cid_ds.data.features import FeatureCache
     from cid_ds.data.loader import batches, resolve_backend
     cfg = Config()
     cfg.data.batch_size, cfg.data.workers, cfg.data.shuffle_buffer, cfg.data.backend = BATCH, 1, 16, "dali"
@@ -197,8 +199,7 @@ def test_trainer_dispatches_on_data_backend_and_resumes_at_its_epoch(shards, stu
     assert got[-1]["key"] == dali_epoch(shards, student, seed=cfg.seed, epoch=4, workers=1)[0]["key"]
     assert (position.epoch, position.batch_in_epoch) == (4, 1)
     assert resolve_backend("auto", spec) == ("dali" if torch.cuda.is_available() else "wds")
-    joining = LoaderSpec(with_views["shards"], student[1], student[2], BATCH,
-                         side=open_side_data(with_views["shards"], features_dir=with_views["feats"]))
+    joining = replace(spec, side=SideData(spec.side_data().packed, FeatureCache(with_views["feats"])))
     with pytest.raises(DataError, match="data.backend=dali"):
         resolve_backend("dali", joining)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cid_ds.config import expand_shards
-from cid_ds.data.batch import LoaderSpec
+from cid_ds.data.batch import LoaderSpec, open_side_data
 from cid_ds.data.wds_loader import build_train_loader
 from cid_ds.models import create_model
 from cid_ds.teacher import OnlineTeacher
@@ -21,8 +21,10 @@ def dataset(tmp_path_factory):
 def test_online_teacher_reproduces_the_cached_embeddings_of_the_same_pixels(dataset):
     student, _, preprocess_val, tokenizer = create_model("demo-student")
     teacher = OnlineTeacher("demo-teacher", None, student, random_ok=True).to(torch.device("cpu"), torch.float32)
-    loader = build_train_loader(LoaderSpec(expand_shards(dataset["shards"]), preprocess_val, tokenizer, batch_size=32,
-                                           teacher_tokenizer=teacher.tokenizer), features_dir=dataset["feats"])
+    shards = expand_shards(dataset["shards"])
+    loader = build_train_loader(LoaderSpec(shards, preprocess_val, tokenizer, batch_size=32,
+                                           teacher_tokenizer=teacher.tokenizer,
+                                           side=open_side_data(shards, features_dir=dataset["feats"])))
     batch = next(iter(loader))
     t_img, t_txt = teacher(batch["image"], batch["teacher_tokens"])
     # the cache stores fp16: agreement to fp16 precision

@@ -10,14 +10,14 @@ One pipeline function serves both devices; ``data_tools.extract`` uses it too (`
 
 How it keeps the webdataset loader's promises:
 
-* **Ranks.** Rank r reads ``shards[r::world_size]`` (the webdataset loader's split) with a reader of
+* **Ranks.** Rank r reads ``LoaderSpec.rank_shards`` (the webdataset loader's split) with a reader of
   its own (``num_shards=1``), rather than DALI's ``shard_id``/``num_shards``, which splits the samples of
   all shards into contiguous ranges (so every rank would index every shard) and pads or wraps ranges
   of unequal length. An epoch is ``kept // batch_size`` full batches; DALI's shuffle buffer only draws
   from the current epoch, so those batches hold each sample at most once, and the next epoch's samples
   reach no batch we keep.
-* **Order.** Fixed by (seed, epoch, rank, world size): the rank's shard list is shuffled as the
-  webdataset loader does, the reader's shuffle buffer (``shuffle_buffer`` samples) and the random
+* **Order.** Fixed by (seed, epoch, rank, world size): the rank's shard list in ``rank_shards``' order,
+  the reader's shuffle buffer (``shuffle_buffer`` samples) and the random
   crops have seeds drawn from the same values. Not by the thread count.
 * **Bad samples.** DALI cannot drop a sample inside a batch, and a sample its decoder cannot read stops
   the pipeline. So the index leaves out what the webdataset loader would skip (no caption, an image PIL
@@ -41,7 +41,6 @@ How it keeps the webdataset loader's promises:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import os
 import random
@@ -58,26 +57,12 @@ from webdataset.tariterators import base_plus_ext
 
 from cid_ds.data.batch import Batch, LoaderSpec
 from cid_ds.data.errors import DataError
-from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, packed_manifest_path
+from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS
 from cid_ds.data.preprocess import ImageSpec, check_stored_views, image_spec, replay_slot
 from cid_ds.data.shard_index import ShardIndex, exclude, index_lines, shard_indexes, write_lines
 from cid_ds.data.samples import IMAGE_EXTS, MAX_CAPTION_BYTES, caption_of, decode_image
 
 _LOGGED: set[tuple[str, str]] = set()  # (shard, key) already logged by this process
-
-
-def resolve_backend(backend: str, shards: list[str], joins: bool) -> str:
-    """``data.backend`` -> "dali" or "wds". "auto" is DALI on a GPU for packed shards with nothing to
-    join from side folders (``joins``: a feature cache or cluster folder given), the webdataset loader
-    otherwise; "dali" where DALI cannot serve is an error."""
-    servable = packed_manifest_path(shards) is not None and not joins
-    if backend == "dali" and not servable:
-        raise DataError("data.backend=dali reads distill-ready shards (data_tools.pack) with everything in them: "
-                        f"{shards[:1]} has no packed manifest.json beside it, or data.features / cluster.dir asks "
-                        "for a join from a side folder; use data.backend=wds (or auto)")
-    if backend != "auto":
-        return backend
-    return "dali" if servable and torch.cuda.is_available() and importlib.util.find_spec("nvidia.dali") else "wds"
 
 
 def default_device_id() -> Optional[int]:
@@ -328,19 +313,17 @@ def build_dali_loader(spec: LoaderSpec, device_id: Union[int, None, str] = "auto
     module docstring says how epochs, order, bad samples and ``skip_batches`` behave."""
     shards, tokenizer, batch_size = spec.shards, spec.tokenizer, spec.batch_size
     epoch, seed, rank, replay_views = spec.epoch, spec.seed, spec.rank, spec.replay_views
-    manifest = packed_manifest_path(shards)
-    if manifest is None:
+    packed = spec.side_data().packed
+    if packed is None:
         raise DataError(f"the DALI loader reads distill-ready shards (data_tools.pack), and {shards[:1]} has no "
                         "packed manifest.json beside it; use data.backend=wds for plain shards")
-    packed = PackedShards(manifest)
     if replay_views:
-        check_stored_views(replay_views, packed.views, manifest)
+        check_stored_views(replay_views, packed.views, packed.manifest_path)
     replay = (replay_slot(epoch, replay_views), packed.views) if replay_views else None
     fields = [name for name in packed.lengths() if replay or name not in VIEW_ARRAYS]
     retokenize = not packed.tokens_usable(tokenizer)
     captions = retokenize or spec.teacher_tokenizer is not None
-    rank_shards = shards[rank::spec.world_size]
-    random.Random(f"{seed}:{epoch}:{rank}").shuffle(rank_shards)
+    rank_shards = spec.rank_shards()
     # indexed for every field the manifest promises, whether read or not: one index serves replaying and
     # non-replaying runs (an ablation alternating them would otherwise rescan every shard per run)
     indexes = shard_indexes(rank_shards, packed.lengths())

@@ -23,28 +23,22 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cid_ds.data.batch import Batch, LoaderSpec
+from cid_ds.data.batch import Batch, LoaderSpec, SideData
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.damage import ShardDamage, carry_damage
 from cid_ds.data.errors import DataError, pass_data_errors, raise_data_errors
 from cid_ds.data.features import FeatureCache, shard_file, shard_stem
-from cid_ds.data.joins import check_join
-from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array, packed_manifest_path
+from cid_ds.data.packed import ARRAY_FIELDS, VIEW_ARRAYS, PackedShards, decode_array
 from cid_ds.data.preprocess import ViewTransform, check_stored_views, image_spec, replay_slot, split_normalize
 from cid_ds.data.samples import caption_of, decode_image, read_samples
 from cid_ds.faults import ignore_stop_signals
 
-MISSING_FEATURES = ("error", "skip")  # a key without cached features (or cluster ids): an error, or a counted skip
-
-
-def build_train_loader(spec: LoaderSpec, features_dir: Optional[str] = None, missing_features: str = "error",
-                       clusters_dir: Optional[str] = None) -> Iterable[Batch]:
+def build_train_loader(spec: LoaderSpec) -> Iterable[Batch]:
     """One epoch of ``spec``'s full batches (cid_ds.data.batch): ``image``, ``tokens``, ``key``, ``n_skipped``,
     ``damaged_shards`` (the ShardDamage records read since the previous batch), ``teacher_tokens`` with a
     teacher tokenizer, and teacher targets and cluster ids when the shards carry them (distill-ready shards,
-    cid_ds.data.packed) or when joined by key: ``t_img``/``t_txt`` from the feature cache in ``features_dir``,
-    ``cluster`` from the assignments in ``clusters_dir``. ``missing_features`` applies to keys missing from
-    either.
+    cid_ds.data.packed) or when joined by key from ``spec.side``: ``t_img``/``t_txt`` from its feature cache,
+    ``cluster`` from its cluster assignments; its ``missing_features`` applies to keys missing from either.
 
     With ``spec.replay_views`` > 0 each sample's stored view ``epoch % replay_views`` is cropped, flipped and
     resized to ``preprocess``'s size and normalisation, and ``t_img`` is that view's teacher embedding.
@@ -52,21 +46,17 @@ def build_train_loader(spec: LoaderSpec, features_dir: Optional[str] = None, mis
     ``spec.skip_batches`` is exact while every worker is still producing batches at batch N and the skipped
     span holds no corrupt image that the feature cache does not already list.
     """
-    if missing_features not in MISSING_FEATURES:
-        raise ValueError(f"missing_features must be {' or '.join(map(repr, MISSING_FEATURES))}, got {missing_features!r}")
-    cache = FeatureCache(features_dir) if features_dir is not None else None
-    clusters = ClusterAssignments(clusters_dir) if clusters_dir is not None else None
-    manifest = packed_manifest_path(spec.shards)
-    packed_shards = PackedShards(manifest) if manifest else None
-    check_join(packed_shards, cache, clusters)
-    packed = _packed_fields(packed_shards, spec.tokenizer, cache, clusters, spec.replay_views) if packed_shards else {}
+    side = spec.side_data()
+    cache, packed_shards = side.cache, side.packed
+    packed = _packed_fields(packed_shards, spec.tokenizer, cache, side.clusters, spec.replay_views) \
+        if packed_shards else {}
     if spec.replay_views:  # the views come from the side cache when one is joined, else from the packed shards
         if cache is not None:
             check_stored_views(spec.replay_views, cache.views, cache.manifest_path)
         else:
             check_stored_views(spec.replay_views, packed_shards.views if packed_shards else 0,
-                               manifest or spec.shards[0])
-    dataset = _EpochBatches(spec, cache, clusters, missing_features, packed)
+                               packed_shards.manifest_path if packed_shards else spec.shards[0])
+    dataset = _EpochBatches(spec, side, packed)
     augment_seed = random.Random(f"augment:{spec.seed}:{spec.epoch}:{spec.rank}").getrandbits(63)
     loader = DataLoader(dataset, batch_size=None, num_workers=spec.workers, persistent_workers=False,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(augment_seed),
@@ -90,8 +80,7 @@ def _packed_fields(packed: PackedShards, tokenizer: Callable, cache: Optional[Fe
 
 
 class _EpochBatches(IterableDataset):
-    def __init__(self, spec: LoaderSpec, cache: Optional[FeatureCache], clusters: Optional[ClusterAssignments],
-                 missing_features: str, packed: dict[str, int]):
+    def __init__(self, spec: LoaderSpec, side: SideData, packed: dict[str, int]):
         super().__init__()
         self.spec = spec
         self.slot = replay_slot(spec.epoch, spec.replay_views) if spec.replay_views else None
@@ -99,7 +88,8 @@ class _EpochBatches(IterableDataset):
         self.view_transform = ViewTransform(image_spec(spec.preprocess)) if spec.replay_views else None
         self.pixels, self.normalize = (None, self.view_transform.normalize) if spec.replay_views \
             else split_normalize(spec.preprocess)
-        self.cache, self.clusters, self.missing_features, self.packed = cache, clusters, missing_features, packed
+        self.cache, self.clusters, self.missing_features = side.cache, side.clusters, side.missing_features
+        self.packed = packed
         self.n_skipped = 0  # per worker process: samples dropped since the last batch
         self.damaged: list[ShardDamage] = []  # per worker process: damaged shards read since the last batch
 
@@ -108,8 +98,7 @@ class _EpochBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec = self.spec
-        rank_shards = spec.shards[spec.rank::spec.world_size]
-        random.Random(f"{spec.seed}:{spec.epoch}:{spec.rank}").shuffle(rank_shards)
+        rank_shards = spec.rank_shards()
         # Workers beyond the shard count get nothing and drop out of the DataLoader's round-robin.
         producing = min(workers, len(rank_shards))
         if worker >= producing:
