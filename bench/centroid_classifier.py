@@ -18,13 +18,16 @@ import argparse
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 
 import torch
 
-from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
-from timing import clocked, interleaved, proc_status_bytes, reset_peak_rss
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
+
+from bench.timing import clocked, interleaved, proc_status_bytes, reset_peak_rss  # noqa: E402
+from cid_ds.parallel.partial_fc import ShardedCentroidClassifier  # noqa: E402
 
 
 def formula_bytes(rows: int, dim: int, batch: int, rate: float) -> dict[str, int]:

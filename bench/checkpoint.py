@@ -18,17 +18,18 @@ import tempfile
 from typing import Callable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # bench.* from a script
 
 
 def worker(model: str, batch: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from bench.timing import clocked, interleaved
     from cid_ds.config import Config
     from cid_ds.engine import build_engine, init_distributed
     from cid_ds.losses.clip import clip_loss
     from cid_ds.models import DistillStudent, create_model
-    from timing import clocked, interleaved
 
     init_distributed()
     torch.manual_seed(0)

@@ -20,9 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
+
+from bench.timing import clocked, interleaved  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -33,7 +38,6 @@ from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.models import DistillStudent, model_config  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
 from cid_ds.engine import build_engine, build_optimizer, compute_dtype, init_distributed  # noqa: E402
-from timing import clocked, interleaved  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("zero0", "zero1", "zero2", "zero3")

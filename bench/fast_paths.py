@@ -22,15 +22,18 @@ import logging
 import os
 import random
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from timing import clocked, interleaved, median_runs, on_gpu, proc_status_bytes, reset_peak_rss, sync
-from workbench import Workbench, add_workload_args, prepare
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
 
+from bench.timing import (clocked, interleaved, median_runs, on_gpu, proc_status_bytes,  # noqa: E402
+                          reset_peak_rss, sync)
+from bench.workbench import Workbench, add_workload_args, prepare  # noqa: E402
 from cid_ds.io import read_json, write_json  # noqa: E402
 from cid_ds.models import DistillStudent, create_model, model_config  # noqa: E402
 

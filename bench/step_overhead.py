@@ -10,13 +10,17 @@ teacher's forward pass inside every step.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
-from cid_ds.losses.clip import clip_loss
-from cid_ds.losses.instance import instance_loss
-from cid_ds.models import DistillStudent, create_model, embed_dim
-from timing import clocked, interleaved
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
+
+from bench.timing import clocked, interleaved  # noqa: E402
+from cid_ds.losses.clip import clip_loss  # noqa: E402
+from cid_ds.losses.instance import instance_loss  # noqa: E402
+from cid_ds.models import DistillStudent, create_model, embed_dim  # noqa: E402
 
 
 def main() -> None:

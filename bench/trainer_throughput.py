@@ -53,10 +53,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-import fast_paths
-from timing import machine, median_runs, on_gpu, sync
-from workbench import REPO, EXPERIMENTS, Workbench, add_workload_args, load_experiment, prepare, samples_for
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
 
+from bench import fast_paths  # noqa: E402
+from bench.timing import machine, median_runs, on_gpu, sync  # noqa: E402
+from bench.workbench import (EXPERIMENTS, REPO, Workbench, add_workload_args, load_experiment, prepare,  # noqa: E402
+                             samples_for)
 from cid_ds.config import Config  # noqa: E402
 from cid_ds.io import write_json  # noqa: E402
 from cid_ds.models import resolve_spec  # noqa: E402

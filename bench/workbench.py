@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from timing import on_gpu
+from bench.timing import on_gpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not on_gpu():
@@ -68,10 +68,10 @@ def samples_for(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> dict[str, str]:
     """Demo shards -> teacher folder -> feature cache -> k-means -> distill-ready shards under --work; each stage
     skips what is done."""
-    from data_tools.cluster import cluster
-    from data_tools.extract import extract
+    from data_tools.cluster import ClusterOptions, cluster
+    from data_tools.extract import ExtractOptions, extract
     from data_tools.make_demo_data import generate
-    from data_tools.pack import pack
+    from data_tools.pack import PackOptions, pack
     samples = samples_for(args)
     root = os.path.join(args.work, f"{args.teacher}-{samples}".replace("/", "_"))
     data, feats, clusters = (os.path.join(root, d) for d in ("data", "feats", "clusters"))
@@ -79,11 +79,11 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
     generate(data, train_samples=samples, shards=SHARDS, seed=0, eval_scale=0.1, progress=False)
     teacher_dir = save_random_model(args.teacher, os.path.join(root, "teacher"))
     shards = expand_shards(os.path.join(data, "train", "*.tar"))
-    extract(shards, f"local-dir:{teacher_dir}", None, feats, workers=args.workers,
-            device="cuda" if on_gpu() else "cpu")
-    cluster(feats, CLUSTERS, clusters, seed=0)
-    pack(shards, feats, args.student, packed, clusters_dir=clusters, samples_per_shard=math.ceil(samples / SHARDS),
-         progress=False)
+    extract(ExtractOptions(shards=shards, teacher=f"local-dir:{teacher_dir}", out=feats, workers=args.workers,
+                           device="cuda" if on_gpu() else "cpu"))
+    cluster(ClusterOptions(features=feats, k=CLUSTERS, out=clusters, seed=0))
+    pack(PackOptions(shards=shards, features=feats, tokenizer=args.student, out=packed, clusters=clusters,
+                     samples_per_shard=math.ceil(samples / SHARDS)), progress=False)
     return {"teacher": teacher_dir, "clusters": clusters, "packed": packed,
             "shards": os.path.join(packed, f"{{00000..{SHARDS - 1:05d}}}.tar")}
 

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+sys.path.insert(0, REPO)
 
+from bench.engine_dispatch import TEACHER_DIM, student_factory  # noqa: E402
 from cid_ds.config import Config  # noqa: E402
 from cid_ds.engine import build_engine, build_optimizer, compute_dtype, init_distributed  # noqa: E402
 from cid_ds.losses.clip import clip_loss  # noqa: E402
 from cid_ds.losses.instance import instance_loss  # noqa: E402
 from cid_ds.profiling import DispatchCount  # noqa: E402
-from engine_dispatch import TEACHER_DIM, student_factory  # noqa: E402
 
 BATCH = 4
 out_dir = sys.argv[sys.argv.index("--out") + 1]
