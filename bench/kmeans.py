@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.timing import clocked  # noqa: E402
 from cid_ds.data.features import write_complete_manifest, write_shard  # noqa: E402
 from data_tools.cluster import ClusterOptions, cluster, num_gpus  # noqa: E402
 
@@ -48,16 +49,13 @@ def gemm_seconds(rows: int, dim: int, k: int, repeats: int, device: torch.device
     c = torch.randn(dim, k, device=device)
     out = torch.empty(block, k, device=device)
     torch.mm(x[:block], c, out=out[:min(block, rows)])  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for i in range(0, rows, block):
-            part = x[i:i + block]
-            torch.mm(part, c, out=out[:len(part)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def products() -> None:
+        for _ in range(repeats):
+            for i in range(0, rows, block):
+                part = x[i:i + block]
+                torch.mm(part, c, out=out[:len(part)])
+    return clocked(products)()
 
 
 def main() -> None:
