@@ -120,7 +120,7 @@ class OptimConfig:
 @dataclass
 class PerfConfig:
     # Speed only: each setting gives the same losses within float rounding (tests/test_fast_paths.py);
-    # bench/vs_open_clip.py measures each one.
+    # bench/fast_paths.py measures each one.
     adamw: str = "fused"              # fused | foreach | for_loop: torch AdamW's implementation (fused: one kernel)
     compile: bool = False             # torch.compile the student: minutes of compiling, then faster steps
     cuda_graphs: bool = False         # compile in torch.compile's reduce-overhead mode: on a GPU the student's forward

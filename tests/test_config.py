@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from cid_ds.config import Config, ConfigError, check_deepspeed_json, config_source, expand_shards, load_config
+from cid_ds.config import (CHOICES, Config, ConfigError, allowed_values, check_deepspeed_json, config_source,
+                           expand_shards, load_config)
 from cid_ds.sources import check_sources
 from tests.helpers import REPO_ROOT
 
@@ -45,6 +46,11 @@ def test_unknown_key_is_named_with_the_file(setup):
     path = setup("optim:\n  learning_rate: 1e-3\n")
     with pytest.raises(ConfigError, match=r"exp\.yaml: unknown key 'optim\.learning_rate'"):
         load_config(path)
+
+
+def test_every_key_with_choices_has_them_where_its_module_defines_them():
+    for key in CHOICES:
+        assert allowed_values(key), key
 
 
 def test_wrong_type_is_named(setup):

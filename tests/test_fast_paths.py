@@ -1,4 +1,4 @@
-"""Every fast path gives the plain path's numbers (speed is measured by bench/vs_open_clip.py, not tested).
+"""Every fast path gives the plain path's numbers (speed is measured by bench/fast_paths.py, not tested).
 
 On one fixed batch through a tiny student with its distillation heads, the loss (CLIP + instance) and every
 gradient of the compiled (inductor) and gradient-checkpointed ViT students, and of NHWC (channels-last)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from cid_ds.config import DataConfig
     from cid_ds.run_state import DataPosition
 
+BACKENDS = ("auto", "dali", "wds")  # data.backend
+
+
 def resolve_backend(backend: str, spec: LoaderSpec) -> str:
     """``data.backend`` -> "dali" or "wds". "auto" is DALI on a GPU for packed shards with nothing to join from
     side folders, the webdataset loader otherwise; "dali" where DALI cannot serve is an error."""
