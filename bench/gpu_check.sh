@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, sized for 8 minutes on one H100/H200 (a short device lease):
-#     OUT=/tmp/out bench/gpu_check.sh            (default OUT: runs/gpu_check; PY: the interpreter, default python)
+#     OUT=/tmp/out PY=python3 bench/gpu_check.sh   (default OUT: runs/gpu_check; PY: the interpreter, default python)
+# 0. gpu_bundle/ (bench/gpu_bundle.py, made where PyPI is reachable) installed offline when the interpreter lacks
+#    DeepSpeed: the lent machines hold torch, torchvision, numpy, tensorboard and pyyaml and reach no index. What
+#    could not travel is skipped, one line each: DALI (the trainer reads with the PIL loader), faiss-gpu (k-means on
+#    faiss-cpu), open_clip's own trainer (it needs webdataset 0.2.x: OPEN_CLIP_PYTHON);
 # 1. bench/engine_dispatch.py: ops, syncs and step time of each shipped DeepSpeed JSON's engine, stock and as the
 #    trainer runs it, against a plain torch autocast step, ViT-B/32 and ViT-B/16 at batch 256;
-# 2. bench/trainer_throughput.py: the whole trainer with DALI (cid_ds CID) against open_clip's plain trainer on the
-#    same ViT-B/16 student: samples/s, data wait, MFU against the bf16 GEMM peak measured in the same run, and a
-#    short torch.profiler trace of the cid_ds run (OPEN_CLIP_PYTHON: an interpreter with webdataset 0.2.x, as
-#    trainer_throughput.py's --open-clip-python; without one, open_clip is left out); then the same trainer with
+# 2. bench/trainer_throughput.py: the whole trainer (cid_ds CID, DALI where installed) against open_clip's plain
+#    trainer on the same ViT-B/16 student: samples/s, data wait, MFU against the bf16 GEMM peak measured in the same
+#    run, and where the step's time goes (torch.profiler's top ops of 3 steps); then the same trainer with
 #    perf.cuda_graphs (its compiling falls in the dropped first window);
-# 3. bench/kmeans.py: data_tools.cluster's faiss k-means (faiss-gpu: make setup-gpu) on 2M synthetic 512-d
+# 3. bench/kmeans.py: data_tools.cluster's faiss k-means (on the GPU with faiss-gpu) on 2M synthetic 512-d
 #    embeddings, against a GEMM of the same FLOPs.
 # Each step has its own time limit; a step that fails or runs out is reported and the next one runs. Every line
 # goes to OUT/gpu_check.txt; the summary (the lines each bench ends with) is printed at the end. Without a GPU
@@ -37,6 +40,32 @@ step() {
     rm -f "$out/step.txt"
 }
 
+# skip WHAT WHY: one line in the log and the summary for what this machine cannot run
+skip() {
+    echo "== skipped: $1: $2" | tee -a "$log"
+    summary+=("== skipped: $1: $2")
+}
+
+if ! "$py" -c 'import deepspeed' 2>/dev/null; then
+    if [[ -f gpu_bundle/requirements.txt ]]; then
+        step "install gpu_bundle/ offline" 60 "$py" -m pip install --no-index --find-links gpu_bundle \
+            -r gpu_bundle/requirements.txt
+    else
+        echo "no DeepSpeed for $py and no gpu_bundle/: run python bench/gpu_bundle.py where PyPI is reachable" | tee -a "$log"
+        exit 1
+    fi
+fi
+backend=(--cid-backend dali)
+"$py" -c 'import nvidia.dali' 2>/dev/null || {
+    skip "DALI" "nvidia.dali is not installed (476 MB do not travel): the trainer reads with the PIL loader"
+    backend=(--cid-backend wds)
+}
+faiss_gpu=on
+"$py" -c 'import sys, faiss; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)' 2>/dev/null || {
+    skip "faiss-gpu" "this faiss has no GPU (faiss-gpu does not travel): k-means on faiss-cpu"
+    faiss_gpu=off
+}
+
 if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "GPU: $("$py" -c 'import torch; print(torch.cuda.get_device_name())')" | tee -a "$log"
     open_clip=()
@@ -45,22 +74,27 @@ if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
         open_clip=(--open-clip-python "$OPEN_CLIP_PYTHON")
     else
         systems="cid_ds CID"
+        skip "open_clip's trainer" "it needs webdataset 0.2.x (OPEN_CLIP_PYTHON): cid_ds alone, MFU against the GEMM peak"
     fi
-    step "engine step per JSON, ViT-B/32 batch 256" 60 "$py" bench/engine_dispatch.py --student ViT-B-32 --batch 256 --reps 5
-    step "engine step per JSON, ViT-B/16 batch 256" 75 "$py" bench/engine_dispatch.py --student ViT-B-16 --batch 256 --reps 3
-    step "trainer with DALI vs open_clip plain, ViT-B/16" 180 "$py" bench/trainer_throughput.py --student ViT-B-16 \
-        --work "$out/trainer_throughput" --systems "$systems" "${open_clip[@]}" --rounds 1 --steps 60 --log-every 10 \
-        --no-fast-paths --profile-steps 3
-    step "trainer with perf.cuda_graphs, ViT-B/16" 90 "$py" bench/trainer_throughput.py --student ViT-B-16 \
-        --work "$out/trainer_throughput_graphs" --systems "cid_ds CID perf.cuda_graphs" --rounds 1 --steps 60 \
-        --log-every 10 --no-fast-paths
-    step "faiss k-means, 2M x 512 into 20000 clusters" 60 "$py" bench/kmeans.py --n 2000000 --dim 512 --k 20000 --niter 10 --gpu on
+    step "engine step per JSON, ViT-B/32 batch 256" 50 "$py" bench/engine_dispatch.py --student ViT-B-32 --batch 256 --reps 5
+    step "engine step per JSON, ViT-B/16 batch 256" 65 "$py" bench/engine_dispatch.py --student ViT-B-16 --batch 256 --reps 3
+    step "trainer ${backend[1]} vs open_clip plain, ViT-B/16" 150 "$py" bench/trainer_throughput.py --student ViT-B-16 \
+        --work "$out/trainer_throughput" --systems "$systems" "${open_clip[@]}" "${backend[@]}" --rounds 1 --steps 60 \
+        --log-every 10 --no-fast-paths --profile-steps 3
+    step "where the step's time goes (profile's top ops)" 5 \
+        sh -c "head -n 30 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
+    step "trainer with perf.cuda_graphs, ViT-B/16" 80 "$py" bench/trainer_throughput.py --student ViT-B-16 \
+        --work "$out/trainer_throughput_graphs" --systems "cid_ds CID perf.cuda_graphs" "${backend[@]}" --rounds 1 \
+        --steps 60 --log-every 10 --no-fast-paths
+    step "faiss k-means, 2M x 512 into 20000 clusters" 50 "$py" bench/kmeans.py --n 2000000 --dim 512 --k 20000 --niter 10 --gpu "$faiss_gpu"
 else
     echo "no GPU: the CPU fallback (small sizes)" | tee -a "$log"
     export DS_ACCELERATOR=cpu
     step "engine step per JSON (CPU)" 120 "$py" bench/engine_dispatch.py --reps 2
     step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/trainer_throughput.py --work "$out/trainer_throughput" \
-        --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths
+        --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths --profile-steps 3
+    step "where the step's time goes (profile's top ops)" 5 \
+        sh -c "head -n 30 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
     step "faiss k-means (CPU)" 60 "$py" bench/kmeans.py --n 50000 --dim 128 --k 500 --niter 10 --gpu off
 fi
 printf '%s\n' "${summary[@]}" | tee -a "$log"

@@ -67,7 +67,7 @@ OPEN_CLIP_ENV = os.path.join(os.path.expanduser("~"), ".cache", "cid_ds", "open_
 # open_clip_torch[training] asks for webdataset>=0.2.5,<=0.2.86; open_clip_train.data imports pandas.
 OPEN_CLIP_PACKAGES = ("webdataset==0.2.86", "pandas")
 
-SYSTEMS = ("open_clip", "open_clip --distill", "cid_ds instance", "cid_ds CID", "cid_ds CID for-loop AdamW",
+SYSTEMS = ("open_clip", "open_clip --distill", "cid_ds plain", "cid_ds instance", "cid_ds CID", "cid_ds CID for-loop AdamW",
            "cid_ds CID perf.compile", "cid_ds CID perf.cuda_graphs", "cid_ds CID zero2.json")
 
 
@@ -264,6 +264,7 @@ def flops_per_sample(bench: Workbench, teacher_dir: str) -> dict[str, float]:
         return run
 
     counted = {"open_clip": flops(open_clip_step(False)), "open_clip --distill": flops(open_clip_step(True)),
+               "cid_ds plain": flops(bench.step(bench.student(), "plain")),
                "cid_ds instance": flops(bench.step(bench.student())),
                "cid_ds CID": flops(bench.step(bench.student(), "CID", bench.cluster_term()))}
     for variant in (name for name in SYSTEMS if name.startswith("cid_ds CID ")):  # the CID step, run otherwise
@@ -293,6 +294,10 @@ def report(results: dict) -> list[str]:
     def ratio(a: str, b: str) -> Optional[float]:
         return median[a]["samples_per_s"] / median[b]["samples_per_s"] if a in median and b in median else None
     lines.append("")
+    own_plain = ratio("cid_ds CID", "cid_ds plain")
+    if own_plain is not None:
+        lines.append(f"cid_ds CID / cid_ds plain (the teacher terms' cost): {own_plain:.2f}x"
+                     + (f" (target >= 0.90x: {'met' if own_plain >= 0.9 else 'NOT met'})" if cpu else ""))
     distill, plain = ratio("cid_ds CID", "open_clip --distill"), ratio("cid_ds CID", "open_clip")
     if distill is not None:
         lines.append(f"cid_ds CID / open_clip --distill: {distill:.2f}x" + (

@@ -28,7 +28,8 @@ from cid_ds.models import DistillStudent, create_model, model_config, resolve_sp
 
 SHARDS = 8
 CLUSTERS = 64
-EXPERIMENTS = {"instance": "ds_configs/experiments/demo_distill.yaml", "CID": "ds_configs/experiments/demo_cid.yaml"}
+EXPERIMENTS = {"plain": "ds_configs/experiments/demo_baseline.yaml", "instance": "ds_configs/experiments/demo_distill.yaml",
+               "CID": "ds_configs/experiments/demo_cid.yaml"}
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
