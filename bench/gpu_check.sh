@@ -18,6 +18,7 @@
 # the same steps run small on the CPU, to check the script and the benches themselves.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the trainer's processes import cid_ds without an install
 out="${OUT:-runs/gpu_check}"
 py="${PY:-python}"
 mkdir -p "$out"
@@ -82,7 +83,7 @@ if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
         --work "$out/trainer_throughput" --systems "$systems" "${open_clip[@]}" "${backend[@]}" --rounds 1 --steps 60 \
         --log-every 10 --no-fast-paths --profile-steps 3
     step "where the step's time goes (profile's top ops)" 5 \
-        sh -c "head -n 30 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
+        sh -c "head -n 13 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
     step "trainer with perf.cuda_graphs, ViT-B/16" 80 "$py" bench/trainer_throughput.py --student ViT-B-16 \
         --work "$out/trainer_throughput_graphs" --systems "cid_ds CID perf.cuda_graphs" "${backend[@]}" --rounds 1 \
         --steps 60 --log-every 10 --no-fast-paths
@@ -94,7 +95,7 @@ else
     step "trainer (CPU, cid_ds CID only)" 240 "$py" bench/trainer_throughput.py --work "$out/trainer_throughput" \
         --systems "cid_ds CID" --rounds 1 --steps 30 --log-every 10 --no-fast-paths --profile-steps 3
     step "where the step's time goes (profile's top ops)" 5 \
-        sh -c "head -n 30 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
+        sh -c "head -n 13 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
     step "faiss k-means (CPU)" 60 "$py" bench/kmeans.py --n 50000 --dim 128 --k 500 --niter 10 --gpu off
 fi
 printf '%s\n' "${summary[@]}" | tee -a "$log"

@@ -59,8 +59,13 @@ def _bound_rendezvous(url: str, timeout: timedelta = default_pg_timeout, **kwarg
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     host, port, family, sockaddr = _master_address()
     listen_fd = _listen(host, port, family, sockaddr).detach() if rank == 0 else None  # the store owns it
-    store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd,
-                     use_libuv=True)
+    def store_on(use_libuv: bool) -> TCPStore:
+        return TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd,
+                        use_libuv=use_libuv)
+    try:
+        store = store_on(use_libuv=True)
+    except NotImplementedError:  # an older torch's libuv store (2.5's) takes no listening socket; its legacy one does
+        store = store_on(use_libuv=False)
     yield store, rank, world_size
     raise RuntimeError(f"{INIT_METHOD} rendezvous: a process group cannot rendezvous again")
 
