@@ -63,8 +63,8 @@ backend=(--cid-backend dali)
 }
 kmeans=(--n 2000000 --dim 512 --k 20000 --niter 10 --gpu on)
 "$py" -c 'import sys, faiss; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)' 2>/dev/null || {
-    skip "faiss-gpu" "this faiss has no GPU (faiss-gpu does not travel): k-means on faiss-cpu, 500k x 512 into 5000"
-    kmeans=(--n 500000 --dim 512 --k 5000 --niter 10 --gpu off)
+    skip "faiss-gpu" "this faiss has no GPU (faiss-gpu does not travel): k-means on faiss-cpu, 250k x 512 into 5000"
+    kmeans=(--n 250000 --dim 512 --k 5000 --niter 10 --gpu off)
 }
 
 if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -80,12 +80,12 @@ if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     step "engine step per JSON, ViT-B/32 batch 256" 50 "$py" bench/engine_dispatch.py --student ViT-B-32 --batch 256 --reps 5
     step "engine step per JSON, ViT-B/16 batch 256" 65 "$py" bench/engine_dispatch.py --student ViT-B-16 --batch 256 --reps 3
     step "trainer ${backend[1]} vs open_clip plain, ViT-B/16" 170 "$py" bench/trainer_throughput.py --student ViT-B-16 \
-        --work "$out/trainer_throughput" --systems "$systems" "${open_clip[@]}" "${backend[@]}" --rounds 1 --steps 60 \
+        --work "$out/trainer_throughput" --systems "$systems" ${open_clip[@]+"${open_clip[@]}"} "${backend[@]}" --rounds 1 --steps 60 \
         --log-every 10 --no-fast-paths --profile-steps 3
     step "where the step's time goes (profile's top ops)" 5 \
         sh -c "head -n 13 \"\$(find '$out/trainer_throughput' -name 'rank0_ops.txt' | head -n 1)\""
     step "trainer with perf.cuda_graphs, ViT-B/16" 75 "$py" bench/trainer_throughput.py --student ViT-B-16 \
-        --work "$out/trainer_throughput_graphs" --systems "cid_ds CID perf.cuda_graphs" "${backend[@]}" --rounds 1 \
+        --work "$out/trainer_throughput" --systems "cid_ds CID perf.cuda_graphs" "${backend[@]}" --rounds 1 \
         --steps 60 --log-every 10 --no-fast-paths
     step "faiss k-means (${kmeans[*]})" 50 "$py" bench/kmeans.py "${kmeans[@]}"
 else

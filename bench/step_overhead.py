@@ -23,6 +23,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench.* from a script
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a CPU bench: the engines and the batch on the CPU, GPU or not
 
 from bench.timing import clocked, interleaved, machine  # noqa: E402
 from cid_ds.config import Config  # noqa: E402

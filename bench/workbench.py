@@ -81,7 +81,7 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
     teacher_dir = save_random_model(args.teacher, os.path.join(root, "teacher"))
     shards = expand_shards(os.path.join(data, "train", "*.tar"))
     extract(ExtractOptions(shards=shards, teacher=f"local-dir:{teacher_dir}", out=feats, workers=args.workers,
-                           device="cuda" if on_gpu() else "cpu"))
+                           device="cuda" if on_gpu() else "cpu", backend="wds"))
     cluster(ClusterOptions(features=feats, k=CLUSTERS, out=clusters, seed=0))
     pack(PackOptions(shards=shards, features=feats, tokenizer=args.student, out=packed, clusters=clusters,
                      samples_per_shard=math.ceil(samples / SHARDS)), progress=False)

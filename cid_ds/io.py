@@ -85,6 +85,16 @@ def read_manifest(folder: str) -> Optional[dict]:
     return manifest if isinstance(manifest, dict) else None
 
 
+def manifest_to_continue(folder: str) -> Optional[dict]:
+    """The manifest a stage re-run in ``folder`` continues, None when there is none. A manifest.json there that
+    is not a JSON object was not written by a stage: it is refused (ValueError naming it), never written over."""
+    manifest = read_manifest(folder)
+    if manifest is None and os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise ValueError(f"{os.path.join(folder, MANIFEST)} is not a JSON object, so no stage wrote it: refusing to "
+                         "write over it; use another --out or delete it")
+    return manifest
+
+
 def load_numeric_npy(path: str, mmap: bool = False) -> "np.ndarray":
     """A .npy array of numbers, never unpickled: a file of Python objects (or any other dtype) is refused with
     a DataError naming it, where numpy would raise from deep inside."""

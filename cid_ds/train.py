@@ -182,6 +182,7 @@ def train_loop(run: Run, data: Iterator[Batch], stop: StopSignal, online_teacher
     profiler = start_profiler(cfg.logging.profile_steps, cfg.logging.every, cfg.output_dir, run.rank,
                               run.device.type == "cuda")
     run.engine.train()
+    run.window = Window()  # the first window times steps, not the start-up before them
     while run.step < cfg.optim.steps:
         t_wait = time.perf_counter()
         batch = next(data)

@@ -45,7 +45,7 @@ from cid_ds.data.features import (FINGERPRINT_FIELDS, shard_file, shard_stem, st
                                   write_started_manifest)
 from cid_ds.data.preprocess import ViewTransform, draw_views, image_spec
 from cid_ds.data.samples import caption_of, decode_image, read_samples
-from cid_ds.io import MANIFEST, read_manifest
+from cid_ds.io import MANIFEST, manifest_to_continue
 from cid_ds.teacher import load_teacher
 from data_tools.options import flag, run_stage, shard_paths
 from data_tools.spread import Share
@@ -252,7 +252,7 @@ def _embed(models: list, item: dict, device: torch.device) -> tuple[np.ndarray, 
 
 
 def _check_existing_manifest(out_dir: str, teacher: dict, views: dict) -> None:
-    path, manifest = os.path.join(out_dir, MANIFEST), read_manifest(out_dir)
+    path, manifest = os.path.join(out_dir, MANIFEST), manifest_to_continue(out_dir)
     if manifest is None:
         return
     cached = manifest.get("teacher", {})

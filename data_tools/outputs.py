@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from cid_ds.data.features import FeatureCache
 from cid_ds.data.joins import Artifact, teacher_conflicts
-from cid_ds.io import MANIFEST, atomic_path, read_manifest
+from cid_ds.io import MANIFEST, atomic_path, manifest_to_continue
 
 
 class OtherRun(ValueError):
@@ -23,7 +23,7 @@ class OtherRun(ValueError):
 def check_rerun(out_dir: str, identity: dict, what: str, cache: Optional[FeatureCache] = None) -> Optional[dict]:
     """The manifest already in ``out_dir`` (None if there is none), after refusing any field of
     ``identity`` (parameters, inputs) or, given the cache, a teacher that differs from this run's."""
-    path, manifest = os.path.join(out_dir, MANIFEST), read_manifest(out_dir)
+    path, manifest = os.path.join(out_dir, MANIFEST), manifest_to_continue(out_dir)
     if manifest is None:
         return None
     lines = [f"{path}: {name} is {manifest.get(name)} but this run has {name} = {value}"

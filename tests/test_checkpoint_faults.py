@@ -200,6 +200,25 @@ def test_every_stage_stops_at_start_naming_an_output_folder_it_cannot_write(data
     assert os.listdir(out) == ["manifest.json"] and (readonly_dir / "old_output" / "manifest.json").read_text() == "{}"
 
 
+def test_a_stage_refuses_to_write_over_a_manifest_that_no_stage_wrote(dataset, tmp_path):
+    """A manifest.json in --out that is not a JSON object (another tool's file): each data stage stops naming it,
+    and the file is as it was."""
+    import importlib
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "manifest.json").write_text("[1, 2]")
+    from data_tools.cluster import main as cluster_main
+    cluster_main(["--features", dataset["feats"], "--k", "2", "--out", str(tmp_path / "clusters")])
+    commands = list(stage_commands(dataset, str(out)).items())[:4]  # the data stages
+    commands[0][1].append("--random-teacher-ok")
+    commands[2][1][commands[2][1].index("--clusters") + 1] = str(tmp_path / "clusters")
+    for module, args in commands:
+        with pytest.raises(SystemExit) as stopped:
+            importlib.import_module(module).main(args)
+        assert f"{out / 'manifest.json'} is not a JSON object" in str(stopped.value), module
+    assert os.listdir(out) == ["manifest.json"] and (out / "manifest.json").read_text() == "[1, 2]"
+
+
 def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_incomplete(tmp_path):
     """A requeued 3-day job whose checkpoints were all cut short must not silently start from step 0 (and then
     rotate them away): it says what it found and how to start over on purpose."""

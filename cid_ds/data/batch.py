@@ -23,7 +23,7 @@ MISSING_FEATURES = ("error", "skip")  # a key without cached features (or cluste
 @dataclass(frozen=True)
 class SideData:
     """What the loaders read besides the shards' own samples, opened and cross-checked once for a run
-    (cid_ds.sources for the trainer, cid_ds.data.loader.open_side_data otherwise): the packed manifest of
+    (cid_ds.sources for the trainer, cid_ds.data.batch.open_side_data otherwise): the packed manifest of
     distill-ready shards, and the side folders joined to every sample by key."""
     packed: Optional[PackedShards] = None         # the shards' packed manifest; None: plain webdataset shards
     cache: Optional[FeatureCache] = None          # a teacher feature cache to join (it replaces packed embeddings)
