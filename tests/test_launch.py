@@ -207,3 +207,30 @@ def test_ssh_launch_hands_the_network_settings_to_the_remote_machines(tmp_path):
     for line in ("NCCL_SOCKET_IFNAME=ib0", "NCCL_DEBUG=INFO", "DS_ACCELERATOR=cpu"):
         assert f"\n    {line}\n" in output, line
     assert not os.path.exists(env_file)  # a per-launch file, removed on exit
+
+
+def test_where_the_libuv_store_takes_no_listening_socket_the_rendezvous_uses_the_legacy_store(monkeypatch):
+    """torch 2.5's libuv TCPStore refuses the socket the rendezvous bound to MASTER_ADDR (NotImplementedError, as
+    on a lent machine's older torch): the rendezvous hands the same socket to torch's legacy store instead."""
+    from torch.distributed import TCPStore
+
+    from cid_ds import rendezvous
+    made = []
+
+    def store_refusing_libuv(*args, use_libuv: bool, **kwargs):
+        made.append(use_libuv)
+        if use_libuv:
+            raise NotImplementedError("The libuv TCPStore backend does not support initialization with an listen fd")
+        return TCPStore(*args, use_libuv=use_libuv, **kwargs)
+    monkeypatch.setattr(rendezvous, "TCPStore", store_refusing_libuv)
+    port = free_port()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    store, rank, world_size = next(rendezvous._bound_rendezvous(rendezvous.INIT_METHOD))
+    store.set("key", "value")
+    assert (made, store.get("key"), rank, world_size) == ([True, False], b"value", 0, 1)
+    import psutil
+    assert ("127.0.0.1", port) in {tuple(c.laddr) for c in psutil.Process().net_connections("tcp")
+                                   if c.status == psutil.CONN_LISTEN}
