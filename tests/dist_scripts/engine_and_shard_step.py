@@ -29,3 +29,5 @@ classifier.update(lr=0.05)
 torch.save({"student": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
             "shard": classifier.weight.detach().clone(), "start": classifier.start},
            f"{out_dir}/rank{rank}.pt")
+dist.barrier()  # no rank leaves while another is still in the step's collectives (its gloo peer would abort)
+dist.destroy_process_group()
