@@ -75,9 +75,8 @@ def main() -> None:
         engine, guard = build_engine(student, cfg, on_gpu=False)
         run = Run(cfg, engine, guard)
         if case == "CID":
-            from cid_ds.losses.cluster import ClusterDiscrimination
-            run.cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                                     lambda step: 1.0, cfg.seed, engine.device)
+            from cid_ds.losses.cluster import cluster_term
+            run.cluster_term = cluster_term(cfg, lambda step: 1.0, engine.device)
         if case == "online":
             online = OnlineTeacher(args.teacher, None, clip_model, random_ok=True).to(engine.device, torch.float32)
         runs[case] = run

@@ -151,7 +151,5 @@ class Workbench:
 
     def cluster_term(self):
         from cid_ds.engine import cosine_with_warmup
-        from cid_ds.losses.cluster import ClusterDiscrimination
-        cfg = self.cfg["CID"]
-        return ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                     cosine_with_warmup(1, 2), cfg.seed, self.device)
+        from cid_ds.losses.cluster import cluster_term
+        return cluster_term(self.cfg["CID"], cosine_with_warmup(1, 2), self.device)

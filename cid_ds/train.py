@@ -149,9 +149,8 @@ def start_run(cfg: Config, clip_model: torch.nn.Module, sources: Sources, rank: 
     if sources.online_teacher is not None:
         sources.online_teacher.to(run.device, run.dtype)
     if cfg.loss.cluster > 0:
-        from cid_ds.losses.cluster import ClusterDiscrimination
-        run.cluster_term = ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                                 lr_factor, cfg.seed, run.device, sources.cluster_index)
+        from cid_ds.losses.cluster import cluster_term
+        run.cluster_term = cluster_term(cfg, lr_factor, run.device, sources.cluster_index)
     run.step, run.position = resume(run)
     return run
 

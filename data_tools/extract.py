@@ -48,7 +48,7 @@ from cid_ds.data.samples import caption_of, decode_image, read_samples
 from cid_ds.io import MANIFEST, manifest_to_continue
 from cid_ds.teacher import load_teacher
 from data_tools.options import flag, run_stage, shard_paths
-from data_tools.spread import Share
+from data_tools.spread import Share, process_device
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,9 @@ class ExtractOptions:
             raise ValueError("--backend dali extracts one teacher without views; use --backend wds")
 
     def on_this_process(self) -> ExtractOptions:
-        """The options with ``auto`` resolved: the device cuda:LOCAL_RANK when there is one, else the CPU; the
-        backend ``auto_backend``'s."""
-        device = self.device
-        if device == "auto":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        """The options with ``auto`` resolved: the device this process's GPU when there is one, else the CPU
+        (data_tools.spread.process_device); the backend ``auto_backend``'s."""
+        device = process_device(self.device)
         backend = self.backend if self.backend != "auto" else auto_backend(device, len(self.teachers()), self.views)
         return replace(self, device=device, backend=backend)
 

@@ -54,7 +54,7 @@ from data_tools.options import borrowed, flag, parse_options, refusals
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, PackOptions, pack
 from data_tools.plan import peak_rss, plan
-from data_tools.spread import Share, complete_manifest, cpus_per_process, run_local, share_from_env
+from data_tools.spread import Share, complete_manifest, cpus_per_process, process_device, run_local, share_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -179,11 +179,12 @@ def prepare(options: PrepareOptions, share: Share = Share(), timing: Optional[di
     refuse are refused before the first starts.
 
     Spread over processes (data_tools.spread), each does its share of every stage, on its own GPU (``device`` auto:
-    ``on_this_process``), and starts a stage once a process has completed the one before; process 0 waits for the
-    last and writes train.yaml and the summary, the others return None. ``timing``, when given, gets extract's
-    samples/s and this process's peak memory after it, and pack's seconds (data_tools.plan measures with them)."""
+    ``data_tools.spread.process_device``), and starts a stage once a process has completed the one before; process
+    0 waits for the last and writes train.yaml and the summary, the others return None. ``timing``, when given,
+    gets extract's samples/s and this process's peak memory after it, and pack's seconds (data_tools.plan measures
+    with them)."""
     recipe = load_config(RECIPE, check_paths=False)
-    device = on_this_process(options.device)
+    device = process_device(options.device)
     shape = options.shape(device)
     options.check()
     stages = options.stages(device, shape, recipe.cluster.positives)
@@ -223,16 +224,6 @@ def prepare(options: PrepareOptions, share: Share = Share(), timing: Optional[di
     write_train_yaml(summary["train_yaml"], recipe, packing.out, clustering.out, options.student, summary, shape,
                      options.workers)
     return summary
-
-
-def on_this_process(device: str) -> str:
-    """``auto`` or ``cuda``: this process's GPU, modulo the GPUs it sees (under srun --gpus-per-task=1 each process
-    sees its own GPU as cuda:0), or the CPU when there is none."""
-    if device not in ("auto", "cuda"):
-        return device
-    import torch
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
 def _stage(number: int, name: str, out: str, share: Share) -> None:

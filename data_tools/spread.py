@@ -98,6 +98,17 @@ def cpus_per_process(env: Optional[dict] = None) -> int:
     return max(1, len(os.sched_getaffinity(0)) // local)
 
 
+def process_device(device: str) -> str:
+    """``auto`` or ``cuda``: this process's GPU, its local rank (LOCAL_RANK, or SLURM_LOCALID in an srun step)
+    modulo the GPUs it sees (under srun --gpus-per-task=1 each process sees its own GPU as cuda:0), or the CPU
+    when there is none; any other device as it is."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
 def run_local(command: list[str], processes: int) -> None:
     """``command`` as ``processes`` processes on this machine (RANK, WORLD_SIZE, LOCAL_RANK set); waits for all.
     When one fails the others are ended (as a launcher does: a process may be waiting for the failed one's

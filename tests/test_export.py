@@ -15,7 +15,6 @@ from cid_ds.export import export_checkpoint, export_open_clip, main, pretrained_
 from cid_ds.models import create_model
 from tests.helpers import REPO_ROOT, one_rank_env
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = (0, 2, 3)
 
 # Run in a fresh interpreter: open_clip only, cid_ds must stay unimported.

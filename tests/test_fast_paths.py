@@ -169,6 +169,15 @@ def test_the_loaders_crop_box_follows_torchvisions_rule(size):
         assert random_resized_box(*size, (0.08, 1.0), (3 / 4, 4 / 3), TorchvisionDraws()) == expected, seed
 
 
+def one_rank_result(script: str, tmp_path, timeout: int = 300) -> dict:
+    """``script`` run as one CPU DeepSpeed rank, given its output file and ``tmp_path``; the JSON it wrote."""
+    out, env = tmp_path / "result.json", one_rank_env()
+    run = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path)], env=env, cwd=env["PYTHONPATH"],
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 # Two one-rank zero0.json engines (fp32 on CPU) from the same weights, one as the trainer sets it up (perf.host_light_step),
 # one with DeepSpeed's stock step; three steps on one batch each.
 ENGINES_WITH_AND_WITHOUT_ALLREDUCE = r"""
@@ -194,11 +203,7 @@ json.dump({"skipped": result[True], "reduced": result[False]}, open(sys.argv[1],
 
 
 def test_one_rank_skips_the_gradient_allreduce_and_trains_the_same_weights(tmp_path):
-    out = tmp_path / "engines.json"
-    run = subprocess.run([sys.executable, "-c", ENGINES_WITH_AND_WITHOUT_ALLREDUCE, str(out)], env=one_rank_env(),
-                         cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = one_rank_result(ENGINES_WITH_AND_WITHOUT_ALLREDUCE, tmp_path)
     assert result["skipped"]["weights"] == result["reduced"]["weights"]  # bitwise
     assert result["skipped"]["ops"] < result["reduced"]["ops"]
 
@@ -229,11 +234,7 @@ json.dump({"warnings": [str(w.message) for w in caught], "losses": losses,
 
 
 def test_on_another_deepspeed_version_the_stock_step_runs_with_a_warning(tmp_path):
-    out = tmp_path / "engine.json"
-    run = subprocess.run([sys.executable, "-c", ENGINE_ON_ANOTHER_DEEPSPEED, str(out)], env=one_rank_env(),
-                         cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = one_rank_result(ENGINE_ON_ANOTHER_DEEPSPEED, tmp_path)
     assert result["replaced"] == []  # DeepSpeed's own methods
     assert any("perf.host_light_step" in w and "0.0.1" in w and "stock step" in w for w in result["warnings"])
     assert all(np.isfinite(result["losses"])) and result["losses"][1] != result["losses"][0]
@@ -276,12 +277,7 @@ def test_the_cuda_graphs_step_gives_the_plain_steps_losses_and_weights(tmp_path)
     """perf.cuda_graphs as the trainer sets it up: on CPU it compiles (inductor) in reduce-overhead mode; its three
     steps' every loss term within 1e-5 relative of the plain engine's, its weights within 1e-5 plus 1e-4 of a
     step (lr), and its steps wait for the device no more than the plain ones (zero times)."""
-    out = tmp_path / "steps.json"
-    run = subprocess.run([sys.executable, "-c", TRAINER_STEPS_WITH_AND_WITHOUT_CUDA_GRAPHS, str(out), str(tmp_path)],
-                         env=one_rank_env(), cwd=one_rank_env()["PYTHONPATH"], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = one_rank_result(TRAINER_STEPS_WITH_AND_WITHOUT_CUDA_GRAPHS, tmp_path, timeout=600)
     graphs, plain = result["graphs"], result["plain"]
     assert graphs["syncs"] == plain["syncs"] == 0
     for got, expected in zip(graphs["losses"], plain["losses"]):

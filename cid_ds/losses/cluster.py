@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from cid_ds.config import ClusterConfig
+from cid_ds.config import ClusterConfig, Config
 from cid_ds.data.clusters import CENTROIDS
 from cid_ds.io import load_numeric_npy
 from cid_ds.parallel.partial_fc import ShardedCentroidClassifier
@@ -82,3 +82,12 @@ class ClusterDiscrimination:
 
     def load(self, tag_dir: str) -> None:
         self.classifier.load(tag_dir)
+
+
+def cluster_term(cfg: Config, lr_factor: Callable[[int], float], device: torch.device,
+                 teacher_index: Optional[int] = None) -> ClusterDiscrimination:
+    """The cluster term as ``cfg`` sets it: ``cluster.*``, and the classifier's optimizer on ``optim``'s lr (times
+    ``cluster.lr_mult``), betas and eps, on the schedule ``lr_factor``; ``teacher_index``: the clustering's teacher
+    of an ensemble."""
+    return ClusterDiscrimination(cfg.cluster, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps, lr_factor,
+                                 cfg.seed, device, teacher_index)
