@@ -7,6 +7,8 @@ For each size: a feature cache and cluster assignments of generated embeddings (
 Then, at each process count, as a user runs them (``python -m data_tools.spread -n P -- python -m ...``):
   pack     the cache and clusters into shards of 2,000 samples (every sample: no balance);
   assign   data_tools.cluster's assignment (its fit done once beforehand, then the shard files removed);
+  fit      data_tools.cluster with a hierarchical fit of --parts 4 (each process fits every P-th part, process 0
+           the union), and the assignment;
   balance  data_tools.balance with its defaults (the threshold tuned on a sample, in every process) and
            --workers cores / P: one process with a pool of every core against P with their share each.
 Each process gets ``cores / P`` threads (OMP_NUM_THREADS, torch's): the same machine, split. Memory: the
@@ -76,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 80_000, 320_000])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--stages", nargs="+", default=["pack", "assign", "balance"])
+    parser.add_argument("--stages", nargs="+", default=["pack", "assign", "fit", "balance"])
     args = parser.parse_args()
     assert "pss" in MEMORY_FIELDS.values()
     print(f"{len(os.sched_getaffinity(0))} cores; sizes {args.sizes}; processes {args.processes}\n")
@@ -95,6 +97,8 @@ def main() -> None:
                                      "--samples-per-shard", "2000"],
                 "assign": lambda out: ["python", "-m", "data_tools.cluster", "--features", feats, "--k",
                                        str(max(16, n // 400)), "--out", out, "--gpu", "off"],
+                "fit": lambda out: ["python", "-m", "data_tools.cluster", "--features", feats, "--k",
+                                    str(max(16, n // 400)), "--out", out, "--gpu", "off", "--parts", "4"],
                 "balance": lambda out: ["python", "-m", "data_tools.balance", "--features", feats, "--clusters",
                                         clusters, "--out", out, "--max-removed-fraction", "1", "--workers",
                                         str(max(1, len(os.sched_getaffinity(0)) // processes))],

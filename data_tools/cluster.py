@@ -16,8 +16,10 @@ hierarchical: the sample is split into P random parts, each is clustered into k 
 of the P*k centroids (weighted by their part's cluster sizes) is clustered into k: how 1M clusters of
 LAION-400M were made. The output format is described in cid_ds.data.clusters. A re-run into the same
 --out skips what is done (the fit, finished shards) and refuses other parameters or a cache from another
-teacher. Started as N processes (data_tools.spread), process 0 fits while the others wait for its centroids,
-every process assigns every N-th shard, and the last to finish writes the statistics and the complete manifest.
+teacher. Started as N processes (data_tools.spread), process 0 draws the fit's sample and fits it; the parts
+of a hierarchical fit are spread over every process (process 0 then clusters their centroids); every process
+assigns every N-th shard, and the last to finish writes the statistics and the complete manifest. An
+interrupted hierarchical fit resumes at the parts not yet written, with any number of processes.
 
 Initialisation: ``random`` (faiss's default: k rows of the sample) is the only one that scales to 1M
 centroids, but on data with clear clusters it leaves some merged and others split; ``kmeans++`` and
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -40,12 +43,13 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, ClusterAssignments, fit_finished, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, write_json
+from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, read_manifest, write_json
 from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, wait_for
 
 FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
+FIT_PARTS = "fit_parts"  # a hierarchical fit's first level, a file a part, during the fit
 DEFAULT_FIT_MEMORY_GB = 64.0
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
@@ -211,18 +215,39 @@ def kmeans(x: np.ndarray, k: int, niter: int, max_points_per_centroid: int, seed
     return unit_rows(km.centroids), float(objective)
 
 
-def hierarchical_kmeans(x: np.ndarray, parts: int, k: int, seed: int, ngpu: int, batch_size: int,
-                        **options) -> tuple[np.ndarray, float]:
-    """k-means of each of ``parts`` random parts of ``x`` into k, then of the union of their centroids
-    into k, each part centroid weighted by the number of its part's rows it holds."""
-    order = np.random.default_rng(seed).permutation(len(x))
+def part_rows(n: int, parts: int, seed: int, part: int) -> np.ndarray:
+    """The sorted rows of ``part`` of a hierarchical fit of ``n`` rows: a seeded random split into ``parts``, the
+    same in every process."""
+    return np.sort(np.array_split(np.random.default_rng(seed).permutation(n), parts)[part])
+
+
+def fit_parts(x: np.ndarray, params: dict, ngpu: int, batch_size: int, share: Share, parts_dir: str,
+              **options) -> None:
+    """The first level of a hierarchical fit: each of ``share``'s parts not yet written is clustered into k, its
+    centroids and how many of its rows each holds saved to ``parts_dir/<part>.npz`` (a re-run fits only what is
+    missing)."""
+    k, parts, seed = params["k"], params["parts"], params["seed"]
+    todo = [part for part in share.mine(range(parts)) if not os.path.isfile(part_file(parts_dir, part))]
+    for part in tqdm(todo, desc="fit parts" if share.world == 1 else f"fit parts {share}", unit="part"):
+        rows = x[part_rows(len(x), parts, seed, part)]
+        centroids, _ = kmeans(rows, k, seed=seed, ngpu=ngpu, **options)
+        ids, _ = search(flat_index(centroids, ngpu), rows, 1, batch_size)
+        with atomic_path(part_file(parts_dir, part)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, centroids=centroids, weights=np.bincount(ids[:, 0], minlength=k).astype(np.float32))
+
+
+def part_file(parts_dir: str, part: int) -> str:
+    return os.path.join(parts_dir, f"{part:06d}.npz")
+
+
+def combine_parts(parts_dir: str, parts: int, k: int, seed: int, ngpu: int, **options) -> tuple[np.ndarray, float]:
+    """The second level: the union of every part's centroids clustered into k, each weighted by the rows of its
+    part it holds."""
     centroids, weights = [], []
-    for part in tqdm(np.array_split(order, parts), desc="fit parts", unit="part"):
-        rows = x[np.sort(part)]
-        part_centroids, _ = kmeans(rows, k, seed=seed, ngpu=ngpu, **options)
-        ids, _ = search(flat_index(part_centroids, ngpu), rows, 1, batch_size)
-        centroids.append(part_centroids)
-        weights.append(np.bincount(ids[:, 0], minlength=k).astype(np.float32))
+    for part in range(parts):
+        with np.load(part_file(parts_dir, part)) as saved:
+            centroids.append(saved["centroids"])
+            weights.append(saved["weights"])
     return kmeans(np.concatenate(centroids), k, seed=seed, ngpu=ngpu, weights=np.concatenate(weights), **options)
 
 
@@ -357,33 +382,70 @@ def check_fit_memory(n_fit: int, dim: int, params: dict, budget_gb: float) -> No
                      "raise --fit-memory-gb")
 
 
-def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
-         verbose: bool, out_dir: str) -> tuple[np.ndarray, dict]:
-    """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields. The sample is written to
-    ``out_dir/FIT_SAMPLE`` (fp16, memory-mapped; removed after the fit), so that host memory holds one part."""
-    k, parts = params["k"], params["parts"]
-    start = time.time()
-    columns = teacher_columns(cache, params["teacher_index"])
+def draw_fit_sample(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, out_dir: str) -> None:
+    """``n_fit`` rows drawn over the whole cache into ``out_dir/FIT_SAMPLE`` (fp16), which appears whole or not at
+    all; one left by an interrupted run of the same parameters (the same draw) is kept."""
     path = os.path.join(out_dir, FIT_SAMPLE)
-    x = sample_rows(cache, shards, n_fit, params["seed"], columns, out=np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.float16, shape=(n_fit, columns.stop - columns.start)))
+    if os.path.isfile(path):
+        return
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)  # a draw cut off mid-write
+    columns = teacher_columns(cache, params["teacher_index"])
+    with atomic_path(path) as tmp:
+        x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_fit, columns.stop - columns.start))
+        sample_rows(cache, shards, n_fit, params["seed"], columns, out=x)
+        x.flush()
+        del x
+
+
+def fit_sample_ready(out_dir: str, params: dict) -> bool:
+    """Whether process 0 has drawn this run's fit sample: the manifest names these parameters (read first: process
+    0 removes an earlier run's files before it writes a new manifest) and the sample is there."""
+    manifest = read_manifest(out_dir) or {}
+    return all(manifest.get(name) == value for name, value in params.items()) and \
+        os.path.isfile(os.path.join(out_dir, FIT_SAMPLE))
+
+
+def remove_fit_files(out_dir: str) -> None:
+    """The fit's sample and first-level parts, once its centroids are written (or before a new fit)."""
+    if os.path.isfile(os.path.join(out_dir, FIT_SAMPLE)):
+        os.remove(os.path.join(out_dir, FIT_SAMPLE))
+    shutil.rmtree(os.path.join(out_dir, FIT_PARTS), ignore_errors=True)
+
+
+def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
+         verbose: bool, out_dir: str, share: Share) -> Optional[tuple[np.ndarray, dict]]:
+    """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields (process 0; the others return None).
+    Process 0 draws the sample to ``out_dir/FIT_SAMPLE`` (fp16, memory-mapped), so that host memory holds one part.
+    A hierarchical fit's parts are spread over the processes (the others start once the sample is drawn); process
+    0 waits for them all and clusters their centroids."""
+    k, parts, seed = params["k"], params["parts"], params["seed"]
+    start = time.time()
+    if share.rank == 0:
+        draw_fit_sample(cache, shards, params, n_fit, out_dir)
+    x = np.load(os.path.join(out_dir, FIT_SAMPLE), mmap_mode="r")
     sampled = time.time()
     options = dict(niter=params["niter"], max_points_per_centroid=params["max_points_per_centroid"],
                    nredo=params["nredo"], init=params["init"], verbose=verbose)
-    if parts > 1:
-        centroids, objective = hierarchical_kmeans(x, parts, k, params["seed"], ngpu, batch_size, **options)
+    if parts == 1:
+        centroids, objective = kmeans(x, k, seed=seed, ngpu=ngpu, **options)
     else:
-        centroids, objective = kmeans(x, k, seed=params["seed"], ngpu=ngpu, **options)
-    del x
-    os.remove(path)
+        parts_dir = os.path.join(out_dir, FIT_PARTS)
+        fit_parts(x, params, ngpu, batch_size, share, parts_dir, **options)
+        if share.rank > 0:
+            return None
+        wait_for(lambda: all(os.path.isfile(part_file(parts_dir, part)) for part in range(parts)),
+                 f"cluster: {share} waits for the other processes' parts of the fit in {parts_dir}")
+        centroids, objective = combine_parts(parts_dir, parts, k, seed, ngpu, **options)
     return centroids, {"fit_points": n_fit, "objective": objective, "device": f"{ngpu} GPU(s)" if ngpu else "cpu",
                        "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
 
 
 def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = False) -> Optional[dict]:
     """Fit (or reuse the fitted) centroids, assign every shard not yet assigned, write the statistics;
-    returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits, each assigns
-    its share of the shards, and the last to finish completes the manifest (the others return None). ``k`` None:
+    returns the complete manifest. Spread over processes (data_tools.spread), process 0 fits (each process fits
+    its share of a hierarchical fit's parts), each assigns its share of the shards, and the last to finish
+    completes the manifest (the others return None). ``k`` None:
     ``default_k`` of the cache's sample count, printed with its reason. ``parts`` None: ``fit_shape``, a
     hierarchical fit (then fewer points per centroid) once the whole would hold more than ``fit_memory_gb`` of
     host memory; a fit that still holds more is refused before any work, naming what fits."""
@@ -410,26 +472,34 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
               "parts": parts, "nredo": options.nredo, "init": options.init, "teacher_index": options.teacher_index}
     n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
     check_fit_memory(n_fit, params["dim"], params, options.fit_memory_gb)
-    if share.rank > 0:
-        wait_for_fit(out_dir, share)
+    if share.rank > 0:  # process 0 fits; the others join a hierarchical fit once its sample is drawn
+        wait_for(lambda: fit_finished(out_dir) or (parts > 1 and fit_sample_ready(out_dir, params)),
+                 f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
     if manifest is not None and "fit_points" in manifest and os.path.isfile(centroids_path):
         centroids = ClusterAssignments(out_dir).centroids()
+    elif share.rank > 0:
+        _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir, share)
+        wait_for_fit(out_dir, share)
+        manifest, centroids = read_manifest(out_dir), ClusterAssignments(out_dir).centroids()
     else:
         done = [s for s in shards if os.path.isfile(shard_file(out_dir, s))]
         if done:
             raise ValueError(f"{out_dir} holds assignments ({shard_file(out_dir, done[0])}) but no finished fit "
                              f"({CENTROIDS} and 'fit_points' in {MANIFEST}): delete {out_dir} to start again")
-        manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(options.features),
-                        code_version=cid_ds.__version__, complete=False)
-        write_json(os.path.join(out_dir, MANIFEST), manifest)
-        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir)
+        if manifest is None:  # an earlier run's sample and parts, if any, are not this run's
+            remove_fit_files(out_dir)
+            manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(options.features),
+                            code_version=cid_ds.__version__, complete=False)
+            write_json(os.path.join(out_dir, MANIFEST), manifest)
+        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir, share)
         with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
         manifest.update(fit)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
+        remove_fit_files(out_dir)
 
     result = assign(options.features, centroids, out_dir, options.topk, options.batch_size, ngpu,
                     options.teacher_index, share)
@@ -445,8 +515,8 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
 
 
 def wait_for_fit(out_dir: str, share: Share) -> None:
-    """Processes other than 0 assign with the centroids process 0 fits (one fit, on one machine: its sample
-    is drawn over the whole cache); they wait for its manifest to record it."""
+    """Processes other than 0 assign with the centroids process 0 fits (its sample is drawn over the whole cache,
+    in one process); they wait for its manifest to record it."""
     wait_for(lambda: fit_finished(out_dir), f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
 
 

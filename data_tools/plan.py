@@ -6,9 +6,10 @@ device, and the plan scales what it measured to the whole: extract's samples/s p
 sample x centroid products per second at the plan's k (the assignment is N x k of them, each k-means
 iteration n_fit x k); the balance's seconds for one cluster of the plan's mean size, from the teacher's own
 embeddings; pack's samples/s; each stage's bytes per sample on disk. The time of a stage is its work over
-every process of the job's shape (--nodes x --gpus-per-node: prepare's processes), except the k-means fit,
-which process 0 runs alone. Figures for a machine other than this one scale with its speed; the sample is small,
-so fixed costs (a pool's start, a tokenizer's load) make the balance and pack rates pessimistic.
+every process of the job's shape (--nodes x --gpus-per-node: prepare's processes), except the k-means fit:
+process 0 fits a one-part fit alone; a hierarchical fit's parts are spread, their union clustered in process 0.
+Figures for a machine other than this one scale with its speed; the sample is small, so fixed costs (a pool's
+start, a tokenizer's load) make the balance and pack rates pessimistic.
 """
 from __future__ import annotations
 
@@ -138,7 +139,9 @@ def estimate(samples: int, k: int, processes: int, measured: Measured, fit_memor
     m, dim = measured, measured.dim
     points, parts = fit_shape(samples, dim, k, max_points_per_centroid, fit_memory_gb)
     n_fit = min(k * points, samples)
-    fit_pairs = NITER * (n_fit * k + (parts * k * k if parts > 1 else 0))
+    # a hierarchical fit's parts run side by side, a round of parts at a time; then process 0 clusters their union
+    rounds = -(-parts // processes)
+    fit_pairs = NITER * (n_fit * k if parts == 1 else rounds * (n_fit // parts) * k + parts * k * k)
     kept = round(samples * m.kept_fraction)
     key_bytes = 4 * 24  # numpy str keys: 4 bytes a character, ~24 characters
     hours = lambda seconds: seconds / 3600  # noqa: E731
@@ -148,8 +151,10 @@ def estimate(samples: int, k: int, processes: int, measured: Measured, fit_memor
          "how": f"{m.extract_per_s:,.0f} samples/s a process x {processes}"},
         {"stage": "cluster fit", "hours": hours(fit_pairs / m.pairs_per_s),
          "disk_bytes": n_fit * dim * 2, "memory_bytes": fit_memory(n_fit, dim, k, parts),
-         "how": f"process 0: {NITER} iterations of {n_fit:,} x {k:,} ({points} a centroid, {parts} part(s)) at "
-                f"{m.pairs_per_s:.3g} products/s; disk: its sample, while it runs"},
+         "how": (f"process 0: {NITER} iterations of {n_fit:,} x {k:,} ({points} a centroid)" if parts == 1 else
+                 f"{NITER} iterations of {parts} parts of {n_fit // parts:,} x {k:,} ({points} a centroid), "
+                 f"{rounds} a process, then of their {parts * k:,} centroids x {k:,} in process 0")
+                + f" at {m.pairs_per_s:.3g} products/s; disk: its sample, while it runs"},
         {"stage": "assign", "hours": hours(samples * k / (m.pairs_per_s * processes)),
          "disk_bytes": m.bytes_per_sample["clusters"] * samples, "memory_bytes": k * dim * 4 + 65536 * dim * 4,
          "how": f"{samples:,} x {k:,} products at {m.pairs_per_s:.3g}/s a process x {processes}"},

@@ -11,7 +11,7 @@ import pytest
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.data.joins import check_join
-from data_tools.cluster import ClusterOptions, assign, cluster, default_k, main
+from data_tools.cluster import ClusterOptions, assign, cluster, default_k, kmeans, main
 
 CLUSTERS, PER_CLUSTER, DIM, SHARDS = 20, 150, 32, 3
 TEACHER = {"weights_sha256": "a" * 64, "embed_dim": DIM}
@@ -120,12 +120,23 @@ def test_planted_clusters_are_recovered_and_every_output_describes_them(planted,
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_hierarchical_fit_recovers_the_planted_clusters(planted, cache_dir, tmp_path):
+HIERARCHICAL = dict(max_points_per_centroid=120, parts=3, seed=1, init="kmeans++", nredo=3)
+
+
+@pytest.fixture(scope="module")
+def hierarchical(cache_dir, tmp_path_factory):
+    """The planted cache clustered by a hierarchical fit: 3 parts of 800 of its rows, each into CLUSTERS."""
+    out = str(tmp_path_factory.mktemp("hierarchical") / "c")
+    return out, cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, **HIERARCHICAL))
+
+
+def test_hierarchical_fit_recovers_the_planted_clusters(planted, hierarchical):
     points, labels = planted
-    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=str(tmp_path / "c"),
-                                      max_points_per_centroid=120, parts=3, seed=1, init="kmeans++", nredo=3))
+    out, manifest = hierarchical
     assert manifest["parts"] == 3 and manifest["fit_points"] == 2400
-    assert adjusted_rand_index(assigned_ids(str(tmp_path / "c"), len(points))[:, 0], labels) > 0.95
+    assert adjusted_rand_index(assigned_ids(out, len(points))[:, 0], labels) > 0.95
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", "centroids.npy", "cluster_sizes.json",
+                                              "cluster_sizes.png", "00000.npz", "00001.npz", "00002.npz"])
 
 
 def test_assignment_in_small_batches_equals_assignment_in_one(clustered, cache_dir, tmp_path):
@@ -246,6 +257,65 @@ def test_spread_over_processes_the_assignment_gives_what_one_process_gives(clust
             assert sorted(a.files) == sorted(b.files)
             for field in a.files:
                 np.testing.assert_array_equal(a[field], b[field])
+
+
+def cluster_command(cache_dir, out, **fit):
+    import sys
+    return [sys.executable, "-m", "data_tools.cluster", "--features", cache_dir, "--k", str(CLUSTERS), "--out", out,
+            "--gpu", "off", *[a for name, value in fit.items() for a in (f"--{name.replace('_', '-')}", str(value))]]
+
+
+def test_spread_over_processes_the_parts_of_a_hierarchical_fit_give_one_process_centroids(hierarchical, cache_dir,
+                                                                                           tmp_path):
+    """Each process fits every N-th part; process 0 clusters the parts' centroids once all are written."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+    out = str(tmp_path / "c")
+    subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", *cluster_command(cache_dir, out,
+                    **HIERARCHICAL)], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    one, spread = hierarchical[1], json.load(open(os.path.join(out, "manifest.json")))
+    for field in ("cluster_sizes", "objective", "fit_points", "parts"):
+        assert spread[field] == one[field], field
+    np.testing.assert_array_equal(np.load(os.path.join(out, "centroids.npy")),
+                                  np.load(os.path.join(hierarchical[0], "centroids.npy")))
+    assert not {"fit_parts", "fit_sample.npy"} & set(os.listdir(out))  # the fit's files are gone once it ends
+
+
+def test_an_interrupted_hierarchical_fit_resumes_at_the_parts_not_yet_written(hierarchical, cache_dir, tmp_path,
+                                                                               monkeypatch):
+    """Process 0 of 2 fits parts 0 and 2 of 3 and is killed while it waits for part 1; one process run again on the
+    folder fits part 1 alone, then the second level: the centroids of an uninterrupted run."""
+    import subprocess
+    import time
+
+    import data_tools.cluster as stage
+    from tests.helpers import REPO_ROOT
+    out = str(tmp_path / "c")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    first = subprocess.Popen(cluster_command(cache_dir, out, **HIERARCHICAL), cwd=REPO_ROOT,
+                             env=dict(env, RANK="0", WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    written = [os.path.join(out, "fit_parts", f"{part:06d}.npz") for part in (0, 2)]
+    deadline = time.time() + 120
+    while not all(map(os.path.isfile, written)) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.kill()
+    assert all(map(os.path.isfile, written)), first.communicate()[0]
+    assert not os.path.exists(os.path.join(out, "fit_parts", "000001.npz"))
+
+    fits = []
+
+    def counted_kmeans(x, *args, **kwargs):
+        fits.append(len(x))
+        return kmeans(x, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "kmeans", counted_kmeans)
+    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, **HIERARCHICAL))
+    assert fits == [800, 3 * CLUSTERS]  # part 1's 800 rows, then the union of the 3 parts' centroids
+    assert manifest["objective"] == hierarchical[1]["objective"]
+    np.testing.assert_array_equal(np.load(os.path.join(out, "centroids.npy")),
+                                  np.load(os.path.join(hierarchical[0], "centroids.npy")))
 
 
 def test_a_fit_over_the_memory_budget_is_hierarchical_by_default_and_refused_in_one_part(cache_dir, tmp_path):
