@@ -29,6 +29,8 @@ over the sample, and ``--nredo`` keeps the best of several runs.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -48,8 +50,8 @@ from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, wait_for
 
-FIT_SAMPLE = "fit_sample.npy"  # the drawn sample during the fit, on disk
-FIT_PARTS = "fit_parts"  # a hierarchical fit's first level, a file a part, during the fit
+FIT_SAMPLE = "fit_sample"  # the drawn sample during the fit, on disk: FIT_SAMPLE.<draw>.npy
+FIT_PARTS = "fit_parts"  # a hierarchical fit's first level during the fit: FIT_PARTS.<draw>/<part>.npz
 DEFAULT_FIT_MEMORY_GB = 64.0
 # The parameters that decide the output; a re-run into the same folder must repeat them.
 PARAMS = ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init", "teacher_index")
@@ -221,18 +223,20 @@ def part_rows(n: int, parts: int, seed: int, part: int) -> np.ndarray:
     return np.sort(np.array_split(np.random.default_rng(seed).permutation(n), parts)[part])
 
 
-def fit_parts(x: np.ndarray, params: dict, ngpu: int, batch_size: int, share: Share, parts_dir: str,
-              **options) -> None:
+def fit_parts(files: FitFiles, params: dict, ngpu: int, batch_size: int, share: Share, **options) -> None:
     """The first level of a hierarchical fit: each of ``share``'s parts not yet written is clustered into k, its
-    centroids and how many of its rows each holds saved to ``parts_dir/<part>.npz`` (a re-run fits only what is
-    missing)."""
+    centroids and how many of its rows each holds saved to ``files.parts/<part>.npz`` (a re-run fits only what is
+    missing; a process with nothing to fit does not open the sample, which process 0 may remove once it is done)."""
     k, parts, seed = params["k"], params["parts"], params["seed"]
-    todo = [part for part in share.mine(range(parts)) if not os.path.isfile(part_file(parts_dir, part))]
+    todo = [part for part in share.mine(range(parts)) if not os.path.isfile(part_file(files.parts, part))]
+    if not todo:
+        return
+    x = np.load(files.sample, mmap_mode="r")
     for part in tqdm(todo, desc="fit parts" if share.world == 1 else f"fit parts {share}", unit="part"):
         rows = x[part_rows(len(x), parts, seed, part)]
         centroids, _ = kmeans(rows, k, seed=seed, ngpu=ngpu, **options)
         ids, _ = search(flat_index(centroids, ngpu), rows, 1, batch_size)
-        with atomic_path(part_file(parts_dir, part)) as tmp, open(tmp, "wb") as f:
+        with atomic_path(part_file(files.parts, part)) as tmp, open(tmp, "wb") as f:
             np.savez(f, centroids=centroids, weights=np.bincount(ids[:, 0], minlength=k).astype(np.float32))
 
 
@@ -382,61 +386,76 @@ def check_fit_memory(n_fit: int, dim: int, params: dict, budget_gb: float) -> No
                      "raise --fit-memory-gb")
 
 
-def draw_fit_sample(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, out_dir: str) -> None:
-    """``n_fit`` rows drawn over the whole cache into ``out_dir/FIT_SAMPLE`` (fp16), which appears whole or not at
-    all; one left by an interrupted run of the same parameters (the same draw) is kept."""
-    path = os.path.join(out_dir, FIT_SAMPLE)
-    if os.path.isfile(path):
+@dataclass(frozen=True)
+class FitFiles:
+    """Where a fit keeps its drawn sample (fp16, memory-mapped) and a hierarchical fit its parts, while it runs."""
+    sample: str
+    parts: str
+
+    @classmethod
+    def of(cls, out_dir: str, features: str, shards: dict[str, int], params: dict, n_fit: int) -> FitFiles:
+        """Named by the draw (the cache, its shard sizes, the parameters, the sample's size): files of another draw
+        (another cache in the same place, a sample an earlier version wrote in place) are never taken for this
+        one's."""
+        draw = hashlib.sha256(json.dumps([os.path.abspath(features), shards, params, n_fit]).encode()).hexdigest()[:16]
+        return cls(os.path.join(out_dir, f"{FIT_SAMPLE}.{draw}.npy"), os.path.join(out_dir, f"{FIT_PARTS}.{draw}"))
+
+    def remove(self, keep_own: bool = False) -> None:
+        """Every fit's sample and parts in this folder (cut-off writes too), or, ``keep_own``, all but this fit's."""
+        out_dir = os.path.dirname(self.sample)
+        for path in glob.glob(os.path.join(glob.escape(out_dir), f"{FIT_SAMPLE}*")) + \
+                glob.glob(os.path.join(glob.escape(out_dir), f"{FIT_PARTS}*")):
+            if keep_own and path in (self.sample, self.parts):
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def draw_fit_sample(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, files: FitFiles) -> None:
+    """``n_fit`` rows drawn over the whole cache into ``files.sample``, which appears whole or not at all; one left
+    by an interrupted run of the same draw is kept, with its parts, and any other fit's files are removed."""
+    files.remove(keep_own=True)
+    if os.path.isfile(files.sample):
         return
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):
-        os.remove(stale)  # a draw cut off mid-write
     columns = teacher_columns(cache, params["teacher_index"])
-    with atomic_path(path) as tmp:
+    with atomic_path(files.sample) as tmp:
         x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_fit, columns.stop - columns.start))
         sample_rows(cache, shards, n_fit, params["seed"], columns, out=x)
         x.flush()
         del x
 
 
-def fit_sample_ready(out_dir: str, params: dict) -> bool:
+def fit_sample_ready(out_dir: str, params: dict, files: FitFiles) -> bool:
     """Whether process 0 has drawn this run's fit sample: the manifest names these parameters (read first: process
     0 removes an earlier run's files before it writes a new manifest) and the sample is there."""
     manifest = read_manifest(out_dir) or {}
-    return all(manifest.get(name) == value for name, value in params.items()) and \
-        os.path.isfile(os.path.join(out_dir, FIT_SAMPLE))
-
-
-def remove_fit_files(out_dir: str) -> None:
-    """The fit's sample and first-level parts, once its centroids are written (or before a new fit)."""
-    if os.path.isfile(os.path.join(out_dir, FIT_SAMPLE)):
-        os.remove(os.path.join(out_dir, FIT_SAMPLE))
-    shutil.rmtree(os.path.join(out_dir, FIT_PARTS), ignore_errors=True)
+    return all(manifest.get(name) == value for name, value in params.items()) and os.path.isfile(files.sample)
 
 
 def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
-         verbose: bool, out_dir: str, share: Share) -> Optional[tuple[np.ndarray, dict]]:
+         verbose: bool, files: FitFiles, share: Share) -> Optional[tuple[np.ndarray, dict]]:
     """The centroids of ``n_fit`` sampled rows, and the manifest's fit fields (process 0; the others return None).
-    Process 0 draws the sample to ``out_dir/FIT_SAMPLE`` (fp16, memory-mapped), so that host memory holds one part.
-    A hierarchical fit's parts are spread over the processes (the others start once the sample is drawn); process
-    0 waits for them all and clusters their centroids."""
+    Process 0 draws the sample to ``files.sample``, memory-mapped, so that host memory holds one part. A
+    hierarchical fit's parts are spread over the processes (the others start once the sample is drawn); process 0
+    waits for them all and clusters their centroids."""
     k, parts, seed = params["k"], params["parts"], params["seed"]
     start = time.time()
     if share.rank == 0:
-        draw_fit_sample(cache, shards, params, n_fit, out_dir)
-    x = np.load(os.path.join(out_dir, FIT_SAMPLE), mmap_mode="r")
+        draw_fit_sample(cache, shards, params, n_fit, files)
     sampled = time.time()
     options = dict(niter=params["niter"], max_points_per_centroid=params["max_points_per_centroid"],
                    nredo=params["nredo"], init=params["init"], verbose=verbose)
     if parts == 1:
-        centroids, objective = kmeans(x, k, seed=seed, ngpu=ngpu, **options)
+        centroids, objective = kmeans(np.load(files.sample, mmap_mode="r"), k, seed=seed, ngpu=ngpu, **options)
     else:
-        parts_dir = os.path.join(out_dir, FIT_PARTS)
-        fit_parts(x, params, ngpu, batch_size, share, parts_dir, **options)
+        fit_parts(files, params, ngpu, batch_size, share, **options)
         if share.rank > 0:
             return None
-        wait_for(lambda: all(os.path.isfile(part_file(parts_dir, part)) for part in range(parts)),
-                 f"cluster: {share} waits for the other processes' parts of the fit in {parts_dir}")
-        centroids, objective = combine_parts(parts_dir, parts, k, seed, ngpu, **options)
+        wait_for(lambda: all(os.path.isfile(part_file(files.parts, part)) for part in range(parts)),
+                 f"cluster: {share} waits for the other processes' parts of the fit in {files.parts}")
+        centroids, objective = combine_parts(files.parts, parts, k, seed, ngpu, **options)
     return centroids, {"fit_points": n_fit, "objective": objective, "device": f"{ngpu} GPU(s)" if ngpu else "cpu",
                        "timing": {"sample_s": sampled - start, "fit_s": time.time() - sampled}}
 
@@ -472,16 +491,19 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
               "parts": parts, "nredo": options.nredo, "init": options.init, "teacher_index": options.teacher_index}
     n_fit = fit_points(cache, shards, params)  # before anything is written: a k too large leaves no manifest behind
     check_fit_memory(n_fit, params["dim"], params, options.fit_memory_gb)
+    files = FitFiles.of(out_dir, options.features, shards, params, n_fit)
     if share.rank > 0:  # process 0 fits; the others join a hierarchical fit once its sample is drawn
-        wait_for(lambda: fit_finished(out_dir) or (parts > 1 and fit_sample_ready(out_dir, params)),
+        wait_for(lambda: fit_finished(out_dir) or (parts > 1 and fit_sample_ready(out_dir, params, files)),
                  f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
     if manifest is not None and "fit_points" in manifest and os.path.isfile(centroids_path):
         centroids = ClusterAssignments(out_dir).centroids()
+        if share.rank == 0:
+            files.remove()  # left if a run stopped between the fit's manifest and their removal
     elif share.rank > 0:
-        _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir, share)
+        _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, files, share)
         wait_for_fit(out_dir, share)
         manifest, centroids = read_manifest(out_dir), ClusterAssignments(out_dir).centroids()
     else:
@@ -490,16 +512,16 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
             raise ValueError(f"{out_dir} holds assignments ({shard_file(out_dir, done[0])}) but no finished fit "
                              f"({CENTROIDS} and 'fit_points' in {MANIFEST}): delete {out_dir} to start again")
         if manifest is None:  # an earlier run's sample and parts, if any, are not this run's
-            remove_fit_files(out_dir)
+            files.remove()
             manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(options.features),
                             code_version=cid_ds.__version__, complete=False)
             write_json(os.path.join(out_dir, MANIFEST), manifest)
-        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, out_dir, share)
+        centroids, fit = _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, files, share)
         with atomic_path(centroids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
         manifest.update(fit)
         write_json(os.path.join(out_dir, MANIFEST), manifest)
-        remove_fit_files(out_dir)
+        files.remove()
 
     result = assign(options.features, centroids, out_dir, options.topk, options.batch_size, ngpu,
                     options.teacher_index, share)

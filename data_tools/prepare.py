@@ -27,9 +27,10 @@ CPU processes and the SLURM command gives their count per node in CID_RANKS_PER_
 Every stage spreads over processes (data_tools.spread). On one machine, --processes N (default: one per GPU,
 one on the CPU) starts N copies of this command, each doing its share of every stage on its own GPU (extract
 decodes with DALI where it serves, else PIL in a worker per CPU); under a launcher or srun, its processes do
-the same across nodes, e.g. ``srun --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 python -m
-data_tools.prepare ...``. Process 0 fits the k-means and prints the summary; the others wait only where a
-stage needs what another completed.
+the same across nodes, e.g. ``srun --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 --kill-on-bad-exit=1 python
+-m data_tools.prepare ...`` (``--kill-on-bad-exit=1``: a process that fails ends the others, which may be
+waiting for its work). Process 0 draws the k-means sample, the processes fit a hierarchical fit's parts, and
+process 0 prints the summary; the others wait only where a stage needs what another completed.
 """
 from __future__ import annotations
 

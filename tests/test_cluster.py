@@ -265,28 +265,32 @@ def cluster_command(cache_dir, out, **fit):
             "--gpu", "off", *[a for name, value in fit.items() for a in (f"--{name.replace('_', '-')}", str(value))]]
 
 
+def fit_files(out):
+    return [name for name in os.listdir(out) if name.startswith(("fit_sample", "fit_parts"))]
+
+
 def test_spread_over_processes_the_parts_of_a_hierarchical_fit_give_one_process_centroids(hierarchical, cache_dir,
                                                                                            tmp_path):
     """Each process fits every N-th part; process 0 clusters the parts' centroids once all are written."""
-    import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT
+    from tests.helpers import run
     out = str(tmp_path / "c")
-    subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", *cluster_command(cache_dir, out,
-                    **HIERARCHICAL)], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", *cluster_command(cache_dir, out, **HIERARCHICAL)],
+        timeout=300)
     one, spread = hierarchical[1], json.load(open(os.path.join(out, "manifest.json")))
     for field in ("cluster_sizes", "objective", "fit_points", "parts"):
         assert spread[field] == one[field], field
     np.testing.assert_array_equal(np.load(os.path.join(out, "centroids.npy")),
                                   np.load(os.path.join(hierarchical[0], "centroids.npy")))
-    assert not {"fit_parts", "fit_sample.npy"} & set(os.listdir(out))  # the fit's files are gone once it ends
+    assert fit_files(out) == []  # the sample and the parts lived on disk during the fit only
 
 
 def test_an_interrupted_hierarchical_fit_resumes_at_the_parts_not_yet_written(hierarchical, cache_dir, tmp_path,
                                                                                monkeypatch):
     """Process 0 of 2 fits parts 0 and 2 of 3 and is killed while it waits for part 1; one process run again on the
     folder fits part 1 alone, then the second level: the centroids of an uninterrupted run."""
+    import glob
     import subprocess
     import time
 
@@ -294,15 +298,17 @@ def test_an_interrupted_hierarchical_fit_resumes_at_the_parts_not_yet_written(hi
     from tests.helpers import REPO_ROOT
     out = str(tmp_path / "c")
     env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    first = subprocess.Popen(cluster_command(cache_dir, out, **HIERARCHICAL), cwd=REPO_ROOT,
-                             env=dict(env, RANK="0", WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    written = [os.path.join(out, "fit_parts", f"{part:06d}.npz") for part in (0, 2)]
-    deadline = time.time() + 120
-    while not all(map(os.path.isfile, written)) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    first.kill()
-    assert all(map(os.path.isfile, written)), first.communicate()[0]
-    assert not os.path.exists(os.path.join(out, "fit_parts", "000001.npz"))
+    written = lambda: sorted(glob.glob(os.path.join(out, "fit_parts.*", "*.npz")))  # noqa: E731
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cluster_command(cache_dir, out, **HIERARCHICAL), cwd=REPO_ROOT, stdout=log,
+                                 stderr=subprocess.STDOUT, env=dict(env, RANK="0", WORLD_SIZE="2"))
+        deadline = time.time() + 120
+        while len(written()) < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        first.kill()
+        first.wait()
+    assert [os.path.basename(path) for path in written()] == ["000000.npz", "000002.npz"], \
+        (tmp_path / "first.log").read_text()[-2000:]
 
     fits = []
 
@@ -316,6 +322,28 @@ def test_an_interrupted_hierarchical_fit_resumes_at_the_parts_not_yet_written(hi
     assert manifest["objective"] == hierarchical[1]["objective"]
     np.testing.assert_array_equal(np.load(os.path.join(out, "centroids.npy")),
                                   np.load(os.path.join(hierarchical[0], "centroids.npy")))
+    assert fit_files(out) == []
+
+
+def test_a_sample_of_another_draw_is_never_taken_for_this_fits(hierarchical, cache_dir, tmp_path):
+    """A fit cut off after its manifest left samples of other draws (an earlier version wrote its sample in place,
+    unfinished; another cache's; a write cut off): the re-run removes them, draws its own and fits what an
+    uninterrupted run fits."""
+    out = tmp_path / "c"
+    out.mkdir()
+    started = {name: value for name, value in hierarchical[1].items() if name in
+               ("k", "dim", "niter", "max_points_per_centroid", "topk", "seed", "parts", "nredo", "init",
+                "teacher_index", "teacher", "features", "code_version")}
+    (out / "manifest.json").write_text(json.dumps(dict(started, complete=False)))
+    for name in ("fit_sample.npy", "fit_sample.0123456789abcdef.npy"):
+        np.save(out / name, np.zeros((2400, DIM), np.float16))
+    (out / "fit_sample.0123456789abcdef.npy.tmp77").write_bytes(b"cut off")
+    (out / "fit_parts.0123456789abcdef").mkdir()
+    manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=str(out), **HIERARCHICAL))
+    assert manifest["objective"] == hierarchical[1]["objective"]
+    np.testing.assert_array_equal(np.load(out / "centroids.npy"),
+                                  np.load(os.path.join(hierarchical[0], "centroids.npy")))
+    assert fit_files(str(out)) == []
 
 
 def test_a_fit_over_the_memory_budget_is_hierarchical_by_default_and_refused_in_one_part(cache_dir, tmp_path):
@@ -326,4 +354,4 @@ def test_a_fit_over_the_memory_budget_is_hierarchical_by_default_and_refused_in_
     assert not os.path.exists(out)
     manifest = cluster(ClusterOptions(features=cache_dir, k=CLUSTERS, out=out, fit_memory_gb=budget, **FIT))
     assert manifest["complete"] and manifest["parts"] == 3
-    assert "fit_sample.npy" not in os.listdir(out)  # the sample lived on disk during the fit only
+    assert fit_files(out) == []  # the sample lived on disk during the fit only
