@@ -179,27 +179,59 @@ def plan(shards: list[str], cache: FeatureCache, clusters: Optional[ClusterAssig
     return planned, left_out
 
 
-def source_samples(members: list[Planned], damaged: list[ShardDamage]) -> Iterator[tuple[str, dict]]:
-    """``(source path, raw sample)`` for each planned sample found in its source tar; each tar is read only
-    up to its last planned key, a damaged one up to its damage, recorded in ``damaged``."""
+Found = dict[tuple[str, str], dict]  # (source tar, key) -> raw sample
+
+
+def shard_sources(chunks: list[list[Planned]]) -> Iterator[tuple[Found, list[ShardDamage]]]:
+    """For each chunk (the members of consecutive output shards), its planned samples found in their source tars,
+    and the damaged tars that cut a search for them short. Each tar is read once, from its start up to the last
+    sample any chunk wants of it: a tar's samples run on into the next output shard, and reading it from the start
+    for every shard read the sources ~1.5x over at LAION's shapes and 3x where 5 output shards share a tar."""
+    tars = list(dict.fromkeys(planned.source for chunk in chunks for planned in chunk))  # in order of first use
+    order = {path: i for i, path in enumerate(tars)}
     wanted: dict[str, set[str]] = {}
-    for planned in members:
-        wanted.setdefault(planned.source, set()).add(planned.key)
-    for path, keys in wanted.items():
-        for sample in read_samples([path], damaged):
+    for chunk in chunks:
+        for planned in chunk:
+            wanted.setdefault(planned.source, set()).add(planned.key)
+    damage: dict[str, ShardDamage] = {}
+    stream = _wanted_samples(tars, wanted, damage)
+    found: Found = {}
+    reading = -1  # the tar the stream is in
+    for chunk in chunks:
+        last = max(order[planned.source] for planned in chunk)
+        missing = {(planned.source, planned.key) for planned in chunk}
+        while missing - found.keys() and reading <= last:  # a sample read ahead belongs to a later chunk
+            path, sample = next(stream, (None, None))
+            if path is None:
+                break
+            reading = order[path]
+            found[(path, sample["__key__"])] = sample
+        mine = {key: found.pop(key) for key in missing & found.keys()}
+        cut_short = sorted({path for path, _ in missing - mine.keys() if path in damage}, key=order.get)
+        yield mine, [damage[path] for path in cut_short]
+
+
+def _wanted_samples(tars: list[str], wanted: dict[str, set[str]], damage: dict[str, ShardDamage]
+                    ) -> Iterator[tuple[str, dict]]:
+    """``(tar, raw sample)`` of the wanted keys, each tar read up to its last wanted key, a damaged one up to its
+    damage, recorded in ``damage``."""
+    for path in tars:
+        keys, records = set(wanted[path]), []
+        for sample in read_samples([path], records):
             if sample["__key__"] in keys:
                 keys.discard(sample["__key__"])
                 yield path, sample
                 if not keys:
                     break
+        if records:
+            damage[path] = records[0]
 
 
-def write_output_shard(out_dir: str, index: int, members: list[Planned], cache: FeatureCache,
-                       clusters: Optional[ClusterAssignments], tokenizer, bar: tqdm, budget: DamageBudget) -> dict:
-    """Write output shard ``index``; its damaged sources are counted in ``budget`` before it is written, so
-    that one past the threshold is not committed."""
-    damaged: list[ShardDamage] = []
-    found = {(path, sample["__key__"]): sample for path, sample in source_samples(members, damaged)}
+def write_output_shard(out_dir: str, index: int, members: list[Planned], found: Found, damaged: list[ShardDamage],
+                       cache: FeatureCache, clusters: Optional[ClusterAssignments], tokenizer, bar: tqdm,
+                       budget: DamageBudget) -> dict:
+    """Write output shard ``index`` of ``members`` (``found``: their raw samples, ``shard_sources``'); its damaged
+    sources are counted in ``budget`` before it is written, so that one past the threshold is not committed."""
     for record in damaged:
         budget.add(record)
     problems = {"missing_in_source": 0, "unreadable_source_shards": len(damaged),
@@ -285,11 +317,10 @@ def pack(options: PackOptions, share: Share = Share(), progress: bool = True) ->
 
     with tqdm(total=sum(len(chunks[i]) for i in mine), unit="sample", desc="pack" if share.world == 1 else
               f"pack {share}", disable=not progress) as bar:
-        for index in mine:
-            if _finished_stats(out_dir, index) is None:
-                write_output_shard(out_dir, index, chunks[index], cache, clusters, tokenizer, bar, budget)
-            else:
-                bar.update(len(chunks[index]))
+        todo = [index for index in mine if _finished_stats(out_dir, index) is None]
+        bar.update(sum(len(chunks[index]) for index in mine if index not in todo))
+        for index, (found, damaged) in zip(todo, shard_sources([chunks[index] for index in todo])):
+            write_output_shard(out_dir, index, chunks[index], found, damaged, cache, clusters, tokenizer, bar, budget)
     stats = {index: _finished_stats(out_dir, index) for index in range(len(chunks))}
     if any(done is None for done in stats.values()):
         return None

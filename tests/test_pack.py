@@ -55,7 +55,16 @@ def source_samples(data):
     return {s["__key__"]: s for s in read_samples(expand_shards(data["shards"]))}
 
 
-def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings_tokens_and_clusters(dataset, tmp_path):
+def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings_tokens_and_clusters(dataset, tmp_path,
+                                                                                                    monkeypatch):
+    import data_tools.pack as stage
+    opened = []
+
+    def counted_read_samples(shards, damaged=None):
+        opened.extend(shards)
+        return read_samples(shards, damaged)
+
+    monkeypatch.setattr(stage, "read_samples", counted_read_samples)
     out = str(tmp_path / "packed")
     manifest = pack(PackOptions(shards=expand_shards(dataset["shards"]), features=dataset["feats"],
                                 tokenizer="demo-student", out=out, clusters=dataset["clusters"],
@@ -66,6 +75,7 @@ def test_packed_shards_hold_exactly_the_kept_samples_with_their_bytes_embeddings
     assert set(packed) == kept and len(kept) == manifest["totals"]["samples"]
     assert manifest["totals"]["removed_by_balance"] == 160 - len(kept)
     assert [s["samples"] for s in manifest["shards"]] == [40, 40, len(kept) - 80]
+    assert sorted(opened) == sorted(expand_shards(dataset["shards"]))  # each tar read once, though shards share them
     assert set(manifest["upstream"]) == {"features", "clusters", "balance"}
 
     _, _, tokenizer = create_model("demo-student")[1:]
