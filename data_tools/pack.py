@@ -36,6 +36,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -88,6 +89,9 @@ class PackOptions:
                             ("workers", self.workers)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        twice = next((path for path, count in Counter(self.shards).items() if count > 1), None)
+        if twice is not None:
+            raise ValueError(f"shards lists {twice} more than once")
 
 
 @dataclass(frozen=True)
@@ -195,19 +199,25 @@ def shard_sources(chunks: list[list[Planned]]) -> Iterator[tuple[Found, list[Sha
             wanted.setdefault(planned.source, set()).add(planned.key)
     damage: dict[str, ShardDamage] = {}
     stream = _wanted_samples(tars, wanted, damage)
-    found: Found = {}
+    found: Found = {}  # read, not yet yielded: a sample read ahead belongs to a later chunk
     reading = -1  # the tar the stream is in
     for chunk in chunks:
-        last = max(order[planned.source] for planned in chunk)
-        missing = {(planned.source, planned.key) for planned in chunk}
-        while missing - found.keys() and reading <= last:  # a sample read ahead belongs to a later chunk
+        members = {(planned.source, planned.key) for planned in chunk}
+        remaining = members - found.keys()
+        left = Counter(path for path, _ in remaining)  # per tar: its samples still to find
+        while left and reading <= max(order[path] for path in left):  # past a tar, what it lacks is not in it
             path, sample = next(stream, (None, None))
             if path is None:
                 break
-            reading = order[path]
-            found[(path, sample["__key__"])] = sample
-        mine = {key: found.pop(key) for key in missing & found.keys()}
-        cut_short = sorted({path for path, _ in missing - mine.keys() if path in damage}, key=order.get)
+            reading, key = order[path], (path, sample["__key__"])
+            found[key] = sample
+            if key in remaining:
+                remaining.discard(key)
+                left[path] -= 1
+                if not left[path]:
+                    del left[path]
+        mine = {key: found.pop(key) for key in members if key in found}
+        cut_short = sorted({path for path, _ in members - mine.keys() if path in damage}, key=order.get)
         yield mine, [damage[path] for path in cut_short]
 
 
@@ -318,7 +328,7 @@ def pack(options: PackOptions, share: Share = Share(), progress: bool = True) ->
     with tqdm(total=sum(len(chunks[i]) for i in mine), unit="sample", desc="pack" if share.world == 1 else
               f"pack {share}", disable=not progress) as bar:
         todo = [index for index in mine if _finished_stats(out_dir, index) is None]
-        bar.update(sum(len(chunks[index]) for index in mine if index not in todo))
+        bar.update(sum(len(chunks[index]) for index in set(mine) - set(todo)))
         for index, (found, damaged) in zip(todo, shard_sources([chunks[index] for index in todo])):
             write_output_shard(out_dir, index, chunks[index], found, damaged, cache, clusters, tokenizer, bar, budget)
     stats = {index: _finished_stats(out_dir, index) for index in range(len(chunks))}

@@ -168,6 +168,35 @@ def test_corrupt_source_input_is_counted_not_fatal(dataset, tmp_path):
     assert 80 <= totals["samples"] < 160 and totals["samples"] + totals["missing_in_source"] == 160
 
 
+def test_a_tar_damaged_midway_is_listed_by_each_output_shard_it_cut_short_and_a_lost_shard_is_rewritten(dataset,
+                                                                                                            tmp_path):
+    """Output shards of 20 samples, 4 of them fed by the second tar, which breaks halfway: the shards whose samples
+    all came before the damage list nothing, those it cut short list it; a shard lost afterwards (a middle one) is
+    written again, alone, to the same bytes."""
+    from data_tools.pack import STATS_DIR
+    shards = [shutil.copy(p, tmp_path) for p in expand_shards(dataset["shards"])]
+    with open(shards[1], "r+b") as f:
+        f.truncate(os.path.getsize(shards[1]) // 2)
+    out = tmp_path / "packed"
+    options = PackOptions(shards=shards, features=dataset["feats"], tokenizer="demo-student", out=str(out),
+                          samples_per_shard=20)
+    manifest = pack(options, progress=False)
+    entries = manifest["shards"]
+    assert len(entries) == 8 and all(not e["damaged_sources"] and not e["missing_in_source"] for e in entries[:4])
+    second = entries[4:]
+    assert any(e["missing_in_source"] == 0 for e in second) and any(e["missing_in_source"] == 20 for e in second)
+    for entry in second:
+        assert [d["shard"] for d in entry["damaged_sources"]] == ([shards[1]] if entry["missing_in_source"] else [])
+    assert manifest["totals"]["unreadable_source_shards"] == 1
+
+    written = {name: (out / name).read_bytes() for name in os.listdir(out) if name.endswith(".tar")}
+    os.remove(out / "00005.tar")
+    os.remove(out / STATS_DIR / "00005.json")
+    again = pack(options, progress=False)
+    assert {name: (out / name).read_bytes() for name in written} == written
+    assert again["shards"] == entries
+
+
 def test_bad_upstream_is_refused_naming_the_file(dataset, tmp_path):
     incomplete = str(tmp_path / "keep")
     shutil.copytree(dataset["keep"], incomplete)
