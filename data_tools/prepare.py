@@ -55,7 +55,8 @@ from data_tools.options import borrowed, flag, parse_options, refusals
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, PackOptions, pack
 from data_tools.plan import peak_rss, plan
-from data_tools.spread import Share, complete_manifest, cpus_per_process, process_device, run_local, share_from_env
+from data_tools.spread import (Share, complete_manifest, cpus_per_process, own_gpu, process_device, run_local,
+                               share_from_env)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -365,6 +366,7 @@ def _under_prepare(out_dir: str, error: Exception) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     options = parse_options(PrepareOptions, "prepare", __doc__, argv,
                             epilog="Each stage's own command has more options: python -m data_tools.<stage> -h")
+    os.environ.update(own_gpu(os.environ))  # before anything touches CUDA
     import torch
     with refusals("prepare"):
         share = share_from_env()

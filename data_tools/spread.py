@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 from cid_ds.io import read_manifest
 
@@ -109,14 +109,40 @@ def process_device(device: str) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
+def own_gpu(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with CUDA_VISIBLE_DEVICES cut to this process's GPU: of the devices it lists, the one at its local
+    rank (LOCAL_RANK, or SLURM_LOCALID), modulo their number. A launcher that shows each process every GPU of
+    the machine (deepspeed's, this module's) would leave faiss using all of them in every process: N processes
+    on N GPUs each. Unchanged where it lists one device or none, or no local rank is set. Only effective before
+    the process first touches CUDA."""
+    devices = [device for device in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if device.strip()]
+    local_rank = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", ""))
+    if len(devices) < 2 or not local_rank.isdigit():
+        return dict(env)
+    return dict(env, CUDA_VISIBLE_DEVICES=devices[int(local_rank) % len(devices)])
+
+
+def visible_gpus() -> str:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES lists them: the variable's value where it is set, else every
+    device torch counts (none: empty)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+    import torch
+    return ",".join(map(str, range(torch.cuda.device_count())))
+
+
 def run_local(command: list[str], processes: int) -> None:
-    """``command`` as ``processes`` processes on this machine (RANK, WORLD_SIZE, LOCAL_RANK set); waits for all.
-    When one fails the others are ended (as a launcher does: a process may be waiting for the failed one's
-    work), and the error names it."""
+    """``command`` as ``processes`` processes on this machine (RANK, WORLD_SIZE, LOCAL_RANK set, each its own GPU
+    where there are GPUs: ``own_gpu``); waits for all. When one fails the others are ended (as a launcher does: a
+    process may be waiting for the failed one's work), and the error names it."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    started = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(processes),
-                                                  LOCAL_WORLD_SIZE=str(processes))) for r in range(processes)]
+    gpus = visible_gpus()
+    gpus = {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
+    started = [subprocess.Popen(command, env=own_gpu(dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
+                                                          WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
+                                                          **gpus)))
+               for r in range(processes)]
     failed = None
     while failed is None and any(p.poll() is None for p in started):
         failed = next(((r, p.returncode) for r, p in enumerate(started) if p.returncode not in (None, 0)), None)

@@ -1,0 +1,64 @@
+"""`python -m data_tools.spread -n N -- COMMAND` starts N copies of a stage's command on this machine, each with its
+place (RANK, WORLD_SIZE, LOCAL_RANK) and its own GPU; a stage reads its share from a launcher's or srun's
+environment."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_tools.spread import Share, own_gpu, share_from_env
+from tests.helpers import REPO_ROOT
+
+PRINT_PLACE = ("import json, os; print(json.dumps({name: os.environ.get(name) for name in "
+               "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES')}))")
+
+
+def spread(processes: int, command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", str(processes), "--", *command],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_each_process_gets_its_place_and_one_of_the_gpus_in_turn():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="4,6")
+    done = spread(3, [sys.executable, "-c", PRINT_PLACE], env)
+    assert done.returncode == 0, done.stderr
+    places = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda place: place["RANK"])
+    assert places == [{"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": gpu}
+                      for r, gpu in enumerate(["4", "6", "4"])]
+
+
+def test_a_failed_process_ends_the_others_and_is_named():
+    failing = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+    done = spread(2, [sys.executable, "-c", failing], dict(os.environ))
+    assert done.returncode != 0
+    assert "process 1 of 2 exited with 3" in done.stderr
+
+
+@pytest.mark.parametrize("env,gpus", [
+    ({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, "3"),  # the deepspeed launcher: all, each
+    ({"SLURM_LOCALID": "9", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "1"),  # srun without --gpus-per-task
+    ({"SLURM_LOCALID": "2", "CUDA_VISIBLE_DEVICES": "0"}, "0"),  # srun --gpus-per-task=1: its own already
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, "0,1"),  # one process, no local rank: every GPU
+    ({"LOCAL_RANK": "1"}, None),  # no list: nothing to cut
+])
+def test_a_process_keeps_only_its_own_gpu(env, gpus):
+    assert own_gpu(env).get("CUDA_VISIBLE_DEVICES") == gpus
+
+
+@pytest.mark.parametrize("env,share", [
+    ({"RANK": "2", "WORLD_SIZE": "4"}, Share(2, 4)),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, Share(1, 2)),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, Share()),  # a batch script's own process, outside an srun step
+    ({}, Share()),
+])
+def test_the_share_comes_from_the_launcher_or_srun(env, share):
+    assert share_from_env(env) == share
+
+
+def test_a_broken_place_is_refused_naming_the_variables():
+    with pytest.raises(ValueError, match="RANK=4 is not a rank of WORLD_SIZE=4"):
+        share_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="both must be set, as integers"):
+        share_from_env({"RANK": "x", "WORLD_SIZE": "2"})
