@@ -4,11 +4,13 @@ A stage started as N processes reads its place from the launcher's environment, 
 (``deepspeed``, ``torchrun``, launch/slurm.sbatch's ranks) or, in an ``srun`` step, SLURM_PROCID and
 SLURM_NTASKS; on one machine ``python -m data_tools.spread -n N -- python -m data_tools.pack ...`` starts them.
 Each process takes a disjoint share of the stage's units of work (source shards ``shards[rank::world]``, a
-contiguous block of output shards), writes one file per unit (atomically; a unit whose file exists is done), and whichever process finds
-every unit done at its end writes the complete manifest. No process waits for another and none needs the
-others to be alive, so any process count resumes any interrupted run, and the files are the same bytes
-whatever the count. Why this model rather than SLURM job arrays: it is the same on every scheduler and on
-one machine, the GPU of a process is its LOCAL_RANK as in training, and it needs no separate finishing job.
+contiguous block of output shards, the parts of a hierarchical k-means fit), writes one file per unit
+(atomically; a unit whose file exists is done), and whichever process finds every unit done at its end writes
+the complete manifest. A process waits for another only where it needs what that one makes (process 0's k-means
+sample and centroids, the parts of the fit), so any process count resumes any interrupted run, and the files
+are the same bytes whatever the count. Why this model rather than SLURM job arrays: it is the same on every
+scheduler and on one machine, the GPU of a process is its LOCAL_RANK as in training, and it needs no separate
+finishing job.
 """
 from __future__ import annotations
 
@@ -143,11 +145,12 @@ def run_local(command: list[str], processes: int) -> None:
                                                           WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                                                           **gpus)))
                for r in range(processes)]
-    failed = None
-    while failed is None and any(p.poll() is None for p in started):
-        failed = next(((r, p.returncode) for r, p in enumerate(started) if p.returncode not in (None, 0)), None)
+    while True:
+        codes = [p.poll() for p in started]  # every one polled: a later process's failure must not wait for an earlier
+        failed = next(((r, code) for r, code in enumerate(codes) if code not in (None, 0)), None)
+        if failed or None not in codes:
+            break
         time.sleep(0.2)
-    failed = failed or next(((r, p.returncode) for r, p in enumerate(started) if p.returncode != 0), None)
     for p in started:
         if p.poll() is None:
             p.terminate()
