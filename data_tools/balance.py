@@ -89,7 +89,7 @@ from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.errors import DataError
 from cid_ds.data.features import FeatureCache, shard_file
 from cid_ds.data.joins import check_join
-from cid_ds.io import MANIFEST, atomic_path, write_json
+from cid_ds.io import MANIFEST, atomic_path, read_manifest, write_json
 from data_tools.cluster import load_image_rows, unit_rows
 from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
@@ -564,22 +564,23 @@ def balance(options: BalanceOptions, share: Share = Share()) -> Optional[dict]:
         if stale != copy.path:
             os.remove(stale)  # left by a crash mid-write, or a copy of other positions (other parameters)
     todo = [part for part in mine if not os.path.isfile(part[0])]
-    tuned = not tuning or "tuning" in manifest
-    needed = bool(todo) or not tuned
+    # Only a process with parts to balance copies rows, tunes and starts a pool. One with none (more processes
+    # than parts, or its parts done) that tuned anyway could still be tuning on its copy when the last to finish
+    # removed every copy, and its manifest (tuned, not complete) would overwrite the complete one.
     timing = {"read_s": time.time() - start}
-    if needed and not os.path.isfile(copy.path):
+    if todo and not os.path.isfile(copy.path):
         start = time.time()
         write_by_cluster(cache, shards, layout, copy)
         timing["order_s"] = time.time() - start
-    with _processes(workers) if needed else contextlib.nullcontext() as pool:
-        if not tuned:  # every process tunes on the same sample, to the same threshold: none waits for another
+    with _processes(workers) if todo else contextlib.nullcontext() as pool:
+        if todo and tuning and "tuning" not in manifest:  # each on the same sample, to the same threshold
             start = time.time()
             manifest["tuning"] = _tune(pool, workers, copy, sample, perceptual, target_keep_fraction, seed,
                                        block_size)
             write_json(os.path.join(out_dir, MANIFEST), manifest)
             timing["tune_s"] = time.time() - start
-        semantic = manifest["tuning"]["semantic"] if tuning else options.semantic
         if todo:
+            semantic = manifest["tuning"]["semantic"] if tuning else options.semantic
             if not tuning and max_removed_fraction < 1:
                 _check_estimate(pool, workers, copy, sample, len(layout.order), semantic, mode,
                                 max_removed_fraction, block_size)
@@ -587,13 +588,17 @@ def balance(options: BalanceOptions, share: Share = Share()) -> Optional[dict]:
             _balance_parts(pool, todo, functools.partial(_balance_part, copy=copy, semantic=semantic,
                                                          perceptual=perceptual, block_size=block_size))
             timing["balance_s"] = time.time() - start
-    if os.path.isfile(copy.path):
+    with contextlib.suppress(FileNotFoundError):  # the last to finish may have removed it already
         os.remove(copy.path)  # every part of this process's is written: no re-run of it needs the copy
 
     if not all(os.path.isfile(path) for path, _ in parts):
         return None  # another process's parts are still to be balanced: the last to finish writes the rest
     for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{BY_CLUSTER}.*")):
-        os.remove(stale)  # copies left by a run interrupted at another process count
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)  # copies left by a run interrupted at another process count
+    if tuning and "tuning" not in manifest:  # recorded by the processes that balanced the parts, before they did
+        manifest = read_manifest(out_dir)
+    semantic = manifest["tuning"]["semantic"] if tuning else options.semantic
     start = time.time()
     rep, perceptual_link, largest = _assemble(layout, [path for path, _ in parts])
     kept = rep == np.arange(len(rep))

@@ -281,6 +281,41 @@ def test_every_process_tunes_the_threshold_to_the_same_value(inputs, tmp_path):
     assert spread[1]["semantic"] == one["semantic"]
 
 
+def test_a_process_without_parts_neither_copies_nor_tunes_and_the_run_completes(inputs, tmp_path, monkeypatch):
+    """One part for two processes (process 1's): process 0 has nothing to balance, so it copies no rows and tunes
+    nothing. (One that tuned could still be tuning on its copy when the last to finish removed every copy, and its
+    manifest, tuned but not complete, overwrote the complete one.) Then the same run as two real processes."""
+    import data_tools.balance as stage
+    calls = []
+
+    def counted(name):
+        real = getattr(stage, name)
+
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("write_by_cluster", "_tune"):
+        monkeypatch.setattr(stage, name, counted(name))
+    options = dict(perceptual=PERCEPTUAL, target_keep_fraction=0.7, workers=1, tune_samples=300, part_rows=10**6)
+    out = str(tmp_path / "one_part")
+    assert balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, **options), Share(0, 2)) is None
+    assert calls == [] and not copies(out)
+    done = balance(BalanceOptions(features=inputs[0], clusters=inputs[1], out=out, **options), Share(1, 2))
+    assert calls == ["write_by_cluster", "_tune"] and done["processes"] == 2
+    assert read_json(os.path.join(out, "manifest.json"))["complete"] and not copies(out)
+
+    two = str(tmp_path / "two")
+    run = subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m",
+                          "data_tools.balance", "--out", two, "--features", inputs[0], "--clusters", inputs[1],
+                          "--perceptual", str(PERCEPTUAL), "--target-keep-fraction", "0.7", "--workers", "1",
+                          "--tune-samples", "300", "--part-rows", str(10**6)], cwd=REPO_ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    same_result(two, out)
+
+
 def test_a_run_killed_mid_way_resumes_to_the_same_result(inputs, balanced, tmp_path):
     out = str(tmp_path / "killed")
     # one part per cluster; small tiles make each part take a while, so the kill lands mid-run
