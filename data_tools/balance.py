@@ -30,10 +30,10 @@ refuses other parameters, other inputs or a cache from another teacher.
 Spread over processes (data_tools.spread: a launcher's RANK/WORLD_SIZE, or ``python -m data_tools.spread -n N
 -- python -m data_tools.balance ...``), each process balances a run of consecutive parts holding about 1/N of
 the work (a cluster of n samples costs ~n^2), with a pool of the CPUs its machine gives it, and copies only
-those parts' rows: the copy on disk is per process, not per dataset. Every process tunes the threshold on the
-same sample (so none waits for another), and the process that finds every part written writes the keep-lists,
-the report and the complete manifest: the same files whatever the process count, and any count finishes a run
-that another left.
+those parts' rows: the copy on disk is per process, not per dataset. Every process with parts tunes the
+threshold on the same sample (so none waits for another; one without parts copies and tunes nothing), and the
+process that finds every part written writes the keep-lists, the report and the complete manifest: the same
+files whatever the process count, and any count finishes a run that another left.
 
 The semantic threshold. By default it is tuned to keep 0.563 of the samples (DEFAULT_KEEP_FRACTION), so
 that it fits the teacher's own similarity distribution: a seeded sample of whole clusters (drawn uniformly
