@@ -164,20 +164,24 @@ def test_the_time_limit_signal_and_scontrol_requeue_each_checkpoint_and_bring_th
 
 
 def test_prepare_under_srun_spreads_every_stage_over_both_nodes(cluster, dataset, tmp_path):
-    """`srun python -m data_tools.prepare ...` in a two-node job: a process on each node (SLURM_PROCID of
-    SLURM_NTASKS), each its share of every stage; the packed shards are those one process writes alone."""
-    args = ["-m", "data_tools.prepare", "--shards", dataset["shards"], "--teacher", "demo-teacher",
+    """`srun --kill-on-bad-exit=1 python -m data_tools.prepare ...` (as the README has it) in a two-node job: a
+    process on each node (SLURM_PROCID of SLURM_NTASKS), each its share of every stage, a part of the hierarchical
+    fit on each node; the centroids and packed shards are those one process writes alone."""
+    args = ["-m", "data_tools.prepare", "--shards", dataset["shards"], "--teacher", "demo-teacher", "--parts", "2",
             "--random-teacher-ok", "--student", "demo-student", "--ranks", "1", "--workers", "2", "--device", "cpu"]
     one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "prepare.out"
     subprocess.run([sys.executable, *args, "--out", str(one)], cwd=REPO_ROOT, check=True, capture_output=True,
                    env=dict(os.environ, DS_ACCELERATOR="cpu"))
     job = cluster.submit("--nodes=2", "--ntasks-per-node=1", f"--output={log}", f"--chdir={REPO_ROOT}",
-                         "--wrap", shlex.join(["srun", sys.executable, *args, "--out", str(two)]), cwd=str(tmp_path))
+                         "--wrap", shlex.join(["srun", "--kill-on-bad-exit=1", sys.executable, *args, "--out", str(two)]),
+                         cwd=str(tmp_path))
     cluster.wait(lambda: cluster.state(job) not in ("PENDING", "RUNNING", "COMPLETING"), 300, "prepare under srun",
                  job, log)
     text = read(log)
     assert cluster.state(job) == "COMPLETED", text[-3000:]
     assert "(process 0 of 2)" in text and "(process 1 of 2)" in text and text.count("[prepare] balance kept") == 1
+    assert "fit parts process 1 of 2" in text
+    assert (one / "clusters" / "centroids.npy").read_bytes() == (two / "clusters" / "centroids.npy").read_bytes()
     tars = sorted(name for name in os.listdir(one / "packed") if name.endswith(".tar"))
     assert tars == sorted(name for name in os.listdir(two / "packed") if name.endswith(".tar"))
     for name in tars:
