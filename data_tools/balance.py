@@ -317,6 +317,17 @@ def representatives(x: np.ndarray, labels: np.ndarray, chunk: int = 8192) -> np.
     return rep
 
 
+def similarity_tiles(x: np.ndarray, block_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The upper triangle of ``x @ x.T`` in tiles of at most block_size x block_size: ``(row0, col0, sims)``,
+    each tile a view of one reused buffer (a new one faults in)."""
+    n = len(x)
+    tile = np.empty(min(n, block_size) ** 2, dtype=x.dtype)
+    for i in range(0, n, block_size):
+        for j in range(i, n, block_size):
+            rows, cols = x[i:i + block_size], x[j:j + block_size]
+            yield i, j, np.matmul(rows, cols.T, out=tile[:len(rows) * len(cols)].reshape(len(rows), len(cols)))
+
+
 def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size: int
                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Balance one cluster of unit rows ``x`` [n, D] (float32): ``(rep, perceptual_link, largest_tile)``,
@@ -327,15 +338,34 @@ def group_cluster(x: np.ndarray, semantic: float, perceptual: float, block_size:
     parent = np.arange(n)
     perceptual_link = np.zeros(n, bool)
     largest = (0, 0)
-    tile = np.empty(min(n, block_size) ** 2, dtype=x.dtype)  # reused: a new one faults in
-    for i in range(0, n, block_size):
-        for j in range(i, n, block_size):
-            rows, cols = x[i:i + block_size], x[j:j + block_size]
-            sims = np.matmul(rows, cols.T, out=tile[:len(rows) * len(cols)].reshape(len(rows), len(cols)))
-            largest = max(largest, sims.shape, key=lambda shape: shape[0] * shape[1])
-            _link(parent, perceptual_link, sims, semantic, perceptual, i, j)
+    for i, j, sims in similarity_tiles(x, block_size):
+        largest = max(largest, sims.shape, key=lambda shape: shape[0] * shape[1])
+        _link(parent, perceptual_link, sims, semantic, perceptual, i, j)
     _compress(parent)
     return representatives(x, parent), perceptual_link, largest
+
+
+def spanning_similarities(x: np.ndarray, block_size: int) -> np.ndarray:
+    """The n - 1 similarities of a maximum spanning tree of a cluster of unit rows ``x`` that fits one tile
+    (n <= block_size), by Prim's algorithm on the tile ``group_cluster`` computes. At any threshold t the tree's
+    edges above t join exactly what all edges above t join, so the cluster keeps ``n - (tree > t).sum()``
+    samples: one pass gives the count at every threshold the tuning tries."""
+    n = len(x)
+    if n > block_size:
+        raise ValueError(f"a cluster of {n} rows is over one tile of {block_size}")
+    _, _, sims = next(similarity_tiles(x, block_size))
+    similar = np.triu(sims, 1)  # each pair as group_cluster compares it: its upper-triangle value
+    similar += similar.T
+    similar[np.isnan(similar)] = -np.inf  # never above a threshold, as in group_cluster
+    tree = np.empty(max(n - 1, 0), similar.dtype)
+    best = similar[0].copy()  # each row's highest similarity to the tree
+    outside = np.ones(n, bool)
+    outside[0] = False
+    for edge in range(n - 1):
+        row = int(np.argmax(np.where(outside, best, -np.inf)))
+        tree[edge], outside[row] = best[row], False
+        np.maximum(best, similar[row], out=best)
+    return tree
 
 
 def _balance_part(task: tuple[str, np.ndarray], copy: RowCopy, semantic: float, perceptual: float,
@@ -644,12 +674,27 @@ def _balance_parts(pool: Optional[Pool], todo: list[tuple[str, np.ndarray]], run
 
 def _sample_counter(pool: Optional[Pool], workers: int, copy: RowCopy, sample: list[tuple[int, int]],
                     block_size: int) -> Callable[[float], int]:
-    """``kept_at(threshold)``: how many samples of the clusters at row bounds ``sample`` the threshold keeps."""
+    """``kept_at(threshold)``: how many samples of the clusters at row bounds ``sample`` the threshold keeps. The
+    clusters that fit one tile are counted from their maximum spanning trees, computed once; a larger one is
+    grouped again at each threshold."""
+    small = [bounds for bounds in sample if bounds[1] - bounds[0] <= block_size]
+    large = [bounds for bounds in sample if bounds[1] - bounds[0] > block_size]
+    chunksize = max(1, len(sample) // (8 * workers))
+    trees = list(_run(pool, functools.partial(_tree_of, copy=copy, block_size=block_size), small, chunksize))
+    tree = np.sort(np.concatenate(trees)) if trees else np.zeros(0, np.float32)
+    small_rows = sum(last - first for first, last in small)
+
     def kept_at(threshold: float) -> int:
+        # float32 against the threshold as a float32, as numpy compares group_cluster's tiles with a Python float
+        joined = len(tree) - int(np.searchsorted(tree, np.float32(threshold), side="right"))
         fn = functools.partial(_kept_in, copy=copy, semantic=threshold, block_size=block_size)
-        return sum(_run(pool, fn, sample, chunksize=max(1, len(sample) // (8 * workers))))
+        return small_rows - joined + sum(_run(pool, fn, large, chunksize))
 
     return kept_at
+
+
+def _tree_of(bounds: tuple[int, int], copy: RowCopy, block_size: int) -> np.ndarray:
+    return spanning_similarities(unit_rows(copy.rows(*bounds)), block_size)
 
 
 def _check_estimate(pool: Optional[Pool], workers: int, copy: RowCopy, sample: list[tuple[int, int]],

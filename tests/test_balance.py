@@ -20,7 +20,8 @@ from PIL import Image
 from cid_ds.data.clusters import ClusterAssignments
 from cid_ds.data.features import FeatureCache, shard_file, write_complete_manifest, write_shard, write_started_manifest
 from cid_ds.io import read_json, write_json
-from data_tools.balance import DEFAULT_KEEP_FRACTION, BalanceOptions, TooMuchRemoved, balance, group_cluster, main
+from data_tools.balance import (DEFAULT_KEEP_FRACTION, BalanceOptions, TooMuchRemoved, balance, group_cluster, main,
+                                spanning_similarities)
 from data_tools.cluster import ClusterOptions, cluster, unit_rows
 from data_tools.spread import Share
 from tests.helpers import REPO_ROOT
@@ -267,6 +268,23 @@ def test_spread_over_processes_gives_the_same_result_and_any_process_count_finis
     assert reports[:2] == [None, None] and reports[2]["processes"] == 3
     same_result(three, balanced[0])
     assert not copies(three)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_a_clusters_spanning_tree_counts_what_grouping_keeps_at_every_threshold(n):
+    """The tuning counts a cluster's kept samples at every threshold from one maximum spanning tree: exactly what
+    group_cluster keeps, on near-duplicates, exact duplicates and spread rows, at thresholds between and on the
+    similarities themselves."""
+    rng = np.random.default_rng(n)
+    centres = rng.standard_normal((max(1, n // 20), 16))
+    x = centres[rng.integers(0, len(centres), n)] + rng.choice([0.0, 0.05, 0.5], (n, 1)) * rng.standard_normal((n, 16))
+    x[n // 2:n // 2 + n // 10] = x[0]  # exact duplicates: ties
+    x = unit_rows(x.astype(np.float16))
+    tree = spanning_similarities(x, block_size=512)
+    assert len(tree) == n - 1
+    for t in [-1.0, 0.0, 0.5, 0.9, 0.97, 0.99, 0.999, *map(float, tree[:20])]:
+        rep, _, _ = group_cluster(x, t, 1.0, block_size=512)
+        assert int((rep == np.arange(n)).sum()) == n - int((tree > np.float32(t)).sum()), t
 
 
 def test_every_process_tunes_the_threshold_to_the_same_value(inputs, tmp_path):
