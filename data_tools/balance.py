@@ -354,17 +354,23 @@ def spanning_similarities(x: np.ndarray, block_size: int) -> np.ndarray:
     if n > block_size:
         raise ValueError(f"a cluster of {n} rows is over one tile of {block_size}")
     _, _, sims = next(similarity_tiles(x, block_size))
-    similar = np.triu(sims, 1)  # each pair as group_cluster compares it: its upper-triangle value
-    similar += similar.T
-    similar[np.isnan(similar)] = -np.inf  # never above a threshold, as in group_cluster
-    tree = np.empty(max(n - 1, 0), similar.dtype)
-    best = similar[0].copy()  # each row's highest similarity to the tree
+    itself = np.full(1, -np.inf, sims.dtype)
+
+    def similar_to(row: int) -> np.ndarray:
+        """``row``'s similarity to every row, each pair's upper-triangle value as group_cluster compares it; NaN,
+        never above a threshold there, as -inf (no copy of the tile: it is the process's largest array)."""
+        similar = np.concatenate([sims[:row, row], itself, sims[row, row + 1:]])
+        similar[np.isnan(similar)] = -np.inf
+        return similar
+
+    tree = np.empty(max(n - 1, 0), sims.dtype)
+    best = similar_to(0)  # each row's highest similarity to the tree
     outside = np.ones(n, bool)
     outside[0] = False
     for edge in range(n - 1):
         row = int(np.argmax(np.where(outside, best, -np.inf)))
         tree[edge], outside[row] = best[row], False
-        np.maximum(best, similar[row], out=best)
+        np.maximum(best, similar_to(row), out=best)
     return tree
 
 
