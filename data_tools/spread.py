@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,12 +126,16 @@ def own_gpu(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def visible_gpus() -> str:
-    """This machine's GPUs as CUDA_VISIBLE_DEVICES lists them: the variable's value where it is set, else every
-    device torch counts (none: empty)."""
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES lists them: the variable's value where it is set, else one
+    index per GPU ``nvidia-smi -L`` lists (none without it). Not torch's count: it would cost the launcher a
+    torch import (seconds, and ~300 MiB held while it waits), and the indices only need to be distinct."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return os.environ["CUDA_VISIBLE_DEVICES"]
-    import torch
-    return ",".join(map(str, range(torch.cuda.device_count())))
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")] if listed.returncode == 0 else []
+    return ",".join(map(str, range(len(gpus))))
 
 
 def run_local(command: list[str], processes: int) -> None:

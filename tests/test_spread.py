@@ -3,6 +3,7 @@ place (RANK, WORLD_SIZE, LOCAL_RANK) and its own GPU; a stage reads its share fr
 environment."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,22 @@ def test_each_process_gets_its_place_and_one_of_the_gpus_in_turn():
     places = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda place: place["RANK"])
     assert places == [{"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": gpu}
                       for r, gpu in enumerate(["4", "6", "4"])]
+
+
+def test_without_a_device_list_the_gpus_nvidia_smi_lists_are_dealt_out(tmp_path):
+    """No CUDA_VISIBLE_DEVICES: the GPUs come from ``nvidia-smi -L`` (a stand-in listing two, on this GPU-less
+    machine); without nvidia-smi, no GPU and no variable."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+    smi.chmod(0o755)
+    env = {name: value for name, value in os.environ.items() if name != "CUDA_VISIBLE_DEVICES"}
+    done = spread(2, [sys.executable, "-c", PRINT_PLACE], dict(env, PATH=f"{smi.parent}:{env['PATH']}"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["CUDA_VISIBLE_DEVICES"] for line in done.stdout.splitlines()) == ["0", "1"]
+    if not shutil.which("nvidia-smi"):
+        done = spread(2, [sys.executable, "-c", PRINT_PLACE], env)
+        assert [json.loads(line)["CUDA_VISIBLE_DEVICES"] for line in done.stdout.splitlines()] == [None, None]
 
 
 def test_a_failed_process_ends_the_others_and_is_named():
