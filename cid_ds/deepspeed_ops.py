@@ -30,10 +30,10 @@ from cid_ds.step_guard import StepGuard
 DEEPSPEED_VERSION = "0.19.8"  # whose engine and stage_1_and_2 methods are replaced here
 
 
-def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> bool:
+def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> None:
     """Replace the engine's per-tensor step work (ZeRO 0, 1 and 2; ZeRO-3 is left as it is). ``guard``: the
-    trainer's non-finite step verdict, which the gradient norm joins. Returns whether it did: on another DeepSpeed
-    version the stock step stays, with a warning."""
+    trainer's non-finite step verdict, which the gradient norm joins. On another DeepSpeed version the stock step
+    stays, with a warning."""
     import deepspeed
     if deepspeed.__version__ != DEEPSPEED_VERSION:
         warnings.warn(f"perf.host_light_step: cid_ds.deepspeed_ops replaces private methods of DeepSpeed "
@@ -41,7 +41,7 @@ def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> bool:
                       "(the same numbers, more host work per step; a non-finite gradient norm under a finite loss is "
                       "then left to DeepSpeed). Install the version requirements.txt pins for the faster step",
                       stacklevel=2)
-        return False
+        return
     stage = engine.zero_optimization_stage()
     if stage == 0:
         _skip_allreduce_at_one_rank(engine)
@@ -56,7 +56,6 @@ def make_step_host_light(engine, guard: Optional[StepGuard] = None) -> bool:
         optimizer.unscale_and_clip_grads = _zero_unscale_and_clip(optimizer, guard)
         if guard is not None and guard.decided_on_device:
             optimizer.step = _zero_step_without_host_norm_check(optimizer.step)
-    return True
 
 
 def _skip_allreduce_at_one_rank(engine) -> None:

@@ -160,10 +160,11 @@ def open_writer(run: Run) -> SummaryWriter:
     from torch.utils.tensorboard import SummaryWriter
     cfg = run.cfg
     os.makedirs(cfg.output_dir, exist_ok=True)
+    config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.write(config)
     writer = SummaryWriter(cfg.logging.tensorboard_dir or os.path.join(cfg.output_dir, "tensorboard"))
-    writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", run.step)
+    writer.add_text("config", "```\n" + config + "```", run.step)
     print(f"[cid_ds] {cfg.name}: world {run.world_size}, device {run.device}, dtype {run.dtype}, "
           f"start step {run.step}/{cfg.optim.steps}, epoch {run.position.epoch}", flush=True)
     return writer

@@ -600,22 +600,22 @@ def balance(options: BalanceOptions, share: Share = Share()) -> Optional[dict]:
         if stale != copy.path:
             os.remove(stale)  # left by a crash mid-write, or a copy of other positions (other parameters)
     todo = [part for part in mine if not os.path.isfile(part[0])]
+    timing = {"read_s": time.time() - start}
     # Only a process with parts to balance copies rows, tunes and starts a pool. One with none (more processes
     # than parts, or its parts done) that tuned anyway could still be tuning on its copy when the last to finish
     # removed every copy, and its manifest (tuned, not complete) would overwrite the complete one.
-    timing = {"read_s": time.time() - start}
-    if todo and not os.path.isfile(copy.path):
-        start = time.time()
-        write_by_cluster(cache, shards, layout, copy)
-        timing["order_s"] = time.time() - start
-    with _processes(workers) if todo else contextlib.nullcontext() as pool:
-        if todo and tuning and "tuning" not in manifest:  # each on the same sample, to the same threshold
+    if todo:
+        if not os.path.isfile(copy.path):
             start = time.time()
-            manifest["tuning"] = _tune(pool, workers, copy, sample, perceptual, target_keep_fraction, seed,
-                                       block_size)
-            write_json(os.path.join(out_dir, MANIFEST), manifest)
-            timing["tune_s"] = time.time() - start
-        if todo:
+            write_by_cluster(cache, shards, layout, copy)
+            timing["order_s"] = time.time() - start
+        with _processes(workers) as pool:
+            if tuning and "tuning" not in manifest:  # each on the same sample, to the same threshold
+                start = time.time()
+                manifest["tuning"] = _tune(pool, workers, copy, sample, perceptual, target_keep_fraction, seed,
+                                           block_size)
+                write_json(os.path.join(out_dir, MANIFEST), manifest)
+                timing["tune_s"] = time.time() - start
             semantic = manifest["tuning"]["semantic"] if tuning else options.semantic
             if not tuning and max_removed_fraction < 1:
                 _check_estimate(pool, workers, copy, sample, len(layout.order), semantic, mode,

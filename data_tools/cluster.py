@@ -45,7 +45,7 @@ from tqdm import tqdm
 import cid_ds
 from cid_ds.data.clusters import CENTROIDS, ClusterAssignments, fit_finished, write_assignments
 from cid_ds.data.features import FeatureCache, ShardFeatures, shard_file, teacher_members
-from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, read_manifest, write_json
+from cid_ds.io import MANIFEST, atomic_path, load_numeric_npy, write_json
 from data_tools.options import flag, run_stage
 from data_tools.outputs import check_rerun, save_figure
 from data_tools.spread import Share, wait_for
@@ -415,7 +415,8 @@ class FitFiles:
 
 def draw_fit_sample(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, files: FitFiles) -> None:
     """``n_fit`` rows drawn over the whole cache into ``files.sample``, which appears whole or not at all; one left
-    by an interrupted run of the same draw is kept, with its parts, and any other fit's files are removed."""
+    by an interrupted run of the same draw (the same rows: the name says the draw) is kept, with its parts, and any
+    other fit's files are removed."""
     files.remove(keep_own=True)
     if os.path.isfile(files.sample):
         return
@@ -425,13 +426,6 @@ def draw_fit_sample(cache: FeatureCache, shards: dict[str, int], params: dict, n
         sample_rows(cache, shards, n_fit, params["seed"], columns, out=x)
         x.flush()
         del x
-
-
-def fit_sample_ready(out_dir: str, params: dict, files: FitFiles) -> bool:
-    """Whether process 0 has drawn this run's fit sample: the manifest names these parameters (read first: process
-    0 removes an earlier run's files before it writes a new manifest) and the sample is there."""
-    manifest = read_manifest(out_dir) or {}
-    return all(manifest.get(name) == value for name, value in params.items()) and os.path.isfile(files.sample)
 
 
 def _fit(cache: FeatureCache, shards: dict[str, int], params: dict, n_fit: int, ngpu: int, batch_size: int,
@@ -493,8 +487,7 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
     check_fit_memory(n_fit, params["dim"], params, options.fit_memory_gb)
     files = FitFiles.of(out_dir, options.features, shards, params, n_fit)
     if share.rank > 0:  # process 0 fits; the others join a hierarchical fit once its sample is drawn
-        wait_for(lambda: fit_finished(out_dir) or (parts > 1 and fit_sample_ready(out_dir, params, files)),
-                 f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
+        wait_for_fit(out_dir, share, files.sample if parts > 1 else None)
     manifest = check_rerun(out_dir, params, "clusterings", cache)
     centroids_path = os.path.join(out_dir, CENTROIDS)
 
@@ -505,14 +498,14 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
     elif share.rank > 0:
         _fit(cache, shards, params, n_fit, ngpu, options.batch_size, verbose, files, share)
         wait_for_fit(out_dir, share)
-        manifest, centroids = read_manifest(out_dir), ClusterAssignments(out_dir).centroids()
+        fitted = ClusterAssignments(out_dir)
+        manifest, centroids = fitted.manifest, fitted.centroids()
     else:
         done = [s for s in shards if os.path.isfile(shard_file(out_dir, s))]
         if done:
             raise ValueError(f"{out_dir} holds assignments ({shard_file(out_dir, done[0])}) but no finished fit "
                              f"({CENTROIDS} and 'fit_points' in {MANIFEST}): delete {out_dir} to start again")
-        if manifest is None:  # an earlier run's sample and parts, if any, are not this run's
-            files.remove()
+        if manifest is None:
             manifest = dict(params, teacher=cache.teacher, features=os.path.abspath(options.features),
                             code_version=cid_ds.__version__, complete=False)
             write_json(os.path.join(out_dir, MANIFEST), manifest)
@@ -536,10 +529,12 @@ def cluster(options: ClusterOptions, share: Share = Share(), verbose: bool = Fal
     return manifest
 
 
-def wait_for_fit(out_dir: str, share: Share) -> None:
+def wait_for_fit(out_dir: str, share: Share, sample: Optional[str] = None) -> None:
     """Processes other than 0 assign with the centroids process 0 fits (its sample is drawn over the whole cache,
-    in one process); they wait for its manifest to record it."""
-    wait_for(lambda: fit_finished(out_dir), f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
+    in one process); they wait for its manifest to record it, or, given a hierarchical fit's ``sample``, until
+    it is drawn, to fit their parts."""
+    wait_for(lambda: fit_finished(out_dir) or (sample is not None and os.path.isfile(sample)),
+             f"cluster: {share} waits for process 0's k-means fit in {out_dir}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from cid_ds.config import expand_shards
 from cid_ds.io import check_writable
-from data_tools.spread import Share, accept_local_rank, own_gpu, share_from_env
+from data_tools.spread import Share, accept_local_rank, keep_own_gpu, share_from_env
 
 Options = TypeVar("Options")
 Result = TypeVar("Result")
@@ -101,7 +100,7 @@ def run_stage(name: str, options_type: type[Options], doc: str, run: Callable[[O
     """A stage's command line: its options from ``argv``, ``run`` on this process's share (data_tools.spread)
     once its output folder is known to be writable, then ``report`` of what it returned."""
     options = parse_options(options_type, name, doc, argv)
-    os.environ.update(own_gpu(os.environ))  # before anything touches CUDA
+    keep_own_gpu()
     with refusals(name):
         share = share_from_env()
         check_writable(options.out)

@@ -55,8 +55,8 @@ from data_tools.options import borrowed, flag, parse_options, refusals
 from data_tools.outputs import OtherRun
 from data_tools.pack import DEFAULT_RANKS, PackOptions, pack
 from data_tools.plan import peak_rss, plan
-from data_tools.spread import (Share, complete_manifest, cpus_per_process, own_gpu, process_device, run_local,
-                               share_from_env)
+from data_tools.spread import (Share, complete_manifest, cpus_per_process, keep_own_gpu, process_device,
+                               run_local, share_from_env)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "ds_configs", "experiments", "clip_cid.yaml")
@@ -333,9 +333,7 @@ SIZED_FOR_THE_WHOLE = ("k", "parts", "max_points_per_centroid", "fit_memory_gb",
 def _plan(options: PrepareOptions) -> None:
     """``--plan``: the stages on a cut of the data, one process, this machine's device; the estimate for the
     job's shape (--nodes x --gpus-per-node processes)."""
-    import torch
-    device = "cuda" if options.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if options.device == "auto" else options.device
+    device = process_device(options.device)
     defaults = {field.name: field.default for field in dataclasses.fields(PrepareOptions)}
     cut = dataclasses.replace(options, device=device, nodes=1, gpus_per_node=1, ranks=None, train_on=None, workers=1,
                               max_damaged_fraction=1.0, **{name: defaults[name] for name in SIZED_FOR_THE_WHOLE})
@@ -366,7 +364,7 @@ def _under_prepare(out_dir: str, error: Exception) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     options = parse_options(PrepareOptions, "prepare", __doc__, argv,
                             epilog="Each stage's own command has more options: python -m data_tools.<stage> -h")
-    os.environ.update(own_gpu(os.environ))  # before anything touches CUDA
+    keep_own_gpu()
     import torch
     with refusals("prepare"):
         share = share_from_env()

@@ -125,6 +125,12 @@ def own_gpu(env: Mapping[str, str]) -> dict[str, str]:
     return dict(env, CUDA_VISIBLE_DEVICES=devices[int(local_rank) % len(devices)])
 
 
+def keep_own_gpu() -> None:
+    """This process's environment cut to its own GPU (``own_gpu``): a stage's first step, before anything touches
+    CUDA, so that a launcher that shows every process all GPUs (deepspeed's) gives each its own."""
+    os.environ.update(own_gpu(os.environ))
+
+
 def visible_gpus() -> str:
     """This machine's GPUs as CUDA_VISIBLE_DEVICES lists them: the variable's value where it is set, else one
     index per GPU ``nvidia-smi -L`` lists (none without it). Not torch's count: it would cost the launcher a

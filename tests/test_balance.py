@@ -25,6 +25,7 @@ from data_tools.balance import (DEFAULT_KEEP_FRACTION, BalanceOptions, TooMuchRe
 from data_tools.cluster import ClusterOptions, cluster, unit_rows
 from data_tools.spread import Share
 from tests.helpers import REPO_ROOT
+from tests.helpers import run as run_ok
 
 DIM, CLUSTERS, BASES, GROUPS, SHARDS = 64, 8, 300, 60, 3
 TEACHER = {"weights_sha256": "a" * 64, "embed_dim": DIM}
@@ -249,10 +250,9 @@ def test_spread_over_processes_gives_the_same_result_and_any_process_count_finis
     two = str(tmp_path / "two")
     args = ["--features", inputs[0], "--clusters", inputs[1], "--perceptual", str(PERCEPTUAL),
             "--semantic", str(SEMANTIC), "--workers", "1", "--part-rows", "500"]
-    run = subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m",
-                          "data_tools.balance", "--out", two, *args], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"written to {two}" in run.stdout  # by the last to finish (both, when they finish together)
+    done = run_ok([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m",
+                   "data_tools.balance", "--out", two, *args])
+    assert f"written to {two}" in done.stdout  # by the last to finish (both, when they finish together)
     same_result(two, balanced[0])
     assert read_json(os.path.join(two, "balance_report.json"))["processes"] == 2 and not copies(two)
 
@@ -325,12 +325,9 @@ def test_a_process_without_parts_neither_copies_nor_tunes_and_the_run_completes(
     assert read_json(os.path.join(out, "manifest.json"))["complete"] and not copies(out)
 
     two = str(tmp_path / "two")
-    run = subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m",
-                          "data_tools.balance", "--out", two, "--features", inputs[0], "--clusters", inputs[1],
-                          "--perceptual", str(PERCEPTUAL), "--target-keep-fraction", "0.7", "--workers", "1",
-                          "--tune-samples", "300", "--part-rows", str(10**6)], cwd=REPO_ROOT, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_ok([sys.executable, "-m", "data_tools.spread", "-n", "2", "--", sys.executable, "-m", "data_tools.balance",
+            "--out", two, "--features", inputs[0], "--clusters", inputs[1], "--perceptual", str(PERCEPTUAL),
+            "--target-keep-fraction", "0.7", "--workers", "1", "--tune-samples", "300", "--part-rows", str(10**6)])
     same_result(two, out)
 
 

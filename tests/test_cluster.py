@@ -237,15 +237,12 @@ def test_without_k_the_rule_chooses_it_says_why_and_a_rerun_resumes_it(tmp_path,
 def test_spread_over_processes_the_assignment_gives_what_one_process_gives(clustered, cache_dir, tmp_path, processes):
     """data_tools.spread: process 0 fits while the others wait for its centroids, each assigns every N-th shard,
     and the last to finish completes the manifest."""
-    import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT
+    from tests.helpers import run
     out = str(tmp_path / "c")
-    subprocess.run([sys.executable, "-m", "data_tools.spread", "-n", str(processes), "--", sys.executable, "-m",
-                    "data_tools.cluster", "--features", cache_dir, "--k", str(CLUSTERS), "--out", out,
-                    "--max-points-per-centroid", "40", "--topk", "2", "--seed", "0", "--init", "kmeans++",
-                    "--nredo", "3", "--gpu", "off"], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    launcher = [sys.executable, "-m", "data_tools.spread", "-n", str(processes), "--"]
+    run(launcher + cluster_command(cache_dir, out, **FIT), timeout=300)
     one, spread = clustered[1], json.load(open(os.path.join(out, "manifest.json")))
     assert spread["complete"] and spread["shards"] == SHARDS
     for field in ("cluster_sizes", "objective", "fit_points", "k", "topk"):

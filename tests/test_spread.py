@@ -12,8 +12,10 @@ import pytest
 from data_tools.spread import Share, own_gpu, share_from_env
 from tests.helpers import REPO_ROOT
 
-PRINT_PLACE = ("import json, os; print(json.dumps({name: os.environ.get(name) for name in "
-               "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES')}))")
+# each process writes its place to its own file: lines printed by several processes to one pipe can interleave
+WRITE_PLACE = ("import json, os, sys; json.dump({name: os.environ.get(name) for name in "
+               "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES')}, "
+               "open(os.path.join(sys.argv[1], os.environ['RANK'] + '.json'), 'w'))")
 
 
 def spread(processes: int, command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -21,13 +23,18 @@ def spread(processes: int, command: list[str], env: dict) -> subprocess.Complete
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_each_process_gets_its_place_and_one_of_the_gpus_in_turn():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="4,6")
-    done = spread(3, [sys.executable, "-c", PRINT_PLACE], env)
+def places(processes: int, env: dict, folder) -> list[dict]:
+    """What each of ``processes`` processes that data_tools.spread starts finds in its environment, by rank."""
+    folder.mkdir()
+    done = spread(processes, [sys.executable, "-c", WRITE_PLACE, str(folder)], env)
     assert done.returncode == 0, done.stderr
-    places = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda place: place["RANK"])
-    assert places == [{"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": gpu}
-                      for r, gpu in enumerate(["4", "6", "4"])]
+    return [json.loads((folder / f"{rank}.json").read_text()) for rank in range(processes)]
+
+
+def test_each_process_gets_its_place_and_one_of_the_gpus_in_turn(tmp_path):
+    assert places(3, dict(os.environ, CUDA_VISIBLE_DEVICES="4,6"), tmp_path / "places") == [
+        {"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": gpu}
+        for r, gpu in enumerate(["4", "6", "4"])]
 
 
 def test_without_a_device_list_the_gpus_nvidia_smi_lists_are_dealt_out(tmp_path):
@@ -38,12 +45,10 @@ def test_without_a_device_list_the_gpus_nvidia_smi_lists_are_dealt_out(tmp_path)
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
     smi.chmod(0o755)
     env = {name: value for name, value in os.environ.items() if name != "CUDA_VISIBLE_DEVICES"}
-    done = spread(2, [sys.executable, "-c", PRINT_PLACE], dict(env, PATH=f"{smi.parent}:{env['PATH']}"))
-    assert done.returncode == 0, done.stderr
-    assert sorted(json.loads(line)["CUDA_VISIBLE_DEVICES"] for line in done.stdout.splitlines()) == ["0", "1"]
+    listed = places(2, dict(env, PATH=f"{smi.parent}:{env['PATH']}"), tmp_path / "listed")
+    assert [place["CUDA_VISIBLE_DEVICES"] for place in listed] == ["0", "1"]
     if not shutil.which("nvidia-smi"):
-        done = spread(2, [sys.executable, "-c", PRINT_PLACE], env)
-        assert [json.loads(line)["CUDA_VISIBLE_DEVICES"] for line in done.stdout.splitlines()] == [None, None]
+        assert [place["CUDA_VISIBLE_DEVICES"] for place in places(2, env, tmp_path / "none")] == [None, None]
 
 
 def test_a_failed_process_ends_the_others_and_is_named():
